@@ -1,0 +1,283 @@
+//! An HF model directory: config plus single-file or sharded safetensors, memory-mapped.
+//!
+//! Tensor names are resolved for both weight layouts: the VL wrapper keeps the text model under
+//! `model.language_model.` (vision under `model.visual.`, MTP under `mtp.`, both ignored here)
+//! and text-only saves keep it under `model.`. `lm_head.weight` is top-level in both.
+
+use crate::config::{generation_eos_ids, TextConfig};
+use crate::dtype::{self, DType};
+use crate::{FormatError, Result};
+use memmap2::Mmap;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+const SINGLE_FILE: &str = "model.safetensors";
+const INDEX_FILE: &str = "model.safetensors.index.json";
+const VL_PREFIX: &str = "model.language_model.";
+const TEXT_PREFIX: &str = "model.";
+
+struct ShardFile {
+    path: PathBuf,
+    mmap: Mmap,
+}
+
+/// Where one tensor lives.
+#[derive(Debug, Clone)]
+struct TensorEntry {
+    file: usize,
+    /// `Err(name)` for dtypes fp4 does not read (reported if the tensor is ever loaded).
+    dtype: std::result::Result<DType, String>,
+    shape: Vec<usize>,
+    /// Byte range inside the file's mmap.
+    start: usize,
+    end: usize,
+}
+
+/// A borrowed tensor: raw little-endian bytes plus dtype and shape.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorView<'a> {
+    pub name: &'a str,
+    pub path: &'a Path,
+    pub dtype: DType,
+    pub shape: &'a [usize],
+    pub bytes: &'a [u8],
+}
+
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub config: TextConfig,
+    /// Stop ids: generation_config.json's, then config.json's, de-duplicated.
+    pub eos_token_ids: Vec<u32>,
+    /// `model.language_model.` (VL layout) or `model.` (text-only layout).
+    pub text_prefix: &'static str,
+    files: Vec<ShardFile>,
+    tensors: BTreeMap<String, TensorEntry>,
+}
+
+impl Checkpoint {
+    /// Opens `dir`: reads config.json (and generation_config.json), maps every weight file and
+    /// indexes every tensor header. No tensor data is read yet.
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        let config = TextConfig::from_dir(dir)?;
+        let mut eos_token_ids = generation_eos_ids(dir)?;
+        for id in &config.eos_token_ids {
+            if !eos_token_ids.contains(id) {
+                eos_token_ids.push(*id);
+            }
+        }
+
+        let file_names = weight_files(dir)?;
+        let mut files = Vec::with_capacity(file_names.len());
+        let mut tensors = BTreeMap::new();
+        for (file_idx, name) in file_names.iter().enumerate() {
+            let path = dir.join(name);
+            let (mmap, entries) = map_safetensors(&path, file_idx)?;
+            for (tensor, entry) in entries {
+                if let Some(prev) = tensors.insert(tensor.clone(), entry) {
+                    return Err(FormatError::Safetensors {
+                        path: path.clone(),
+                        msg: format!(
+                            "tensor `{tensor}` also appears in {}",
+                            dir.join(&file_names[prev.file]).display()
+                        ),
+                    });
+                }
+            }
+            files.push(ShardFile { path, mmap });
+        }
+        if let Some(index) = read_index(dir)? {
+            // Every tensor the index promises must be in the file it names.
+            for (tensor, file) in index {
+                let found = tensors.get(&tensor).map(|e| file_names[e.file].as_str());
+                if found != Some(file.as_str()) {
+                    return Err(FormatError::MissingTensor { path: dir.join(&file), tensor });
+                }
+            }
+        }
+
+        let text_prefix = if tensors.contains_key(&format!("{VL_PREFIX}embed_tokens.weight")) {
+            VL_PREFIX
+        } else if tensors.contains_key(&format!("{TEXT_PREFIX}embed_tokens.weight")) {
+            TEXT_PREFIX
+        } else {
+            return Err(FormatError::MissingTensor {
+                path: weights_path(dir, &file_names),
+                tensor: format!("{VL_PREFIX}embed_tokens.weight (or {TEXT_PREFIX}embed_tokens.weight)"),
+            });
+        };
+        Ok(Checkpoint { dir: dir.to_path_buf(), config, eos_token_ids, text_prefix, files, tensors })
+    }
+
+    /// Full name of a text-model tensor, e.g. `layers.0.mlp.up_proj.weight`.
+    pub fn text_name(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.text_prefix)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// All tensor names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// The weight files, in load order.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.files.iter().map(|f| f.path.as_path())
+    }
+
+    /// Counts and bytes per dtype name over every tensor (for `fp4 inspect`).
+    pub fn dtype_stats(&self) -> BTreeMap<String, (usize, usize)> {
+        let mut stats = BTreeMap::new();
+        for e in self.tensors.values() {
+            let name = match &e.dtype {
+                Ok(d) => d.name().to_string(),
+                Err(n) => n.clone(),
+            };
+            let s = stats.entry(name).or_insert((0, 0));
+            s.0 += 1;
+            s.1 += e.end - e.start;
+        }
+        stats
+    }
+
+    fn missing(&self, name: &str) -> FormatError {
+        FormatError::MissingTensor { path: self.default_path(), tensor: name.to_string() }
+    }
+
+    /// The file a missing tensor is reported against: the index if sharded, else the single file.
+    fn default_path(&self) -> PathBuf {
+        let names: Vec<String> =
+            self.files.iter().map(|f| f.path.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
+        weights_path(&self.dir, &names)
+    }
+
+    /// Borrows a tensor's bytes.
+    pub fn tensor(&self, name: &str) -> Result<TensorView<'_>> {
+        let (key, e) = self.tensors.get_key_value(name).ok_or_else(|| self.missing(name))?;
+        let file = &self.files[e.file];
+        let dtype = e.dtype.clone().map_err(|d| FormatError::DType {
+            path: file.path.clone(),
+            tensor: name.to_string(),
+            dtype: d,
+            expected: "a dtype fp4 reads (F32, F16, BF16, F8_E4M3, U8, I32, I64)".into(),
+        })?;
+        Ok(TensorView { name: key, path: &file.path, dtype, shape: &e.shape, bytes: &file.mmap[e.start..e.end] })
+    }
+
+    /// Loads a float tensor as f32 (exact for BF16/F16/F32), checking its shape.
+    pub fn load_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self.tensor(name)?;
+        t.expect_shape(shape)?;
+        dtype::to_f32(t.dtype, t.bytes).ok_or_else(|| FormatError::DType {
+            path: t.path.to_path_buf(),
+            tensor: name.to_string(),
+            dtype: t.dtype.name().into(),
+            expected: "BF16, F16 or F32".into(),
+        })
+    }
+}
+
+impl TensorView<'_> {
+    pub fn expect_shape(&self, expected: &[usize]) -> Result<()> {
+        if self.shape != expected {
+            return Err(FormatError::Shape {
+                path: self.path.to_path_buf(),
+                tensor: self.name.to_string(),
+                expected: expected.to_vec(),
+                got: self.shape.to_vec(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn weights_path(dir: &Path, files: &[String]) -> PathBuf {
+    if dir.join(INDEX_FILE).exists() {
+        dir.join(INDEX_FILE)
+    } else if files.len() == 1 {
+        dir.join(&files[0])
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// Reads `model.safetensors.index.json`'s `weight_map` (tensor → file), if the file exists.
+fn read_index(dir: &Path) -> Result<Option<BTreeMap<String, String>>> {
+    let path = dir.join(INDEX_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(FormatError::Io { path, source }),
+    };
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: BTreeMap<String, String>,
+    }
+    let index: Index = serde_json::from_str(&text).map_err(|source| FormatError::Json { path, source })?;
+    Ok(Some(index.weight_map))
+}
+
+/// The weight files of a model dir: those named by the index, else `model.safetensors`, else
+/// every `*.safetensors` in the directory (sorted).
+fn weight_files(dir: &Path) -> Result<Vec<String>> {
+    if let Some(index) = read_index(dir)? {
+        let mut files: Vec<String> = index.into_values().collect();
+        files.sort();
+        files.dedup();
+        for f in &files {
+            if Path::new(f).components().count() != 1 {
+                return Err(FormatError::Config {
+                    path: dir.join(INDEX_FILE),
+                    field: "weight_map".into(),
+                    msg: format!("file name `{f}` must be a plain name inside the model directory"),
+                });
+            }
+        }
+        if files.is_empty() {
+            return Err(FormatError::NoWeights { dir: dir.to_path_buf() });
+        }
+        return Ok(files);
+    }
+    if dir.join(SINGLE_FILE).is_file() {
+        return Ok(vec![SINGLE_FILE.to_string()]);
+    }
+    let entries = std::fs::read_dir(dir).map_err(|source| FormatError::Io { path: dir.to_path_buf(), source })?;
+    let mut files: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(FormatError::NoWeights { dir: dir.to_path_buf() });
+    }
+    Ok(files)
+}
+
+/// Maps one safetensors file and indexes its header.
+fn map_safetensors(path: &Path, file_idx: usize) -> Result<(Mmap, Vec<(String, TensorEntry)>)> {
+    let file = std::fs::File::open(path).map_err(|source| FormatError::Io { path: path.to_path_buf(), source })?;
+    // SAFETY: the mapping is read-only; a checkpoint rewritten while fp4 runs is outside its contract.
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|source| FormatError::Io { path: path.to_path_buf(), source })?;
+    let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap)
+        .map_err(|e| FormatError::Safetensors { path: path.to_path_buf(), msg: e.to_string() })?;
+    let data_start = 8 + header_len;
+    let mut entries = Vec::new();
+    for (name, info) in metadata.tensors() {
+        let dtype = DType::from_safetensors(info.dtype).ok_or_else(|| format!("{:?}", info.dtype));
+        let (a, b) = info.data_offsets;
+        entries.push((
+            name,
+            TensorEntry {
+                file: file_idx,
+                dtype,
+                shape: info.shape.clone(),
+                start: data_start + a,
+                end: data_start + b,
+            },
+        ));
+    }
+    Ok((mmap, entries))
+}

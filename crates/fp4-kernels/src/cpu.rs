@@ -1,0 +1,512 @@
+//! Plain CPU reference implementations on slices. Every op here is the ground truth its CUDA
+//! twin is tested against, so each is written for clarity: one loop nest, f32 accumulation,
+//! rounding only where `Precision` says transformers rounds.
+// Index loops here mirror the subscripts of the math they implement.
+#![allow(clippy::needless_range_loop)]
+
+use crate::Precision;
+
+/// Dot product with eight independent f32 accumulators (vectorises without changing the math
+/// beyond summation order, which is already unspecified in cuBLAS/MKL).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        let (x, y) = (&a[c * 8..c * 8 + 8], &b[c * 8..c * 8 + 8]);
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = 0f32;
+    for i in chunks * 8..a.len() {
+        s += a[i] * b[i];
+    }
+    (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + s
+}
+
+/// `y[t, o] = Σ_i x[t, i]·w[o, i] + bias[o]` (PyTorch `nn.Linear`, weight `[out, in]`).
+pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, n_in: usize, n_out: usize, p: Precision) -> Vec<f32> {
+    let t = x.len() / n_in;
+    let mut y = vec![0f32; t * n_out];
+    for (xr, yr) in x.chunks_exact(n_in).zip(y.chunks_exact_mut(n_out)) {
+        for (o, (wr, out)) in w.chunks_exact(n_in).zip(yr.iter_mut()).enumerate() {
+            let b = bias.map_or(0.0, |b| b[o]);
+            *out = p.round(dot(xr, wr) + b);
+        }
+    }
+    y
+}
+
+/// RMSNorm over rows of length `w.len()`: `x·rsqrt(mean(x²)+eps)·(offset + w)`, in f32, rounded once.
+/// `offset` is 1 for Qwen3.5's zero-centred norms and 0 for plain ones.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, offset: f32, p: Precision) -> Vec<f32> {
+    let d = w.len();
+    let mut y = vec![0f32; x.len()];
+    for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+        let r = inv_rms(xr, eps);
+        for i in 0..d {
+            yr[i] = p.round(xr[i] * r * (offset + w[i]));
+        }
+    }
+    y
+}
+
+#[inline]
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+/// Gated RMSNorm of the GDN output (`Qwen3_5RMSNormGated`): per row of `w.len()`,
+/// `w · round(x·rsqrt(mean(x²)+eps)) · silu(z)`, the weight plain (not 1+w).
+pub fn rms_norm_gated(x: &[f32], z: &[f32], w: &[f32], eps: f32, p: Precision) -> Vec<f32> {
+    let d = w.len();
+    let mut y = vec![0f32; x.len()];
+    for ((xr, zr), yr) in x.chunks_exact(d).zip(z.chunks_exact(d)).zip(y.chunks_exact_mut(d)) {
+        let r = inv_rms(xr, eps);
+        for i in 0..d {
+            let normed = p.round(w[i] * p.round(xr[i] * r));
+            yr[i] = p.round(normed * silu(zr[i]));
+        }
+    }
+    y
+}
+
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+#[inline]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// torch `softplus` (beta 1, threshold 20).
+#[inline]
+pub fn softplus(x: f32) -> f32 {
+    if x > 20.0 {
+        x
+    } else {
+        x.exp().ln_1p()
+    }
+}
+
+/// SwiGLU: `round(round(silu(gate))·up)`.
+pub fn silu_mul(gate: &[f32], up: &[f32], p: Precision) -> Vec<f32> {
+    gate.iter().zip(up).map(|(&g, &u)| p.round(p.round(silu(g)) * u)).collect()
+}
+
+/// Output gate of gated attention: `round(x·round(sigmoid(gate)))`.
+pub fn sigmoid_gate(x: &[f32], gate: &[f32], p: Precision) -> Vec<f32> {
+    x.iter().zip(gate).map(|(&v, &g)| p.round(v * p.round(sigmoid(g)))).collect()
+}
+
+/// GDN gates per value head from the `b`, `a` projections `[T, Hv]`:
+/// `β = round(sigmoid(b))` and the log-decay `g = −exp(A_log)·softplus(a + dt_bias)` (f32).
+pub fn gdn_gates(b: &[f32], a: &[f32], a_log: &[f32], dt_bias: &[f32], p: Precision) -> (Vec<f32>, Vec<f32>) {
+    let hv = a_log.len();
+    let beta = b.iter().map(|&x| p.round(sigmoid(x))).collect();
+    let g = a.iter().enumerate().map(|(i, &x)| -a_log[i % hv].exp() * softplus(x + dt_bias[i % hv])).collect();
+    (beta, g)
+}
+
+/// Residual add, rounded.
+pub fn add(a: &[f32], b: &[f32], p: Precision) -> Vec<f32> {
+    a.iter().zip(b).map(|(&x, &y)| p.round(x + y)).collect()
+}
+
+/// RoPE frequencies as transformers computes them in f32: `1 / θ^(2j/rot)`.
+pub fn rope_inv_freq(rotary_dim: usize, theta: f32) -> Vec<f32> {
+    (0..rotary_dim / 2).map(|j| 1.0 / theta.powf((2 * j) as f32 / rotary_dim as f32)).collect()
+}
+
+/// Rotate-half RoPE on the first `rotary_dim` dims of each head, in place. `x` is
+/// `[T, heads, head_dim]`; token t sits at position `pos0 + t`. Dim j pairs with j + rot/2.
+/// cos/sin are computed in f32 and rounded to the activation precision, as HF does.
+pub fn rope(x: &mut [f32], heads: usize, head_dim: usize, inv_freq: &[f32], pos0: usize, p: Precision) {
+    let half = inv_freq.len();
+    for (t, tok) in x.chunks_exact_mut(heads * head_dim).enumerate() {
+        let pos = (pos0 + t) as f32;
+        let (cos, sin): (Vec<f32>, Vec<f32>) =
+            inv_freq.iter().map(|f| (p.round((pos * f).cos()), p.round((pos * f).sin()))).unzip();
+        for head in tok.chunks_exact_mut(head_dim) {
+            for j in 0..half {
+                let (x1, x2) = (head[j], head[j + half]);
+                head[j] = p.round(p.round(x1 * cos[j]) + p.round(-x2 * sin[j]));
+                head[j + half] = p.round(p.round(x2 * cos[j]) + p.round(x1 * sin[j]));
+            }
+        }
+    }
+}
+
+/// Causal depthwise conv + SiLU over `x` `[T, C]`, continuing from `state` `[K-1, C]` (the
+/// last K-1 pre-conv inputs; zeros at the start). `w` is `[C, K]`, tap K-1 multiplies the
+/// current token. Updates `state` to the last K-1 inputs. Rounds the conv output, then the SiLU.
+pub fn causal_conv1d_silu(x: &[f32], state: &mut [f32], w: &[f32], channels: usize, p: Precision) -> Vec<f32> {
+    let k = w.len() / channels;
+    let t = x.len() / channels;
+    // The stream the conv sees: state rows followed by the new rows.
+    let mut stream = Vec::with_capacity(state.len() + x.len());
+    stream.extend_from_slice(state);
+    stream.extend_from_slice(x);
+    let mut y = vec![0f32; x.len()];
+    for ti in 0..t {
+        for c in 0..channels {
+            let mut acc = 0f32;
+            for j in 0..k {
+                acc += w[c * k + j] * stream[(ti + j) * channels + c];
+            }
+            y[ti * channels + c] = p.round(silu(p.round(acc)));
+        }
+    }
+    let keep = state.len();
+    state.copy_from_slice(&stream[stream.len() - keep..]);
+    y
+}
+
+/// Head geometry of a Gated DeltaNet layer.
+#[derive(Debug, Clone, Copy)]
+pub struct GdnDims {
+    pub key_heads: usize,
+    pub value_heads: usize,
+    pub key_dim: usize,
+    pub value_dim: usize,
+}
+
+impl GdnDims {
+    /// Value head h reads query/key head `h / (Hv/Hk)`: each key head serves that many
+    /// consecutive value heads (HF `repeat_interleave`), never `h % Hk`.
+    #[inline]
+    pub fn key_head_of(&self, h: usize) -> usize {
+        h / (self.value_heads / self.key_heads)
+    }
+}
+
+/// Token-major inputs of the delta rule: `q, k [T, Hk, dk]`, `v [T, Hv, dv]`, `g, beta [T, Hv]`.
+#[derive(Debug, Clone, Copy)]
+pub struct GdnInputs<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub g: &'a [f32],
+    pub beta: &'a [f32],
+}
+
+/// `x · rsqrt(Σx² + 1e-6)` (the FLA-compatible l2norm: eps on the sum).
+fn l2norm(x: &[f32]) -> Vec<f32> {
+    let r = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() + 1e-6).sqrt();
+    x.iter().map(|v| v * r).collect()
+}
+
+/// Per-head inputs of the delta rule after grouping: normalised q and k, v, g, β over T tokens.
+struct HeadSeq {
+    q: Vec<Vec<f32>>,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    g: Vec<f32>,
+    beta: Vec<f32>,
+}
+
+/// Gathers value head `h`'s sequence from token-major `q,k [T,Hk,dk]`, `v [T,Hv,dv]`,
+/// `g, beta [T,Hv]`, applying the l2norm to q and k and `q_scale` to q.
+fn head_seq(x: GdnInputs, d: GdnDims, h: usize, q_scale: impl Fn(f32) -> f32) -> HeadSeq {
+    let GdnInputs { q, k, v, g, beta } = x;
+    let t = g.len() / d.value_heads;
+    let kh = d.key_head_of(h);
+    let qk_row = d.key_heads * d.key_dim;
+    let v_row = d.value_heads * d.value_dim;
+    let mut s = HeadSeq { q: vec![], k: vec![], v: vec![], g: vec![], beta: vec![] };
+    for ti in 0..t {
+        let off = ti * qk_row + kh * d.key_dim;
+        s.q.push(l2norm(&q[off..off + d.key_dim]).into_iter().map(&q_scale).collect());
+        s.k.push(l2norm(&k[off..off + d.key_dim]));
+        let voff = ti * v_row + h * d.value_dim;
+        s.v.push(v[voff..voff + d.value_dim].to_vec());
+        s.g.push(g[ti * d.value_heads + h]);
+        s.beta.push(beta[ti * d.value_heads + h]);
+    }
+    s
+}
+
+/// Gated delta rule, one token at a time (`torch_recurrent_gated_delta_rule`). `state` is
+/// `[Hv, dk, dv]` f32 and is updated. Returns `o [T, Hv, dv]` in f32.
+pub fn gdn_recurrent(x: GdnInputs, state: &mut [f32], d: GdnDims) -> Vec<f32> {
+    let t = x.g.len() / d.value_heads;
+    let (dk, dv) = (d.key_dim, d.value_dim);
+    let scale = (dk as f32).sqrt();
+    let mut out = vec![0f32; t * d.value_heads * dv];
+    for h in 0..d.value_heads {
+        let seq = head_seq(x, d, h, |x| x / scale);
+        let s = &mut state[h * dk * dv..(h + 1) * dk * dv];
+        for ti in 0..t {
+            let decay = seq.g[ti].exp();
+            s.iter_mut().for_each(|x| *x *= decay);
+            let kt = &seq.k[ti];
+            // kv_mem[j] = Σ_i S[i,j]·k[i]; delta = (v − kv_mem)·β
+            let mut delta = vec![0f32; dv];
+            for (i, &ki) in kt.iter().enumerate() {
+                for j in 0..dv {
+                    delta[j] += s[i * dv + j] * ki;
+                }
+            }
+            for j in 0..dv {
+                delta[j] = (seq.v[ti][j] - delta[j]) * seq.beta[ti];
+            }
+            for (i, &ki) in kt.iter().enumerate() {
+                for j in 0..dv {
+                    s[i * dv + j] += ki * delta[j];
+                }
+            }
+            let o = &mut out[(ti * d.value_heads + h) * dv..][..dv];
+            for (i, &qi) in seq.q[ti].iter().enumerate() {
+                for j in 0..dv {
+                    o[j] += s[i * dv + j] * qi;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Chunk length of the chunked delta rule (HF and FLA both use 64).
+pub const GDN_CHUNK: usize = 64;
+
+/// Gated delta rule over chunks of [`GDN_CHUNK`] tokens (`torch_chunk_gated_delta_rule`): within a
+/// chunk the updates are condensed by solving the unit-lower-triangular UT system, then chunks are
+/// scanned in order. Same contract as [`gdn_recurrent`]; the two agree up to rounding.
+pub fn gdn_chunked(x: GdnInputs, state: &mut [f32], d: GdnDims) -> Vec<f32> {
+    let t = x.g.len() / d.value_heads;
+    let (dk, dv, c) = (d.key_dim, d.value_dim, GDN_CHUNK);
+    let scale = (dk as f32).powf(-0.5);
+    let mut out = vec![0f32; t * d.value_heads * dv];
+    for h in 0..d.value_heads {
+        let seq = head_seq(x, d, h, |x| x * scale);
+        let s = &mut state[h * dk * dv..(h + 1) * dk * dv];
+        for start in (0..t).step_by(c) {
+            // Padded positions (past T) have q=k=v=0, β=0, g=0 and so change nothing.
+            let n = (t - start).min(c);
+            let idx = |i: usize| start + i;
+            let mut cum = vec![0f32; c];
+            let mut acc = 0f32;
+            for (i, cv) in cum.iter_mut().enumerate() {
+                if i < n {
+                    acc += seq.g[idx(i)];
+                }
+                *cv = acc;
+            }
+            let kb: Vec<Vec<f32>> =
+                (0..n).map(|i| seq.k[idx(i)].iter().map(|x| x * seq.beta[idx(i)]).collect()).collect();
+            let vb: Vec<Vec<f32>> =
+                (0..n).map(|i| seq.v[idx(i)].iter().map(|x| x * seq.beta[idx(i)]).collect()).collect();
+            let decay = |i: usize, j: usize| (cum[i] - cum[j]).exp();
+            // Forward substitution of (I + strictly_lower(kβ·kᵀ ⊙ decay)) X = rhs.
+            let solve = |rhs: &[Vec<f32>]| -> Vec<Vec<f32>> {
+                let mut x: Vec<Vec<f32>> = Vec::with_capacity(n);
+                for i in 0..n {
+                    let mut row = rhs[i].clone();
+                    for (j, xj) in x.iter().enumerate() {
+                        let l = dot(&kb[i], &seq.k[idx(j)]) * decay(i, j);
+                        row.iter_mut().zip(xj).for_each(|(r, xv)| *r -= l * xv);
+                    }
+                    x.push(row);
+                }
+                x
+            };
+            let new_values = solve(&vb);
+            let decayed_kb: Vec<Vec<f32>> = (0..n).map(|i| kb[i].iter().map(|x| x * cum[i].exp()).collect()).collect();
+            let k_cumdecay = solve(&decayed_kb);
+
+            // v_new = new_values − k_cumdecay·S
+            let v_new: Vec<Vec<f32>> = (0..n)
+                .map(|i| {
+                    let mut row = new_values[i].clone();
+                    for (a, &w) in k_cumdecay[i].iter().enumerate() {
+                        row.iter_mut().zip(&s[a * dv..(a + 1) * dv]).for_each(|(r, sv)| *r -= w * sv);
+                    }
+                    row
+                })
+                .collect();
+            // o_i = (q_i·e^{Γ_i})·S + Σ_{j≤i} (q_i·k_j)·e^{Γ_i−Γ_j}·v_new_j
+            for i in 0..n {
+                let o = &mut out[(idx(i) * d.value_heads + h) * dv..][..dv];
+                let qd = cum[i].exp();
+                for (a, &qa) in seq.q[idx(i)].iter().enumerate() {
+                    let w = qa * qd;
+                    o.iter_mut().zip(&s[a * dv..(a + 1) * dv]).for_each(|(r, sv)| *r += w * sv);
+                }
+                for j in 0..=i {
+                    let w = dot(&seq.q[idx(i)], &seq.k[idx(j)]) * decay(i, j);
+                    o.iter_mut().zip(&v_new[j]).for_each(|(r, vv)| *r += w * vv);
+                }
+            }
+            // S = S·e^{Γ_last} + Σ_j (k_j·e^{Γ_last−Γ_j}) ⊗ v_new_j  (Γ_last over the padded chunk)
+            let last = cum[c - 1];
+            let chunk_decay = last.exp();
+            s.iter_mut().for_each(|x| *x *= chunk_decay);
+            for j in 0..n {
+                let kd = (last - cum[j]).exp();
+                for (a, &ka) in seq.k[idx(j)].iter().enumerate() {
+                    let w = ka * kd;
+                    s[a * dv..(a + 1) * dv].iter_mut().zip(&v_new[j]).for_each(|(r, vv)| *r += w * vv);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Head geometry of a softmax attention layer.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnDims {
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Causal GQA softmax attention for `q [T, Hq, D]` against `k, v [L, Hkv, D]` where the T
+/// queries are the last T of the L positions. Query head h reads kv head `h / (Hq/Hkv)`.
+/// Rounds as transformers' eager attention does in bf16: the scores `q·k`, their scaling, the
+/// softmax output (computed in f32) and the weighted sum of values.
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], d: AttnDims, scale: f32, p: Precision) -> Vec<f32> {
+    let AttnDims { q_heads, kv_heads, head_dim } = d;
+    let t = q.len() / (q_heads * head_dim);
+    let l = k.len() / (kv_heads * head_dim);
+    let past = l - t;
+    let group = q_heads / kv_heads;
+    let mut out = vec![0f32; q.len()];
+    let mut scores = vec![0f32; l];
+    for ti in 0..t {
+        let visible = past + ti + 1;
+        for h in 0..q_heads {
+            let kvh = h / group;
+            let qv = &q[(ti * q_heads + h) * head_dim..][..head_dim];
+            for (j, sc) in scores[..visible].iter_mut().enumerate() {
+                *sc = p.round(p.round(dot(qv, &k[(j * kv_heads + kvh) * head_dim..][..head_dim])) * scale);
+            }
+            let max = scores[..visible].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for sc in scores[..visible].iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            let o = &mut out[(ti * q_heads + h) * head_dim..][..head_dim];
+            for (j, sc) in scores[..visible].iter().enumerate() {
+                let w = p.round(sc / sum);
+                let vv = &v[(j * kv_heads + kvh) * head_dim..][..head_dim];
+                o.iter_mut().zip(vv).for_each(|(r, x)| *r += w * x);
+            }
+            o.iter_mut().for_each(|x| *x = p.round(*x));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn rand_vec(rng: &mut rand::rngs::StdRng, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-1.0..1.0) * scale).collect()
+    }
+
+    fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    /// The chunked and recurrent delta rules agree on lengths around chunk boundaries, with a
+    /// grouped head layout (3 value heads per key head, dk ≠ dv) and a non-zero initial state.
+    #[test]
+    fn chunked_delta_rule_matches_recurrent() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let d = GdnDims { key_heads: 2, value_heads: 6, key_dim: 8, value_dim: 12 };
+        for t in [1usize, 5, 64, 65, 130] {
+            let q = rand_vec(&mut rng, t * 2 * 8, 1.0);
+            let k = rand_vec(&mut rng, t * 2 * 8, 1.0);
+            let v = rand_vec(&mut rng, t * 6 * 12, 1.0);
+            let g: Vec<f32> = (0..t * 6).map(|_| -rng.random_range(0.0..1.5f32)).collect();
+            let beta: Vec<f32> = (0..t * 6).map(|_| rng.random_range(0.0..1.0f32)).collect();
+            let init = rand_vec(&mut rng, 6 * 8 * 12, 0.5);
+            let (mut s1, mut s2) = (init.clone(), init.clone());
+            let x = GdnInputs { q: &q, k: &k, v: &v, g: &g, beta: &beta };
+            let o1 = gdn_recurrent(x, &mut s1, d);
+            let o2 = gdn_chunked(x, &mut s2, d);
+            assert!(max_abs_diff(&o1, &o2) < 1e-4, "t={t}: out diff {}", max_abs_diff(&o1, &o2));
+            assert!(max_abs_diff(&s1, &s2) < 1e-4, "t={t}: state diff {}", max_abs_diff(&s1, &s2));
+            assert!(o1.iter().any(|x| x.abs() > 1e-3), "output must not be trivially zero");
+        }
+    }
+
+    /// One step of the recurrence by hand: S = e^g S + k⊗((v − Sᵀk)β), o = Sᵀq.
+    #[test]
+    fn recurrent_step_matches_closed_form() {
+        let d = GdnDims { key_heads: 1, value_heads: 1, key_dim: 2, value_dim: 1 };
+        let (q, k, v) = ([3.0f32, 4.0], [1.0f32, 0.0], [2.0f32]);
+        let (g, beta) = ([-0.5f32], [0.25f32]);
+        let mut s = vec![1.0f32, 1.0];
+        let o = gdn_recurrent(GdnInputs { q: &q, k: &k, v: &v, g: &g, beta: &beta }, &mut s, d);
+        let e = (-0.5f32).exp();
+        let s0 = e + 1.0 * ((2.0 - e) * 0.25);
+        let s1 = e;
+        assert!((s[0] - s0).abs() < 1e-6 && (s[1] - s1).abs() < 1e-6);
+        let qn = [3.0 / 5.0 / 2f32.sqrt(), 4.0 / 5.0 / 2f32.sqrt()];
+        assert!((o[0] - (qn[0] * s0 + qn[1] * s1)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn conv_state_continuation_equals_one_shot() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let (c, k, t) = (5, 4, 9);
+        let w = rand_vec(&mut rng, c * k, 1.0);
+        let x = rand_vec(&mut rng, t * c, 1.0);
+        let mut s_one = vec![0f32; (k - 1) * c];
+        let one = causal_conv1d_silu(&x, &mut s_one, &w, c, Precision::F32);
+        let mut s = vec![0f32; (k - 1) * c];
+        let mut pieces = causal_conv1d_silu(&x[..2 * c], &mut s, &w, c, Precision::F32);
+        pieces.extend(causal_conv1d_silu(&x[2 * c..3 * c], &mut s, &w, c, Precision::F32));
+        pieces.extend(causal_conv1d_silu(&x[3 * c..], &mut s, &w, c, Precision::F32));
+        assert_eq!(one, pieces);
+        assert_eq!(s, s_one);
+        // First output only sees the current token through tap K-1.
+        assert!((one[0] - silu(w[k - 1] * x[0])).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rope_rotates_pairs_j_and_j_plus_half() {
+        let inv = rope_inv_freq(4, 10000.0);
+        // one token, one head of dim 6: dims 4,5 pass through.
+        let mut x = vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        rope(&mut x, 1, 6, &inv, 1, Precision::F32);
+        let (c0, s0) = (1f32.cos(), 1f32.sin());
+        assert!((x[0] - (1.0 * c0 - 3.0 * s0)).abs() < 1e-6);
+        assert!((x[2] - (3.0 * c0 + 1.0 * s0)).abs() < 1e-6);
+        assert_eq!(&x[4..], &[5.0, 6.0]);
+    }
+
+    #[test]
+    fn attention_is_causal_and_grouped() {
+        // 2 query heads share 1 kv head; the first query sees only the first key.
+        let q = vec![1.0f32, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0];
+        let k = vec![1.0f32, 0.0, 0.0, 1.0];
+        let v = vec![10.0f32, 20.0, 30.0, 40.0];
+        let o = attention(&q, &k, &v, AttnDims { q_heads: 2, kv_heads: 1, head_dim: 2 }, 1.0, Precision::F32);
+        assert_eq!(&o[..4], &[10.0, 20.0, 10.0, 20.0]);
+        let e = 1f32.exp();
+        let w0 = e / (e + 1.0);
+        assert!((o[4] - (w0 * 10.0 + (1.0 - w0) * 30.0)).abs() < 1e-4);
+    }
+
+    #[test]
+    fn norms_use_one_plus_w_and_gate() {
+        let x = [3.0f32, 4.0];
+        let r = 1.0 / (12.5f32 + 1e-6).sqrt();
+        let y = rms_norm(&x, &[0.5, -0.5], 1e-6, 1.0, Precision::F32);
+        assert!((y[0] - 3.0 * r * 1.5).abs() < 1e-6 && (y[1] - 4.0 * r * 0.5).abs() < 1e-6);
+        let y = rms_norm_gated(&x, &[1.0, -2.0], &[0.5, 2.0], 1e-6, Precision::F32);
+        assert!((y[0] - 0.5 * 3.0 * r * silu(1.0)).abs() < 1e-6);
+        assert!((y[1] - 2.0 * 4.0 * r * silu(-2.0)).abs() < 1e-6);
+    }
+}

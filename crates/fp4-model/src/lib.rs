@@ -1,0 +1,29 @@
+//! The Qwen3.5 text model: one definition, written against `fp4_kernels::ops`.
+
+mod cache;
+mod generate;
+mod linear;
+pub mod qwen35;
+mod sampling;
+
+pub use cache::{Cache, LayerCache};
+pub use fp4_kernels::ops::GdnAlgo;
+pub use fp4_kernels::{Precision, Tensor};
+pub use generate::{generate, GenerateOptions};
+pub use linear::{Linear, LinearMethod};
+pub use qwen35::{Logits, Qwen35};
+pub use sampling::{Sampler, SamplingParams};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Format(#[from] fp4_format::FormatError),
+    #[error("token id {id} at position {pos} is outside the vocabulary (size {vocab})")]
+    TokenOutOfRange { id: u32, pos: usize, vocab: usize },
+    #[error("empty input: at least one token is needed")]
+    EmptyInput,
+    #[error("invalid sampling parameter: {0}")]
+    Sampling(String),
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;

@@ -1,0 +1,282 @@
+//! Qwen3.5 text model (`Qwen3_5ForCausalLM` / the text half of `Qwen3_5ForConditionalGeneration`).
+//!
+//! Order follows transformers' `modeling_qwen3_5.py`: gated attention, Gated DeltaNet, MLP,
+//! decoder layer, model. Every numbered step names the HF line it mirrors; rounding points
+//! (bf16 mode) are where HF stores a bf16 tensor.
+
+use crate::cache::{Cache, LayerCache};
+use crate::linear::{load_param, Linear};
+use crate::{ModelError, Result};
+use fp4_format::{Checkpoint, LayerType, TextConfig};
+use fp4_kernels::ops::{self, GdnAlgo, GdnDims};
+use fp4_kernels::{Precision, Tensor};
+
+/// Which positions get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Every position: `[T, vocab]` (for `fp4 logits` and evaluation).
+    All,
+    /// Only the last position: `[1, vocab]` (generation never builds `[T, vocab]`).
+    Last,
+}
+
+/// SwiGLU MLP: `down(silu(gate(x)) · up(x))`.
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    fn load(ckpt: &Checkpoint, prefix: &str, cfg: &TextConfig, p: Precision) -> Result<Mlp> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Mlp {
+            gate: Linear::load(ckpt, &format!("{prefix}.gate_proj"), h, i, false, p)?,
+            up: Linear::load(ckpt, &format!("{prefix}.up_proj"), h, i, false, p)?,
+            down: Linear::load(ckpt, &format!("{prefix}.down_proj"), i, h, false, p)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, p: Precision) -> Tensor {
+        let act = ops::silu_mul(&self.gate.forward(x, p), &self.up.forward(x, p), p);
+        self.down.forward(&act, p)
+    }
+}
+
+/// Gated softmax attention (`Qwen3_5Attention`).
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Tensor,
+    k_norm: Tensor,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(ckpt: &Checkpoint, prefix: &str, cfg: &TextConfig, p: Precision) -> Result<Attention> {
+        let (h, hq, hkv, d, bias) =
+            (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.attention_bias);
+        Ok(Attention {
+            // q_proj rows are per head [query D | gate D].
+            q_proj: Linear::load(ckpt, &format!("{prefix}.q_proj"), h, hq * d * 2, bias, p)?,
+            k_proj: Linear::load(ckpt, &format!("{prefix}.k_proj"), h, hkv * d, bias, p)?,
+            v_proj: Linear::load(ckpt, &format!("{prefix}.v_proj"), h, hkv * d, bias, p)?,
+            o_proj: Linear::load(ckpt, &format!("{prefix}.o_proj"), hq * d, h, bias, p)?,
+            q_norm: load_param(ckpt, &format!("{prefix}.q_norm.weight"), &[d], p)?,
+            k_norm: load_param(ckpt, &format!("{prefix}.k_norm.weight"), &[d], p)?,
+            heads: hq,
+            kv_heads: hkv,
+            head_dim: d,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, cache: &mut LayerCache, pos0: usize, m: &Qwen35) -> Tensor {
+        let (t, d, p, eps) = (x.rows(), self.head_dim, m.precision, m.eps());
+        // 1. q_proj → [T, Hq, 2D] → query [T, Hq, D] and gate [T, Hq·D].
+        let qg = self.q_proj.forward(x, p).reshape(&[t, self.heads, 2 * d]);
+        let [q, gate]: [Tensor; 2] = ops::split_last(&qg, &[d, d]).try_into().expect("two halves");
+        // 2. Per-head (1+w) RMSNorm on q and k; v unnormalised.
+        let mut q = ops::rms_norm(&q, &self.q_norm, eps, 1.0, p);
+        let k = self.k_proj.forward(x, p).reshape(&[t, self.kv_heads, d]);
+        let mut k = ops::rms_norm(&k, &self.k_norm, eps, 1.0, p);
+        let v = self.v_proj.forward(x, p).reshape(&[t, self.kv_heads, d]);
+        // 3. Partial rotate-half RoPE on the first rotary_dim dims of each head.
+        ops::rope(&mut q, &m.inv_freq, pos0, p);
+        ops::rope(&mut k, &m.inv_freq, pos0, p);
+        // 4. Append to the KV cache, attend causally over everything cached.
+        let LayerCache::Attention { k: kc, v: vc } = cache else { unreachable!("attention layer with a GDN cache") };
+        let (k_all, v_all) = match (kc.take(), vc.take()) {
+            (Some(kp), Some(vp)) => (ops::cat_rows(&kp, &k), ops::cat_rows(&vp, &v)),
+            _ => (k, v),
+        };
+        let o = ops::attention(&q, &k_all, &v_all, (d as f32).powf(-0.5), p);
+        *kc = Some(k_all);
+        *vc = Some(v_all);
+        // 5. Sigmoid output gate, then o_proj.
+        let o = ops::sigmoid_gate(&o.reshape(&[t, self.heads * d]), &gate, p);
+        self.o_proj.forward(&o, p)
+    }
+}
+
+/// Gated DeltaNet (`Qwen3_5GatedDeltaNet`).
+struct GatedDeltaNet {
+    in_proj_qkv: Linear,
+    in_proj_z: Linear,
+    in_proj_b: Linear,
+    in_proj_a: Linear,
+    out_proj: Linear,
+    /// Depthwise conv weight `[conv_dim, K]` (checkpoint `[conv_dim, 1, K]`).
+    conv: Tensor,
+    a_log: Tensor,
+    dt_bias: Tensor,
+    /// Gated-norm weight `[dv]`, plain w, shared by all value heads.
+    norm: Tensor,
+    dims: GdnDims,
+}
+
+impl GatedDeltaNet {
+    fn load(ckpt: &Checkpoint, prefix: &str, cfg: &TextConfig, p: Precision) -> Result<GatedDeltaNet> {
+        let (h, hv, k) = (cfg.hidden_size, cfg.linear_num_value_heads, cfg.linear_conv_kernel_dim);
+        let conv_dim = cfg.linear_conv_dim();
+        let conv = load_param(ckpt, &format!("{prefix}.conv1d.weight"), &[conv_dim, 1, k], p)?.reshape(&[conv_dim, k]);
+        Ok(GatedDeltaNet {
+            in_proj_qkv: Linear::load(ckpt, &format!("{prefix}.in_proj_qkv"), h, conv_dim, false, p)?,
+            in_proj_z: Linear::load(ckpt, &format!("{prefix}.in_proj_z"), h, cfg.linear_value_dim(), false, p)?,
+            in_proj_b: Linear::load(ckpt, &format!("{prefix}.in_proj_b"), h, hv, false, p)?,
+            in_proj_a: Linear::load(ckpt, &format!("{prefix}.in_proj_a"), h, hv, false, p)?,
+            out_proj: Linear::load(ckpt, &format!("{prefix}.out_proj"), cfg.linear_value_dim(), h, false, p)?,
+            conv,
+            a_log: load_param(ckpt, &format!("{prefix}.A_log"), &[hv], p)?,
+            dt_bias: load_param(ckpt, &format!("{prefix}.dt_bias"), &[hv], p)?,
+            norm: load_param(ckpt, &format!("{prefix}.norm.weight"), &[cfg.linear_value_head_dim], p)?,
+            dims: GdnDims {
+                key_heads: cfg.linear_num_key_heads,
+                value_heads: hv,
+                key_dim: cfg.linear_key_head_dim,
+                value_dim: cfg.linear_value_head_dim,
+            },
+        })
+    }
+
+    fn forward(&self, x: &Tensor, cache: &mut LayerCache, algo: GdnAlgo, m: &Qwen35) -> Tensor {
+        let (t, d, p) = (x.rows(), self.dims, m.precision);
+        let LayerCache::Gdn { conv, state } = cache else { unreachable!("GDN layer with an attention cache") };
+        // 1. Projections: qkv [T, conv_dim], z [T, Hv·dv], b and a [T, Hv].
+        let mixed = self.in_proj_qkv.forward(x, p);
+        let z = self.in_proj_z.forward(x, p);
+        let b = self.in_proj_b.forward(x, p);
+        let a = self.in_proj_a.forward(x, p);
+        // 2. Causal depthwise conv + SiLU over q, k and v channels, continuing the cached inputs.
+        let mixed = ops::causal_conv1d_silu(&mixed, conv, &self.conv, p);
+        let key_width = d.key_heads * d.key_dim;
+        let [q, k, v]: [Tensor; 3] = ops::split_last(&mixed, &[key_width, key_width, d.value_heads * d.value_dim])
+            .try_into()
+            .expect("three parts");
+        // 3. β = sigmoid(b), g = −exp(A_log)·softplus(a + dt_bias).
+        let (beta, g) = ops::gdn_gates(&b, &a, &self.a_log, &self.dt_bias, p);
+        // 4. Delta rule in f32 (l2norm of q, k and the 1/√dk scale inside), output rounded.
+        let o = ops::gated_delta_rule(&q, &k, &v, &g, &beta, state, d, algo).round(p);
+        // 5. Gated RMSNorm per value head, then out_proj.
+        let rows = [t * d.value_heads, d.value_dim];
+        let o = ops::rms_norm_gated(&o.reshape(&rows), &z.reshape(&rows), &self.norm, m.eps(), p);
+        self.out_proj.forward(&o.reshape(&[t, d.value_heads * d.value_dim]), p)
+    }
+}
+
+enum Mixer {
+    Attention(Box<Attention>),
+    Gdn(Box<GatedDeltaNet>),
+}
+
+struct DecoderLayer {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    mixer: Mixer,
+    mlp: Mlp,
+}
+
+/// The text model plus LM head.
+pub struct Qwen35 {
+    pub config: TextConfig,
+    pub precision: Precision,
+    /// How GDN layers walk a multi-token input; single tokens always use the recurrent step.
+    pub prefill_algo: GdnAlgo,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    /// `None` when tied to the embeddings.
+    lm_head: Option<Linear>,
+    inv_freq: Vec<f32>,
+}
+
+impl Qwen35 {
+    /// Loads every text weight of `ckpt` for compute precision `p`.
+    pub fn load(ckpt: &Checkpoint, p: Precision) -> Result<Qwen35> {
+        let cfg = ckpt.config.clone();
+        let embed_tokens =
+            load_param(ckpt, &ckpt.text_name("embed_tokens.weight"), &[cfg.vocab_size, cfg.hidden_size], p)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for (i, kind) in cfg.layer_types.iter().enumerate() {
+            let prefix = ckpt.text_name(&format!("layers.{i}"));
+            let mixer = match kind {
+                LayerType::FullAttention => {
+                    Mixer::Attention(Box::new(Attention::load(ckpt, &format!("{prefix}.self_attn"), &cfg, p)?))
+                }
+                LayerType::LinearAttention => {
+                    Mixer::Gdn(Box::new(GatedDeltaNet::load(ckpt, &format!("{prefix}.linear_attn"), &cfg, p)?))
+                }
+            };
+            let h = [cfg.hidden_size];
+            layers.push(DecoderLayer {
+                input_norm: load_param(ckpt, &format!("{prefix}.input_layernorm.weight"), &h, p)?,
+                post_norm: load_param(ckpt, &format!("{prefix}.post_attention_layernorm.weight"), &h, p)?,
+                mixer,
+                mlp: Mlp::load(ckpt, &format!("{prefix}.mlp"), &cfg, p)?,
+            });
+        }
+        let norm = load_param(ckpt, &ckpt.text_name("norm.weight"), &[cfg.hidden_size], p)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(Linear::load(ckpt, "lm_head", cfg.hidden_size, cfg.vocab_size, false, p)?)
+        };
+        let inv_freq = ops::rope_inv_freq(cfg.rotary_dim(), cfg.rope_theta as f32);
+        Ok(Qwen35 {
+            config: cfg,
+            precision: p,
+            prefill_algo: GdnAlgo::Chunked,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
+    }
+
+    fn eps(&self) -> f32 {
+        self.config.rms_norm_eps as f32
+    }
+
+    pub fn new_cache(&self) -> Cache {
+        Cache::new(&self.config)
+    }
+
+    /// Runs `ids` after whatever `cache` already holds and returns f32 logits (rounded to bf16
+    /// in bf16 mode, as HF's lm_head output is).
+    pub fn forward(&self, ids: &[u32], cache: &mut Cache, which: Logits) -> Result<Tensor> {
+        if ids.is_empty() {
+            return Err(ModelError::EmptyInput);
+        }
+        let vocab = self.config.vocab_size;
+        if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+            return Err(ModelError::TokenOutOfRange { id, pos: cache.seq_len + i, vocab });
+        }
+        let (p, eps, pos0) = (self.precision, self.eps(), cache.seq_len);
+        let algo = if ids.len() == 1 { GdnAlgo::Recurrent } else { self.prefill_algo };
+        let mut h = ops::embedding(&self.embed_tokens, ids);
+        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let x = ops::rms_norm(&h, &layer.input_norm, eps, 1.0, p);
+            let mixed = match &layer.mixer {
+                Mixer::Attention(a) => a.forward(&x, lc, pos0, self),
+                Mixer::Gdn(g) => g.forward(&x, lc, algo, self),
+            };
+            h = ops::add(&h, &mixed, p);
+            let x = ops::rms_norm(&h, &layer.post_norm, eps, 1.0, p);
+            h = ops::add(&h, &layer.mlp.forward(&x, p), p);
+        }
+        cache.seq_len += ids.len();
+        let h = match which {
+            Logits::All => h,
+            Logits::Last => ops::last_row(&h),
+        };
+        let h = ops::rms_norm(&h, &self.norm, eps, 1.0, p);
+        Ok(match &self.lm_head {
+            Some(head) => head.forward(&h, p),
+            None => ops::linear(&h, &self.embed_tokens, None, p),
+        })
+    }
+}

@@ -1,0 +1,140 @@
+//! Token selection: greedy or sampled with temperature, top-k and top-p (applied in that
+//! order, as transformers' logits processors are).
+
+use crate::{ModelError, Result};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingParams {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// Nucleus mass in (0, 1]; 1 = off.
+    pub top_p: f32,
+    /// Keep the k most likely tokens; 0 = off.
+    pub top_k: usize,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(ModelError::Sampling(format!("temperature must be >= 0, got {}", self.temperature)));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(ModelError::Sampling(format!("top_p must be in (0, 1], got {}", self.top_p)));
+        }
+        Ok(())
+    }
+}
+
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Result<Sampler> {
+        params.validate()?;
+        Ok(Sampler { params, rng: StdRng::seed_from_u64(params.seed) })
+    }
+
+    /// Picks the next token from one row of logits.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.params.temperature == 0.0 {
+            return argmax(logits);
+        }
+        // Candidates sorted by logit (descending; ties by id), cut by top-k, then top-p.
+        let mut cand: Vec<(u32, f32)> =
+            logits.iter().enumerate().map(|(i, &l)| (i as u32, l / self.params.temperature)).collect();
+        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if self.params.top_k > 0 {
+            cand.truncate(self.params.top_k);
+        }
+        let max = cand[0].1;
+        let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - max).exp()).collect();
+        let total: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+        if self.params.top_p < 1.0 {
+            // Keep the smallest prefix whose mass reaches top_p (always at least one token).
+            let mut mass = 0.0;
+            let mut keep = probs.len();
+            for (i, p) in probs.iter().enumerate() {
+                mass += p;
+                if mass >= self.params.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+        }
+        let total: f32 = probs.iter().sum();
+        let mut r = self.rng.random::<f32>() * total;
+        for (i, p) in probs.iter().enumerate() {
+            if r < *p {
+                return cand[i].0;
+            }
+            r -= p;
+        }
+        cand[probs.len() - 1].0
+    }
+}
+
+/// Index of the largest logit; the first one on ties (as `torch.argmax`).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_first_max() {
+        let mut s = Sampler::new(SamplingParams::default()).unwrap();
+        assert_eq!(s.sample(&[0.0, 2.0, 2.0, 1.0]), 1);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_seed_is_reproducible() {
+        let logits = [0.1f32, 0.5, 3.0, 0.2];
+        let p = SamplingParams { temperature: 1.0, top_k: 1, ..Default::default() };
+        let mut s = Sampler::new(p).unwrap();
+        assert!((0..20).all(|_| s.sample(&logits) == 2));
+        let p = SamplingParams { temperature: 1.5, seed: 42, ..Default::default() };
+        let draw = |p| {
+            let mut s = Sampler::new(p).unwrap();
+            (0..50).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+        };
+        let a = draw(p);
+        assert_eq!(a, draw(p));
+        assert!(a.iter().any(|&t| t != 2), "temperature 1.5 should sometimes pick another token");
+    }
+
+    #[test]
+    fn top_p_cuts_the_tail() {
+        // p = softmax([10, 9, 0, 0]): the first two hold > 0.999 of the mass.
+        let logits = [10.0f32, 9.0, 0.0, 0.0];
+        let p = SamplingParams { temperature: 1.0, top_p: 0.9, seed: 1, ..Default::default() };
+        let mut s = Sampler::new(p).unwrap();
+        assert!((0..200).all(|_| s.sample(&logits) < 2));
+    }
+
+    #[test]
+    fn bad_parameters_are_rejected() {
+        assert!(Sampler::new(SamplingParams { temperature: -1.0, ..Default::default() }).is_err());
+        assert!(Sampler::new(SamplingParams { top_p: 0.0, ..Default::default() }).is_err());
+    }
+}

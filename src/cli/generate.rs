@@ -1,0 +1,82 @@
+use super::{load_model, parse_ids, Dtype};
+use anyhow::Context;
+use fp4_chat::Tokenizer;
+use fp4_model::{generate, GenerateOptions, Sampler, SamplingParams};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt text (needs tokenizer.json in the model directory).
+    #[arg(long, conflicts_with = "input_ids", required_unless_present = "input_ids")]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids.
+    #[arg(long)]
+    input_ids: Option<String>,
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep generating past stop tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Compute precision of the CPU model.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    dtype: Dtype,
+    /// Print one JSON object as the last line: {"input_ids","output_ids","text"}.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let params = SamplingParams { temperature: a.temperature, top_p: a.top_p, top_k: a.top_k, seed: a.seed };
+    let mut sampler = Sampler::new(params)?;
+    let tokenizer = Tokenizer::from_dir(&a.model)?;
+    let input_ids = match (&a.prompt, &a.input_ids) {
+        (Some(text), _) => {
+            let tok = tokenizer.as_ref().with_context(|| {
+                format!("--prompt needs {} in {}; pass --input-ids instead", Tokenizer::FILE, a.model.display())
+            })?;
+            tok.encode(text)?
+        }
+        (None, Some(ids)) => parse_ids(ids)?,
+        (None, None) => anyhow::bail!("give --prompt or --input-ids"),
+    };
+    let (ckpt, model) = load_model(&a.model, a.dtype.into())?;
+    let stop_ids = if a.ignore_eos { Vec::new() } else { ckpt.eos_token_ids.clone() };
+    let opts = GenerateOptions { max_tokens: a.max_tokens, stop_ids };
+
+    let started = std::time::Instant::now();
+    let mut stdout = std::io::stdout();
+    let output_ids = generate(&model, &input_ids, &opts, &mut sampler, |_| {})?;
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(tokens = output_ids.len(), tok_per_s = output_ids.len() as f64 / secs, "generated");
+    let text = match &tokenizer {
+        Some(tok) => Some(tok.decode(&output_ids, true)?),
+        None => None,
+    };
+    if a.json {
+        let mut v = serde_json::json!({"input_ids": input_ids, "output_ids": output_ids});
+        if let Some(t) = text {
+            v["text"] = t.into();
+        }
+        writeln!(stdout, "{v}")?;
+    } else {
+        match text {
+            Some(t) => writeln!(stdout, "{t}")?,
+            None => writeln!(stdout, "{}", output_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","))?,
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! Command-line interface: one module per subcommand.
+
+mod generate;
+mod inspect;
+mod logits;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use fp4_model::Precision;
+
+#[derive(Parser, Debug)]
+#[command(name = "fp4", version, about = "Native NVFP4 quantizer and OpenAI-compatible server for Qwen3.5")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Summarise a model directory: config, tensors per dtype, quantization.
+    Inspect(inspect::Args),
+    /// Generate tokens from a prompt (or token ids) on the CPU reference model.
+    Generate(generate::Args),
+    /// Write the f32 logits of every position to a safetensors file.
+    Logits(logits::Args),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Inspect(a) => inspect::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Logits(a) => logits::run(a),
+    }
+}
+
+/// Compute precision of the CPU model.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum Dtype {
+    /// f32 everywhere: the reference that matches transformers' fp32 forward.
+    F32,
+    /// Round where transformers' bf16 forward rounds.
+    Bf16,
+}
+
+impl From<Dtype> for Precision {
+    fn from(d: Dtype) -> Precision {
+        match d {
+            Dtype::F32 => Precision::F32,
+            Dtype::Bf16 => Precision::Bf16,
+        }
+    }
+}
+
+/// Parses `1,2,3` (spaces allowed) into token ids.
+fn parse_ids(s: &str) -> anyhow::Result<Vec<u32>> {
+    let ids = s
+        .split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(|x| x.parse::<u32>().map_err(|_| anyhow::anyhow!("--input-ids: `{x}` is not a token id")))
+        .collect::<anyhow::Result<Vec<u32>>>()?;
+    anyhow::ensure!(!ids.is_empty(), "--input-ids: no token ids given");
+    Ok(ids)
+}
+
+/// Opens a checkpoint and loads the model, with the directory in any error.
+fn load_model(dir: &std::path::Path, p: Precision) -> anyhow::Result<(fp4_format::Checkpoint, fp4_model::Qwen35)> {
+    use anyhow::Context;
+    let ckpt = fp4_format::Checkpoint::open(dir).with_context(|| format!("cannot open model {}", dir.display()))?;
+    let started = std::time::Instant::now();
+    let model = fp4_model::Qwen35::load(&ckpt, p).with_context(|| format!("cannot load model {}", dir.display()))?;
+    tracing::info!(dir = %dir.display(), secs = started.elapsed().as_secs_f32(), "model loaded");
+    Ok((ckpt, model))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_ids;
+
+    #[test]
+    fn ids_parse_and_bad_ids_are_named() {
+        assert_eq!(parse_ids("1, 2,3").unwrap(), vec![1, 2, 3]);
+        assert!(parse_ids("1,x").unwrap_err().to_string().contains("`x`"));
+        assert!(parse_ids(" , ").is_err());
+    }
+}
