@@ -6,24 +6,23 @@
 
 use crate::Precision;
 
-/// Dot product with eight independent f32 accumulators (vectorises without changing the math
-/// beyond summation order, which is already unspecified in cuBLAS/MKL).
+/// Dot product accumulated in f64, rounded once: the reference stays closer to the exact value
+/// than any f32 GEMM, so its distance to another implementation is that one's rounding alone.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
+    let mut acc = [0f64; 4];
+    let chunks = a.len() / 4;
     for c in 0..chunks {
-        let (x, y) = (&a[c * 8..c * 8 + 8], &b[c * 8..c * 8 + 8]);
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
+        for l in 0..4 {
+            acc[l] += a[c * 4 + l] as f64 * b[c * 4 + l] as f64;
         }
     }
-    let mut s = 0f32;
-    for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
+    let mut s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    for i in chunks * 4..a.len() {
+        s += a[i] as f64 * b[i] as f64;
     }
-    (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + s
+    s as f32
 }
 
 /// `y[t, o] = Σ_i x[t, i]·w[o, i] + bias[o]` (PyTorch `nn.Linear`, weight `[out, in]`).
@@ -55,7 +54,7 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, offset: f32, p: Precision) -> Ve
 
 #[inline]
 fn inv_rms(x: &[f32], eps: f32) -> f32 {
-    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let ms = (x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / x.len() as f64) as f32;
     1.0 / (ms + eps).sqrt()
 }
 
@@ -197,7 +196,7 @@ pub struct GdnInputs<'a> {
 
 /// `x · rsqrt(Σx² + 1e-6)` (the FLA-compatible l2norm: eps on the sum).
 fn l2norm(x: &[f32]) -> Vec<f32> {
-    let r = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() + 1e-6).sqrt();
+    let r = 1.0 / ((x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() as f32) + 1e-6).sqrt();
     x.iter().map(|v| v * r).collect()
 }
 
