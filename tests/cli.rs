@@ -1,0 +1,222 @@
+//! End-to-end tests of the `fp4` binary's stable interfaces (inspect, generate, logits) and of
+//! its errors on bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn fp4(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fp4")).args(args).env("RUST_LOG", "warn").output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs fp4 expecting failure; returns stderr, which must be an error, never a panic.
+fn fp4_err(args: &[&str]) -> String {
+    let o = fp4(args);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "expected failure for {args:?}");
+    assert!(!err.contains("panicked"), "panic instead of an error: {err}");
+    err
+}
+
+fn golden_json(name: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("golden.json")).unwrap()).unwrap()
+}
+
+fn golden_tensor(name: &str, tensor: &str) -> Vec<u8> {
+    let bytes = std::fs::read(fixture(name).join("golden.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensor(tensor).unwrap().data().to_vec()
+}
+
+fn golden_ids(name: &str, n: usize) -> String {
+    golden_tensor(name, &format!("ids_{n}"))
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()).to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[test]
+fn inspect_summarises_both_layouts() {
+    let o = fp4(&["inspect", fixture("tiny-vl").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("LALLLA") && out.contains("model.language_model.") && out.contains("F32"), "{out}");
+    let o = fp4(&["inspect", "--json", fixture("tiny-text").to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["weight_prefix"], "model.");
+    assert_eq!(v["tie_word_embeddings"], true);
+    assert_eq!(v["full_attention_layers"], 1);
+}
+
+#[test]
+fn logits_writes_f32_logits_of_every_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("l.safetensors");
+    let ids = golden_ids("tiny-text", 40);
+    let o = fp4(&[
+        "logits",
+        "--model",
+        fixture("tiny-text").to_str().unwrap(),
+        "--input-ids",
+        &ids,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bytes = std::fs::read(&out).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("logits").unwrap();
+    assert_eq!(t.dtype(), safetensors::Dtype::F32);
+    assert_eq!(t.shape(), &[40, 384]);
+    let f = |b: &[u8]| -> Vec<f32> { b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect() };
+    let (got, want) = (f(t.data()), f(&golden_tensor("tiny-text", "logits_40")));
+    let max = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / max;
+    assert!(err < 1e-4, "relative error {err:.2e}");
+    assert!(!dir.path().join("l.safetensors.tmp").exists());
+}
+
+#[test]
+fn generate_json_matches_transformers_generate() {
+    let g = golden_json("tiny-vl");
+    let ids = golden_ids("tiny-vl", 40);
+    let o = fp4(&[
+        "generate",
+        "--model",
+        fixture("tiny-vl").to_str().unwrap(),
+        "--input-ids",
+        &ids,
+        "--max-tokens",
+        "24",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(v["output_ids"], g["generate_tokens"]);
+    assert_eq!(v["text"], g["generate_text"]);
+    assert_eq!(v["input_ids"].as_array().unwrap().len(), 40);
+}
+
+#[test]
+fn generate_from_prompt_text_samples_reproducibly() {
+    let model = fixture("tiny-text");
+    let run = |seed: &str| {
+        let o = fp4(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "The capital of Japan is",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0.8",
+            "--top-p",
+            "0.9",
+            "--top-k",
+            "50",
+            "--seed",
+            seed,
+            "--ignore-eos",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_str::<serde_json::Value>(stdout(&o).lines().last().unwrap()).unwrap()
+    };
+    let (a, b) = (run("3"), run("3"));
+    assert_eq!(a, b, "same seed, same output");
+    assert_eq!(a["output_ids"].as_array().unwrap().len(), 8, "--ignore-eos runs to max tokens");
+    assert!(a["text"].is_string());
+    assert!(!a["input_ids"].as_array().unwrap().is_empty());
+}
+
+/// Copies a fixture into a temp dir, rewriting its weights with `edit` (tensor name → keep/replace).
+fn edited_copy(name: &str, edit: impl Fn(&str, &[usize], &[u8]) -> Option<(Vec<usize>, Vec<u8>)>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+    }
+    let path = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut kept = Vec::new();
+    for (n, t) in st.tensors() {
+        if let Some((shape, data)) = edit(&n, t.shape(), t.data()) {
+            kept.push((n, t.dtype(), shape, data));
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = kept
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    dir
+}
+
+#[test]
+fn missing_and_misshaped_tensors_are_named() {
+    const T: &str = "model.layers.1.linear_attn.in_proj_z.weight";
+    let dir = edited_copy("tiny-text", |n, s, b| (n != T).then(|| (s.to_vec(), b.to_vec())));
+    let err = fp4_err(&["generate", "--model", dir.path().to_str().unwrap(), "--input-ids", "1,2"]);
+    assert!(err.contains(T) && err.contains("model.safetensors") && err.contains("missing"), "{err}");
+
+    let dir = edited_copy("tiny-text", |n, s, b| {
+        Some(if n == T { (vec![s[0] / 2, s[1]], b[..b.len() / 2].to_vec()) } else { (s.to_vec(), b.to_vec()) })
+    });
+    let err = fp4_err(&["logits", "--model", dir.path().to_str().unwrap(), "--input-ids", "1", "--out", "/dev/null"]);
+    assert!(err.contains(T) && err.contains("shape"), "{err}");
+}
+
+#[test]
+fn bad_inputs_give_clear_errors() {
+    let model = fixture("tiny-text");
+    let m = model.to_str().unwrap();
+    let err = fp4_err(&["generate", "--model", m, "--input-ids", "1,99999"]);
+    assert!(err.contains("99999") && err.contains("vocabulary"), "{err}");
+    let err = fp4_err(&["generate", "--model", m, "--input-ids", "1,two"]);
+    assert!(err.contains("`two`"), "{err}");
+    let err = fp4_err(&["generate", "--model", "/nonexistent/model", "--input-ids", "1"]);
+    assert!(err.contains("/nonexistent/model"), "{err}");
+    let err = fp4_err(&["generate", "--model", m, "--input-ids", "1", "--temperature", "-1"]);
+    assert!(err.contains("temperature"), "{err}");
+
+    // A model dir without tokenizer.json cannot take --prompt.
+    let dir = edited_copy("tiny-text", |_, s, b| Some((s.to_vec(), b.to_vec())));
+    std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
+    let err = fp4_err(&["generate", "--model", dir.path().to_str().unwrap(), "--prompt", "hi"]);
+    assert!(err.contains("tokenizer.json") && err.contains("--input-ids"), "{err}");
+    // Without a tokenizer, --json has no text field.
+    let o = fp4(&[
+        "generate",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--input-ids",
+        "1,2",
+        "--max-tokens",
+        "2",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).lines().last().unwrap()).unwrap();
+    assert!(v.get("text").is_none() && v["output_ids"].is_array());
+
+    // Unsupported config names the file and field.
+    let cfg = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("\"qwen3_5_text\"", "\"qwen3_next\"");
+    std::fs::write(&cfg, text).unwrap();
+    let err = fp4_err(&["inspect", dir.path().to_str().unwrap()]);
+    assert!(err.contains("config.json") && err.contains("model_type") && err.contains("qwen3_next"), "{err}");
+}
