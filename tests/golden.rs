@@ -100,6 +100,14 @@ fn greedy_continuation_matches_transformers() {
     }
 }
 
+/// `got` (a second way of computing the 150-token logits) matches both `base` and transformers.
+fn assert_same_150(g: &Golden, name: &str, what: &str, got: &[f32], base: &[f32]) {
+    let err = rel_err(got, base);
+    let err_hf = rel_err(got, &g.f32s("logits_150").1);
+    eprintln!("{name}: {what} {err:.2e}; vs transformers {err_hf:.2e}");
+    assert!(err < 1e-4 && err_hf < 1e-4, "{name}: {what} {err:.2e}, vs HF {err_hf:.2e}");
+}
+
 #[test]
 fn chunked_prefill_equals_recurrent() {
     for name in MODELS {
@@ -109,11 +117,7 @@ fn chunked_prefill_equals_recurrent() {
         let chunked = logits(&model, &ids);
         model.prefill_algo = GdnAlgo::Recurrent;
         let recurrent = logits(&model, &ids);
-        let err = rel_err(&recurrent, &chunked);
-        let (_, hf) = g.f32s("logits_150");
-        let err_hf = rel_err(&recurrent, &hf);
-        eprintln!("{name}: chunked vs recurrent {err:.2e}; recurrent vs transformers {err_hf:.2e}");
-        assert!(err < 1e-4 && err_hf < 1e-4, "{name}: chunked vs recurrent {err:.2e}, vs HF {err_hf:.2e}");
+        assert_same_150(&g, name, "recurrent vs chunked", &recurrent, &chunked);
     }
 }
 
@@ -131,11 +135,7 @@ fn prefill_in_pieces_equals_one_shot() {
             pieces.extend(model.forward(&ids[range], &mut cache, Logits::All).unwrap().into_vec());
         }
         assert_eq!(cache.seq_len, 150);
-        let err = rel_err(&pieces, &one_shot);
-        let (_, hf) = g.f32s("logits_150");
-        let err_hf = rel_err(&pieces, &hf);
-        eprintln!("{name}: pieces vs one shot {err:.2e}; pieces vs transformers {err_hf:.2e}");
-        assert!(err < 1e-4 && err_hf < 1e-4, "{name}: pieces vs one shot {err:.2e}, vs HF {err_hf:.2e}");
+        assert_same_150(&g, name, "pieces vs one shot", &pieces, &one_shot);
     }
 }
 
