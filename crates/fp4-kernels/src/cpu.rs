@@ -289,6 +289,8 @@ pub fn gdn_chunked(x: GdnInputs, state: &mut [f32], d: GdnDims) -> Vec<f32> {
             let n = (t - start).min(c);
             let idx = |i: usize| start + i;
             let mut cum = vec![0f32; c];
+            // Sequential f32 cumsum, as torch's CPU cumsum: Γ_i − Γ_j of two large sums cancels, and
+            // the logits are sensitive to exactly how Γ was rounded (f64 here moved us 10x away from HF).
             let mut acc = 0f32;
             for (i, cv) in cum.iter_mut().enumerate() {
                 if i < n {
