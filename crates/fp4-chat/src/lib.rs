@@ -1,5 +1,8 @@
-//! Tokenizer (and, later, chat template, detokenizer and parsers) for fp4.
+//! Tokenizer, chat template and (streaming) output parsers of fp4.
 
+mod pyjson;
+mod template;
 mod tokenizer;
 
+pub use template::{ChatTemplate, RenderRequest, TemplateError, QWEN35_TEMPLATE};
 pub use tokenizer::{Tokenizer, TokenizerError};
