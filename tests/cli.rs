@@ -220,3 +220,76 @@ fn bad_inputs_give_clear_errors() {
     let err = fp4_err(&["inspect", dir.path().to_str().unwrap()]);
     assert!(err.contains("config.json") && err.contains("model_type") && err.contains("qwen3_next"), "{err}");
 }
+
+fn fp4_stdin(args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fp4"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn chat_render_prints_the_golden_prompt_and_ids() {
+    let golden = serde_json::from_str::<serde_json::Value>(
+        &std::fs::read_to_string(fixture("chat").join("golden.json")).unwrap(),
+    )
+    .unwrap();
+    let case = golden["cases"].as_array().unwrap().iter().find(|c| c["name"] == "tool_round_trip").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let request = serde_json::json!({"messages": case["messages"], "tools": case["tools"]});
+    std::fs::write(dir.path().join("req.json"), request.to_string()).unwrap();
+    let o = fp4(&[
+        "chat",
+        "render",
+        "--model",
+        fixture("chat").to_str().unwrap(),
+        "--messages",
+        dir.path().join("req.json").to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["prompt"], case["text"]);
+    assert_eq!(v["ids"], case["ids"]);
+}
+
+#[test]
+fn chat_parse_whole_and_streamed_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let tools = dir.path().join("tools.json");
+    std::fs::write(&tools, r#"{"tools": [{"type": "function", "function": {"name": "search_memory", "parameters": {"type": "object", "properties": {"query": {"type": "string"}, "limit": {"type": "integer"}}}}}]}"#).unwrap();
+    let output = "I should check memory.\n</think>\n\n<tool_call>\n<function=search_memory>\n<parameter=query>\nbirthday\n</parameter>\n<parameter=limit>\n3\n</parameter>\n</function>\n</tool_call>";
+    let chunks = dir.path().join("chunks.json");
+    std::fs::write(&chunks, serde_json::json!([&output[..30], &output[30..77], &output[77..]]).to_string()).unwrap();
+    let t = tools.to_str().unwrap();
+    let model = fixture("chat");
+    let runs = [
+        vec!["chat", "parse", "--tools", t],
+        vec!["chat", "parse", "--tools", t, "--stream"],
+        vec!["chat", "parse", "--tools", t, "--stream", "--chunks", chunks.to_str().unwrap()],
+        vec!["chat", "parse", "--tools", t, "--stream", "--model", model.to_str().unwrap()],
+    ];
+    for args in runs {
+        let o = fp4_stdin(&args, output);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["reasoning_content"], "I should check memory.\n", "{args:?}");
+        assert_eq!(v["content"], "\n\n", "{args:?}");
+        assert_eq!(v["tool_calls"][0]["function"]["name"], "search_memory");
+        assert_eq!(v["tool_calls"][0]["function"]["arguments"], r#"{"query": "birthday", "limit": 3}"#, "{args:?}");
+    }
+    let o = fp4_stdin(&["chat", "parse", "--no-thinking"], output);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["content"], output);
+    assert!(v["reasoning_content"].is_null() && v["tool_calls"].as_array().unwrap().is_empty());
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"["not", "the", "same"]"#).unwrap();
+    let o = fp4_stdin(&["chat", "parse", "--stream", "--chunks", bad.to_str().unwrap()], output);
+    assert!(!o.status.success() && stderr(&o).contains("bad.json"), "{}", stderr(&o));
+}

@@ -1,5 +1,6 @@
 //! Command-line interface: one module per subcommand.
 
+mod chat;
 mod generate;
 mod inspect;
 mod logits;
@@ -22,6 +23,9 @@ enum Command {
     Generate(generate::Args),
     /// Write the f32 logits of every position to a safetensors file.
     Logits(logits::Args),
+    /// Chat layer tools: render prompts, parse model output.
+    #[command(subcommand)]
+    Chat(chat::Command),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -29,6 +33,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Logits(a) => logits::run(a),
+        Command::Chat(c) => chat::run(c),
     }
 }
 

@@ -48,3 +48,32 @@ fn renderings_are_byte_identical_to_transformers() {
     }
     assert!(rendered >= 15, "only {rendered} renderings compared");
 }
+
+/// Streaming detokenization of a rendered conversation (multi-byte characters split across
+/// byte-level tokens, special tokens kept or skipped) equals decoding it whole.
+#[test]
+fn incremental_detokenizer_matches_whole_decode() {
+    let tok = Tokenizer::from_dir(&fixture()).unwrap().unwrap();
+    let text = "<|im_start|>user\nÇa va? 🙂 東京 привет<|im_end|>\n<think>\nok</think>naïve café 🙂🙂";
+    let ids = tok.encode(text).unwrap();
+    for skip in [false, true] {
+        let mut d = fp4_chat::Detokenizer::new(&tok, skip);
+        let mut out = String::new();
+        let mut held = 0;
+        for &id in &ids {
+            match d.push(id).unwrap() {
+                Some(s) => {
+                    assert!(!s.contains('\u{FFFD}'), "{s:?}");
+                    out.push_str(&s);
+                }
+                None => held += 1,
+            }
+        }
+        out.extend(d.finish().unwrap());
+        assert_eq!(out, tok.decode(&ids, skip).unwrap(), "skip_special_tokens={skip}");
+        assert!(held > 0, "some tokens must end inside a character");
+    }
+    let mut d = fp4_chat::Detokenizer::new(&tok, true);
+    let shown: String = ids.iter().filter_map(|&id| d.push(id).unwrap()).collect();
+    assert!(!shown.contains("<|im_start|>") && shown.contains("<think>"), "{shown}");
+}
