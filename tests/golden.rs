@@ -46,7 +46,7 @@ impl Golden {
 
 fn load(name: &str, p: Precision) -> (Checkpoint, Qwen35) {
     let ckpt = Checkpoint::open(&fixture(name)).unwrap();
-    let model = Qwen35::load(&ckpt, p).unwrap();
+    let model = Qwen35::load(&ckpt, fp4_model::LoadOptions::new(p)).unwrap();
     (ckpt, model)
 }
 

@@ -1,4 +1,4 @@
-use super::{load_model, parse_ids, Dtype};
+use super::{load_model, parse_ids, ComputeArgs};
 use anyhow::Context;
 use fp4_chat::Tokenizer;
 use fp4_model::{generate, GenerateOptions, Sampler, SamplingParams};
@@ -31,9 +31,8 @@ pub struct Args {
     /// Keep generating past stop tokens.
     #[arg(long)]
     ignore_eos: bool,
-    /// Compute precision of the CPU model.
-    #[arg(long, value_enum, default_value_t = Dtype::F32)]
-    dtype: Dtype,
+    #[command(flatten)]
+    compute: ComputeArgs,
     /// Print one JSON object as the last line: {"input_ids","output_ids","text"}.
     #[arg(long)]
     json: bool,
@@ -53,7 +52,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         (None, Some(ids)) => parse_ids(ids)?,
         (None, None) => anyhow::bail!("give --prompt or --input-ids"),
     };
-    let (ckpt, model) = load_model(&a.model, a.dtype.into())?;
+    let (ckpt, model) = load_model(&a.model, a.compute.load_options())?;
     let stop_ids = if a.ignore_eos { Vec::new() } else { ckpt.eos_token_ids.clone() };
     let opts = GenerateOptions { max_tokens: a.max_tokens, stop_ids };
 

@@ -1,4 +1,4 @@
-use super::{load_model, parse_ids, Dtype};
+use super::{load_model, parse_ids, ComputeArgs};
 use anyhow::Context;
 use fp4_model::Logits;
 use std::path::PathBuf;
@@ -14,14 +14,13 @@ pub struct Args {
     /// Output safetensors file; tensor `logits`, f32, `[T, vocab]`.
     #[arg(long)]
     out: PathBuf,
-    /// Compute precision (f32 is the reference that matches transformers' fp32 forward).
-    #[arg(long, value_enum, default_value_t = Dtype::F32)]
-    dtype: Dtype,
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let ids = parse_ids(&a.input_ids)?;
-    let (_, model) = load_model(&a.model, a.dtype.into())?;
+    let (_, model) = load_model(&a.model, a.compute.load_options())?;
     let mut cache = model.new_cache();
     let logits = model.forward(&ids, &mut cache, Logits::All)?;
     let shape = logits.shape().to_vec();

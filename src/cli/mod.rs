@@ -55,6 +55,24 @@ impl From<Dtype> for Precision {
     }
 }
 
+/// How the CPU model computes, shared by `generate` and `logits`.
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct ComputeArgs {
+    /// Compute precision of the CPU model.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    dtype: Dtype,
+    /// For NVFP4/FP8 checkpoints: also quantize activations with each layer's input_scale
+    /// (W4A4, what Blackwell kernels compute); default is weight-only (W4A16, as on Hopper).
+    #[arg(long)]
+    w4a4: bool,
+}
+
+impl ComputeArgs {
+    fn load_options(self) -> fp4_model::LoadOptions {
+        fp4_model::LoadOptions { precision: self.dtype.into(), quantize_activations: self.w4a4 }
+    }
+}
+
 /// Parses `1,2,3` (spaces allowed) into token ids.
 fn parse_ids(s: &str) -> anyhow::Result<Vec<u32>> {
     let ids = s
@@ -68,11 +86,14 @@ fn parse_ids(s: &str) -> anyhow::Result<Vec<u32>> {
 }
 
 /// Opens a checkpoint and loads the model, with the directory in any error.
-fn load_model(dir: &std::path::Path, p: Precision) -> anyhow::Result<(fp4_format::Checkpoint, fp4_model::Qwen35)> {
+fn load_model(
+    dir: &std::path::Path,
+    opts: fp4_model::LoadOptions,
+) -> anyhow::Result<(fp4_format::Checkpoint, fp4_model::Qwen35)> {
     use anyhow::Context;
     let ckpt = fp4_format::Checkpoint::open(dir).with_context(|| format!("cannot open model {}", dir.display()))?;
     let started = std::time::Instant::now();
-    let model = fp4_model::Qwen35::load(&ckpt, p).with_context(|| format!("cannot load model {}", dir.display()))?;
+    let model = fp4_model::Qwen35::load(&ckpt, opts).with_context(|| format!("cannot load model {}", dir.display()))?;
     tracing::info!(dir = %dir.display(), secs = started.elapsed().as_secs_f32(), "model loaded");
     Ok((ckpt, model))
 }

@@ -6,6 +6,7 @@
 
 use crate::config::{generation_eos_ids, TextConfig};
 use crate::dtype::{self, DType};
+use crate::quant_config::QuantConfig;
 use crate::{FormatError, Result};
 use memmap2::Mmap;
 use std::collections::BTreeMap;
@@ -50,6 +51,8 @@ pub struct Checkpoint {
     pub eos_token_ids: Vec<u32>,
     /// `model.language_model.` (VL layout) or `model.` (text-only layout).
     pub text_prefix: &'static str,
+    /// The quantization config, for quantized checkpoints.
+    pub quant: Option<QuantConfig>,
     files: Vec<ShardFile>,
     tensors: BTreeMap<String, TensorEntry>,
 }
@@ -58,7 +61,13 @@ impl Checkpoint {
     /// Opens `dir`: reads config.json (and generation_config.json), maps every weight file and
     /// indexes every tensor header. No tensor data is read yet.
     pub fn open(dir: &Path) -> Result<Checkpoint> {
-        let config = TextConfig::from_dir(dir)?;
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path)
+            .map_err(|source| FormatError::Io { path: config_path.clone(), source })?;
+        let raw: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| FormatError::Json { path: config_path.clone(), source })?;
+        let config = TextConfig::from_json(&raw, &config_path)?;
+        let quant = QuantConfig::from_dir(dir, Some(&raw))?;
         let mut eos_token_ids = generation_eos_ids(dir)?;
         for id in &config.eos_token_ids {
             if !eos_token_ids.contains(id) {
@@ -105,7 +114,7 @@ impl Checkpoint {
                 tensor: format!("{VL_PREFIX}embed_tokens.weight (or {TEXT_PREFIX}embed_tokens.weight)"),
             });
         };
-        Ok(Checkpoint { dir: dir.to_path_buf(), config, eos_token_ids, text_prefix, files, tensors })
+        Ok(Checkpoint { dir: dir.to_path_buf(), config, eos_token_ids, text_prefix, quant, files, tensors })
     }
 
     /// Full name of a text-model tensor, e.g. `layers.0.mlp.up_proj.weight`.
@@ -176,6 +185,43 @@ impl Checkpoint {
             dtype: t.dtype.name().into(),
             expected: "BF16, F16 or F32".into(),
         })
+    }
+}
+
+impl Checkpoint {
+    /// Loads a one-element float tensor (0-dim or `[1]`), e.g. `weight_scale_2`.
+    pub fn load_scalar(&self, name: &str) -> Result<f32> {
+        let t = self.tensor(name)?;
+        if t.shape.iter().product::<usize>() != 1 {
+            return Err(FormatError::Shape {
+                path: t.path.to_path_buf(),
+                tensor: name.to_string(),
+                expected: vec![],
+                got: t.shape.to_vec(),
+            });
+        }
+        let v = dtype::to_f32(t.dtype, t.bytes).ok_or_else(|| FormatError::DType {
+            path: t.path.to_path_buf(),
+            tensor: name.to_string(),
+            dtype: t.dtype.name().into(),
+            expected: "F32, BF16 or F16".into(),
+        })?;
+        Ok(v[0])
+    }
+
+    /// Raw bytes of a tensor, checking dtype and shape.
+    pub fn load_raw(&self, name: &str, dtype: DType, shape: &[usize]) -> Result<&[u8]> {
+        let t = self.tensor(name)?;
+        t.expect_shape(shape)?;
+        if t.dtype != dtype {
+            return Err(FormatError::DType {
+                path: t.path.to_path_buf(),
+                tensor: name.to_string(),
+                dtype: t.dtype.name().into(),
+                expected: dtype.name().into(),
+            });
+        }
+        Ok(t.bytes)
     }
 }
 

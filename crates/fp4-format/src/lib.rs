@@ -5,10 +5,13 @@ pub mod checkpoint;
 pub mod config;
 pub mod dtype;
 mod error;
+pub mod nvfp4;
+pub mod quant_config;
 
 pub use checkpoint::{Checkpoint, TensorView};
 pub use config::{LayerType, ModelLayout, TextConfig};
 pub use dtype::DType;
 pub use error::FormatError;
+pub use quant_config::{LayerAlgo, QuantConfig};
 
 pub type Result<T> = std::result::Result<T, FormatError>;

@@ -10,8 +10,8 @@ pub use cache::{Cache, LayerCache};
 pub use fp4_kernels::ops::GdnAlgo;
 pub use fp4_kernels::{Precision, Tensor};
 pub use generate::{generate, GenerateOptions};
-pub use linear::{Linear, LinearMethod};
-pub use qwen35::{Logits, Qwen35};
+pub use linear::{AmaxObserver, Linear, LinearMethod, LoadOptions};
+pub use qwen35::{DecoderLayer, LayerCtx, Logits, Qwen35};
 pub use sampling::{Sampler, SamplingParams};
 
 #[derive(Debug, thiserror::Error)]

@@ -1,51 +1,227 @@
-//! Linear layers and their per-layer "method" (how the weight is stored and multiplied).
-//! Only dense weights exist so far; NVFP4 and FP8 join as further methods, chosen per layer from
-//! the checkpoint's quantization config, never as separate model classes.
+//! Linear layers and their per-layer "method": how the weight is stored and multiplied. The
+//! method is chosen per layer from the checkpoint's tensors (validated against its quantization
+//! config), as vLLM does, never by a separate model class.
+//!
+//! On the CPU every method keeps its checkpoint tensors and a dequantized f32 copy of the weight:
+//! NVFP4/FP8 run as W4A16/W8A16 (dequantize, matmul) or, with `quantize_activations`, emulate
+//! W4A4/W8A8 by fake-quantizing the activations with the checkpoint's `input_scale` first.
 
-use fp4_format::Checkpoint;
+use fp4_format::nvfp4::{self, Fp8Weight, Nvfp4Weight};
+use fp4_format::{Checkpoint, DType, FormatError, LayerAlgo};
 use fp4_kernels::{ops, Precision, Tensor};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+/// How a model is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    pub precision: Precision,
+    /// Quantize activations of NVFP4/FP8 layers with their `input_scale` (W4A4/W8A8, what
+    /// Blackwell kernels compute); off = weight-only (W4A16, what Hopper kernels compute).
+    pub quantize_activations: bool,
+}
+
+impl LoadOptions {
+    pub fn new(precision: Precision) -> LoadOptions {
+        LoadOptions { precision, quantize_activations: false }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub enum LinearMethod {
     /// Full-precision weight `[out, in]` held as f32 (exact for BF16/F16/F32 checkpoints).
     Dense { weight: Tensor, bias: Option<Tensor> },
+    /// NVFP4 (ModelOpt or compressed-tensors). `weight` is the dequantized copy.
+    Nvfp4 {
+        q: Nvfp4Weight,
+        input_scale: Option<f32>,
+        pre_quant_scale: Option<Tensor>,
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
+    /// FP8 E4M3 with a per-tensor scale.
+    Fp8 { q: Fp8Weight, input_scale: Option<f32>, weight: Tensor, bias: Option<Tensor> },
+}
+
+/// Running max |x| of a layer's inputs, shared by clones (calibration).
+#[derive(Debug, Clone, Default)]
+pub struct AmaxObserver(Arc<AtomicU32>);
+
+impl AmaxObserver {
+    pub fn observe(&self, x: &[f32]) {
+        // Non-negative floats order like their bit patterns.
+        self.0.fetch_max(nvfp4::amax(x).to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> f32 {
+        f32::from_bits(self.0.load(Ordering::Relaxed))
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// Module name in the checkpoint (e.g. `model.layers.0.mlp.up_proj`), used by quantization.
+    /// Module name in the checkpoint (e.g. `model.layers.0.mlp.up_proj`).
     pub name: String,
     pub in_features: usize,
     pub out_features: usize,
     pub method: LinearMethod,
+    pub quantize_activations: bool,
+    /// Records input amax when set (calibration).
+    pub observer: Option<AmaxObserver>,
 }
 
 impl Linear {
-    /// Loads `<name>.weight` `[out, in]` (and `<name>.bias` when `bias`), rounded to `p`.
+    /// Loads module `name` (`[out, in]`), in whatever format its tensors are stored.
     pub fn load(
         ckpt: &Checkpoint,
         name: &str,
         n_in: usize,
         n_out: usize,
         bias: bool,
-        p: Precision,
+        opts: LoadOptions,
     ) -> crate::Result<Linear> {
-        let weight = load_param(ckpt, &format!("{name}.weight"), &[n_out, n_in], p)?;
-        let bias = if bias { Some(load_param(ckpt, &format!("{name}.bias"), &[n_out], p)?) } else { None };
+        let p = opts.precision;
+        let t = |s: &str| format!("{name}.{s}");
+        let bias = if bias { Some(load_param(ckpt, &t("bias"), &[n_out], p)?) } else { None };
+        let compressed = ckpt.contains(&t("weight_packed"));
+        let stored = if compressed { DType::U8 } else { ckpt.tensor(&t("weight"))?.dtype };
+        let algo = match stored {
+            DType::U8 => Some(LayerAlgo::Nvfp4),
+            DType::F8E4M3 => Some(LayerAlgo::Fp8),
+            _ => None,
+        };
+        check_against_config(ckpt, name, algo)?;
+        let method = match stored {
+            DType::U8 => {
+                if n_in % nvfp4::BLOCK != 0 {
+                    return Err(unsupported(ckpt, &t("weight"), "NVFP4 needs in_features divisible by 16"));
+                }
+                let (w_name, ws2, input_scale) = if compressed {
+                    let global = ckpt.load_scalar(&t("weight_global_scale"))?;
+                    let input = opt(ckpt, &t("input_global_scale"))?.map(|g| 1.0 / g);
+                    (t("weight_packed"), 1.0 / global, input)
+                } else {
+                    (t("weight"), ckpt.load_scalar(&t("weight_scale_2"))?, opt(ckpt, &t("input_scale"))?)
+                };
+                let packed = ckpt.load_raw(&w_name, DType::U8, &[n_out, n_in / 2])?.to_vec();
+                let scales = ckpt.load_raw(&t("weight_scale"), DType::F8E4M3, &[n_out, n_in / nvfp4::BLOCK])?.to_vec();
+                let q = Nvfp4Weight { rows: n_out, cols: n_in, packed, scales, scale_2: ws2 };
+                let pre_quant_scale = if ckpt.contains(&t("pre_quant_scale")) {
+                    Some(load_param(ckpt, &t("pre_quant_scale"), &[n_in], p)?)
+                } else {
+                    None
+                };
+                let weight = Tensor::from_vec(q.dequantize(), &[n_out, n_in]).round(p);
+                LinearMethod::Nvfp4 { q, input_scale, pre_quant_scale, weight, bias }
+            }
+            DType::F8E4M3 => {
+                let codes = ckpt.load_raw(&t("weight"), DType::F8E4M3, &[n_out, n_in])?.to_vec();
+                let q = Fp8Weight { codes, scale: ckpt.load_scalar(&t("weight_scale"))? };
+                let weight = Tensor::from_vec(q.dequantize(), &[n_out, n_in]).round(p);
+                LinearMethod::Fp8 { q, input_scale: opt(ckpt, &t("input_scale"))?, weight, bias }
+            }
+            _ => LinearMethod::Dense { weight: load_param(ckpt, &t("weight"), &[n_out, n_in], p)?, bias },
+        };
         Ok(Linear {
             name: name.to_string(),
             in_features: n_in,
             out_features: n_out,
-            method: LinearMethod::Dense { weight, bias },
+            method,
+            quantize_activations: opts.quantize_activations,
+            observer: None,
         })
+    }
+
+    /// A dense layer over an f32 weight `[out, in]`.
+    pub fn dense(name: &str, weight: Tensor) -> Linear {
+        let (n_out, n_in) = (weight.shape()[0], weight.shape()[1]);
+        Linear {
+            name: name.to_string(),
+            in_features: n_in,
+            out_features: n_out,
+            method: LinearMethod::Dense { weight, bias: None },
+            quantize_activations: false,
+            observer: None,
+        }
+    }
+
+    /// The f32 weight the CPU multiplies by (dequantized for quantized methods).
+    pub fn weight(&self) -> &Tensor {
+        match &self.method {
+            LinearMethod::Dense { weight, .. }
+            | LinearMethod::Nvfp4 { weight, .. }
+            | LinearMethod::Fp8 { weight, .. } => weight,
+        }
     }
 
     /// `x [T, in] → [T, out]`, output rounded to `p`.
     pub fn forward(&self, x: &Tensor, p: Precision) -> Tensor {
+        if let Some(o) = &self.observer {
+            o.observe(x.as_slice());
+        }
         match &self.method {
             LinearMethod::Dense { weight, bias } => ops::linear(x, weight, bias.as_ref(), p),
+            LinearMethod::Nvfp4 { input_scale, pre_quant_scale, weight, bias, .. } => {
+                let mut x = x.clone();
+                if let Some(s) = pre_quant_scale {
+                    let n = s.elem_count();
+                    for row in x.as_mut_slice().chunks_mut(n) {
+                        row.iter_mut().zip(s.as_slice()).for_each(|(v, m)| *v = p.round(*v * m));
+                    }
+                }
+                if let (true, Some(is)) = (self.quantize_activations, input_scale) {
+                    nvfp4::fake_quantize_activations(x.as_mut_slice(), *is);
+                    x = x.round(p);
+                }
+                ops::linear(&x, weight, bias.as_ref(), p)
+            }
+            LinearMethod::Fp8 { input_scale, weight, bias, .. } => match (self.quantize_activations, input_scale) {
+                (true, Some(is)) => {
+                    let mut x = x.clone();
+                    for v in x.as_mut_slice() {
+                        let q = nvfp4::e4m3_encode((*v / is).clamp(-nvfp4::E4M3_MAX, nvfp4::E4M3_MAX));
+                        *v = p.round(nvfp4::e4m3_decode(q) * is);
+                    }
+                    ops::linear(&x, weight, bias.as_ref(), p)
+                }
+                _ => ops::linear(x, weight, bias.as_ref(), p),
+            },
         }
     }
+}
+
+fn opt(ckpt: &Checkpoint, name: &str) -> crate::Result<Option<f32>> {
+    Ok(if ckpt.contains(name) { Some(ckpt.load_scalar(name)?) } else { None })
+}
+
+fn unsupported(ckpt: &Checkpoint, tensor: &str, msg: &str) -> crate::ModelError {
+    FormatError::Config { path: ckpt.dir.clone(), field: tensor.to_string(), msg: msg.to_string() }.into()
+}
+
+/// The tensors must agree with the quantization config (a mismatch means a broken export or a
+/// wrong exclusion list, which vLLM would silently mis-load).
+fn check_against_config(ckpt: &Checkpoint, name: &str, stored: Option<LayerAlgo>) -> crate::Result<()> {
+    let promised = ckpt.quant.as_ref().and_then(|q| q.algo_for(name));
+    let ok = match (stored, promised) {
+        (None, None) => true,
+        (Some(LayerAlgo::Nvfp4), Some(LayerAlgo::Nvfp4 | LayerAlgo::Nvfp4Awq | LayerAlgo::W4A16Nvfp4)) => true,
+        (Some(LayerAlgo::Fp8), Some(LayerAlgo::Fp8)) => true,
+        _ => false,
+    };
+    if ok {
+        return Ok(());
+    }
+    let path = ckpt.quant.as_ref().map_or_else(|| ckpt.dir.join("config.json"), |q| q.source().to_path_buf());
+    let msg = match (stored, promised) {
+        (Some(s), None) if ckpt.quant.is_none() => {
+            format!("stores {} tensors but the checkpoint has no quantization config", s.name())
+        }
+        (Some(s), None) => format!("stores {} tensors but the quantization config leaves it unquantized", s.name()),
+        (None, Some(p)) => format!("the quantization config says {} but the weight is not quantized", p.name()),
+        (Some(s), Some(p)) => format!("stores {} tensors but the quantization config says {}", s.name(), p.name()),
+        (None, None) => unreachable!(),
+    };
+    Err(FormatError::Config { path, field: name.to_string(), msg }.into())
 }
 
 /// Loads a float parameter as it would sit in a transformers model of dtype `p`: exact in f32,

@@ -5,7 +5,7 @@
 //! (bf16 mode) are where HF stores a bf16 tensor.
 
 use crate::cache::{Cache, LayerCache};
-use crate::linear::{load_param, Linear};
+use crate::linear::{load_param, Linear, LoadOptions};
 use crate::{ModelError, Result};
 use fp4_format::{Checkpoint, LayerType, TextConfig};
 use fp4_kernels::ops::{self, GdnAlgo, GdnDims};
@@ -28,12 +28,12 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(ckpt: &Checkpoint, prefix: &str, cfg: &TextConfig, p: Precision) -> Result<Mlp> {
+    fn load(ckpt: &Checkpoint, prefix: &str, cfg: &TextConfig, o: LoadOptions) -> Result<Mlp> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Mlp {
-            gate: Linear::load(ckpt, &format!("{prefix}.gate_proj"), h, i, false, p)?,
-            up: Linear::load(ckpt, &format!("{prefix}.up_proj"), h, i, false, p)?,
-            down: Linear::load(ckpt, &format!("{prefix}.down_proj"), i, h, false, p)?,
+            gate: Linear::load(ckpt, &format!("{prefix}.gate_proj"), h, i, false, o)?,
+            up: Linear::load(ckpt, &format!("{prefix}.up_proj"), h, i, false, o)?,
+            down: Linear::load(ckpt, &format!("{prefix}.down_proj"), i, h, false, o)?,
         })
     }
 
@@ -57,15 +57,16 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(ckpt: &Checkpoint, prefix: &str, cfg: &TextConfig, p: Precision) -> Result<Attention> {
+    fn load(ckpt: &Checkpoint, prefix: &str, cfg: &TextConfig, o: LoadOptions) -> Result<Attention> {
+        let p = o.precision;
         let (h, hq, hkv, d, bias) =
             (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.attention_bias);
         Ok(Attention {
             // q_proj rows are per head [query D | gate D].
-            q_proj: Linear::load(ckpt, &format!("{prefix}.q_proj"), h, hq * d * 2, bias, p)?,
-            k_proj: Linear::load(ckpt, &format!("{prefix}.k_proj"), h, hkv * d, bias, p)?,
-            v_proj: Linear::load(ckpt, &format!("{prefix}.v_proj"), h, hkv * d, bias, p)?,
-            o_proj: Linear::load(ckpt, &format!("{prefix}.o_proj"), hq * d, h, bias, p)?,
+            q_proj: Linear::load(ckpt, &format!("{prefix}.q_proj"), h, hq * d * 2, bias, o)?,
+            k_proj: Linear::load(ckpt, &format!("{prefix}.k_proj"), h, hkv * d, bias, o)?,
+            v_proj: Linear::load(ckpt, &format!("{prefix}.v_proj"), h, hkv * d, bias, o)?,
+            o_proj: Linear::load(ckpt, &format!("{prefix}.o_proj"), hq * d, h, bias, o)?,
             q_norm: load_param(ckpt, &format!("{prefix}.q_norm.weight"), &[d], p)?,
             k_norm: load_param(ckpt, &format!("{prefix}.k_norm.weight"), &[d], p)?,
             heads: hq,
@@ -74,8 +75,8 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, cache: &mut LayerCache, pos0: usize, m: &Qwen35) -> Tensor {
-        let (t, d, p, eps) = (x.rows(), self.head_dim, m.precision, m.eps());
+    fn forward(&self, x: &Tensor, cache: &mut LayerCache, pos0: usize, m: &LayerCtx) -> Tensor {
+        let (t, d, p, eps) = (x.rows(), self.head_dim, m.precision, m.eps);
         // 1. q_proj → [T, Hq, 2D] → query [T, Hq, D] and gate [T, Hq·D].
         let qg = self.q_proj.forward(x, p).reshape(&[t, self.heads, 2 * d]);
         let [q, gate]: [Tensor; 2] = ops::split_last(&qg, &[d, d]).try_into().expect("two halves");
@@ -119,16 +120,17 @@ struct GatedDeltaNet {
 }
 
 impl GatedDeltaNet {
-    fn load(ckpt: &Checkpoint, prefix: &str, cfg: &TextConfig, p: Precision) -> Result<GatedDeltaNet> {
+    fn load(ckpt: &Checkpoint, prefix: &str, cfg: &TextConfig, o: LoadOptions) -> Result<GatedDeltaNet> {
+        let p = o.precision;
         let (h, hv, k) = (cfg.hidden_size, cfg.linear_num_value_heads, cfg.linear_conv_kernel_dim);
         let conv_dim = cfg.linear_conv_dim();
         let conv = load_param(ckpt, &format!("{prefix}.conv1d.weight"), &[conv_dim, 1, k], p)?.reshape(&[conv_dim, k]);
         Ok(GatedDeltaNet {
-            in_proj_qkv: Linear::load(ckpt, &format!("{prefix}.in_proj_qkv"), h, conv_dim, false, p)?,
-            in_proj_z: Linear::load(ckpt, &format!("{prefix}.in_proj_z"), h, cfg.linear_value_dim(), false, p)?,
-            in_proj_b: Linear::load(ckpt, &format!("{prefix}.in_proj_b"), h, hv, false, p)?,
-            in_proj_a: Linear::load(ckpt, &format!("{prefix}.in_proj_a"), h, hv, false, p)?,
-            out_proj: Linear::load(ckpt, &format!("{prefix}.out_proj"), cfg.linear_value_dim(), h, false, p)?,
+            in_proj_qkv: Linear::load(ckpt, &format!("{prefix}.in_proj_qkv"), h, conv_dim, false, o)?,
+            in_proj_z: Linear::load(ckpt, &format!("{prefix}.in_proj_z"), h, cfg.linear_value_dim(), false, o)?,
+            in_proj_b: Linear::load(ckpt, &format!("{prefix}.in_proj_b"), h, hv, false, o)?,
+            in_proj_a: Linear::load(ckpt, &format!("{prefix}.in_proj_a"), h, hv, false, o)?,
+            out_proj: Linear::load(ckpt, &format!("{prefix}.out_proj"), cfg.linear_value_dim(), h, false, o)?,
             conv,
             a_log: load_param(ckpt, &format!("{prefix}.A_log"), &[hv], p)?,
             dt_bias: load_param(ckpt, &format!("{prefix}.dt_bias"), &[hv], p)?,
@@ -142,7 +144,7 @@ impl GatedDeltaNet {
         })
     }
 
-    fn forward(&self, x: &Tensor, cache: &mut LayerCache, algo: GdnAlgo, m: &Qwen35) -> Tensor {
+    fn forward(&self, x: &Tensor, cache: &mut LayerCache, algo: GdnAlgo, m: &LayerCtx) -> Tensor {
         let (t, d, p) = (x.rows(), self.dims, m.precision);
         let LayerCache::Gdn { conv, state } = cache else { unreachable!("GDN layer with an attention cache") };
         // 1. Projections: qkv [T, conv_dim], z [T, Hv·dv], b and a [T, Hv].
@@ -162,7 +164,7 @@ impl GatedDeltaNet {
         let o = ops::gated_delta_rule(&q, &k, &v, &g, &beta, state, d, algo).round(p);
         // 5. Gated RMSNorm per value head, then out_proj.
         let rows = [t * d.value_heads, d.value_dim];
-        let o = ops::rms_norm_gated(&o.reshape(&rows), &z.reshape(&rows), &self.norm, m.eps(), p);
+        let o = ops::rms_norm_gated(&o.reshape(&rows), &z.reshape(&rows), &self.norm, m.eps, p);
         self.out_proj.forward(&o.reshape(&[t, d.value_heads * d.value_dim]), p)
     }
 }
@@ -172,11 +174,79 @@ enum Mixer {
     Gdn(Box<GatedDeltaNet>),
 }
 
-struct DecoderLayer {
+/// What every layer needs besides its weights.
+pub struct LayerCtx {
+    pub precision: Precision,
+    pub eps: f32,
+    /// RoPE inverse frequencies (`rotary_dim / 2`).
+    pub inv_freq: Vec<f32>,
+}
+
+impl LayerCtx {
+    pub fn new(cfg: &TextConfig, precision: Precision) -> LayerCtx {
+        LayerCtx {
+            precision,
+            eps: cfg.rms_norm_eps as f32,
+            inv_freq: ops::rope_inv_freq(cfg.rotary_dim(), cfg.rope_theta as f32),
+        }
+    }
+}
+
+/// One decoder layer: `h += mixer(norm(h)); h += mlp(norm(h))`.
+pub struct DecoderLayer {
     input_norm: Tensor,
     post_norm: Tensor,
     mixer: Mixer,
     mlp: Mlp,
+}
+
+impl DecoderLayer {
+    /// Loads layer `i` (the quantizer loads one layer at a time through this).
+    pub fn load(ckpt: &Checkpoint, i: usize, o: LoadOptions) -> Result<DecoderLayer> {
+        let cfg = &ckpt.config;
+        let p = o.precision;
+        let prefix = ckpt.text_name(&format!("layers.{i}"));
+        let mixer = match cfg.layer_types[i] {
+            LayerType::FullAttention => {
+                Mixer::Attention(Box::new(Attention::load(ckpt, &format!("{prefix}.self_attn"), cfg, o)?))
+            }
+            LayerType::LinearAttention => {
+                Mixer::Gdn(Box::new(GatedDeltaNet::load(ckpt, &format!("{prefix}.linear_attn"), cfg, o)?))
+            }
+        };
+        let h = [cfg.hidden_size];
+        Ok(DecoderLayer {
+            input_norm: load_param(ckpt, &format!("{prefix}.input_layernorm.weight"), &h, p)?,
+            post_norm: load_param(ckpt, &format!("{prefix}.post_attention_layernorm.weight"), &h, p)?,
+            mixer,
+            mlp: Mlp::load(ckpt, &format!("{prefix}.mlp"), cfg, o)?,
+        })
+    }
+
+    /// Runs `h [T, hidden]` (positions from `pos0`) through the layer, updating its cache.
+    pub fn forward(&self, h: &Tensor, cache: &mut LayerCache, pos0: usize, algo: GdnAlgo, ctx: &LayerCtx) -> Tensor {
+        let p = ctx.precision;
+        let x = ops::rms_norm(h, &self.input_norm, ctx.eps, 1.0, p);
+        let mixed = match &self.mixer {
+            Mixer::Attention(a) => a.forward(&x, cache, pos0, ctx),
+            Mixer::Gdn(g) => g.forward(&x, cache, algo, ctx),
+        };
+        let h = ops::add(h, &mixed, p);
+        let x = ops::rms_norm(&h, &self.post_norm, ctx.eps, 1.0, p);
+        ops::add(&h, &self.mlp.forward(&x, p), p)
+    }
+
+    /// Every linear layer, in checkpoint order (mixer projections, then MLP).
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out: Vec<&mut Linear> = match &mut self.mixer {
+            Mixer::Attention(a) => vec![&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj],
+            Mixer::Gdn(g) => {
+                vec![&mut g.in_proj_qkv, &mut g.in_proj_z, &mut g.in_proj_b, &mut g.in_proj_a, &mut g.out_proj]
+            }
+        };
+        out.extend([&mut self.mlp.gate, &mut self.mlp.up, &mut self.mlp.down]);
+        out
+    }
 }
 
 /// The text model plus LM head.
@@ -190,41 +260,24 @@ pub struct Qwen35 {
     norm: Tensor,
     /// `None` when tied to the embeddings.
     lm_head: Option<Linear>,
-    inv_freq: Vec<f32>,
+    ctx: LayerCtx,
 }
 
 impl Qwen35 {
-    /// Loads every text weight of `ckpt` for compute precision `p`.
-    pub fn load(ckpt: &Checkpoint, p: Precision) -> Result<Qwen35> {
+    /// Loads every text weight of `ckpt`.
+    pub fn load(ckpt: &Checkpoint, o: LoadOptions) -> Result<Qwen35> {
         let cfg = ckpt.config.clone();
+        let p = o.precision;
         let embed_tokens =
             load_param(ckpt, &ckpt.text_name("embed_tokens.weight"), &[cfg.vocab_size, cfg.hidden_size], p)?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for (i, kind) in cfg.layer_types.iter().enumerate() {
-            let prefix = ckpt.text_name(&format!("layers.{i}"));
-            let mixer = match kind {
-                LayerType::FullAttention => {
-                    Mixer::Attention(Box::new(Attention::load(ckpt, &format!("{prefix}.self_attn"), &cfg, p)?))
-                }
-                LayerType::LinearAttention => {
-                    Mixer::Gdn(Box::new(GatedDeltaNet::load(ckpt, &format!("{prefix}.linear_attn"), &cfg, p)?))
-                }
-            };
-            let h = [cfg.hidden_size];
-            layers.push(DecoderLayer {
-                input_norm: load_param(ckpt, &format!("{prefix}.input_layernorm.weight"), &h, p)?,
-                post_norm: load_param(ckpt, &format!("{prefix}.post_attention_layernorm.weight"), &h, p)?,
-                mixer,
-                mlp: Mlp::load(ckpt, &format!("{prefix}.mlp"), &cfg, p)?,
-            });
-        }
+        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(ckpt, i, o)).collect::<Result<Vec<_>>>()?;
         let norm = load_param(ckpt, &ckpt.text_name("norm.weight"), &[cfg.hidden_size], p)?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(Linear::load(ckpt, "lm_head", cfg.hidden_size, cfg.vocab_size, false, p)?)
+            Some(Linear::load(ckpt, "lm_head", cfg.hidden_size, cfg.vocab_size, false, o)?)
         };
-        let inv_freq = ops::rope_inv_freq(cfg.rotary_dim(), cfg.rope_theta as f32);
+        let ctx = LayerCtx::new(&cfg, p);
         Ok(Qwen35 {
             config: cfg,
             precision: p,
@@ -233,12 +286,8 @@ impl Qwen35 {
             layers,
             norm,
             lm_head,
-            inv_freq,
+            ctx,
         })
-    }
-
-    fn eps(&self) -> f32 {
-        self.config.rms_norm_eps as f32
     }
 
     pub fn new_cache(&self) -> Cache {
@@ -255,25 +304,19 @@ impl Qwen35 {
         if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
             return Err(ModelError::TokenOutOfRange { id, pos: cache.seq_len + i, vocab });
         }
-        let (p, eps, pos0) = (self.precision, self.eps(), cache.seq_len);
+        let pos0 = cache.seq_len;
         let algo = if ids.len() == 1 { GdnAlgo::Recurrent } else { self.prefill_algo };
         let mut h = ops::embedding(&self.embed_tokens, ids);
         for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let x = ops::rms_norm(&h, &layer.input_norm, eps, 1.0, p);
-            let mixed = match &layer.mixer {
-                Mixer::Attention(a) => a.forward(&x, lc, pos0, self),
-                Mixer::Gdn(g) => g.forward(&x, lc, algo, self),
-            };
-            h = ops::add(&h, &mixed, p);
-            let x = ops::rms_norm(&h, &layer.post_norm, eps, 1.0, p);
-            h = ops::add(&h, &layer.mlp.forward(&x, p), p);
+            h = layer.forward(&h, lc, pos0, algo, &self.ctx);
         }
         cache.seq_len += ids.len();
         let h = match which {
             Logits::All => h,
             Logits::Last => ops::last_row(&h),
         };
-        let h = ops::rms_norm(&h, &self.norm, eps, 1.0, p);
+        let p = self.ctx.precision;
+        let h = ops::rms_norm(&h, &self.norm, self.ctx.eps, 1.0, p);
         Ok(match &self.lm_head {
             Some(head) => head.forward(&h, p),
             None => ops::linear(&h, &self.embed_tokens, None, p),

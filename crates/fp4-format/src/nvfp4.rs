@@ -1,0 +1,305 @@
+//! NVFP4 and FP8 numerics exactly as NVIDIA ModelOpt computes them (reference/nvfp4.md §1):
+//! E2M1 elements (sign in bit 3) with round-to-nearest-even and saturation, E4M3 block scales per
+//! 16 elements, an f32 per-tensor `weight_scale_2 = amax · f32(1/2688)`, two elements per byte
+//! with the even element in the low nibble.
+
+/// Elements per block scale.
+pub const BLOCK: usize = 16;
+/// Largest E2M1 magnitude.
+pub const E2M1_MAX: f32 = 6.0;
+/// Largest finite E4M3 (fn) value.
+pub const E4M3_MAX: f32 = 448.0;
+/// Smallest E4M3 subnormal; ModelOpt clamps block scales up to it.
+pub const E4M3_MIN_SUBNORMAL: f32 = 1.0 / 512.0;
+
+/// Value of each E2M1 code (bit 3 = sign).
+pub const E2M1_VALUES: [f32; 16] =
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
+
+/// Nearest E2M1 code (ties to the even code, saturating at ±6). The sign bit is set for every
+/// negative input, also when it rounds to zero (ModelOpt writes −0 as code 8).
+#[inline]
+pub fn e2m1_encode(x: f32) -> u8 {
+    const BOUNDS: [f32; 7] = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0];
+    let a = x.abs();
+    // Index of the first bound >= a (torch.searchsorted, left), then ties that round up.
+    let mut code = BOUNDS.iter().filter(|&&b| a > b).count() as u8;
+    if a == 0.75 || a == 1.75 || a == 3.5 {
+        code += 1;
+    }
+    code | if x < 0.0 { 8 } else { 0 }
+}
+
+#[inline]
+pub fn e2m1_decode(code: u8) -> f32 {
+    E2M1_VALUES[(code & 0xF) as usize]
+}
+
+/// Nearest E4M3 (fn variant) byte, ties to even, for finite `x` in [−448, 448]; larger
+/// magnitudes saturate to ±448 (callers clamp first, as ModelOpt does), NaN maps to 0x7F.
+pub fn e4m3_encode(x: f32) -> u8 {
+    if x.is_nan() {
+        return 0x7F;
+    }
+    let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+    let a = (x.abs() as f64).min(E4M3_MAX as f64);
+    let min_normal = 2f64.powi(-6);
+    let bits = if a < min_normal {
+        // Subnormals: multiples of 2^-9; 8·2^-9 is the smallest normal (code 0x08).
+        rne(a * 512.0) as u8
+    } else {
+        let mut e = a.log2().floor() as i32;
+        // Guard log2 rounding at exact powers of two.
+        if 2f64.powi(e) > a {
+            e -= 1;
+        } else if 2f64.powi(e + 1) <= a {
+            e += 1;
+        }
+        let mut m = rne((a / 2f64.powi(e) - 1.0) * 8.0) as i32;
+        if m == 8 {
+            m = 0;
+            e += 1;
+        }
+        (((e + 7) << 3) | m) as u8
+    };
+    sign | bits.min(0x7E)
+}
+
+/// Round half to even.
+#[inline]
+fn rne(v: f64) -> f64 {
+    let r = v.round();
+    if (v - v.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
+        r - v.signum()
+    } else {
+        r
+    }
+}
+
+/// Value of an E4M3 (fn) byte; 0x7F and 0xFF are NaN.
+pub fn e4m3_decode(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+    let e = ((b >> 3) & 0xF) as i32;
+    let m = (b & 7) as f32;
+    if e == 0xF && m == 7.0 {
+        return f32::NAN;
+    }
+    let mag = if e == 0 { m / 8.0 * 2f32.powi(-6) } else { (1.0 + m / 8.0) * 2f32.powi(e - 7) };
+    sign * mag
+}
+
+/// `weight_scale_2` (and any NVFP4 per-tensor scale) from an amax: multiplied by the f32
+/// reciprocal of 6·448, as ModelOpt does (a plain division differs in the last bit).
+#[inline]
+pub fn nvfp4_global_scale(amax: f32) -> f32 {
+    amax * (1.0f32 / (E2M1_MAX * E4M3_MAX))
+}
+
+/// Max |x|.
+pub fn amax(x: &[f32]) -> f32 {
+    x.iter().fold(0f32, |m, v| m.max(v.abs()))
+}
+
+/// A weight quantized to NVFP4 in ModelOpt's export layout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nvfp4Weight {
+    pub rows: usize,
+    pub cols: usize,
+    /// `[rows, cols/2]`, element 2i in the low nibble.
+    pub packed: Vec<u8>,
+    /// E4M3 `[rows, cols/16]`.
+    pub scales: Vec<u8>,
+    /// f32 per-tensor scale.
+    pub scale_2: f32,
+}
+
+/// The E4M3 block scale for a block with max `block_amax` under `scale_2`: zero blocks get 1.0,
+/// others are clamped to [2^-9, 448] before rounding.
+#[inline]
+pub fn block_scale(block_amax: f32, scale_2: f32) -> u8 {
+    let mut s = block_amax / (E2M1_MAX * scale_2);
+    if s == 0.0 {
+        s = 1.0;
+    }
+    e4m3_encode(s.clamp(E4M3_MIN_SUBNORMAL, E4M3_MAX))
+}
+
+impl Nvfp4Weight {
+    /// Quantizes a row-major `[rows, cols]` weight with the given per-tensor scale (computed from
+    /// the amax of the weight or of its whole fused group). `cols` must be a multiple of 16.
+    pub fn quantize(w: &[f32], rows: usize, cols: usize, scale_2: f32) -> Nvfp4Weight {
+        assert!(cols % BLOCK == 0 && w.len() == rows * cols, "NVFP4 needs cols % 16 == 0 ({rows}x{cols})");
+        let mut packed = vec![0u8; rows * cols / 2];
+        let mut scales = vec![0u8; rows * cols / BLOCK];
+        for (b, block) in w.chunks_exact(BLOCK).enumerate() {
+            let sb = block_scale(amax(block), scale_2);
+            scales[b] = sb;
+            let div = e4m3_decode(sb) * scale_2;
+            for (j, pair) in block.chunks_exact(2).enumerate() {
+                let lo = e2m1_encode(pair[0] / div);
+                let hi = e2m1_encode(pair[1] / div);
+                packed[b * BLOCK / 2 + j] = lo | (hi << 4);
+            }
+        }
+        Nvfp4Weight { rows, cols, packed, scales, scale_2 }
+    }
+
+    /// `e2m1(code) · e4m3(scale) · scale_2`, row-major `[rows, cols]`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for (b, &sb) in self.scales.iter().enumerate() {
+            let s = e4m3_decode(sb) * self.scale_2;
+            for &byte in &self.packed[b * BLOCK / 2..(b + 1) * BLOCK / 2] {
+                out.push(e2m1_decode(byte & 0xF) * s);
+                out.push(e2m1_decode(byte >> 4) * s);
+            }
+        }
+        out
+    }
+}
+
+/// Activation fake-quantization as Blackwell W4A4 kernels (and vLLM's emulation) do it: per 16
+/// elements, `sf = e4m3(blockmax/6 / input_scale)` (saturating), elements rounded to E2M1 at
+/// `sf·input_scale`. `x` is row-major with rows a multiple of 16 long.
+pub fn fake_quantize_activations(x: &mut [f32], input_scale: f32) {
+    for block in x.chunks_mut(BLOCK) {
+        let sf = e4m3_decode(e4m3_encode((amax(block) / E2M1_MAX / input_scale).min(E4M3_MAX)));
+        let scale = sf * input_scale;
+        for v in block.iter_mut() {
+            *v = if scale == 0.0 { 0.0 } else { e2m1_decode(e2m1_encode(*v / scale)) * scale };
+        }
+    }
+}
+
+/// A weight quantized to FP8 E4M3 with one f32 per-tensor scale (`amax/448`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fp8Weight {
+    pub codes: Vec<u8>,
+    pub scale: f32,
+}
+
+impl Fp8Weight {
+    pub fn quantize(w: &[f32]) -> Fp8Weight {
+        let mut scale = amax(w) / E4M3_MAX;
+        if scale == 0.0 {
+            scale = 1.0;
+        }
+        Fp8Weight { codes: w.iter().map(|&v| e4m3_encode((v / scale).clamp(-E4M3_MAX, E4M3_MAX))).collect(), scale }
+    }
+
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.codes.iter().map(|&c| e4m3_decode(c) * self.scale).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e2m1_codes_round_trip_and_boundaries() {
+        for code in 0..16u8 {
+            let v = e2m1_decode(code);
+            // −0.0 is not < 0, so it encodes as +0 (as torch computes the sign bit).
+            let want = if code == 8 { 0 } else { code };
+            assert_eq!(e2m1_encode(v), want, "code {code} value {v}");
+        }
+        // Every midpoint: ties go to the even code; just above/below go to the neighbours.
+        let grid = [0.0f32, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+        for i in 0..7 {
+            let mid = (grid[i] + grid[i + 1]) / 2.0;
+            let even = if i % 2 == 0 { i } else { i + 1 } as u8;
+            assert_eq!(e2m1_encode(mid), even, "tie at {mid}");
+            assert_eq!(e2m1_encode(mid.next_up()), i as u8 + 1, "above {mid}");
+            assert_eq!(e2m1_encode(mid.next_down()), i as u8, "below {mid}");
+            assert_eq!(e2m1_encode(-mid), even | 8, "negative tie at {mid}");
+        }
+        assert_eq!(e2m1_encode(100.0), 7);
+        assert_eq!(e2m1_encode(-7.0), 15);
+        assert_eq!(e2m1_encode(-0.1), 8, "negative values that round to 0 keep the sign");
+    }
+
+    /// E4M3: every finite code round-trips, every midpoint between neighbours rounds to the even
+    /// code, and values just off the midpoint round to the nearer one.
+    #[test]
+    fn e4m3_exhaustive() {
+        let finite: Vec<u8> = (0u8..=0x7E).collect();
+        for &c in &finite {
+            assert_eq!(e4m3_encode(e4m3_decode(c)), c, "code {c:#x}");
+            assert_eq!(e4m3_encode(-e4m3_decode(c)), c | 0x80, "code -{c:#x}");
+        }
+        for w in finite.windows(2) {
+            let (lo, hi) = (e4m3_decode(w[0]), e4m3_decode(w[1]));
+            let mid = (lo + hi) / 2.0;
+            let even = if w[0] % 2 == 0 { w[0] } else { w[1] };
+            assert_eq!(e4m3_encode(mid), even, "tie between {lo} and {hi}");
+            assert_eq!(e4m3_encode(mid.next_up()), w[1]);
+            assert_eq!(e4m3_encode(mid.next_down()), w[0]);
+        }
+        assert_eq!(e4m3_decode(0x38), 1.0);
+        assert_eq!(e4m3_decode(0x7E), 448.0);
+        assert_eq!(e4m3_decode(0x01), 1.0 / 512.0);
+        assert!(e4m3_decode(0x7F).is_nan() && e4m3_decode(0xFF).is_nan());
+        assert_eq!(e4m3_encode(1000.0), 0x7E, "saturates");
+    }
+
+    #[test]
+    fn nvfp4_block_quantization() {
+        // One row, two blocks: outliers, and an all-zero block (scale 1.0, codes 0).
+        let mut w: Vec<f32> = (0..16).map(|i| (i as f32 - 7.5) * 0.37).collect();
+        w[3] = 9.0;
+        w.extend([0.0f32; 16]);
+        let s2 = nvfp4_global_scale(amax(&w));
+        let q = Nvfp4Weight::quantize(&w, 1, 32, s2);
+        assert_eq!(q.scales[1], 0x38, "zero block gets scale 1.0");
+        assert!(q.packed[8..].iter().all(|&b| b == 0));
+        // The block max maps to code 7 (6.0) and the dequantized block is within a step of the input.
+        let d = q.dequantize();
+        assert_eq!(q.packed[1] >> 4, 7, "element 3 is the high nibble of byte 1");
+        let step = e4m3_decode(q.scales[0]) * s2;
+        for (x, y) in w[..16].iter().zip(&d[..16]) {
+            assert!((x - y).abs() <= step * 1.0 + 1e-6, "{x} vs {y}");
+        }
+        assert_eq!(q.packed.len(), 16);
+        assert_eq!(q.packed[0] & 0xF, e2m1_encode(w[0] / step), "even element in the low nibble");
+        assert_eq!(q.packed[0] >> 4, e2m1_encode(w[1] / step));
+        // scale_2 multiplies by the f32 reciprocal.
+        assert_eq!(nvfp4_global_scale(2688.0), 2688.0 * (1.0f32 / 2688.0));
+    }
+
+    #[test]
+    fn tiny_blocks_clamp_to_the_smallest_subnormal() {
+        let mut w = vec![1e-7f32; 16];
+        w.extend(vec![1000.0f32; 16]);
+        let q = Nvfp4Weight::quantize(&w, 1, 32, nvfp4_global_scale(1000.0));
+        assert_eq!(q.scales[0], 0x01);
+        assert_eq!(q.scales[1], e4m3_encode(448.0));
+    }
+
+    #[test]
+    fn activation_fake_quant_matches_the_kernel_formula() {
+        let mut x: Vec<f32> = (0..32).map(|i| ((i * 37 % 17) as f32 - 8.0) * 0.3).collect();
+        let orig = x.clone();
+        let input_scale = nvfp4_global_scale(amax(&x));
+        fake_quantize_activations(&mut x, input_scale);
+        for (b, block) in orig.chunks(16).enumerate() {
+            let sf = e4m3_decode(e4m3_encode(amax(block) / 6.0 / input_scale));
+            for (j, v) in block.iter().enumerate() {
+                assert_eq!(x[b * 16 + j], e2m1_decode(e2m1_encode(v / (sf * input_scale))) * sf * input_scale);
+            }
+        }
+        let mut zeros = vec![0f32; 16];
+        fake_quantize_activations(&mut zeros, 1.0);
+        assert!(zeros.iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn fp8_weights() {
+        let w = [0.5f32, -2.0, 3.0, 0.0];
+        let q = Fp8Weight::quantize(&w);
+        assert_eq!(q.scale, 3.0 / 448.0);
+        assert_eq!(q.codes[2], 0x7E);
+        let d = q.dequantize();
+        assert!(w.iter().zip(&d).all(|(a, b)| (a - b).abs() <= a.abs() * 0.07));
+    }
+}
