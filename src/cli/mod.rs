@@ -4,6 +4,7 @@ mod chat;
 mod generate;
 mod inspect;
 mod logits;
+mod quantize;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use fp4_model::Precision;
@@ -23,6 +24,8 @@ enum Command {
     Generate(generate::Args),
     /// Write the f32 logits of every position to a safetensors file.
     Logits(logits::Args),
+    /// Quantize a BF16 checkpoint to NVFP4 (ModelOpt format, loadable by vLLM/SGLang too).
+    Quantize(quantize::Args),
     /// Chat layer tools: render prompts, parse model output.
     #[command(subcommand)]
     Chat(chat::Command),
@@ -34,6 +37,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Logits(a) => logits::run(a),
         Command::Chat(c) => chat::run(c),
+        Command::Quantize(a) => quantize::run(a),
     }
 }
 

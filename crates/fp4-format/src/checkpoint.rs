@@ -28,6 +28,8 @@ struct TensorEntry {
     file: usize,
     /// `Err(name)` for dtypes fp4 does not read (reported if the tensor is ever loaded).
     dtype: std::result::Result<DType, String>,
+    /// The dtype as stored, for copying tensors through unchanged.
+    raw_dtype: safetensors::Dtype,
     shape: Vec<usize>,
     /// Byte range inside the file's mmap.
     start: usize,
@@ -189,6 +191,19 @@ impl Checkpoint {
 }
 
 impl Checkpoint {
+    /// A tensor exactly as stored (any dtype) and the name of its file, for copying it through.
+    pub fn raw(&self, name: &str) -> Result<(safetensors::Dtype, &[usize], &[u8], &str)> {
+        let e = self.tensors.get(name).ok_or_else(|| self.missing(name))?;
+        let file = &self.files[e.file];
+        let file_name = file.path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        Ok((e.raw_dtype, &e.shape, &file.mmap[e.start..e.end], file_name))
+    }
+
+    /// Whether the weights came with a `model.safetensors.index.json`.
+    pub fn is_sharded(&self) -> bool {
+        self.dir.join(INDEX_FILE).exists()
+    }
+
     /// Loads a one-element float tensor (0-dim or `[1]`), e.g. `weight_scale_2`.
     pub fn load_scalar(&self, name: &str) -> Result<f32> {
         let t = self.tensor(name)?;
@@ -319,6 +334,7 @@ fn map_safetensors(path: &Path, file_idx: usize) -> Result<(Mmap, Vec<(String, T
             TensorEntry {
                 file: file_idx,
                 dtype,
+                raw_dtype: info.dtype,
                 shape: info.shape.clone(),
                 start: data_start + a,
                 end: data_start + b,

@@ -12,6 +12,19 @@ pub enum LayerCache {
     Gdn { conv: Tensor, state: Tensor },
 }
 
+impl LayerCache {
+    /// An empty cache for one layer of kind `t`.
+    pub fn new(cfg: &TextConfig, t: LayerType) -> LayerCache {
+        match t {
+            LayerType::FullAttention => LayerCache::Attention { k: None, v: None },
+            LayerType::LinearAttention => LayerCache::Gdn {
+                conv: Tensor::zeros(&[cfg.linear_conv_kernel_dim - 1, cfg.linear_conv_dim()]),
+                state: Tensor::zeros(&[cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim]),
+            },
+        }
+    }
+}
+
 /// The cache of one sequence: per-layer state plus how many tokens it has seen.
 #[derive(Debug, Clone)]
 pub struct Cache {
@@ -22,21 +35,7 @@ pub struct Cache {
 
 impl Cache {
     pub fn new(cfg: &TextConfig) -> Cache {
-        let layers = cfg
-            .layer_types
-            .iter()
-            .map(|t| match t {
-                LayerType::FullAttention => LayerCache::Attention { k: None, v: None },
-                LayerType::LinearAttention => LayerCache::Gdn {
-                    conv: Tensor::zeros(&[cfg.linear_conv_kernel_dim - 1, cfg.linear_conv_dim()]),
-                    state: Tensor::zeros(&[
-                        cfg.linear_num_value_heads,
-                        cfg.linear_key_head_dim,
-                        cfg.linear_value_head_dim,
-                    ]),
-                },
-            })
-            .collect();
+        let layers = cfg.layer_types.iter().map(|&t| LayerCache::new(cfg, t)).collect();
         Cache { layers, seq_len: 0 }
     }
 }

@@ -1,0 +1,278 @@
+//! Writes a quantized checkpoint in ModelOpt's HF export format: NVFP4 tensors per quantized
+//! linear (`weight` U8, `weight_scale` F8_E4M3, scalar F32 `weight_scale_2` and `input_scale`),
+//! every other tensor copied unchanged, safetensors sharded like the source, `config.json` with
+//! `quantization_config`, `hf_quant_config.json`, the source's other files, and
+//! `quant_report.json`. Everything goes to a temporary directory that is renamed into place
+//! last, so an interrupted run leaves no output directory.
+
+use crate::rtn::QuantResult;
+use crate::{QuantError, Result};
+use fp4_format::Checkpoint;
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Files of the source directory that the export regenerates instead of copying.
+const REGENERATED: [&str; 4] =
+    ["config.json", "hf_quant_config.json", "model.safetensors.index.json", "quant_report.json"];
+
+pub struct ExportOptions {
+    pub force: bool,
+    /// Extra fields for `quant_report.json` (options, timings).
+    pub report_extra: Map<String, Value>,
+}
+
+fn out_err(path: &Path, msg: impl Into<String>) -> QuantError {
+    QuantError::Output { path: path.to_path_buf(), msg: msg.into() }
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> QuantError + '_ {
+    move |e| out_err(path, e.to_string())
+}
+
+/// Checks that `out` can be written (before any long work starts).
+pub fn check_output(ckpt: &Checkpoint, out: &Path, force: bool) -> Result<()> {
+    if out.exists() {
+        if !force {
+            return Err(out_err(out, "already exists; pass --force to replace it"));
+        }
+        if out.canonicalize().ok() == ckpt.dir.canonicalize().ok() {
+            return Err(out_err(out, "is the source checkpoint; choose another output directory"));
+        }
+    }
+    Ok(())
+}
+
+fn temp_dir_for(out: &Path) -> Result<(PathBuf, String)> {
+    let name = out.file_name().and_then(|n| n.to_str()).ok_or_else(|| out_err(out, "needs a directory name"))?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(io(&parent))?;
+    let stem = format!(".{name}.fp4-tmp-");
+    // Leftovers of killed runs.
+    if let Ok(entries) = std::fs::read_dir(&parent) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&stem) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    Ok((parent.join(format!("{stem}{}", std::process::id())), stem))
+}
+
+/// Writes the quantized checkpoint to `out`.
+pub fn write(ckpt: &Checkpoint, result: &QuantResult, out: &Path, opts: &ExportOptions) -> Result<()> {
+    check_output(ckpt, out, opts.force)?;
+    let (tmp, _) = temp_dir_for(out)?;
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let written = write_contents(ckpt, result, &tmp, opts);
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if out.exists() {
+        std::fs::remove_dir_all(out).map_err(io(out))?;
+    }
+    std::fs::rename(&tmp, out).map_err(io(out))?;
+    Ok(())
+}
+
+/// Owned bytes of one output tensor, or a borrow of the source's.
+struct OutTensor<'a> {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: std::borrow::Cow<'a, [u8]>,
+}
+
+fn write_contents(ckpt: &Checkpoint, result: &QuantResult, dir: &Path, opts: &ExportOptions) -> Result<()> {
+    // Tensors per output file, named like the source's files.
+    let mut files: BTreeMap<String, Vec<(String, OutTensor)>> = BTreeMap::new();
+    for name in ckpt.names() {
+        let (dtype, shape, bytes, file) = ckpt.raw(name)?;
+        let entry = files.entry(file.to_string()).or_default();
+        let module = name.strip_suffix(".weight");
+        match module.and_then(|m| result.layers.get(m).map(|q| (m, q))) {
+            Some((m, q)) => {
+                let w = &q.weight;
+                let scalar =
+                    |v: f32| OutTensor { dtype: Dtype::F32, shape: vec![], data: v.to_le_bytes().to_vec().into() };
+                entry.push((
+                    format!("{m}.weight"),
+                    OutTensor { dtype: Dtype::U8, shape: vec![w.rows, w.cols / 2], data: w.packed.clone().into() },
+                ));
+                entry.push((
+                    format!("{m}.weight_scale"),
+                    OutTensor {
+                        dtype: Dtype::F8_E4M3,
+                        shape: vec![w.rows, w.cols / 16],
+                        data: w.scales.clone().into(),
+                    },
+                ));
+                entry.push((format!("{m}.weight_scale_2"), scalar(w.scale_2)));
+                entry.push((format!("{m}.input_scale"), scalar(q.input_scale)));
+            }
+            None => entry.push((name.to_string(), OutTensor { dtype, shape: shape.to_vec(), data: bytes.into() })),
+        }
+    }
+    let delay = std::env::var("FP4_TEST_EXPORT_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok());
+    let mut weight_map = Map::new();
+    let mut total_size = 0usize;
+    for (file, tensors) in &files {
+        let path = dir.join(file);
+        let views = tensors
+            .iter()
+            .map(|(n, t)| {
+                total_size += t.data.len();
+                weight_map.insert(n.clone(), Value::String(file.clone()));
+                TensorView::new(t.dtype, t.shape.clone(), &t.data).map(|v| (n.clone(), v))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| out_err(&path, e.to_string()))?;
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        safetensors::serialize_to_file(views, Some(meta), &path).map_err(|e| out_err(&path, e.to_string()))?;
+        if let Some(ms) = delay {
+            // Test hook: widens the export window so a test can interrupt it.
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+    }
+    if ckpt.is_sharded() {
+        let index = json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
+        write_json(&dir.join("model.safetensors.index.json"), &index)?;
+    }
+
+    let quant = quantization_config(result);
+    let config_path = ckpt.dir.join("config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&config_path).map_err(io(&config_path))?)
+        .map_err(|e| out_err(&config_path, e.to_string()))?;
+    config["quantization_config"] = quant.config_json;
+    write_json(&dir.join("config.json"), &config)?;
+    write_json(&dir.join("hf_quant_config.json"), &quant.hf_quant_config)?;
+
+    copy_other_files(ckpt, dir)?;
+    if config.get("vision_config").is_some() && !dir.join("preprocessor_config.json").exists() {
+        write_json(&dir.join("preprocessor_config.json"), &preprocessor_stub(&config))?;
+    }
+    write_json(&dir.join("quant_report.json"), &report(result, opts))?;
+    Ok(())
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| out_err(path, e.to_string()))?;
+    std::fs::write(path, text + "\n").map_err(io(path))
+}
+
+/// Copies every non-weight file of the source (tokenizer, chat template, generation config,
+/// processor configs, …) so that nothing is lost.
+fn copy_other_files(ckpt: &Checkpoint, dir: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(&ckpt.dir).map_err(io(&ckpt.dir))?;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_file = e.file_type().map(|t| t.is_file()).unwrap_or(false);
+        if !is_file || name.ends_with(".safetensors") || REGENERATED.contains(&name.as_str()) {
+            continue;
+        }
+        std::fs::copy(e.path(), dir.join(&name)).map_err(io(&e.path()))?;
+    }
+    Ok(())
+}
+
+/// vLLM builds a multimodal processor for VL-wrapper checkpoints and needs this file; the values
+/// follow the vision config (Qwen3-VL defaults otherwise).
+fn preprocessor_stub(config: &Value) -> Value {
+    let v = &config["vision_config"];
+    json!({
+        "image_processor_type": "Qwen2VLImageProcessorFast",
+        "processor_class": "Qwen3VLProcessor",
+        "patch_size": v.get("patch_size").cloned().unwrap_or(json!(16)),
+        "temporal_patch_size": v.get("temporal_patch_size").cloned().unwrap_or(json!(2)),
+        "merge_size": v.get("spatial_merge_size").cloned().unwrap_or(json!(2)),
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "do_rescale": true,
+        "do_normalize": true,
+        "do_resize": true,
+        "size": {"shortest_edge": 65536, "longest_edge": 16777216}
+    })
+}
+
+struct QuantConfigs {
+    config_json: Value,
+    hf_quant_config: Value,
+}
+
+fn producer() -> Value {
+    json!({"name": "fp4", "version": env!("CARGO_PKG_VERSION")})
+}
+
+/// `config.json` `quantization_config` and `hf_quant_config.json`, as ModelOpt writes them for
+/// `quant_algo: NVFP4`.
+fn quantization_config(result: &QuantResult) -> QuantConfigs {
+    let exclude = result.plan.exclude_modules.clone();
+    let block = json!({"dynamic": false, "num_bits": 4, "type": "float", "group_size": 16});
+    QuantConfigs {
+        config_json: json!({
+            "config_groups": {"group_0": {"input_activations": block, "weights": block, "targets": ["Linear"]}},
+            "ignore": exclude,
+            "quant_algo": "NVFP4",
+            "producer": producer(),
+            "quant_method": "modelopt"
+        }),
+        hf_quant_config: json!({
+            "producer": producer(),
+            "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": null, "group_size": 16, "exclude_modules": exclude}
+        }),
+    }
+}
+
+fn report(result: &QuantResult, opts: &ExportOptions) -> Value {
+    let mut layers = Map::new();
+    let (mut q_params, mut q_bytes) = (0usize, 0usize);
+    for (name, q) in &result.layers {
+        let n = q.weight.rows * q.weight.cols;
+        q_params += n;
+        q_bytes += q.weight.packed.len() + q.weight.scales.len() + 8;
+        layers.insert(
+            name.clone(),
+            json!({
+                "format": "NVFP4",
+                "shape": [q.weight.rows, q.weight.cols],
+                "weight_amax": q.weight_amax,
+                "input_amax": q.input_amax,
+                "weight_scale_2": q.weight.scale_2,
+                "input_scale": q.input_scale,
+                "weight_rel_error": q.weight_rel_error,
+            }),
+        );
+    }
+    for m in result.plan.modules.iter().filter(|m| !m.quantize) {
+        layers.insert(m.name.clone(), json!({"format": "BF16"}));
+    }
+    let mut v = json!({
+        "schema": "fp4.quant_report.v1",
+        "producer": producer(),
+        "strategy": result.plan.strategy.name(),
+        "quant_algo": "NVFP4",
+        "calibration": {"samples": result.samples, "tokens": result.tokens, "seconds": result.calib_secs},
+        "totals": {
+            "quantized_layers": result.layers.len(),
+            "unquantized_layers": result.plan.modules.len() - result.layers.len(),
+            "quantized_params": q_params,
+            "quantized_bytes": q_bytes,
+            "mean_weight_rel_error": if result.layers.is_empty() { 0.0 } else {
+                result.layers.values().map(|q| q.weight_rel_error as f64).sum::<f64>() / result.layers.len() as f64
+            },
+        },
+        "exclude_modules": result.plan.exclude_modules,
+        "widened_exclusions": result.plan.widened,
+        "layers": layers,
+    });
+    for (k, val) in &opts.report_extra {
+        v[k] = val.clone();
+    }
+    v
+}

@@ -1,0 +1,196 @@
+//! Which linear layers are quantized, and which share scales.
+
+use fp4_format::quant_config::glob_match;
+use fp4_format::{Checkpoint, LayerType};
+
+/// What to quantize.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Every linear layer except the default exclusions (ModelOpt `NVFP4_DEFAULT_CFG`).
+    Rtn,
+    /// Only the MLPs (ModelOpt `NVFP4_MLP_ONLY_CFG`).
+    MlpOnly,
+}
+
+impl Strategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Rtn => "rtn",
+            Strategy::MlpOnly => "mlp_only",
+        }
+    }
+}
+
+/// A quantizable module of one decoder layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Module {
+    /// Full checkpoint name, e.g. `model.language_model.layers.0.mlp.up_proj`.
+    pub name: String,
+    pub layer: usize,
+    pub quantize: bool,
+    /// Modules that share one weight amax (`weight_scale_2`) and one `input_scale` (fused by vLLM).
+    pub group: usize,
+}
+
+/// Fused groups of Qwen3.5, by module suffix: ModelOpt gives each the max amax of its members,
+/// and vLLM fuses them (`qkv_proj`, `gate_up_proj`, `in_proj_qkvz`, `in_proj_ba`).
+const GROUPS: [&[&str]; 4] = [
+    &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    &["mlp.gate_proj", "mlp.up_proj"],
+    &["linear_attn.in_proj_qkv", "linear_attn.in_proj_z"],
+    &["linear_attn.in_proj_b", "linear_attn.in_proj_a"],
+];
+
+/// ModelOpt's default-disabled patterns that apply to Qwen3.5 text layers.
+const DEFAULT_EXCLUDED: [&str; 2] = ["linear_attn.in_proj_a", "linear_attn.in_proj_b"];
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub strategy: Strategy,
+    pub modules: Vec<Module>,
+    /// `exclude_modules` for the configs: unquantized modules, summarised by prefix.
+    pub exclude_modules: Vec<String>,
+    /// Module groups forced unquantized because a user pattern named only some members.
+    pub widened: Vec<String>,
+}
+
+/// Does a `--exclude-layers` item match a module name? Globs (`*`, `?`, `[`) match the whole
+/// name; plain text matches at dot boundaries (`layers.1` covers layer 1, not layer 10;
+/// `linear_attn` covers every GDN projection).
+pub fn user_pattern_matches(pattern: &str, module: &str) -> bool {
+    if pattern.contains(['*', '?', '[']) {
+        return glob_match(pattern.as_bytes(), module.as_bytes());
+    }
+    let mut start = 0;
+    while let Some(i) = module[start..].find(pattern).map(|i| i + start) {
+        let end = i + pattern.len();
+        let left_ok = i == 0 || module.as_bytes()[i - 1] == b'.';
+        let right_ok = end == module.len() || module.as_bytes()[end] == b'.';
+        if left_ok && right_ok {
+            return true;
+        }
+        start = i + 1;
+    }
+    false
+}
+
+impl Plan {
+    pub fn new(ckpt: &Checkpoint, strategy: Strategy, user_excludes: &[String]) -> Plan {
+        let cfg = &ckpt.config;
+        let mut modules = Vec::new();
+        let mut group = 0;
+        for (i, t) in cfg.layer_types.iter().enumerate() {
+            let prefix = ckpt.text_name(&format!("layers.{i}"));
+            let names: &[&str] = match t {
+                LayerType::FullAttention => {
+                    &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+                }
+                LayerType::LinearAttention => &[
+                    "linear_attn.in_proj_qkv",
+                    "linear_attn.in_proj_z",
+                    "linear_attn.in_proj_b",
+                    "linear_attn.in_proj_a",
+                    "linear_attn.out_proj",
+                ],
+            };
+            let all = names.iter().chain(["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"].iter());
+            let mut layer_modules: Vec<Module> = Vec::new();
+            for suffix in all {
+                let name = format!("{prefix}.{suffix}");
+                let by_strategy = match strategy {
+                    Strategy::Rtn => !DEFAULT_EXCLUDED.contains(suffix),
+                    Strategy::MlpOnly => suffix.starts_with("mlp."),
+                };
+                let by_user = user_excludes.iter().any(|p| user_pattern_matches(p, &name));
+                // Group id: shared by the members of a fused group within this layer.
+                let g = match GROUPS.iter().position(|g| g.contains(suffix)) {
+                    Some(gi) => match layer_modules.iter().find(|m| GROUPS[gi].iter().any(|s| m.name.ends_with(s))) {
+                        Some(m) => m.group,
+                        None => {
+                            group += 1;
+                            group
+                        }
+                    },
+                    None => {
+                        group += 1;
+                        group
+                    }
+                };
+                layer_modules.push(Module { name, layer: i, quantize: by_strategy && !by_user, group: g });
+            }
+            modules.extend(layer_modules);
+        }
+        // A fused group is quantized all or nothing (vLLM refuses mixed shards).
+        let mut widened = Vec::new();
+        let groups: Vec<usize> = modules.iter().map(|m| m.group).collect();
+        for g in groups {
+            let members: Vec<usize> = (0..modules.len()).filter(|&i| modules[i].group == g).collect();
+            let q = members.iter().filter(|&&i| modules[i].quantize).count();
+            if q > 0 && q < members.len() {
+                for &i in &members {
+                    if modules[i].quantize {
+                        modules[i].quantize = false;
+                        widened.push(modules[i].name.clone());
+                    }
+                }
+            }
+        }
+        let exclude_modules = summarise_exclusions(ckpt, &modules);
+        Plan { strategy, modules, exclude_modules, widened }
+    }
+
+    pub fn quantized(&self) -> impl Iterator<Item = &Module> {
+        self.modules.iter().filter(|m| m.quantize)
+    }
+
+    pub fn module(&self, name: &str) -> Option<&Module> {
+        self.modules.iter().find(|m| m.name == name)
+    }
+}
+
+/// The `exclude_modules` list: lm_head and the embeddings, each unquantized module (a whole
+/// mixer or MLP as `prefix*` when none of it is quantized, as ModelOpt writes it), the GDN conv,
+/// and wildcards for vision and MTP weights when present.
+fn summarise_exclusions(ckpt: &Checkpoint, modules: &[Module]) -> Vec<String> {
+    let mut out = vec!["lm_head".to_string(), ckpt.text_name("embed_tokens")];
+    let mut parents: Vec<String> = Vec::new();
+    for m in modules {
+        let parent = m.name.rsplit_once('.').map_or(m.name.as_str(), |(p, _)| p).to_string();
+        if !parents.contains(&parent) {
+            parents.push(parent);
+        }
+    }
+    for parent in parents {
+        let children: Vec<&Module> =
+            modules.iter().filter(|m| m.name.rsplit_once('.').map(|(p, _)| p) == Some(&parent)).collect();
+        if children.iter().all(|m| !m.quantize) {
+            out.push(format!("{parent}*"));
+            continue;
+        }
+        if parent.ends_with(".linear_attn") {
+            out.push(format!("{parent}.conv1d"));
+        }
+        out.extend(children.iter().filter(|m| !m.quantize).map(|m| m.name.clone()));
+    }
+    if ckpt.names().any(|n| n.starts_with("model.visual.")) {
+        out.push("model.visual*".into());
+    }
+    if ckpt.names().any(|n| n.starts_with("mtp.")) {
+        out.push("mtp*".into());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::user_pattern_matches as m;
+
+    #[test]
+    fn user_patterns_match_at_dot_boundaries() {
+        let n = "model.language_model.layers.1.linear_attn.in_proj_qkv";
+        assert!(m("layers.1", n) && m("linear_attn", n) && m("in_proj_qkv", n));
+        assert!(!m("layers.1", "model.language_model.layers.10.mlp.up_proj"));
+        assert!(!m("in_proj", n), "partial names do not match");
+        assert!(m("*layers.1[0-9].*", "model.layers.12.mlp.up_proj"));
+    }
+}
