@@ -4,7 +4,7 @@ use fp4_format::Checkpoint;
 use fp4_model::{generate, GdnAlgo, GenerateOptions, Logits, Precision, Qwen35, Sampler, SamplingParams};
 use std::path::{Path, PathBuf};
 
-const MODELS: [&str; 2] = ["tiny-vl", "tiny-text"];
+const MODELS: [&str; 3] = ["tiny-vl", "tiny-text", "tiny-quant"];
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)

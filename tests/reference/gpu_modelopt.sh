@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine (device tool): ModelOpt 0.47 goldens for both tiny fixtures.
+# Runs on the GPU machine (device tool): ModelOpt 0.47 goldens for the tiny fixtures
+# (default: all three; or the model names given as arguments).
 #   carry: .whl (nvidia-modelopt 0.47.0 and its missing pure-Python deps, see README)
 # Writes $OUT/modelopt.tar.gz with one directory per fixture model.
 set -euo pipefail
@@ -8,7 +9,9 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 work=/tmp/modelopt
 rm -rf "$work" && mkdir -p "$work"
-for m in tiny-vl tiny-text; do
+models=("$@")
+[ ${#models[@]} -gt 0 ] || models=(tiny-vl tiny-text tiny-quant)
+for m in "${models[@]}"; do
     python3 tests/reference/make_modelopt_golden.py --model "tests/fixtures/$m" --out "$work/$m" 2>&1 \
         | grep -vE "Loading weights|UserWarning|warnings.warn" || true
     test -f "$work/$m/versions.json"

@@ -14,6 +14,7 @@ Models (random weights, every parameter perturbed so each one matters):
   tiny-vl    VL wrapper layout (Qwen3_5ForConditionalGeneration with a tiny vision tower and
              extra `mtp.*` tensors, both to be ignored), sharded, untied lm_head, 3 value heads
              per key head, dk != dv, irregular layer_types, attention_bias off.
+  tiny-quant tiny-vl's shapes with a smooth (contractive) draw, for the NVFP4 tests.
   tiny-text  flat text-only layout (Qwen3_5ForCausalLM), single file, tied embeddings,
              conv kernel 3, partial rotary 0.5, interval layer_types.
 Both store weights in BF16 with A_log and linear_attn.norm.weight in F32 (as real checkpoints
@@ -74,24 +75,27 @@ def make_tokenizer(vocab_size):
     return tok
 
 
-def perturb(model, gen):
-    """Re-draw every parameter so that each one visibly changes the output."""
+def perturb(model, gen, smooth=False):
+    """Re-draw every parameter so that each one visibly changes the output. `smooth` draws a
+    contractive model (small gains), whose logits move smoothly with weight noise: the one to
+    compare quantized forwards on, where the chaotic default would amplify rounding flips."""
+    k = 0.3 if smooth else 1.0
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("A_log"):
-                p.copy_(torch.empty_like(p).uniform_(0.5, 8.0, generator=gen).log())
+                p.copy_(torch.empty_like(p).uniform_(0.5, 8.0 if not smooth else 3.0, generator=gen).log())
             elif name.endswith("dt_bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5 * k)
             elif name.endswith("linear_attn.norm.weight"):
-                p.copy_(torch.empty_like(p).uniform_(0.5, 1.5, generator=gen))
+                p.copy_(torch.empty_like(p).uniform_(1 - 0.5 * k, 1 + 0.5 * k, generator=gen))
             elif "norm" in name and p.dim() == 1:  # zero-centred (1+w) norms, incl. q/k norms
-                p.copy_(torch.empty_like(p).uniform_(-0.5, 0.5, generator=gen))
+                p.copy_(torch.empty_like(p).uniform_(-0.5 * k, 0.5 * k, generator=gen))
             elif "conv1d" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5 * k)
             elif "embed_tokens" in name:
                 p.copy_(torch.randn(p.shape, generator=gen))
             elif p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]) * (0.5 if smooth else 1.0))
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
 
@@ -135,18 +139,18 @@ def greedy_manual(model, prompt, steps):
     return tokens, margins
 
 
-def build(name, out_root, make_model, seed, tokenizer):
+def build(name, out_root, make_model, seed, tokenizer, smooth=False):
     out_dir = os.path.join(out_root, name)
     os.makedirs(out_dir, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model, cls, shard = make_model()
-    perturb(model, gen)
+    perturb(model, gen, smooth)
     to_checkpoint_dtypes(model)
     model.save_pretrained(out_dir, max_shard_size=shard)
     tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
     text_cfg = model.config.get_text_config()
-    if name == "tiny-vl":
+    if name in ("tiny-vl", "tiny-quant"):
         add_mtp_shard(out_dir, text_cfg.hidden_size, gen)
 
     vocab = text_cfg.vocab_size
@@ -222,6 +226,8 @@ def main():
 
     build("tiny-vl", args.out, vl, 1234, tokenizer)
     build("tiny-text", args.out, text, 5678, tokenizer)
+    # The model the NVFP4 tests compare quantized forwards on (same shapes as tiny-vl, smooth).
+    build("tiny-quant", args.out, vl, 4321, tokenizer, smooth=True)
 
     import tokenizers
     versions = {

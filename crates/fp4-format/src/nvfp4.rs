@@ -128,7 +128,7 @@ impl Nvfp4Weight {
     /// Quantizes a row-major `[rows, cols]` weight with the given per-tensor scale (computed from
     /// the amax of the weight or of its whole fused group). `cols` must be a multiple of 16.
     pub fn quantize(w: &[f32], rows: usize, cols: usize, scale_2: f32) -> Nvfp4Weight {
-        assert!(cols % BLOCK == 0 && w.len() == rows * cols, "NVFP4 needs cols % 16 == 0 ({rows}x{cols})");
+        assert!(cols.is_multiple_of(BLOCK) && w.len() == rows * cols, "NVFP4 needs cols % 16 == 0 ({rows}x{cols})");
         let mut packed = vec![0u8; rows * cols / 2];
         let mut scales = vec![0u8; rows * cols / BLOCK];
         for (b, block) in w.chunks_exact(BLOCK).enumerate() {
