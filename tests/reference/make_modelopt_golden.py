@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 import modelopt
 import modelopt.torch.quantization as mtq
 from modelopt.torch.export import export_hf_checkpoint
+from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
 from transformers import AutoConfig, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration
 
 CONFIGS = {
@@ -110,6 +111,13 @@ def main():
             with torch.no_grad():
                 logits = model(input_ids=eval_ids.to(device)).logits[0].float().cpu().contiguous()
             save_file({"logits": logits}, os.path.join(args.out, f"{name}.logits.safetensors"))
+            # What export does first: fused groups (q/k/v, gate/up, in_proj_qkv/z) get shared
+            # weight and input amax (AWQ: shared mean pre-quant scales). The fake-quant model then
+            # computes what the exported scales define, up to ModelOpt's own folding at export.
+            requantize_resmooth_fused_llm_layers(model)
+            with torch.no_grad():
+                logits = model(input_ids=eval_ids.to(device)).logits[0].float().cpu().contiguous()
+            save_file({"logits": logits}, os.path.join(args.out, f"{name}.fused_logits.safetensors"))
         out_dir = os.path.join(args.out, name)
         shutil.rmtree(out_dir, ignore_errors=True)
         export_hf_checkpoint(model, export_dir=out_dir, dtype=torch.bfloat16)
