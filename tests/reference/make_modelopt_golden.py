@@ -78,6 +78,26 @@ def to_compressed_tensors(src, dst):
         os.remove(hq)
 
 
+def single_layer_io(model, gen):
+    """Inputs and fake-quant outputs of single quantized linears (after fused-scale sharing):
+    the W4A4 semantics compared without a whole model's amplification of rounding flips."""
+    out = {}
+    for name, mod in model.named_modules():
+        if not name.endswith(("mlp.down_proj", "mlp.gate_proj", "self_attn.q_proj", "linear_attn.in_proj_qkv",
+                              "linear_attn.out_proj", "self_attn.o_proj")):
+            continue
+        iq = getattr(mod, "input_quantizer", None)
+        if iq is None or not iq.is_enabled:
+            continue
+        amax = float(iq.amax.float().max()) if iq.amax is not None else 1.0
+        x = (torch.randn(8, mod.in_features, generator=gen) * amax / 3).to(torch.bfloat16)
+        with torch.no_grad():
+            y = mod(x.to(mod.weight.device)).float().cpu()
+        out[name + ".x"] = x.float().contiguous()
+        out[name + ".y"] = y.contiguous()
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -118,6 +138,7 @@ def main():
             with torch.no_grad():
                 logits = model(input_ids=eval_ids.to(device)).logits[0].float().cpu().contiguous()
             save_file({"logits": logits}, os.path.join(args.out, f"{name}.fused_logits.safetensors"))
+            save_file(single_layer_io(model, g), os.path.join(args.out, f"{name}.layers.safetensors"))
         out_dir = os.path.join(args.out, name)
         shutil.rmtree(out_dir, ignore_errors=True)
         export_hf_checkpoint(model, export_dir=out_dir, dtype=torch.bfloat16)
