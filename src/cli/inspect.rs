@@ -20,7 +20,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ModelLayout::VisionLanguage => "qwen3_5 (VL wrapper, text_config)",
         ModelLayout::TextOnly => "qwen3_5_text (flat)",
     };
-    let quant = c.quantization_config.as_ref().map(|q| q.to_string());
+    // Quantized linears by what their weights store.
+    let (mut nvfp4, mut fp8) = (0usize, 0usize);
+    for n in ckpt.names() {
+        let weight = n.strip_suffix(".weight_packed").or_else(|| n.strip_suffix(".weight"));
+        if let (Some(_), Ok(t)) = (weight, ckpt.tensor(n)) {
+            match t.dtype {
+                fp4_format::DType::U8 => nvfp4 += 1,
+                fp4_format::DType::F8E4M3 => fp8 += 1,
+                _ => {}
+            }
+        }
+    }
+    let quant = ckpt.quant.as_ref().map(|q| {
+        format!("{} (from {}); {nvfp4} NVFP4 and {fp8} FP8 linear layers quantized", q.summary(), q.source().display())
+    });
     if a.json {
         let v = serde_json::json!({
             "dir": a.dir,
@@ -38,6 +52,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "dtypes": stats.iter().map(|(k, (n, b))| (k.clone(), serde_json::json!({"tensors": n, "bytes": b}))).collect::<serde_json::Map<_, _>>(),
             "ignored_tensors": ignored,
             "quantization_config": c.quantization_config,
+            "quantization": quant,
+            "nvfp4_layers": nvfp4,
+            "fp8_layers": fp8,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());

@@ -16,12 +16,14 @@ enum StrategyArg {
     /// Every linear layer except ModelOpt's default exclusions (NVFP4_DEFAULT_CFG).
     Rtn,
     /// Only the MLPs (NVFP4_MLP_ONLY_CFG).
+    #[value(name = "mlp_only", alias = "mlp-only")]
     MlpOnly,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
 enum AlgorithmArg {
     Max,
+    #[value(name = "awq_lite", alias = "awq-lite")]
     AwqLite,
 }
 

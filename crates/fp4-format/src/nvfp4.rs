@@ -158,15 +158,21 @@ impl Nvfp4Weight {
     }
 }
 
-/// Activation fake-quantization as Blackwell W4A4 kernels (and vLLM's emulation) do it: per 16
-/// elements, `sf = e4m3(blockmax/6 / input_scale)` (saturating), elements rounded to E2M1 at
-/// `sf·input_scale`. `x` is row-major with rows a multiple of 16 long.
+/// Activation fake-quantization as Blackwell W4A4 kernels compute it (vLLM/TRT-LLM
+/// `cvt_warp_fp16_to_fp4`, and vLLM's `ref_nvfp4_quant` emulation): with `g = 1/input_scale`,
+/// per 16 elements `sf = e4m3(min(g·(blockmax·(1/6)), 448))`, elements scaled by the reciprocal
+/// `1/(sf·(1/g))`, clamped to ±6 and rounded to E2M1, then dequantized as `code·sf/g`. Kernels
+/// multiply by reciprocals where a plain reference would divide; on bf16 inputs, which often sit
+/// exactly on E2M1 ties, that choice decides how ties round, so this follows the kernels.
 pub fn fake_quantize_activations(x: &mut [f32], input_scale: f32) {
+    let g = 1.0 / input_scale;
+    let inv_g = 1.0 / g;
     for block in x.chunks_mut(BLOCK) {
-        let sf = e4m3_decode(e4m3_encode((amax(block) / E2M1_MAX / input_scale).min(E4M3_MAX)));
-        let scale = sf * input_scale;
+        let sf = e4m3_decode(e4m3_encode((g * (amax(block) * (1.0f32 / E2M1_MAX))).min(E4M3_MAX)));
+        let out_scale = if sf == 0.0 { 0.0 } else { 1.0 / (sf * inv_g) };
+        let deq = sf / g;
         for v in block.iter_mut() {
-            *v = if scale == 0.0 { 0.0 } else { e2m1_decode(e2m1_encode(*v / scale)) * scale };
+            *v = e2m1_decode(e2m1_encode((*v * out_scale).clamp(-E2M1_MAX, E2M1_MAX))) * deq;
         }
     }
 }
@@ -282,10 +288,14 @@ mod tests {
         let orig = x.clone();
         let input_scale = nvfp4_global_scale(amax(&x));
         fake_quantize_activations(&mut x, input_scale);
+        let g = 1.0 / input_scale;
         for (b, block) in orig.chunks(16).enumerate() {
-            let sf = e4m3_decode(e4m3_encode(amax(block) / 6.0 / input_scale));
+            let sf = e4m3_decode(e4m3_encode(g * (amax(block) * (1.0 / 6.0))));
             for (j, v) in block.iter().enumerate() {
-                assert_eq!(x[b * 16 + j], e2m1_decode(e2m1_encode(v / (sf * input_scale))) * sf * input_scale);
+                let code = e2m1_encode((v * (1.0 / (sf * (1.0 / g)))).clamp(-6.0, 6.0));
+                assert_eq!(x[b * 16 + j], e2m1_decode(code) * (sf / g));
+                // Within one E2M1 step of the input (the block max maps to ±6 or less).
+                assert!((x[b * 16 + j] - v).abs() <= sf / g + 1e-6);
             }
         }
         let mut zeros = vec![0f32; 16];

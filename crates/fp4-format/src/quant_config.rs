@@ -198,10 +198,29 @@ pub fn glob_match(p: &[u8], s: &[u8]) -> bool {
                 return s.first() == Some(&b'[') && glob_match(&p[1..], &s[1..]);
             };
             let (neg, set) = if p[1] == b'!' { (true, &p[2..close]) } else { (false, &p[1..close]) };
-            !s.is_empty() && (set.contains(&s[0]) != neg) && glob_match(&p[close + 1..], &s[1..])
+            !s.is_empty() && (class_contains(set, s[0]) != neg) && glob_match(&p[close + 1..], &s[1..])
         }
         Some(&c) => s.first() == Some(&c) && glob_match(&p[1..], &s[1..]),
     }
+}
+
+/// Membership in a glob class body such as `abc` or `0-9a-f`.
+fn class_contains(set: &[u8], c: u8) -> bool {
+    let mut i = 0;
+    while i < set.len() {
+        if i + 2 < set.len() && set[i + 1] == b'-' {
+            if (set[i]..=set[i + 2]).contains(&c) {
+                return true;
+            }
+            i += 3;
+        } else {
+            if set[i] == c {
+                return true;
+            }
+            i += 1;
+        }
+    }
+    false
 }
 
 fn producer(v: &Value) -> String {
@@ -247,6 +266,9 @@ mod tests {
         assert!(!excluded("model.language_model.layers.0.linear_attn.in_proj_ab", &pats));
         assert!(!excluded("model.language_model.layers.13.mlp.up_proj", &pats));
         assert!(glob_match(b"a[bc]?d", b"acxd") && !glob_match(b"a[!bc]d", b"abd"));
+        assert!(
+            glob_match(b"*layers.1[0-9].*", b"m.layers.12.mlp") && !glob_match(b"*layers.1[0-9].*", b"m.layers.1.mlp")
+        );
     }
 
     #[test]

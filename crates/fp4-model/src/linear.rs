@@ -93,7 +93,7 @@ impl Linear {
         check_against_config(ckpt, name, algo)?;
         let method = match stored {
             DType::U8 => {
-                if n_in % nvfp4::BLOCK != 0 {
+                if !n_in.is_multiple_of(nvfp4::BLOCK) {
                     return Err(unsupported(ckpt, &t("weight"), "NVFP4 needs in_features divisible by 16"));
                 }
                 let (w_name, ws2, input_scale) = if compressed {
@@ -202,12 +202,12 @@ fn unsupported(ckpt: &Checkpoint, tensor: &str, msg: &str) -> crate::ModelError 
 /// wrong exclusion list, which vLLM would silently mis-load).
 fn check_against_config(ckpt: &Checkpoint, name: &str, stored: Option<LayerAlgo>) -> crate::Result<()> {
     let promised = ckpt.quant.as_ref().and_then(|q| q.algo_for(name));
-    let ok = match (stored, promised) {
-        (None, None) => true,
-        (Some(LayerAlgo::Nvfp4), Some(LayerAlgo::Nvfp4 | LayerAlgo::Nvfp4Awq | LayerAlgo::W4A16Nvfp4)) => true,
-        (Some(LayerAlgo::Fp8), Some(LayerAlgo::Fp8)) => true,
-        _ => false,
-    };
+    let ok = matches!(
+        (stored, promised),
+        (None, None)
+            | (Some(LayerAlgo::Nvfp4), Some(LayerAlgo::Nvfp4 | LayerAlgo::Nvfp4Awq | LayerAlgo::W4A16Nvfp4))
+            | (Some(LayerAlgo::Fp8), Some(LayerAlgo::Fp8))
+    );
     if ok {
         return Ok(());
     }
