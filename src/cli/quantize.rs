@@ -42,12 +42,13 @@ pub struct Args {
     /// Calibration JSONL: `{"input_ids": [...]}` or `{"messages": [...], "tools": [...]}` per line.
     #[arg(long)]
     calib_data: PathBuf,
-    /// Use at most this many samples.
-    #[arg(long, default_value_t = 512)]
-    calib_samples: usize,
-    /// Truncate samples to this many tokens.
-    #[arg(long, default_value_t = 512)]
-    calib_seq_len: usize,
+    /// Use at most this many samples (default: all of them).
+    #[arg(long)]
+    calib_samples: Option<usize>,
+    /// Truncate samples to this many tokens (default: keep them whole, as ModelOpt would see
+    /// the same pre-tokenized ids).
+    #[arg(long)]
+    calib_seq_len: Option<usize>,
     /// Extra layers to keep in BF16: comma list of names (matched at dot boundaries, e.g.
     /// `linear_attn,layers.0,layers.31`) or globs (`*layers.3[01].*`).
     #[arg(long, value_delimiter = ',')]
@@ -79,9 +80,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let ckpt = Checkpoint::open(&a.model).with_context(|| format!("cannot open model {}", a.model.display()))?;
     export::check_output(&ckpt, &a.output, a.force)?;
-    anyhow::ensure!(a.calib_samples > 0 && a.calib_seq_len > 0, "--calib-samples and --calib-seq-len must be positive");
-    let samples =
-        fp4_quant::calib::load(&a.calib_data, &a.model, a.calib_samples, a.calib_seq_len, ckpt.config.vocab_size)?;
+    anyhow::ensure!(
+        a.calib_samples != Some(0) && a.calib_seq_len != Some(0),
+        "--calib-samples and --calib-seq-len must be positive"
+    );
+    let samples = fp4_quant::calib::load(
+        &a.calib_data,
+        &a.model,
+        a.calib_samples.unwrap_or(usize::MAX),
+        a.calib_seq_len.unwrap_or(usize::MAX),
+        ckpt.config.vocab_size,
+    )?;
     let exclude: Vec<String> =
         a.exclude_layers.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
     let opts = QuantizeOptions {
