@@ -287,50 +287,33 @@ fn quantize_refuses_to_overwrite_and_names_bad_calibration_lines() {
     let out = dir.path().join("q");
     std::fs::create_dir(&out).unwrap();
     let model = fixtures().join("tiny-text");
-    let m = model.to_str().unwrap();
     let calib = golden("tiny-text").join("calib.jsonl");
-    let o =
-        fp4(&["quantize", "--model", m, "--output", out.to_str().unwrap(), "--calib-data", calib.to_str().unwrap()]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("--force"), "{err}");
+    // Runs quantize expecting failure; returns stderr.
+    let fails = |model: &Path, out: &Path, calib: &Path| -> String {
+        let o = fp4(&[
+            "quantize",
+            "--model",
+            model.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--calib-data",
+            calib.to_str().unwrap(),
+        ]);
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let err = fails(&model, &out, &calib);
+    assert!(err.contains("--force"), "{err}");
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"input_ids\": [1, 2, 3]}\n{\"input_ids\": [1, 99999]}\n").unwrap();
-    let o = fp4(&[
-        "quantize",
-        "--model",
-        m,
-        "--output",
-        dir.path().join("q2").to_str().unwrap(),
-        "--calib-data",
-        bad.to_str().unwrap(),
-    ]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("bad.jsonl:2") && err.contains("99999"), "{err}");
+    let err = fails(&model, &dir.path().join("q2"), &bad);
+    assert!(err.contains("bad.jsonl:2") && err.contains("99999"), "{err}");
     std::fs::write(&bad, "{\"text\": \"hello\"}\n").unwrap();
-    let o = fp4(&[
-        "quantize",
-        "--model",
-        m,
-        "--output",
-        dir.path().join("q3").to_str().unwrap(),
-        "--calib-data",
-        bad.to_str().unwrap(),
-    ]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("bad.jsonl:1") && err.contains("messages"), "{err}");
+    let err = fails(&model, &dir.path().join("q3"), &bad);
+    assert!(err.contains("bad.jsonl:1") && err.contains("messages"), "{err}");
     assert!(!dir.path().join("q2").exists() && !dir.path().join("q3").exists());
-    // An already-quantized checkpoint is refused.
-    let o = fp4(&[
-        "quantize",
-        "--model",
-        golden("tiny-text").join("nvfp4_default").to_str().unwrap(),
-        "--output",
-        dir.path().join("q4").to_str().unwrap(),
-        "--calib-data",
-        calib.to_str().unwrap(),
-    ]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("already quantized"), "{err}");
+    let err = fails(&golden("tiny-text").join("nvfp4_default"), &dir.path().join("q4"), &calib);
+    assert!(err.contains("already quantized"), "{err}");
 }
 
 /// Conversations (with tool calls) are rendered with the model's chat template and tokenized;

@@ -201,16 +201,29 @@ fn strip_one_newline(v: &str) -> &str {
     v.strip_suffix('\n').unwrap_or(v)
 }
 
-/// Parses `NAME>...params...` (the text after `<function=`, cut at its structural end).
-fn parse_function_call(call: &str, tools: &[Value]) -> Option<ParsedCall> {
-    let end = call.find('>')?;
-    let name = &call[..end];
+/// The header of the text after `<function=`: a complete, valid name, the tool's parameter
+/// schemas (and their names), and the body after `NAME>`.
+struct Header<'a> {
+    name: &'a str,
+    props: Map<String, Value>,
+    valid: Option<HashSet<String>>,
+    body: &'a str,
+}
+
+fn header<'a>(after: &'a str, tools: &[Value]) -> Option<Header<'a>> {
+    let end = after.find('>')?;
+    let name = &after[..end];
     if !is_valid_function_name(name) {
         return None;
     }
     let props = tool_properties(tools, name);
     let valid = valid_names(&props);
-    let params = &call[end + 1..];
+    Some(Header { name, props, valid, body: &after[end + 1..] })
+}
+
+/// Parses `NAME>...params...` (the text after `<function=`, cut at its structural end).
+fn parse_function_call(call: &str, tools: &[Value]) -> Option<ParsedCall> {
+    let Header { name, props, valid, body: params } = header(call, tools)?;
     let mut args = Map::new();
     let mut pos = 0;
     while let Some(start) = next_structural_param_start(params, pos, None) {
@@ -357,16 +370,9 @@ pub fn partial(text: &str, tools: &[Value]) -> Partial {
 /// The certain part of one call from the text after its `<function=`; `None` until the name is
 /// complete, and for invalid names.
 fn partial_call(after: &str, tools: &[Value]) -> Option<PartialCall> {
-    let name_end = after.find('>')?;
-    let name = &after[..name_end];
-    if !is_valid_function_name(name) {
-        return None;
-    }
-    let props = tool_properties(tools, name);
-    let valid = valid_names(&props);
-    let body = &after[name_end + 1..];
+    let Header { name, props, valid, body } = header(after, tools)?;
     if let Some(end) = scan_to_structural_function_end(body, valid.as_ref()) {
-        let parsed = parse_function_call(&after[..name_end + 1 + end], tools)?;
+        let parsed = parse_function_call(&after[..after.len() - body.len() + end], tools)?;
         return Some(PartialCall { name: parsed.name, arguments: parsed.arguments, closed: true });
     }
     // Open body: the parameters whose structural end has been seen, as the final parse will read them.
