@@ -39,7 +39,8 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let params = SamplingParams { temperature: a.temperature, top_p: a.top_p, top_k: a.top_k, seed: a.seed };
+    let params =
+        SamplingParams { temperature: a.temperature, top_p: a.top_p, top_k: a.top_k, min_p: 0.0, seed: a.seed };
     let mut sampler = Sampler::new(params)?;
     let tokenizer = Tokenizer::from_dir(&a.model)?;
     let input_ids = match (&a.prompt, &a.input_ids) {

@@ -5,6 +5,7 @@ mod generate;
 mod inspect;
 mod logits;
 mod quantize;
+mod serve;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use fp4_model::Precision;
@@ -26,6 +27,8 @@ enum Command {
     Logits(logits::Args),
     /// Quantize a BF16 checkpoint to NVFP4 (ModelOpt format, loadable by vLLM/SGLang too).
     Quantize(quantize::Args),
+    /// OpenAI-compatible server (vLLM's flags are accepted).
+    Serve(serve::Args),
     /// Chat layer tools: render prompts, parse model output.
     #[command(subcommand)]
     Chat(chat::Command),
@@ -38,6 +41,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logits(a) => logits::run(a),
         Command::Chat(c) => chat::run(c),
         Command::Quantize(a) => quantize::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
 

@@ -13,12 +13,14 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// Keep the k most likely tokens; 0 = off.
     pub top_k: usize,
+    /// Drop tokens less likely than `min_p` × the most likely one; 0 = off.
+    pub min_p: f32,
     pub seed: u64,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 }
+        SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0, min_p: 0.0, seed: 0 }
     }
 }
 
@@ -29,6 +31,9 @@ impl SamplingParams {
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(ModelError::Sampling(format!("top_p must be in (0, 1], got {}", self.top_p)));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(ModelError::Sampling(format!("min_p must be in [0, 1], got {}", self.min_p)));
         }
         Ok(())
     }
@@ -61,6 +66,12 @@ impl Sampler {
         let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - max).exp()).collect();
         let total: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
+        if self.params.min_p > 0.0 {
+            // Sorted descending: keep the prefix at or above min_p × the top probability.
+            let floor = self.params.min_p * probs[0];
+            let keep = probs.iter().take_while(|&&p| p >= floor).count().max(1);
+            probs.truncate(keep);
+        }
         if self.params.top_p < 1.0 {
             // Keep the smallest prefix whose mass reaches top_p (always at least one token).
             let mut mass = 0.0;
@@ -130,6 +141,16 @@ mod tests {
         let p = SamplingParams { temperature: 1.0, top_p: 0.9, seed: 1, ..Default::default() };
         let mut s = Sampler::new(p).unwrap();
         assert!((0..200).all(|_| s.sample(&logits) < 2));
+    }
+
+    #[test]
+    fn min_p_drops_unlikely_tokens() {
+        // p ≈ [0.73, 0.27, 0.0003, ...]: min_p 0.1 keeps the first two.
+        let logits = [5.0f32, 4.0, -3.0, -3.0];
+        let p = SamplingParams { temperature: 1.0, min_p: 0.1, seed: 9, ..Default::default() };
+        let mut s = Sampler::new(p).unwrap();
+        let draws: Vec<u32> = (0..300).map(|_| s.sample(&logits)).collect();
+        assert!(draws.iter().all(|&t| t < 2) && draws.contains(&1));
     }
 
     #[test]

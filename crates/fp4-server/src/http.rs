@@ -1,0 +1,621 @@
+//! The OpenAI-compatible HTTP API (axum): chat and text completions (streaming or not), models,
+//! tokenize/detokenize, health and Prometheus metrics.
+
+use crate::engine::{EngineHandle, Event, FinishReason, GenRequest, Penalties, SubmitError};
+use crate::metrics::Metrics;
+use crate::protocol::{self, ApiError, ApiResult, GenOptions, Prompt, ToolChoice};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use fp4_chat::{ChatTemplate, DeltaMessage, Detokenizer, OutputConfig, RenderRequest, StreamParser, Tokenizer};
+use fp4_model::SamplingParams;
+use futures::Stream;
+use serde_json::{json, Map, Value};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub served_model_name: String,
+    pub max_model_len: usize,
+    pub api_key: Option<String>,
+    /// `--default-chat-template-kwargs`, under each request's own.
+    pub default_chat_template_kwargs: Map<String, Value>,
+    /// `--reasoning-parser qwen3`.
+    pub reasoning_parser: bool,
+    /// `--enable-auto-tool-choice --tool-call-parser qwen3_coder`.
+    pub tool_parser: bool,
+    /// Stop ids (generation_config + config).
+    pub eos_ids: Vec<u32>,
+}
+
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<Tokenizer>,
+    pub template: Arc<ChatTemplate>,
+    pub cfg: ServerConfig,
+    pub metrics: Metrics,
+    pub ready: AtomicBool,
+    pub created: u64,
+    pub vocab_size: usize,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .with_state(state)
+}
+
+fn error_response(e: &ApiError) -> Response {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(e.body())).into_response()
+}
+
+fn check_auth(s: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+    let Some(key) = &s.cfg.api_key else { return Ok(()) };
+    let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(key.as_str()) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            401,
+            "authentication_error",
+            "missing or invalid API key (send `Authorization: Bearer <key>`)",
+        ))
+    }
+}
+
+fn check_model(s: &AppState, model: &Option<String>) -> ApiResult<()> {
+    match model {
+        Some(m) if m != &s.cfg.served_model_name => Err(ApiError {
+            status: 404,
+            kind: "not_found_error",
+            message: format!("the model `{m}` does not exist; this server serves `{}`", s.cfg.served_model_name),
+            param: Some("model".into()),
+        }),
+        _ => Ok(()),
+    }
+}
+
+async fn health(State(s): State<Arc<AppState>>) -> StatusCode {
+    if s.ready.load(Ordering::Relaxed) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> impl IntoResponse {
+    ([("content-type", "text/plain; version=0.0.4")], s.metrics.render(&s.engine.stats))
+}
+
+async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = check_auth(&s, &headers) {
+        return error_response(&e);
+    }
+    Json(json!({"object": "list", "data": [{
+        "id": s.cfg.served_model_name, "object": "model", "created": s.created, "owned_by": "fp4",
+        "root": s.cfg.served_model_name, "max_model_len": s.cfg.max_model_len
+    }]}))
+    .into_response()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{:032x}", rand::random::<u128>())
+}
+
+/// A request ready for the engine.
+struct Prepared {
+    prompt_ids: Vec<u32>,
+    /// Text forced at the start of the output (tool_choice required/named); parsed as output.
+    forced: String,
+    gen: GenRequest,
+    stops: Vec<String>,
+    output: OutputConfig,
+}
+
+fn gen_request(s: &AppState, prompt: Vec<u32>, opts: &GenOptions) -> ApiResult<GenRequest> {
+    let max_len = s.cfg.max_model_len;
+    if prompt.len() >= max_len {
+        return Err(ApiError::bad(
+            "messages",
+            format!(
+                "this model's maximum context length is {max_len} tokens, but the prompt has {} tokens",
+                prompt.len()
+            ),
+        ));
+    }
+    let max_tokens = match opts.max_tokens {
+        Some(n) if prompt.len() + n > max_len => {
+            return Err(ApiError::bad(
+                "max_tokens",
+                format!(
+                    "this model's maximum context length is {max_len} tokens; the prompt has {} and max_tokens asks for {n} more",
+                    prompt.len()
+                ),
+            ))
+        }
+        Some(n) => n,
+        None => max_len - prompt.len(),
+    };
+    let vocab = s.vocab_size;
+    if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
+        return Err(ApiError::bad("prompt", format!("token id {id} is outside the vocabulary (size {vocab})")));
+    }
+    Ok(GenRequest {
+        prompt,
+        sampling: SamplingParams {
+            temperature: opts.temperature,
+            top_p: opts.top_p,
+            top_k: opts.top_k,
+            min_p: opts.min_p,
+            seed: opts.seed.unwrap_or_else(rand::random),
+        },
+        penalties: Penalties {
+            presence: opts.presence_penalty,
+            frequency: opts.frequency_penalty,
+            repetition: opts.repetition_penalty,
+        },
+        max_tokens,
+        stop_ids: if opts.ignore_eos { vec![] } else { s.cfg.eos_ids.clone() },
+        logprobs: opts.logprobs,
+    })
+}
+
+fn prepare_chat(s: &AppState, req: &protocol::ChatRequest) -> ApiResult<Prepared> {
+    let mut kwargs = s.cfg.default_chat_template_kwargs.clone();
+    kwargs.extend(req.chat_template_kwargs.clone());
+    let thinking = kwargs.get("enable_thinking").and_then(Value::as_bool) != Some(false);
+    let prompt = s
+        .template
+        .render(&RenderRequest {
+            messages: &req.messages,
+            tools: req.tools.as_deref(),
+            add_generation_prompt: true,
+            kwargs,
+        })
+        .map_err(|e| match e {
+            fp4_chat::TemplateError::Message { index, msg } => ApiError::bad(&format!("messages[{index}]"), msg),
+            other => ApiError::bad("messages", other.to_string()),
+        })?;
+    // tool_choice required/named: start the answer with the call (closing an open think block).
+    let mut forced = String::new();
+    if matches!(req.tool_choice, ToolChoice::Required | ToolChoice::Named(_)) {
+        if prompt.ends_with("<think>\n") {
+            forced.push_str("\n</think>\n\n");
+        }
+        forced.push_str("<tool_call>\n<function=");
+        if let ToolChoice::Named(n) = &req.tool_choice {
+            forced.push_str(n);
+            forced.push_str(">\n");
+        }
+    }
+    let ids = s
+        .tokenizer
+        .encode(&format!("{prompt}{forced}"))
+        .map_err(|e| ApiError::new(500, "server_error", e.to_string()))?;
+    let gen = gen_request(s, ids.clone(), &req.opts)?;
+    let tools_on = s.cfg.tool_parser && req.tools.is_some() && req.tool_choice != ToolChoice::None;
+    Ok(Prepared {
+        prompt_ids: ids,
+        forced,
+        gen,
+        stops: req.opts.stop.clone(),
+        output: OutputConfig {
+            reasoning_parser: s.cfg.reasoning_parser,
+            thinking,
+            tools: if tools_on { req.tools.clone() } else { None },
+        },
+    })
+}
+
+/// Text deltas of one generation: detokenized, cut at stop strings (never sending part of
+/// one), then the finish reason and token counts.
+struct TextStream<'a> {
+    rx: UnboundedReceiver<Event>,
+    detok: Detokenizer<'a>,
+    tok: &'a Tokenizer,
+    stops: Vec<String>,
+    text: String,
+    /// Bytes of `text` handed out.
+    sent: usize,
+    prompt_tokens: usize,
+    tokens: usize,
+    finish: Option<FinishReason>,
+    done: bool,
+    /// Logprob entries of tokens not yet attached to a response piece.
+    logprobs: Vec<Value>,
+    started: Instant,
+    last_token: Option<Instant>,
+}
+
+enum Piece {
+    Text(String),
+    Done(FinishReason),
+    Failed(String),
+}
+
+impl<'a> TextStream<'a> {
+    fn new(rx: UnboundedReceiver<Event>, tok: &'a Tokenizer, stops: Vec<String>, prompt_tokens: usize) -> Self {
+        TextStream {
+            rx,
+            detok: Detokenizer::new(tok, true),
+            tok,
+            stops,
+            text: String::new(),
+            sent: 0,
+            prompt_tokens,
+            tokens: 0,
+            finish: None,
+            done: false,
+            logprobs: Vec::new(),
+            started: Instant::now(),
+            last_token: None,
+        }
+    }
+
+    /// Longest proper prefix of a stop string at the end of the text (held back until decided).
+    fn held(&self) -> usize {
+        let mut hold = 0;
+        for s in &self.stops {
+            if let Some(n) = (1..s.len()).rev().find(|&n| s.is_char_boundary(n) && self.text.ends_with(&s[..n])) {
+                hold = hold.max(n);
+            }
+        }
+        hold
+    }
+
+    fn flush(&mut self, upto: usize) -> Option<Piece> {
+        (upto > self.sent).then(|| {
+            let out = self.text[self.sent..upto].to_string();
+            self.sent = upto;
+            Piece::Text(out)
+        })
+    }
+
+    async fn next(&mut self, m: &Metrics) -> Option<Piece> {
+        loop {
+            if self.done {
+                return None;
+            }
+            if let Some(reason) = self.finish {
+                if let Some(p) = self.flush(self.text.len()) {
+                    return Some(p);
+                }
+                self.done = true;
+                return Some(Piece::Done(reason));
+            }
+            match self.rx.recv().await {
+                None => {
+                    self.done = true;
+                    return Some(Piece::Failed("the engine dropped the request".into()));
+                }
+                Some(Event::Failed(e)) => {
+                    self.done = true;
+                    return Some(Piece::Failed(e));
+                }
+                Some(Event::Finished { reason, .. }) => {
+                    if let Ok(Some(rest)) = self.detok.finish() {
+                        self.text.push_str(&rest);
+                    }
+                    self.finish = Some(reason);
+                }
+                Some(Event::Token { id, logprob }) => {
+                    let now = Instant::now();
+                    match self.last_token {
+                        None => m.ttft.observe(now.duration_since(self.started).as_secs_f64()),
+                        Some(t) => m.itl.observe(now.duration_since(t).as_secs_f64()),
+                    }
+                    self.last_token = Some(now);
+                    self.tokens += 1;
+                    if let Some((lp, top)) = logprob {
+                        let entry = |id: u32, lp: f32| {
+                            let t = self.tok.decode(&[id], false).unwrap_or_default();
+                            json!({"token": t, "logprob": lp, "bytes": t.as_bytes()})
+                        };
+                        let mut e = entry(id, lp);
+                        e["top_logprobs"] = Value::Array(top.into_iter().map(|(i, l)| entry(i, l)).collect());
+                        self.logprobs.push(e);
+                    }
+                    let before = self.text.len();
+                    if let Ok(Some(delta)) = self.detok.push(id) {
+                        self.text.push_str(&delta);
+                    }
+                    let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
+                    let from = before.saturating_sub(longest);
+                    let from = (0..=from).rev().find(|&i| self.text.is_char_boundary(i)).unwrap_or(0);
+                    let hit =
+                        self.stops.iter().filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i)).min();
+                    if let Some(cut) = hit {
+                        // Stop string: keep the text before it and cancel the sequence.
+                        self.text.truncate(cut);
+                        self.rx.close();
+                        self.finish = Some(FinishReason::Stop);
+                        continue;
+                    }
+                    let safe = self.text.len() - self.held();
+                    if let Some(p) = self.flush(safe) {
+                        return Some(p);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn finish_name(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+fn submit(s: &AppState, gen: GenRequest) -> ApiResult<UnboundedReceiver<Event>> {
+    s.engine.submit(gen).map_err(|e| match e {
+        SubmitError::Overloaded(_) => ApiError::new(429, "rate_limit_error", e.to_string()),
+        SubmitError::ShuttingDown => ApiError::new(503, "server_error", e.to_string()),
+    })
+}
+
+async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    s.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    let result = async {
+        check_auth(&s, &headers)?;
+        let req = protocol::chat_request(&protocol::parse_body(&body)?)?;
+        check_model(&s, &req.model)?;
+        let prep = prepare_chat(&s, &req)?;
+        let rx = submit(&s, prep.gen.clone())?;
+        Ok::<_, ApiError>((req, prep, rx))
+    }
+    .await;
+    let (req, prep, rx) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            s.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            return error_response(&e);
+        }
+    };
+    if req.opts.stream {
+        Sse::new(chat_stream(s, req, prep, rx)).into_response()
+    } else {
+        chat_whole(&s, &req, prep, rx).await
+    }
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+async fn chat_whole(
+    s: &AppState,
+    req: &protocol::ChatRequest,
+    prep: Prepared,
+    rx: UnboundedReceiver<Event>,
+) -> Response {
+    let mut ts = TextStream::new(rx, &s.tokenizer, prep.stops.clone(), prep.prompt_ids.len());
+    let mut text = prep.forced.clone();
+    let reason = loop {
+        match ts.next(&s.metrics).await {
+            Some(Piece::Text(t)) => text.push_str(&t),
+            Some(Piece::Done(r)) => break r,
+            Some(Piece::Failed(e)) => return failure(s, e),
+            None => return failure(s, "generation ended without a result".into()),
+        }
+    };
+    let msg = fp4_chat::parse(&text, &prep.output);
+    let finish = if msg.tool_calls.is_empty() { finish_name(reason) } else { "tool_calls" };
+    let logprobs = req.opts.logprobs.map(|_| json!({"content": ts.logprobs}));
+    Json(json!({
+        "id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": s.cfg.served_model_name,
+        "choices": [{"index": 0, "message": msg, "logprobs": logprobs, "finish_reason": finish}],
+        "usage": usage(ts.prompt_tokens, ts.tokens),
+    }))
+    .into_response()
+}
+
+fn failure(s: &AppState, msg: String) -> Response {
+    s.metrics.errors.fetch_add(1, Ordering::Relaxed);
+    error_response(&ApiError::new(500, "server_error", msg))
+}
+
+fn sse(v: &Value) -> Result<SseEvent, Infallible> {
+    Ok(SseEvent::default().data(v.to_string()))
+}
+
+fn chat_stream(
+    s: Arc<AppState>,
+    req: protocol::ChatRequest,
+    prep: Prepared,
+    rx: UnboundedReceiver<Event>,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    async_stream::stream! {
+        let id = new_id("chatcmpl");
+        let created = now();
+        let model = s.cfg.served_model_name.clone();
+        let chunk = |delta: Value, finish: Option<&str>, logprobs: Option<Value>| json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+        });
+        yield sse(&chunk(json!({"role": "assistant", "content": ""}), None, None));
+        let mut parser = StreamParser::new(prep.output.clone());
+        let mut ts = TextStream::new(rx, &s.tokenizer, prep.stops.clone(), prep.prompt_ids.len());
+        let mut any_tool_call = false;
+        let mut pending: Option<DeltaMessage> = if prep.forced.is_empty() { None } else { parser.push(&prep.forced) };
+        let reason = loop {
+            if let Some(d) = pending.take() {
+                any_tool_call |= !d.tool_calls.is_empty();
+                let lp = req.opts.logprobs.map(|_| json!({"content": std::mem::take(&mut ts.logprobs)}));
+                yield sse(&chunk(serde_json::to_value(&d).unwrap_or_default(), None, lp));
+            }
+            match ts.next(&s.metrics).await {
+                Some(Piece::Text(t)) => pending = parser.push(&t),
+                Some(Piece::Done(r)) => break Some(r),
+                Some(Piece::Failed(e)) => {
+                    s.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                    yield sse(&ApiError::new(500, "server_error", e).body());
+                    break None;
+                }
+                None => break None,
+            }
+        };
+        if let Some(reason) = reason {
+            if let Some(d) = parser.finish() {
+                any_tool_call |= !d.tool_calls.is_empty();
+                yield sse(&chunk(serde_json::to_value(&d).unwrap_or_default(), None, None));
+            }
+            let finish = if any_tool_call { "tool_calls" } else { finish_name(reason) };
+            yield sse(&chunk(json!({}), Some(finish), None));
+            if req.opts.include_usage {
+                yield sse(&json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                                  "choices": [], "usage": usage(ts.prompt_tokens, ts.tokens)}));
+            }
+        }
+        yield Ok(SseEvent::default().data("[DONE]"));
+    }
+}
+
+async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    s.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    let result = async {
+        check_auth(&s, &headers)?;
+        let req = protocol::completion_request(&protocol::parse_body(&body)?)?;
+        check_model(&s, &req.model)?;
+        let (ids, prompt_text) = match &req.prompt {
+            Prompt::Text(t) => {
+                (s.tokenizer.encode(t).map_err(|e| ApiError::new(500, "server_error", e.to_string()))?, t.clone())
+            }
+            Prompt::Ids(ids) => (ids.clone(), s.tokenizer.decode(ids, false).unwrap_or_default()),
+        };
+        if ids.is_empty() {
+            return Err(ApiError::bad("prompt", "`prompt` must not be empty"));
+        }
+        let gen = gen_request(&s, ids, &req.opts)?;
+        let prompt_tokens = gen.prompt.len();
+        let rx = submit(&s, gen)?;
+        Ok::<_, ApiError>((req, prompt_text, prompt_tokens, rx))
+    }
+    .await;
+    let (req, prompt_text, prompt_tokens, rx) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            s.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            return error_response(&e);
+        }
+    };
+    let id = new_id("cmpl");
+    let created = now();
+    if req.opts.stream {
+        let stream = async_stream::stream! {
+            let model = s.cfg.served_model_name.clone();
+            let chunk = |text: &str, finish: Option<&str>| json!({
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
+            });
+            if req.echo {
+                yield sse(&chunk(&prompt_text, None));
+            }
+            let mut ts = TextStream::new(rx, &s.tokenizer, req.opts.stop.clone(), prompt_tokens);
+            loop {
+                match ts.next(&s.metrics).await {
+                    Some(Piece::Text(t)) => yield sse(&chunk(&t, None)),
+                    Some(Piece::Done(r)) => {
+                        yield sse(&chunk("", Some(finish_name(r))));
+                        if req.opts.include_usage {
+                            yield sse(&json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                                              "choices": [], "usage": usage(ts.prompt_tokens, ts.tokens)}));
+                        }
+                        break;
+                    }
+                    Some(Piece::Failed(e)) => {
+                        yield sse(&ApiError::new(500, "server_error", e).body());
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            yield Ok(SseEvent::default().data("[DONE]"));
+        };
+        return Sse::new(stream).into_response();
+    }
+    let mut ts = TextStream::new(rx, &s.tokenizer, req.opts.stop.clone(), prompt_tokens);
+    let mut text = if req.echo { prompt_text } else { String::new() };
+    let reason = loop {
+        match ts.next(&s.metrics).await {
+            Some(Piece::Text(t)) => text.push_str(&t),
+            Some(Piece::Done(r)) => break r,
+            Some(Piece::Failed(e)) => return failure(&s, e),
+            None => return failure(&s, "generation ended without a result".into()),
+        }
+    };
+    let logprobs = req.opts.logprobs.map(|_| json!({"content": ts.logprobs}));
+    Json(json!({
+        "id": id, "object": "text_completion", "created": created, "model": s.cfg.served_model_name,
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_name(reason)}],
+        "usage": usage(ts.prompt_tokens, ts.tokens),
+    }))
+    .into_response()
+}
+
+async fn tokenize(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let result = (|| {
+        check_auth(&s, &headers)?;
+        let m = protocol::parse_body(&body)?;
+        let text = if let Some(Value::Array(messages)) = m.get("messages") {
+            let gen = m.get("add_generation_prompt").and_then(Value::as_bool).unwrap_or(true);
+            let kwargs = m.get("chat_template_kwargs").and_then(Value::as_object).cloned().unwrap_or_default();
+            let tools = m.get("tools").and_then(Value::as_array).cloned();
+            s.template
+                .render(&RenderRequest { messages, tools: tools.as_deref(), add_generation_prompt: gen, kwargs })
+                .map_err(|e| ApiError::bad("messages", e.to_string()))?
+        } else if let Some(Value::String(p)) = m.get("prompt") {
+            p.clone()
+        } else {
+            return Err(ApiError::bad("prompt", "give `prompt` (a string) or `messages`"));
+        };
+        let tokens = s.tokenizer.encode(&text).map_err(|e| ApiError::new(500, "server_error", e.to_string()))?;
+        Ok(json!({"count": tokens.len(), "max_model_len": s.cfg.max_model_len, "tokens": tokens}))
+    })();
+    match result {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn detokenize(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let result = (|| {
+        check_auth(&s, &headers)?;
+        let m = protocol::parse_body(&body)?;
+        let tokens: Vec<u32> = m
+            .get("tokens")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(|v| v.as_u64().map(|x| x as u32)).collect())
+            .ok_or_else(|| ApiError::bad("tokens", "`tokens` must be a list of token ids"))?;
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= s.vocab_size) {
+            return Err(ApiError::bad("tokens", format!("token id {id} is outside the vocabulary")));
+        }
+        let prompt =
+            s.tokenizer.decode(&tokens, false).map_err(|e| ApiError::new(500, "server_error", e.to_string()))?;
+        Ok(json!({"prompt": prompt}))
+    })();
+    match result {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error_response(&e),
+    }
+}

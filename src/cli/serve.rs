@@ -1,0 +1,231 @@
+//! `fp4 serve`: the OpenAI-compatible server, accepting the vLLM flags of the user's recipe.
+
+use super::ComputeArgs;
+use anyhow::{bail, Context};
+use fp4_chat::{ChatTemplate, Tokenizer};
+use fp4_format::Checkpoint;
+use fp4_model::{LoadOptions, Qwen35};
+use fp4_server::engine::{self, EngineConfig, Event, GenRequest, Penalties};
+use fp4_server::{AppState, ServerConfig};
+use serde_json::{Map, Value};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model directory (also as the positional `fp4 serve DIR`, like `vllm serve`).
+    #[arg(long, required_unless_present = "model_pos")]
+    model: Option<PathBuf>,
+    #[arg(conflicts_with = "model", value_name = "MODEL")]
+    model_pos: Option<PathBuf>,
+    #[arg(long, default_value = "0.0.0.0")]
+    host: String,
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Name clients use in `model` (default: the model path as given).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Context length (prompt + output); default: the model's max_position_embeddings.
+    #[arg(long)]
+    max_model_len: Option<usize>,
+    /// Sequences computed concurrently.
+    #[arg(long, default_value_t = 16)]
+    max_num_seqs: usize,
+    /// Requests allowed to wait for a slot; more get HTTP 429.
+    #[arg(long, default_value_t = 64)]
+    max_waiting_requests: usize,
+    /// Bytes for all sequences' caches (KV + GDN state), e.g. 2GiB or 512MiB.
+    #[arg(long, default_value = "2GiB")]
+    cache_budget: String,
+    /// Require `Authorization: Bearer KEY` on /v1 routes.
+    #[arg(long, env = "FP4_API_KEY")]
+    api_key: Option<String>,
+    /// Only `qwen3` exists.
+    #[arg(long)]
+    reasoning_parser: Option<String>,
+    #[arg(long)]
+    enable_auto_tool_choice: bool,
+    /// Only `qwen3_coder` exists.
+    #[arg(long)]
+    tool_call_parser: Option<String>,
+    /// JSON object merged under each request's chat_template_kwargs, e.g. '{"enable_thinking": false}'.
+    #[arg(long)]
+    default_chat_template_kwargs: Option<String>,
+    /// Checked against the checkpoint (modelopt or compressed-tensors NVFP4).
+    #[arg(long)]
+    quantization: Option<String>,
+    /// Accepted for vLLM compatibility (fp4 serves the text model only, without CUDA graphs on CPU).
+    #[arg(long)]
+    enforce_eager: bool,
+    #[arg(long)]
+    language_model_only: bool,
+    #[arg(long)]
+    gpu_memory_utilization: Option<f32>,
+    #[arg(long)]
+    trust_remote_code: bool,
+    /// Seconds to let in-flight requests finish after SIGTERM/Ctrl-C.
+    #[arg(long, default_value_t = 30)]
+    shutdown_timeout: u64,
+    #[command(flatten)]
+    compute: ComputeArgs,
+}
+
+/// "2GiB", "512MiB", "1000000" → bytes.
+fn parse_bytes(s: &str) -> anyhow::Result<usize> {
+    let t = s.trim();
+    let (num, mult) =
+        [("GiB", 1usize << 30), ("MiB", 1 << 20), ("KiB", 1 << 10), ("GB", 1_000_000_000), ("MB", 1_000_000)]
+            .iter()
+            .find_map(|(suf, m)| t.strip_suffix(suf).map(|n| (n.trim(), *m)))
+            .unwrap_or((t, 1));
+    let v: f64 = num.parse().with_context(|| format!("--cache-budget: `{s}` is not a size like 2GiB"))?;
+    anyhow::ensure!(v > 0.0, "--cache-budget must be positive");
+    Ok((v * mult as f64) as usize)
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let model_path = a.model.clone().or(a.model_pos.clone()).expect("clap requires a model");
+    if let Some(r) = &a.reasoning_parser {
+        if r != "qwen3" {
+            bail!("--reasoning-parser {r} is not available; fp4 implements `qwen3`");
+        }
+    }
+    if let Some(t) = &a.tool_call_parser {
+        if t != "qwen3_coder" && t != "qwen3_xml" {
+            bail!("--tool-call-parser {t} is not available; fp4 implements `qwen3_coder`");
+        }
+    }
+    if a.enable_auto_tool_choice && a.tool_call_parser.is_none() {
+        bail!("--enable-auto-tool-choice needs --tool-call-parser qwen3_coder");
+    }
+    for (set, flag) in [
+        (a.enforce_eager, "--enforce-eager"),
+        (a.language_model_only, "--language-model-only"),
+        (a.gpu_memory_utilization.is_some(), "--gpu-memory-utilization"),
+        (a.trust_remote_code, "--trust-remote-code"),
+    ] {
+        if set {
+            tracing::info!("{flag} accepted; it does not change anything for fp4's CPU engine (text model only, explicit --cache-budget)");
+        }
+    }
+    let ckpt = Checkpoint::open(&model_path).with_context(|| format!("cannot open model {}", model_path.display()))?;
+    if let Some(q) = &a.quantization {
+        match (q.as_str(), &ckpt.quant) {
+            ("modelopt" | "modelopt_fp4" | "compressed-tensors", Some(_)) => {}
+            ("modelopt" | "modelopt_fp4" | "compressed-tensors", None) => {
+                bail!("--quantization {q}: {} has no quantization config", model_path.display())
+            }
+            (other, _) => {
+                bail!("--quantization {other} is not supported; fp4 reads modelopt and compressed-tensors NVFP4")
+            }
+        }
+    }
+    let tokenizer = Tokenizer::from_dir(&model_path)?.with_context(|| {
+        format!("{} has no {}; fp4 serve needs the model's tokenizer", model_path.display(), Tokenizer::FILE)
+    })?;
+    let template = ChatTemplate::from_dir(&model_path, true)
+        .with_context(|| format!("{}: fp4 serve needs the model's chat template", model_path.display()))?;
+    let default_kwargs: Map<String, Value> = match &a.default_chat_template_kwargs {
+        Some(s) => serde_json::from_str(s).context("--default-chat-template-kwargs must be a JSON object")?,
+        None => Map::new(),
+    };
+    let max_model_len = a.max_model_len.unwrap_or(ckpt.config.max_position_embeddings);
+    anyhow::ensure!(max_model_len >= 2, "--max-model-len must be at least 2");
+    let cache_budget = parse_bytes(&a.cache_budget)?;
+    let started = std::time::Instant::now();
+    let opts: LoadOptions = a.compute.load_options();
+    let model = Qwen35::load(&ckpt, opts).with_context(|| format!("cannot load model {}", model_path.display()))?;
+    let vocab_size = model.config.vocab_size;
+    let eos_ids = ckpt.eos_token_ids.clone();
+    let one_seq = engine::cache_bytes(&model, max_model_len);
+    tracing::info!(
+        secs = started.elapsed().as_secs_f64(),
+        cache_budget,
+        bytes_per_full_sequence = one_seq,
+        "model loaded"
+    );
+    let engine = engine::start(
+        model,
+        EngineConfig {
+            max_num_seqs: a.max_num_seqs.max(1),
+            max_model_len,
+            max_waiting: a.max_waiting_requests.max(1),
+            cache_budget_bytes: cache_budget,
+        },
+    );
+    let state = Arc::new(AppState {
+        engine,
+        tokenizer: Arc::new(tokenizer),
+        template: Arc::new(template),
+        cfg: ServerConfig {
+            served_model_name: a.served_model_name.clone().unwrap_or_else(|| model_path.display().to_string()),
+            max_model_len,
+            api_key: a.api_key.clone(),
+            default_chat_template_kwargs: default_kwargs,
+            reasoning_parser: a.reasoning_parser.is_some(),
+            tool_parser: a.enable_auto_tool_choice,
+            eos_ids,
+        },
+        metrics: Default::default(),
+        ready: AtomicBool::new(false),
+        created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        vocab_size,
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(serve(state, &a.host, a.port, a.shutdown_timeout))
+}
+
+async fn serve(state: Arc<AppState>, host: &str, port: u16, shutdown_timeout: u64) -> anyhow::Result<()> {
+    let listener =
+        tokio::net::TcpListener::bind((host, port)).await.with_context(|| format!("cannot listen on {host}:{port}"))?;
+    let addr = listener.local_addr()?;
+    // Warm up: one token through the engine before /health says ready.
+    let warm = GenRequest {
+        prompt: vec![0],
+        sampling: Default::default(),
+        penalties: Penalties { repetition: 1.0, ..Default::default() },
+        max_tokens: 1,
+        stop_ids: vec![],
+        logprobs: None,
+    };
+    let mut rx = state.engine.submit(warm)?;
+    while let Some(e) = rx.recv().await {
+        match e {
+            Event::Finished { .. } => break,
+            Event::Failed(err) => bail!("warm-up failed: {err}"),
+            Event::Token { .. } => {}
+        }
+    }
+    state.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(%addr, model = %state.cfg.served_model_name, "serving");
+    eprintln!("fp4 serving {} on http://{addr}", state.cfg.served_model_name);
+    let app = fp4_server::router(state.clone());
+    let engine = state.engine.clone();
+    let shutdown = async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let term = async {
+            if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                s.recv().await;
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+        tracing::info!("shutting down: draining in-flight requests");
+        engine.shutdown();
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(shutdown_timeout);
+            while !engine.idle() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep_until(deadline).await;
+            tracing::warn!("shutdown timeout reached; exiting");
+            std::process::exit(0);
+        });
+    };
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    Ok(())
+}
