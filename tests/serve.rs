@@ -1,0 +1,355 @@
+//! `fp4 serve` end to end over HTTP on a tiny model: endpoints, streaming == non-streaming,
+//! tools, errors, concurrency, disconnects, overload.
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Server {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The tiny-quant fixture plus fp4's Qwen3.5 chat template: a servable model directory.
+fn model_dir() -> (tempfile::TempDir, PathBuf) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for e in std::fs::read_dir(root.join("tests/fixtures/tiny-quant")).unwrap().flatten() {
+        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+    }
+    std::fs::copy(root.join("crates/fp4-chat/templates/qwen3_5.jinja"), model.join("chat_template.jinja")).unwrap();
+    (dir, model)
+}
+
+fn start(extra: &[&str]) -> Server {
+    let (dir, model) = model_dir();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut args: Vec<String> = vec![
+        "serve".into(),
+        "--model".into(),
+        model.display().to_string(),
+        "--host".into(),
+        "127.0.0.1".into(),
+        "--port".into(),
+        port.to_string(),
+        "--served-model-name".into(),
+        "tiny".into(),
+        "--max-model-len".into(),
+        "2048".into(),
+        "--reasoning-parser".into(),
+        "qwen3".into(),
+        "--enable-auto-tool-choice".into(),
+        "--tool-call-parser".into(),
+        "qwen3_coder".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let child = Command::new(env!("CARGO_BIN_EXE_fp4"))
+        .args(&args)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server { child, port, _dir: dir };
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(60) {
+        if let Ok((200, _)) = server.request("GET", "/health", None, &[]) {
+            return server;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("server did not become healthy");
+}
+
+impl Server {
+    /// One HTTP/1.1 request; returns (status, body).
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> std::io::Result<(u16, String)> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(120)))?;
+        let body = body.unwrap_or("");
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n", body.len());
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        req.push_str(body);
+        s.write_all(req.as_bytes())?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw)?;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status: u16 = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+        Ok((status, if chunked { dechunk(rest) } else { rest.to_string() }))
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let (status, text) = self.request("POST", path, Some(&body.to_string()), &[]).unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// A streaming request: the `data:` payloads in order.
+    fn stream(&self, body: &Value) -> Vec<String> {
+        let (status, text) = self.request("POST", "/v1/chat/completions", Some(&body.to_string()), &[]).unwrap();
+        assert_eq!(status, 200, "{text}");
+        text.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
+    }
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+fn user(text: &str) -> Value {
+    json!([{"role": "system", "content": "You are Annie."}, {"role": "user", "content": text}])
+}
+
+fn search_tool() -> Value {
+    json!([{"type": "function", "function": {"name": "search_memory", "description": "Search memory",
+        "parameters": {"type": "object", "properties": {"query": {"type": "string"}, "limit": {"type": "integer"}}, "required": ["query"]}}}])
+}
+
+/// Merges a chat stream's deltas into (content, reasoning, tool calls, finish_reason, usage).
+fn merge(events: &[String]) -> (String, String, Vec<(String, String)>, String, Value) {
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let (mut content, mut reasoning, mut calls, mut finish, mut usage) =
+        (String::new(), String::new(), Vec::new(), String::new(), Value::Null);
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).unwrap();
+        assert_eq!(v["object"], "chat.completion.chunk");
+        if v["choices"].as_array().unwrap().is_empty() {
+            usage = v["usage"].clone();
+            continue;
+        }
+        let c = &v["choices"][0];
+        let d = &c["delta"];
+        content.push_str(d["content"].as_str().unwrap_or(""));
+        reasoning.push_str(d["reasoning_content"].as_str().unwrap_or(""));
+        assert_eq!(d["reasoning_content"], d["reasoning"]);
+        for tc in d["tool_calls"].as_array().into_iter().flatten() {
+            let i = tc["index"].as_u64().unwrap() as usize;
+            if i == calls.len() {
+                assert!(tc["id"].as_str().unwrap().starts_with("call_"));
+                assert_eq!(tc["type"], "function");
+                calls.push((tc["function"]["name"].as_str().unwrap().to_string(), String::new()));
+            } else {
+                assert!(tc["function"]["name"].is_null(), "name sent twice");
+            }
+            calls[i].1.push_str(tc["function"]["arguments"].as_str().unwrap_or(""));
+        }
+        if let Some(f) = c["finish_reason"].as_str() {
+            finish = f.to_string();
+        }
+    }
+    (content, reasoning, calls, finish, usage)
+}
+
+#[test]
+fn endpoints_streaming_and_tools() {
+    let s = start(&[]);
+    let (status, text) = s.request("GET", "/v1/models", None, &[]).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["data"][0]["id"], "tiny");
+
+    // Non-streaming vs streaming, greedy: the same message (reasoning on by default).
+    let req = json!({"model": "tiny", "messages": user("Hello there"), "max_tokens": 12, "temperature": 0});
+    let (status, whole) = s.post("/v1/chat/completions", &req);
+    assert_eq!(status, 200, "{whole}");
+    let msg = &whole["choices"][0]["message"];
+    assert_eq!(whole["usage"]["completion_tokens"], 12);
+    assert_eq!(whole["choices"][0]["finish_reason"], "length");
+    let mut sreq = req.clone();
+    sreq["stream"] = json!(true);
+    sreq["stream_options"] = json!({"include_usage": true});
+    let (content, reasoning, calls, finish, usage) = merge(&s.stream(&sreq));
+    assert_eq!(content, msg["content"].as_str().unwrap_or(""));
+    assert_eq!(reasoning, msg["reasoning_content"].as_str().unwrap_or(""));
+    assert!(calls.is_empty() && finish == "length");
+    assert_eq!(usage, whole["usage"]);
+
+    // Thinking off: everything is content.
+    let mut off = req.clone();
+    off["chat_template_kwargs"] = json!({"enable_thinking": false});
+    let (_, v) = s.post("/v1/chat/completions", &off);
+    assert!(v["choices"][0]["message"]["reasoning_content"].is_null());
+
+    // Named tool choice: a structured call to that function, in both modes.
+    let mut named = json!({"messages": user("What do you remember?"), "tools": search_tool(), "max_tokens": 24, "temperature": 0,
+        "tool_choice": {"type": "function", "function": {"name": "search_memory"}}});
+    let (status, v) = s.post("/v1/chat/completions", &named);
+    assert_eq!(status, 200, "{v}");
+    let tc = &v["choices"][0]["message"]["tool_calls"];
+    assert_eq!(tc[0]["function"]["name"], "search_memory", "{v}");
+    assert!(serde_json::from_str::<Value>(tc[0]["function"]["arguments"].as_str().unwrap()).is_ok());
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+    named["stream"] = json!(true);
+    let (_, _, calls, finish, _) = merge(&s.stream(&named));
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].0, "search_memory");
+    assert_eq!(calls[0].1, tc[0]["function"]["arguments"].as_str().unwrap());
+    assert_eq!(finish, "tool_calls");
+
+    // Text completions, stop strings, logprobs, tokenize/detokenize.
+    let (status, v) =
+        s.post("/v1/completions", &json!({"prompt": "Annie is", "max_tokens": 6, "temperature": 0, "logprobs": 2}));
+    assert_eq!(status, 200, "{v}");
+    let text = v["choices"][0]["text"].as_str().unwrap().to_string();
+    assert_eq!(v["choices"][0]["logprobs"]["content"].as_array().unwrap().len(), 6);
+    if text.chars().count() > 3 {
+        let stop: String = text.chars().skip(2).take(2).collect();
+        let (_, v) = s
+            .post("/v1/completions", &json!({"prompt": "Annie is", "max_tokens": 6, "temperature": 0, "stop": [stop]}));
+        let cut = v["choices"][0]["text"].as_str().unwrap();
+        assert!(text.starts_with(cut) && cut.len() < text.len(), "{cut:?} vs {text:?}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    }
+    let (_, t) = s.post("/tokenize", &json!({"prompt": "Annie is warm"}));
+    let (_, d) = s.post("/detokenize", &json!({"tokens": t["tokens"]}));
+    assert_eq!(d["prompt"], "Annie is warm");
+    let (status, metrics) = s.request("GET", "/metrics", None, &[]).unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("fp4_time_to_first_token_seconds_count") && metrics.contains("fp4_generation_tokens_total")
+    );
+}
+
+#[test]
+fn errors_are_openai_errors() {
+    let s = start(&["--api-key", "sekret"]);
+    let auth = [("Authorization", "Bearer sekret")];
+    let post = |body: &str, headers: &[(&str, &str)]| {
+        let (status, text) = s.request("POST", "/v1/chat/completions", Some(body), headers).unwrap();
+        (status, serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)))
+    };
+    let ok = json!({"messages": user("hi"), "max_tokens": 2}).to_string();
+    let (status, v) = post(&ok, &[]);
+    assert_eq!(status, 401);
+    assert_eq!(v["error"]["type"], "authentication_error");
+    let (status, _) = post(&ok, &auth);
+    assert_eq!(status, 200);
+    let cases = [
+        ("{not json", 400, None),
+        (r#"{"messages": "hi"}"#, 400, Some("messages")),
+        (r#"{"model": "other", "messages": [{"role": "user", "content": "x"}]}"#, 404, Some("model")),
+        (r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}"#, 400, Some("max_tokens")),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {}}]}"#,
+            400,
+            Some("tools[0]"),
+        ),
+        (r#"{"messages": [{"role": "user", "content": "x"}], "tool_choice": "sometimes"}"#, 400, Some("tool_choice")),
+        (r#"{"messages": [{"role": "user", "content": "x"}], "temperature": -1}"#, 400, Some("temperature")),
+        (r#"{"messages": [{"role": "user", "content": "x"}], "n": 3}"#, 400, Some("n")),
+        (r#"{"messages": [{"role": "system", "content": "only a system prompt"}]}"#, 400, Some("messages")),
+    ];
+    for (body, code, param) in cases {
+        let (status, v) = post(body, &auth);
+        assert_eq!(status, code, "{body}: {v}");
+        assert_eq!(v["error"]["code"], code, "{body}");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        if let Some(p) = param {
+            assert_eq!(v["error"]["param"], p, "{body}: {v}");
+        }
+    }
+    let long = "word ".repeat(3000);
+    let (status, v) = post(&json!({"messages": user(&long)}).to_string(), &auth);
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("maximum context length"));
+    // Still healthy after all that.
+    assert_eq!(s.request("GET", "/health", None, &[]).unwrap().0, 200);
+}
+
+/// 16 concurrent greedy requests return exactly what each returns alone; a client that
+/// disconnects mid-stream frees its slot.
+#[test]
+fn concurrency_and_disconnects() {
+    let s = start(&["--max-num-seqs", "4"]);
+    let body = |i: usize| json!({"messages": user(&format!("Request number {i}")), "max_tokens": 10, "temperature": 0});
+    let alone: Vec<Value> =
+        (0..16).map(|i| s.post("/v1/chat/completions", &body(i)).1["choices"][0]["message"].clone()).collect();
+    let server = &s;
+    let together: Vec<Value> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..16).map(|i| sc.spawn(move || server.post("/v1/chat/completions", &body(i)).1)).collect();
+        hs.into_iter().map(|h| h.join().unwrap()["choices"][0]["message"].clone()).collect()
+    });
+    for (a, b) in alone.iter().zip(&together) {
+        let strip = |m: &Value| (m["content"].clone(), m["reasoning_content"].clone());
+        assert_eq!(strip(a), strip(b));
+    }
+    // Disconnect: read the first bytes of a long stream, then hang up.
+    let mut c = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    let req = json!({"messages": user("Tell me a long story"), "max_tokens": 200, "stream": true, "temperature": 0, "ignore_eos": true}).to_string();
+    write!(c, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{req}", req.len()).unwrap();
+    let mut line = String::new();
+    BufReader::new(&c).read_line(&mut line).unwrap();
+    assert!(line.contains("200"));
+    drop(c);
+    let started = Instant::now();
+    loop {
+        let (_, m) = s.request("GET", "/metrics", None, &[]).unwrap();
+        if m.lines().any(|l| l.starts_with("fp4_requests_cancelled_total") && !l.ends_with(" 0")) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the disconnected stream was never cancelled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_full_queue_answers_429() {
+    let s = start(&["--max-num-seqs", "1", "--max-waiting-requests", "1"]);
+    let body = json!({"messages": user("hello"), "max_tokens": 120, "ignore_eos": true}).to_string();
+    let statuses: Vec<u16> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..8)
+            .map(|_| sc.spawn(|| s.request("POST", "/v1/chat/completions", Some(&body), &[]).unwrap().0))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(statuses.contains(&200), "{statuses:?}");
+}
+
+#[test]
+fn bad_flags_fail_clearly() {
+    let (_d, model) = model_dir();
+    for (flag, val, needle) in [
+        ("--reasoning-parser", "deepseek_r1", "qwen3"),
+        ("--tool-call-parser", "hermes", "qwen3_coder"),
+        ("--quantization", "modelopt", "no quantization config"),
+        ("--quantization", "awq", "not supported"),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_fp4"))
+            .args(["serve", "--model", model.to_str().unwrap(), "--port", "1", flag, val])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(needle), "{flag} {val}: {err}");
+    }
+}
