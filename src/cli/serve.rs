@@ -49,6 +49,9 @@ pub struct Args {
     /// Only `qwen3_coder` exists.
     #[arg(long)]
     tool_call_parser: Option<String>,
+    /// Chat template file (Jinja) to use instead of the model directory's.
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
     /// JSON object merged under each request's chat_template_kwargs, e.g. '{"enable_thinking": false}'.
     #[arg(long)]
     default_chat_template_kwargs: Option<String>,
@@ -124,8 +127,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let tokenizer = Tokenizer::from_dir(&model_path)?.with_context(|| {
         format!("{} has no {}; fp4 serve needs the model's tokenizer", model_path.display(), Tokenizer::FILE)
     })?;
-    let template = ChatTemplate::from_dir(&model_path, true)
-        .with_context(|| format!("{}: fp4 serve needs the model's chat template", model_path.display()))?;
+    let template = match &a.chat_template {
+        Some(path) => {
+            let src = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --chat-template {}", path.display()))?;
+            ChatTemplate::new(&src).with_context(|| format!("--chat-template {}", path.display()))?
+        }
+        None => ChatTemplate::from_dir(&model_path, true).with_context(|| {
+            format!("{}: fp4 serve needs the model's chat template (or --chat-template FILE)", model_path.display())
+        })?,
+    };
     let default_kwargs: Map<String, Value> = match &a.default_chat_template_kwargs {
         Some(s) => serde_json::from_str(s).context("--default-chat-template-kwargs must be a JSON object")?,
         None => Map::new(),
@@ -188,6 +199,7 @@ async fn serve(state: Arc<AppState>, host: &str, port: u16, shutdown_timeout: u6
         max_tokens: 1,
         stop_ids: vec![],
         logprobs: None,
+        choices: vec![],
     };
     let mut rx = state.engine.submit(warm)?;
     while let Some(e) = rx.recv().await {

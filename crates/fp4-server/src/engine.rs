@@ -47,6 +47,10 @@ pub struct GenRequest {
     pub stop_ids: Vec<u32>,
     /// Return this many top alternatives' log-probabilities per token (`None`: no logprobs).
     pub logprobs: Option<usize>,
+    /// The output must start with one of these token sequences: the engine scores each (sum of
+    /// log-probabilities, teacher-forced on a copy of the cache) and emits the likeliest, then
+    /// samples freely. Used to pick the function for `tool_choice: required`.
+    pub choices: Vec<Vec<u32>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,6 +277,20 @@ fn step(model: &Qwen35, seq: &mut Sequence, stats: &Stats) -> bool {
             Err(e) => return fail(seq, e.to_string()),
         }
     }
+    if seq.generated.is_empty() && !seq.req.choices.is_empty() {
+        if let Err(e) = force_best_choice(model, seq, stats) {
+            return fail(seq, e);
+        }
+        if seq.generated.len() >= seq.req.max_tokens {
+            stats.requests_finished.fetch_add(1, Ordering::Relaxed);
+            let _ = seq.events.send(Event::Finished {
+                reason: FinishReason::Length,
+                prompt_tokens: seq.req.prompt.len(),
+                completion_tokens: seq.generated.len(),
+            });
+            return true;
+        }
+    }
     let mut logits = std::mem::take(&mut seq.logits);
     apply_penalties(&mut logits, &seq.req, &seq.counts);
     let id = seq.sampler.sample(&logits);
@@ -298,6 +316,40 @@ fn step(model: &Qwen35, seq: &mut Sequence, stats: &Stats) -> bool {
         return true;
     }
     false
+}
+
+/// Scores every allowed start (teacher-forced on a copy of the cache), then emits the likeliest
+/// as if it had been generated.
+fn force_best_choice(model: &Qwen35, seq: &mut Sequence, stats: &Stats) -> Result<(), String> {
+    let lse = |l: &[f32]| {
+        let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        m + l.iter().map(|x| (x - m).exp()).sum::<f32>().ln()
+    };
+    let mut best: Option<(f32, usize)> = None;
+    for (ci, choice) in seq.req.choices.iter().enumerate() {
+        let mut cache = seq.cache.clone();
+        let mut logits = seq.logits.clone();
+        let mut score = 0f32;
+        for &t in choice {
+            score += logits.get(t as usize).copied().unwrap_or(f32::NEG_INFINITY) - lse(&logits);
+            logits = model.forward(&[t], &mut cache, Logits::Last).map_err(|e| e.to_string())?.into_vec();
+        }
+        if best.is_none_or(|(b, _)| score > b) {
+            best = Some((score, ci));
+        }
+    }
+    let Some((_, ci)) = best else { return Ok(()) };
+    for t in seq.req.choices[ci].clone() {
+        if seq.generated.len() >= seq.req.max_tokens {
+            break;
+        }
+        seq.generated.push(t);
+        *seq.counts.entry(t).or_default() += 1;
+        stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        let _ = seq.events.send(Event::Token { id: t, logprob: None });
+        seq.logits = model.forward(&[t], &mut seq.cache, Logits::Last).map_err(|e| e.to_string())?.into_vec();
+    }
+    Ok(())
 }
 
 fn apply_penalties(logits: &mut [f32], req: &GenRequest, counts: &HashMap<u32, u32>) {
@@ -345,6 +397,7 @@ mod tests {
             max_tokens: 4,
             stop_ids: vec![],
             logprobs: None,
+            choices: vec![],
         };
         let mut logits = vec![2.0f32, -2.0, 1.0, 3.0];
         let counts: HashMap<u32, u32> = [(1, 2), (2, 1)].into_iter().collect();

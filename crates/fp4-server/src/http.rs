@@ -176,6 +176,7 @@ fn gen_request(s: &AppState, prompt: Vec<u32>, opts: &GenOptions) -> ApiResult<G
         max_tokens,
         stop_ids: if opts.ignore_eos { vec![] } else { s.cfg.eos_ids.clone() },
         logprobs: opts.logprobs,
+        choices: vec![],
     })
 }
 
@@ -211,7 +212,18 @@ fn prepare_chat(s: &AppState, req: &protocol::ChatRequest) -> ApiResult<Prepared
         .tokenizer
         .encode(&format!("{prompt}{forced}"))
         .map_err(|e| ApiError::new(500, "server_error", e.to_string()))?;
-    let gen = gen_request(s, ids.clone(), &req.opts)?;
+    let mut gen = gen_request(s, ids.clone(), &req.opts)?;
+    if req.tool_choice == ToolChoice::Required {
+        // The model must name one of the tools: the engine picks the likeliest `NAME>\n`.
+        for t in req.tools.iter().flatten() {
+            let name = t["function"]["name"].as_str().unwrap_or_default();
+            let toks = s
+                .tokenizer
+                .encode(&format!("{name}>\n"))
+                .map_err(|e| ApiError::new(500, "server_error", e.to_string()))?;
+            gen.choices.push(toks);
+        }
+    }
     let tools_on = s.cfg.tool_parser && req.tools.is_some() && req.tool_choice != ToolChoice::None;
     Ok(Prepared {
         prompt_ids: ids,
