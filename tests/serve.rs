@@ -353,3 +353,40 @@ fn bad_flags_fail_clearly() {
         assert!(!o.status.success() && err.contains(needle), "{flag} {val}: {err}");
     }
 }
+
+/// SIGTERM: in-flight streams finish, then the server exits cleanly.
+#[cfg(unix)]
+#[test]
+fn sigterm_drains_in_flight_requests() {
+    let mut s = start(&[]);
+    let port = s.port;
+    let body = json!({"messages": user("Tell me everything"), "max_tokens": 1900, "stream": true, "ignore_eos": true})
+        .to_string();
+    let client = std::thread::spawn(move || {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(c, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        out
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let pid = s.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let out = client.join().unwrap();
+    assert!(out.contains("data: [DONE]"), "the in-flight stream was cut: {out}");
+    // Requests after the signal are refused (the listener is closed or answers 503).
+    assert!(
+        s.request("GET", "/health", None, &[]).map(|(c, _)| c != 200).unwrap_or(true)
+            || s.child.try_wait().unwrap().is_some()
+    );
+    assert!(out.contains("\"finish_reason\":\"length\""));
+    let started = Instant::now();
+    loop {
+        if let Some(status) = s.child.try_wait().unwrap() {
+            assert!(status.success(), "{status:?}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "server did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -128,10 +128,6 @@ impl EngineHandle {
     pub fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::Relaxed);
     }
-
-    pub fn idle(&self) -> bool {
-        self.stats.running.load(Ordering::Relaxed) == 0 && self.stats.waiting.load(Ordering::Relaxed) == 0
-    }
 }
 
 /// Cache bytes one sequence of `tokens` tokens needs (f32 CPU caches).

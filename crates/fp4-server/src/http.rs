@@ -431,7 +431,10 @@ async fn chat_whole(
             None => return failure(s, "generation ended without a result".into()),
         }
     };
-    let msg = fp4_chat::parse(&text, &prep.output);
+    let mut msg = fp4_chat::parse(&text, &prep.output);
+    if !req.parallel_tool_calls {
+        msg.tool_calls.truncate(1);
+    }
     let finish = if msg.tool_calls.is_empty() { finish_name(reason) } else { "tool_calls" };
     let logprobs = req.opts.logprobs.map(|_| json!({"content": ts.logprobs}));
     Json(json!({
@@ -470,8 +473,15 @@ fn chat_stream(
         let mut ts = TextStream::new(rx, &s.tokenizer, prep.stops.clone(), prep.prompt_ids.len());
         let mut any_tool_call = false;
         let mut pending: Option<DeltaMessage> = if prep.forced.is_empty() { None } else { parser.push(&prep.forced) };
+        let single = !req.parallel_tool_calls;
+        let keep = |mut d: DeltaMessage| {
+            if single {
+                d.tool_calls.retain(|t| t.index == 0);
+            }
+            (!d.is_empty()).then_some(d)
+        };
         let reason = loop {
-            if let Some(d) = pending.take() {
+            if let Some(d) = pending.take().and_then(keep) {
                 any_tool_call |= !d.tool_calls.is_empty();
                 let lp = req.opts.logprobs.map(|_| json!({"content": std::mem::take(&mut ts.logprobs)}));
                 yield sse(&chunk(serde_json::to_value(&d).unwrap_or_default(), None, lp));
@@ -488,7 +498,7 @@ fn chat_stream(
             }
         };
         if let Some(reason) = reason {
-            if let Some(d) = parser.finish() {
+            if let Some(d) = parser.finish().and_then(keep) {
                 any_tool_call |= !d.tool_calls.is_empty();
                 yield sse(&chunk(serde_json::to_value(&d).unwrap_or_default(), None, None));
             }

@@ -62,6 +62,8 @@ pub struct ChatRequest {
     pub messages: Vec<Value>,
     pub tools: Option<Vec<Value>>,
     pub tool_choice: ToolChoice,
+    /// `parallel_tool_calls: false` keeps only the first call.
+    pub parallel_tool_calls: bool,
     pub chat_template_kwargs: Map<String, Value>,
     pub opts: GenOptions,
 }
@@ -296,11 +298,18 @@ pub fn chat_request(m: &Map<String, Value>) -> ApiResult<ChatRequest> {
         Some(Value::Object(o)) => o.clone(),
         Some(v) => return Err(ApiError::bad("chat_template_kwargs", format!("must be an object, got {v}"))),
     };
+    let parallel_tool_calls = match f.get("parallel_tool_calls") {
+        None => true,
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| ApiError::bad("parallel_tool_calls", format!("must be true or false, got {v}")))?,
+    };
     Ok(ChatRequest {
         model: f.string("model")?,
         messages,
         tools,
         tool_choice,
+        parallel_tool_calls,
         chat_template_kwargs,
         opts: gen_options(&f, true)?,
     })
