@@ -1,131 +1,14 @@
 //! `fp4 serve` end to end over HTTP on a tiny model: endpoints, streaming == non-streaming,
 //! tools, errors, concurrency, disconnects, overload.
 
+mod common;
+
+use common::{model_dir, start};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-struct Server {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The tiny-quant fixture plus fp4's Qwen3.5 chat template: a servable model directory.
-fn model_dir() -> (tempfile::TempDir, PathBuf) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
-    std::fs::create_dir(&model).unwrap();
-    for e in std::fs::read_dir(root.join("tests/fixtures/tiny-quant")).unwrap().flatten() {
-        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
-    }
-    std::fs::copy(root.join("crates/fp4-chat/templates/qwen3_5.jinja"), model.join("chat_template.jinja")).unwrap();
-    (dir, model)
-}
-
-fn start(extra: &[&str]) -> Server {
-    let (dir, model) = model_dir();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut args: Vec<String> = vec![
-        "serve".into(),
-        "--model".into(),
-        model.display().to_string(),
-        "--host".into(),
-        "127.0.0.1".into(),
-        "--port".into(),
-        port.to_string(),
-        "--served-model-name".into(),
-        "tiny".into(),
-        "--max-model-len".into(),
-        "2048".into(),
-        "--reasoning-parser".into(),
-        "qwen3".into(),
-        "--enable-auto-tool-choice".into(),
-        "--tool-call-parser".into(),
-        "qwen3_coder".into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let child = Command::new(env!("CARGO_BIN_EXE_fp4"))
-        .args(&args)
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = Server { child, port, _dir: dir };
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(60) {
-        if let Ok((200, _)) = server.request("GET", "/health", None, &[]) {
-            return server;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("server did not become healthy");
-}
-
-impl Server {
-    /// One HTTP/1.1 request; returns (status, body).
-    fn request(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&str>,
-        headers: &[(&str, &str)],
-    ) -> std::io::Result<(u16, String)> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
-        s.set_read_timeout(Some(Duration::from_secs(120)))?;
-        let body = body.unwrap_or("");
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n", body.len());
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
-        req.push_str(body);
-        s.write_all(req.as_bytes())?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw)?;
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status: u16 = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-        Ok((status, if chunked { dechunk(rest) } else { rest.to_string() }))
-    }
-
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let (status, text) = self.request("POST", path, Some(&body.to_string()), &[]).unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-    }
-
-    /// A streaming request: the `data:` payloads in order.
-    fn stream(&self, body: &Value) -> Vec<String> {
-        let (status, text) = self.request("POST", "/v1/chat/completions", Some(&body.to_string()), &[]).unwrap();
-        assert_eq!(status, 200, "{text}");
-        text.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
-    }
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((len, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
 
 fn user(text: &str) -> Value {
     json!([{"role": "system", "content": "You are Annie."}, {"role": "user", "content": text}])

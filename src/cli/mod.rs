@@ -1,5 +1,6 @@
 //! Command-line interface: one module per subcommand.
 
+mod bench;
 mod chat;
 mod generate;
 mod inspect;
@@ -29,6 +30,8 @@ enum Command {
     Quantize(quantize::Args),
     /// OpenAI-compatible server (vLLM's flags are accepted).
     Serve(serve::Args),
+    /// Benchmark one or two OpenAI endpoints: TTFT, decode speed and behaviour gates.
+    Bench(bench::Args),
     /// Chat layer tools: render prompts, parse model output.
     #[command(subcommand)]
     Chat(chat::Command),
@@ -42,6 +45,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Chat(c) => chat::run(c),
         Command::Quantize(a) => quantize::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 
