@@ -1,6 +1,7 @@
 //! Command-line interface: one module per subcommand.
 
 mod bench;
+mod calib;
 mod chat;
 mod generate;
 mod inspect;
@@ -32,6 +33,9 @@ enum Command {
     Serve(serve::Args),
     /// Benchmark one or two OpenAI endpoints: TTFT, decode speed and behaviour gates.
     Bench(bench::Args),
+    /// Calibration conversations: generate from a teacher, validate, clean.
+    #[command(subcommand)]
+    Calib(calib::Command),
     /// Chat layer tools: render prompts, parse model output.
     #[command(subcommand)]
     Chat(chat::Command),
@@ -46,6 +50,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Quantize(a) => quantize::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Calib(c) => calib::run(c),
     }
 }
 
