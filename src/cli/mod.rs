@@ -3,6 +3,7 @@
 mod bench;
 mod calib;
 mod chat;
+mod eval;
 mod generate;
 mod inspect;
 mod logits;
@@ -36,6 +37,9 @@ enum Command {
     /// Calibration conversations: generate from a teacher, validate, clean.
     #[command(subcommand)]
     Calib(calib::Command),
+    /// Evaluate a quantized model against its reference.
+    #[command(subcommand)]
+    Eval(eval::Command),
     /// Chat layer tools: render prompts, parse model output.
     #[command(subcommand)]
     Chat(chat::Command),
@@ -51,6 +55,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Calib(c) => calib::run(c),
+        Command::Eval(c) => eval::run(c),
     }
 }
 

@@ -7,6 +7,7 @@
 //! the output directory atomically ([`export`]).
 
 pub mod calib;
+pub mod eval;
 pub mod export;
 pub mod plan;
 pub mod rtn;
