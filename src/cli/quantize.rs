@@ -6,21 +6,26 @@ use clap::ValueEnum;
 use fp4_format::Checkpoint;
 use fp4_quant::export::{self, ExportOptions};
 use fp4_quant::rtn::Algorithm;
-use fp4_quant::{quantize, Progress, QuantizeOptions, Strategy};
+use fp4_quant::{quantize, AwqOptions, Progress, QuantizeOptions, Strategy};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::path::PathBuf;
 
-#[derive(ValueEnum, Clone, Copy, Debug)]
+#[derive(ValueEnum, Clone, Copy, Debug, serde::Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
 enum StrategyArg {
     /// Every linear layer except ModelOpt's default exclusions (NVFP4_DEFAULT_CFG).
     Rtn,
+    /// The layers of `rtn`, with AWQ-lite scales folded exactly into the (1+w) norms.
+    #[value(name = "awq_lite", alias = "awq-lite")]
+    AwqLite,
     /// Only the MLPs (NVFP4_MLP_ONLY_CFG).
     #[value(name = "mlp_only", alias = "mlp-only")]
     MlpOnly,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug)]
+#[derive(ValueEnum, Clone, Copy, Debug, serde::Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
 enum AlgorithmArg {
     Max,
     #[value(name = "awq_lite", alias = "awq-lite")]
@@ -35,10 +40,21 @@ pub struct Args {
     /// Output directory (written to a temporary directory, then renamed).
     #[arg(long, short, alias = "out")]
     output: PathBuf,
-    #[arg(long, value_enum, default_value_t = StrategyArg::Rtn)]
-    strategy: StrategyArg,
-    #[arg(long, value_enum, default_value_t = AlgorithmArg::Max)]
-    algorithm: AlgorithmArg,
+    /// What to quantize and how (default rtn; or from --config).
+    #[arg(long, value_enum)]
+    strategy: Option<StrategyArg>,
+    /// Calibration algorithm (default: awq_lite for --strategy awq_lite, else max).
+    #[arg(long, value_enum)]
+    algorithm: Option<AlgorithmArg>,
+    /// Strategy file (TOML: strategy, algorithm, exclude_layers, calib_samples, calib_seq_len,
+    /// allow_pre_quant_scale); flags given on the command line win.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// AWQ: also scale linears whose input has no exact fold (o_proj, down_proj, out_proj) and
+    /// write their `pre_quant_scale`. The checkpoint becomes NVFP4_AWQ, which fp4 serves but
+    /// vLLM and SGLang do not load.
+    #[arg(long)]
+    allow_pre_quant_scale: bool,
     /// Calibration JSONL: `{"input_ids": [...]}` or `{"messages": [...], "tools": [...]}` per line.
     #[arg(long)]
     calib_data: PathBuf,
@@ -61,6 +77,54 @@ pub struct Args {
     force: bool,
 }
 
+/// A `configs/strategies/*.toml` file.
+#[derive(serde::Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct StrategyFile {
+    #[serde(default)]
+    description: Option<String>,
+    strategy: Option<StrategyArg>,
+    algorithm: Option<AlgorithmArg>,
+    #[serde(default)]
+    exclude_layers: Vec<String>,
+    calib_samples: Option<usize>,
+    calib_seq_len: Option<usize>,
+    #[serde(default)]
+    allow_pre_quant_scale: bool,
+}
+
+impl StrategyFile {
+    fn read(path: &std::path::Path) -> anyhow::Result<StrategyFile> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("{}: invalid strategy file", path.display()))
+    }
+}
+
+/// Command-line flags over the strategy file over the defaults.
+fn merge(mut a: Args) -> anyhow::Result<Args> {
+    let file = match &a.config {
+        Some(p) => StrategyFile::read(p)?,
+        None => StrategyFile::default(),
+    };
+    if let Some(d) = &file.description {
+        tracing::info!(config = %a.config.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), "{d}");
+    }
+    a.strategy = a.strategy.or(file.strategy).or(Some(StrategyArg::Rtn));
+    let default_algo = if a.strategy == Some(StrategyArg::AwqLite) { AlgorithmArg::AwqLite } else { AlgorithmArg::Max };
+    a.algorithm = a.algorithm.or(file.algorithm).or(Some(default_algo));
+    anyhow::ensure!(
+        !(a.strategy == Some(StrategyArg::AwqLite) && a.algorithm == Some(AlgorithmArg::Max)),
+        "--strategy awq_lite calibrates with AWQ-lite; drop --algorithm max (or use --strategy rtn)"
+    );
+    if a.exclude_layers.is_empty() {
+        a.exclude_layers = file.exclude_layers;
+    }
+    a.calib_samples = a.calib_samples.or(file.calib_samples);
+    a.calib_seq_len = a.calib_seq_len.or(file.calib_seq_len);
+    a.allow_pre_quant_scale |= file.allow_pre_quant_scale;
+    Ok(a)
+}
+
 struct Bar(ProgressBar);
 
 impl Progress for Bar {
@@ -78,6 +142,8 @@ impl Progress for Bar {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
+    let a = merge(a)?;
+    let (strategy, algorithm) = (a.strategy.expect("merged"), a.algorithm.expect("merged"));
     let ckpt = Checkpoint::open(&a.model).with_context(|| format!("cannot open model {}", a.model.display()))?;
     export::check_output(&ckpt, &a.output, a.force)?;
     anyhow::ensure!(
@@ -94,16 +160,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let exclude: Vec<String> =
         a.exclude_layers.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
     let opts = QuantizeOptions {
-        strategy: match a.strategy {
+        strategy: match strategy {
             StrategyArg::Rtn => Strategy::Rtn,
+            StrategyArg::AwqLite => Strategy::AwqLite,
             StrategyArg::MlpOnly => Strategy::MlpOnly,
         },
-        algorithm: match a.algorithm {
+        algorithm: match algorithm {
             AlgorithmArg::Max => Algorithm::Max,
             AlgorithmArg::AwqLite => Algorithm::AwqLite,
         },
         exclude: exclude.clone(),
         precision: a.calib_dtype.into(),
+        awq: AwqOptions { allow_pre_quant_scale: a.allow_pre_quant_scale, ..AwqOptions::default() },
     };
     tracing::info!(
         samples = samples.len(),
@@ -125,11 +193,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         json!({
             "model": a.model, "calib_data": a.calib_data, "calib_samples": a.calib_samples,
             "calib_seq_len": a.calib_seq_len, "exclude_layers": exclude, "calib_dtype": format!("{:?}", a.calib_dtype).to_lowercase(),
-            "algorithm": "max",
+            "algorithm": format!("{algorithm:?}"), "config": a.config,
+            "allow_pre_quant_scale": a.allow_pre_quant_scale,
         }),
     );
     extra.insert("seconds_total".into(), json!(started.elapsed().as_secs_f64()));
     export::write(&ckpt, &result, &a.output, &ExportOptions { force: a.force, report_extra: extra })?;
+    if export::quant_algo(&result) == "NVFP4_AWQ" {
+        eprintln!(
+            "note: the checkpoint is NVFP4_AWQ (pre_quant_scale on layers without an exact fold): fp4 serves it, \
+             vLLM and SGLang refuse it; drop --allow-pre-quant-scale for a plain NVFP4 checkpoint"
+        );
+    }
+    let searched: Vec<_> = result.layers.values().filter_map(|q| q.awq.as_ref()).collect();
+    if !searched.is_empty() {
+        let scaled = searched.iter().filter(|a| a.alpha.is_some()).count();
+        eprintln!("awq_lite: {scaled} of {} searched layers scaled (others kept s = 1)", searched.len());
+    }
     eprintln!(
         "quantized {} of {} linear layers to NVFP4 ({} samples, {} tokens) in {:.1}s → {}",
         result.layers.len(),

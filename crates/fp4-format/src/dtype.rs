@@ -79,6 +79,18 @@ pub fn to_f32(dtype: DType, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(out)
 }
 
+/// Encodes f32 values as little-endian bytes of a float dtype (round to nearest even), the
+/// inverse of [`to_f32`]. Returns `None` for non-float dtypes.
+pub fn from_f32(dtype: DType, values: &[f32]) -> Option<Vec<u8>> {
+    let out = match dtype {
+        DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::BF16 => values.iter().flat_map(|&v| bf16::from_f32(v).to_bits().to_le_bytes()).collect(),
+        DType::F16 => values.iter().flat_map(|&v| f16::from_f32(v).to_bits().to_le_bytes()).collect(),
+        _ => return None,
+    };
+    Some(out)
+}
+
 /// Rounds an f32 to the nearest bf16 (ties to even), returned as f32. This is what a torch
 /// `.to(torch.bfloat16)` does.
 #[inline]
@@ -89,6 +101,16 @@ pub fn round_bf16(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn from_f32_inverts_to_f32() {
+        let v = [1.5f32, -0.375, 0.0078125, 256.0];
+        for d in [DType::F32, DType::BF16, DType::F16] {
+            let back = to_f32(d, &from_f32(d, &v).unwrap()).unwrap();
+            assert_eq!(back, v.to_vec(), "{d}");
+        }
+        assert_eq!(to_f32(DType::BF16, &from_f32(DType::BF16, &[1.0 + 1.0 / 256.0]).unwrap()).unwrap(), vec![1.0]);
+    }
 
     #[test]
     fn bf16_rounding_is_nearest_even() {

@@ -10,7 +10,7 @@ pub use cache::{Cache, LayerCache};
 pub use fp4_kernels::ops::GdnAlgo;
 pub use fp4_kernels::{Precision, Tensor};
 pub use generate::{generate, GenerateOptions};
-pub use linear::{load_param, AmaxObserver, Linear, LinearMethod, LoadOptions};
+pub use linear::{load_param, AmaxObserver, ChannelRecorder, ChannelStats, Linear, LinearMethod, LoadOptions};
 pub use qwen35::{DecoderLayer, LayerCtx, Logits, Qwen35};
 pub use sampling::{Sampler, SamplingParams};
 

@@ -58,6 +58,55 @@ impl AmaxObserver {
     }
 }
 
+/// Per-input-channel statistics of a layer's inputs (AWQ): the mean |x| of each call averaged
+/// over calls, the per-channel max, and up to `keep_rows` input rows for the search loss.
+#[derive(Debug, Clone)]
+pub struct ChannelRecorder(Arc<std::sync::Mutex<ChannelStats>>);
+
+#[derive(Debug, Clone, Default)]
+pub struct ChannelStats {
+    pub mean_abs_sum: Vec<f64>,
+    pub calls: usize,
+    pub amax: Vec<f32>,
+    pub rows: Vec<f32>,
+    pub keep_rows: usize,
+}
+
+impl ChannelRecorder {
+    pub fn new(channels: usize, keep_rows: usize) -> ChannelRecorder {
+        ChannelRecorder(Arc::new(std::sync::Mutex::new(ChannelStats {
+            mean_abs_sum: vec![0.0; channels],
+            amax: vec![0.0; channels],
+            keep_rows,
+            ..Default::default()
+        })))
+    }
+
+    fn observe(&self, x: &[f32]) {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let c = s.amax.len();
+        let t = x.len() / c;
+        let mut sums = vec![0f64; c];
+        for row in x.chunks_exact(c) {
+            for (j, v) in row.iter().enumerate() {
+                sums[j] += v.abs() as f64;
+                s.amax[j] = s.amax[j].max(v.abs());
+            }
+        }
+        for (acc, v) in s.mean_abs_sum.iter_mut().zip(sums) {
+            *acc += v / t.max(1) as f64;
+        }
+        s.calls += 1;
+        let room = (s.keep_rows * c).saturating_sub(s.rows.len());
+        let take = room.min(x.len()) / c * c;
+        s.rows.extend_from_slice(&x[..take]);
+    }
+
+    pub fn stats(&self) -> ChannelStats {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// Module name in the checkpoint (e.g. `model.layers.0.mlp.up_proj`).
@@ -68,6 +117,8 @@ pub struct Linear {
     pub quantize_activations: bool,
     /// Records input amax when set (calibration).
     pub observer: Option<AmaxObserver>,
+    /// Records per-channel input statistics when set (AWQ calibration).
+    pub recorder: Option<ChannelRecorder>,
 }
 
 impl Linear {
@@ -129,6 +180,7 @@ impl Linear {
             method,
             quantize_activations: opts.quantize_activations,
             observer: None,
+            recorder: None,
         })
     }
 
@@ -142,6 +194,7 @@ impl Linear {
             method: LinearMethod::Dense { weight, bias: None },
             quantize_activations: false,
             observer: None,
+            recorder: None,
         }
     }
 
@@ -154,10 +207,21 @@ impl Linear {
         }
     }
 
+    /// The dense f32 weight, for calibration algorithms that rescale it (None if quantized).
+    pub fn dense_weight_mut(&mut self) -> Option<&mut Tensor> {
+        match &mut self.method {
+            LinearMethod::Dense { weight, .. } => Some(weight),
+            _ => None,
+        }
+    }
+
     /// `x [T, in] → [T, out]`, output rounded to `p`.
     pub fn forward(&self, x: &Tensor, p: Precision) -> Tensor {
         if let Some(o) = &self.observer {
             o.observe(x.as_slice());
+        }
+        if let Some(r) = &self.recorder {
+            r.observe(x.as_slice());
         }
         match &self.method {
             LinearMethod::Dense { weight, bias } => ops::linear(x, weight, bias.as_ref(), p),

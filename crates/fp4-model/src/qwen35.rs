@@ -236,6 +236,11 @@ impl DecoderLayer {
         ops::add(&h, &self.mlp.forward(&x, p), p)
     }
 
+    /// The (1+w) norm before the token mixer and the one before the MLP.
+    pub fn norms_mut(&mut self) -> (&mut Tensor, &mut Tensor) {
+        (&mut self.input_norm, &mut self.post_norm)
+    }
+
     /// Every linear layer, in checkpoint order (mixer projections, then MLP).
     pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
         let mut out: Vec<&mut Linear> = match &mut self.mixer {

@@ -114,8 +114,24 @@ fn write_contents(ckpt: &Checkpoint, result: &QuantResult, dir: &Path, opts: &Ex
                 ));
                 entry.push((format!("{m}.weight_scale_2"), scalar(w.scale_2)));
                 entry.push((format!("{m}.input_scale"), scalar(q.input_scale)));
+                if let Some(pqs) = q.awq.as_ref().and_then(|a| a.pre_quant_scale.as_ref()) {
+                    let data = fp4_format::dtype::from_f32(fp4_format::DType::F32, pqs).expect("f32 encodes");
+                    entry.push((
+                        format!("{m}.pre_quant_scale"),
+                        OutTensor { dtype: Dtype::F32, shape: vec![pqs.len()], data: data.into() },
+                    ));
+                }
             }
-            None => entry.push((name.to_string(), OutTensor { dtype, shape: shape.to_vec(), data: bytes.into() })),
+            None => {
+                let data = match result.overrides.get(name) {
+                    Some(values) => fp4_format::DType::from_safetensors(dtype)
+                        .and_then(|d| fp4_format::dtype::from_f32(d, values))
+                        .ok_or_else(|| out_err(dir, format!("{name}: cannot write {dtype:?} values")))?
+                        .into(),
+                    None => bytes.into(),
+                };
+                entry.push((name.to_string(), OutTensor { dtype, shape: shape.to_vec(), data }))
+            }
         }
     }
     let delay = std::env::var("FP4_TEST_EXPORT_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok());
@@ -209,22 +225,31 @@ fn producer() -> Value {
     json!({"name": "fp4", "version": env!("CARGO_PKG_VERSION")})
 }
 
-/// `config.json` `quantization_config` and `hf_quant_config.json`, as ModelOpt writes them for
-/// `quant_algo: NVFP4`.
+/// `NVFP4`, or `NVFP4_AWQ` when any layer keeps a `pre_quant_scale` (which vLLM does not load).
+pub fn quant_algo(result: &QuantResult) -> &'static str {
+    if result.layers.values().any(|q| q.awq.as_ref().is_some_and(|a| a.pre_quant_scale.is_some())) {
+        "NVFP4_AWQ"
+    } else {
+        "NVFP4"
+    }
+}
+
+/// `config.json` `quantization_config` and `hf_quant_config.json`, as ModelOpt writes them.
 fn quantization_config(result: &QuantResult) -> QuantConfigs {
     let exclude = result.plan.exclude_modules.clone();
+    let algo = quant_algo(result);
     let block = json!({"dynamic": false, "num_bits": 4, "type": "float", "group_size": 16});
     QuantConfigs {
         config_json: json!({
             "config_groups": {"group_0": {"input_activations": block, "weights": block, "targets": ["Linear"]}},
             "ignore": exclude,
-            "quant_algo": "NVFP4",
+            "quant_algo": algo,
             "producer": producer(),
             "quant_method": "modelopt"
         }),
         hf_quant_config: json!({
             "producer": producer(),
-            "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": null, "group_size": 16, "exclude_modules": exclude}
+            "quantization": {"quant_algo": algo, "kv_cache_quant_algo": null, "group_size": 16, "exclude_modules": exclude}
         }),
     }
 }
@@ -236,10 +261,20 @@ fn report(result: &QuantResult, opts: &ExportOptions) -> Value {
         let n = q.weight.rows * q.weight.cols;
         q_params += n;
         q_bytes += q.weight.packed.len() + q.weight.scales.len() + 8;
+        let awq = q.awq.as_ref().map(|a| {
+            json!({
+                "alpha": a.alpha,
+                "output_mse_rtn": a.mse_rtn,
+                "output_mse_awq": a.mse_best,
+                "folded_into": a.folded_into,
+                "pre_quant_scale": a.pre_quant_scale.is_some(),
+            })
+        });
         layers.insert(
             name.clone(),
             json!({
-                "format": "NVFP4",
+                "format": if awq.as_ref().is_some_and(|a| a["pre_quant_scale"] == true) { "NVFP4_AWQ" } else { "NVFP4" },
+                "awq": awq,
                 "shape": [q.weight.rows, q.weight.cols],
                 "weight_amax": q.weight_amax,
                 "input_amax": q.input_amax,
@@ -256,7 +291,9 @@ fn report(result: &QuantResult, opts: &ExportOptions) -> Value {
         "schema": "fp4.quant_report.v1",
         "producer": producer(),
         "strategy": result.plan.strategy.name(),
-        "quant_algo": "NVFP4",
+        "algorithm": match result.algorithm { crate::Algorithm::Max => "max", crate::Algorithm::AwqLite => "awq_lite" },
+        "quant_algo": quant_algo(result),
+        "modified_tensors": result.overrides.keys().collect::<Vec<_>>(),
         "calibration": {"samples": result.samples, "tokens": result.tokens, "seconds": result.calib_secs},
         "totals": {
             "quantized_layers": result.layers.len(),

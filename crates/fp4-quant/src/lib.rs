@@ -6,6 +6,7 @@
 //! (peak memory ≈ one layer + activations), quantize each layer right after ([`rtn`]), then write
 //! the output directory atomically ([`export`]).
 
+pub mod awq;
 pub mod calib;
 pub mod eval;
 pub mod export;
@@ -30,5 +31,6 @@ pub enum QuantError {
 
 pub type Result<T> = std::result::Result<T, QuantError>;
 
+pub use awq::AwqOptions;
 pub use plan::{Plan, Strategy};
-pub use rtn::{quantize, Progress, QuantizeOptions};
+pub use rtn::{quantize, Algorithm, Progress, QuantizeOptions};

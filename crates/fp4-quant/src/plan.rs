@@ -8,6 +8,8 @@ use fp4_format::{Checkpoint, LayerType};
 pub enum Strategy {
     /// Every linear layer except the default exclusions (ModelOpt `NVFP4_DEFAULT_CFG`).
     Rtn,
+    /// The layers of `Rtn`, calibrated with AWQ-lite.
+    AwqLite,
     /// Only the MLPs (ModelOpt `NVFP4_MLP_ONLY_CFG`).
     MlpOnly,
 }
@@ -16,6 +18,7 @@ impl Strategy {
     pub fn name(self) -> &'static str {
         match self {
             Strategy::Rtn => "rtn",
+            Strategy::AwqLite => "awq_lite",
             Strategy::MlpOnly => "mlp_only",
         }
     }
@@ -98,7 +101,7 @@ impl Plan {
             for suffix in all {
                 let name = format!("{prefix}.{suffix}");
                 let by_strategy = match strategy {
-                    Strategy::Rtn => !DEFAULT_EXCLUDED.contains(suffix),
+                    Strategy::Rtn | Strategy::AwqLite => !DEFAULT_EXCLUDED.contains(suffix),
                     Strategy::MlpOnly => suffix.starts_with("mlp."),
                 };
                 let by_user = user_excludes.iter().any(|p| user_pattern_matches(p, &name));

@@ -1,0 +1,213 @@
+//! AWQ-lite: exact folding into Qwen3.5's (1+w) norms, and better KL than RTN on a model whose
+//! activations carry outlier channels (built here from the tiny-quant fixture, as
+//! tests/reference/awq_outliers.py builds the held-out one it compares with ModelOpt).
+
+use fp4_format::dtype::{from_f32, to_f32};
+use fp4_format::{Checkpoint, DType};
+use fp4_model::{LoadOptions, Logits, Precision, Qwen35};
+use fp4_quant::export::{self, ExportOptions};
+use fp4_quant::rtn::Silent;
+use fp4_quant::{quantize, Algorithm, AwqOptions, QuantizeOptions, Strategy};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+const OUTLIER_CHANNELS: [usize; 3] = [5, 22, 47];
+
+/// tiny-quant with (1+w) = 16 at a few hidden channels of every decoder norm, and the columns
+/// of the linears reading them divided by 8: outlier activations, a tame function.
+fn outlier_model(dir: &Path) {
+    let src = fixtures().join("tiny-quant");
+    std::fs::create_dir_all(dir).unwrap();
+    let readers =
+        ["q_proj", "k_proj", "v_proj", "in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "gate_proj", "up_proj"];
+    for e in std::fs::read_dir(&src).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("golden") {
+            continue;
+        }
+        if !name.ends_with(".safetensors") {
+            std::fs::copy(e.path(), dir.join(&name)).unwrap();
+            continue;
+        }
+        let bytes = std::fs::read(e.path()).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut out: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (n, t) in st.tensors() {
+            let mut data = t.data().to_vec();
+            let in_layer = n.contains(".layers.") && !n.starts_with("mtp.");
+            let is_norm = n.ends_with("input_layernorm.weight") || n.ends_with("post_attention_layernorm.weight");
+            let is_reader = readers.iter().any(|r| n.ends_with(&format!("{r}.weight")));
+            if in_layer && (is_norm || is_reader) {
+                let d = DType::from_safetensors(t.dtype()).unwrap();
+                let mut v = to_f32(d, &data).unwrap();
+                let cols = *t.shape().last().unwrap();
+                for row in v.chunks_exact_mut(cols) {
+                    for &c in &OUTLIER_CHANNELS {
+                        row[c] = if is_norm { 15.0 } else { row[c] / 8.0 };
+                    }
+                }
+                data = from_f32(d, &v).unwrap();
+            }
+            out.push((n.clone(), t.dtype(), t.shape().to_vec(), data));
+        }
+        let views: Vec<_> = out
+            .iter()
+            .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+            .collect();
+        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        safetensors::serialize_to_file(views, Some(meta), &dir.join(&name)).unwrap();
+    }
+}
+
+fn calib_samples() -> Vec<Vec<u32>> {
+    let path = fixtures().join("modelopt/tiny-quant/calib.jsonl");
+    fp4_quant::calib::load(&path, &fixtures().join("tiny-quant"), usize::MAX, usize::MAX, 1 << 20).unwrap()
+}
+
+fn eval_samples() -> Vec<Vec<u32>> {
+    let bytes = std::fs::read(fixtures().join("modelopt/tiny-quant/eval.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ids: Vec<u32> = st
+        .tensor("ids")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect();
+    // Two held-out sequences: the eval ids and their reverse.
+    vec![ids.clone(), ids.into_iter().rev().collect()]
+}
+
+fn quantize_to(model: &Path, out: &Path, algorithm: Algorithm, awq: AwqOptions) -> serde_json::Value {
+    let ckpt = Checkpoint::open(model).unwrap();
+    let opts = QuantizeOptions { strategy: Strategy::Rtn, algorithm, exclude: vec![], precision: Precision::Bf16, awq };
+    let result = quantize(&ckpt, &calib_samples(), &opts, &Silent).unwrap();
+    export::write(&ckpt, &result, out, &ExportOptions { force: true, report_extra: Default::default() }).unwrap();
+    serde_json::from_str(&std::fs::read_to_string(out.join("quant_report.json")).unwrap()).unwrap()
+}
+
+fn logits(dir: &Path, opts: LoadOptions, ids: &[u32]) -> Vec<f32> {
+    let model = Qwen35::load(&Checkpoint::open(dir).unwrap(), opts).unwrap();
+    model.forward(ids, &mut model.new_cache(), Logits::All).unwrap().into_vec()
+}
+
+fn kl_mean(reference: &Path, model: &Path, opts: LoadOptions) -> f64 {
+    let r = Qwen35::load(&Checkpoint::open(reference).unwrap(), opts).unwrap();
+    let m = Qwen35::load(&Checkpoint::open(model).unwrap(), opts).unwrap();
+    fp4_quant::eval::kl(&r, &m, &eval_samples()).unwrap().kl_mean
+}
+
+/// Folding `1/s` into the (1+w) norm computes what the unfolded model (inputs × pre_quant_scale)
+/// computes: same quantized weights byte for byte, logits equal up to the bf16 storage of the
+/// folded norm weights.
+#[test]
+fn awq_fold_into_one_plus_w_norms_is_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("outliers");
+    outlier_model(&model);
+    let (folded, unfolded) = (tmp.path().join("folded"), tmp.path().join("unfolded"));
+    let rf = quantize_to(&model, &folded, Algorithm::AwqLite, AwqOptions::default());
+    let ru = quantize_to(&model, &unfolded, Algorithm::AwqLite, AwqOptions { fold: false, ..AwqOptions::default() });
+    assert_eq!(rf["quant_algo"], "NVFP4");
+    assert_eq!(ru["quant_algo"], "NVFP4_AWQ");
+    let (cf, cu) = (Checkpoint::open(&folded).unwrap(), Checkpoint::open(&unfolded).unwrap());
+    assert!(!cf.names().any(|n| n.ends_with("pre_quant_scale")), "a folded checkpoint is plain NVFP4");
+    let pqs = cu.names().filter(|n| n.ends_with("pre_quant_scale")).count();
+    let folded_norms = rf["modified_tensors"].as_array().unwrap();
+    assert!(pqs > 0 && !folded_norms.is_empty());
+    let mut same_weights = 0;
+    for n in cf.names().filter(|n| n.ends_with(".weight") && cf.tensor(n).unwrap().dtype == DType::U8) {
+        assert_eq!(cf.raw(n).unwrap().2, cu.raw(n).unwrap().2, "{n}: quantized weights differ");
+        same_weights += 1;
+    }
+    assert!(same_weights > 20);
+    // The folded norms really changed (else this test compares nothing).
+    let src = Checkpoint::open(&model).unwrap();
+    for n in folded_norms {
+        let n = n.as_str().unwrap();
+        assert_ne!(cf.raw(n).unwrap().2, src.raw(n).unwrap().2, "{n} unchanged");
+    }
+    let ids = &eval_samples()[0];
+    let f32_w4a16 = LoadOptions::new(Precision::F32);
+    let (a, b) = (logits(&folded, f32_w4a16, ids), logits(&unfolded, f32_w4a16, ids));
+    let d: f64 = a.iter().zip(&b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    let rel = (d / n).sqrt();
+    eprintln!("folded vs pre_quant_scale logits: rms rel {rel:.2e}");
+    assert!(rel < 1e-2, "{rel:.2e}");
+}
+
+/// On activation outliers AWQ-lite beats RTN clearly (W4A4 in bf16, as served on Blackwell), and
+/// its report records α and the output MSE per layer.
+#[test]
+fn awq_lite_beats_rtn_on_activation_outliers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("outliers");
+    outlier_model(&model);
+    let (rtn, awq) = (tmp.path().join("rtn"), tmp.path().join("awq"));
+    quantize_to(&model, &rtn, Algorithm::Max, AwqOptions::default());
+    let report = quantize_to(&model, &awq, Algorithm::AwqLite, AwqOptions::default());
+    let w4a4 = LoadOptions { precision: Precision::Bf16, quantize_activations: true };
+    let (kl_rtn, kl_awq) = (kl_mean(&model, &rtn, w4a4), kl_mean(&model, &awq, w4a4));
+    eprintln!("KL rtn {kl_rtn:.3e}  awq_lite {kl_awq:.3e}");
+    assert!(kl_awq < 0.6 * kl_rtn, "awq_lite {kl_awq:.3e} vs rtn {kl_rtn:.3e}");
+    let layers = report["layers"].as_object().unwrap();
+    let mlp = layers.iter().find(|(k, _)| k.ends_with("layers.1.mlp.up_proj")).unwrap().1;
+    assert!(mlp["awq"]["alpha"].is_number(), "{mlp}");
+    assert!(mlp["awq"]["output_mse_awq"].as_f64() < mlp["awq"]["output_mse_rtn"].as_f64());
+    let down = layers.iter().find(|(k, _)| k.ends_with("layers.1.mlp.down_proj")).unwrap().1;
+    assert!(down["awq"].is_null(), "no exact fold for down_proj: s = 1 ({down})");
+}
+
+/// The seed strategy files run end to end through the CLI.
+#[test]
+fn seed_strategy_configs_run_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, quantized_attn) in [("A", true), ("B", false)] {
+        let out = tmp.path().join(name);
+        let o = Command::new(env!("CARGO_BIN_EXE_fp4"))
+            .args(["quantize", "--model"])
+            .arg(fixtures().join("tiny-quant"))
+            .arg("--calib-data")
+            .arg(fixtures().join("modelopt/tiny-quant/calib.jsonl"))
+            .arg("--config")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("configs/strategies/{name}.toml")))
+            .arg("--output")
+            .arg(&out)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("quant_report.json")).unwrap()).unwrap();
+        assert_eq!(report["algorithm"], "awq_lite", "{name}");
+        assert_eq!(report["quant_algo"], "NVFP4", "{name}");
+        let layers = report["layers"].as_object().unwrap();
+        let fmt = |suffix: &str| layers.iter().find(|(k, _)| k.ends_with(suffix)).unwrap().1["format"].clone();
+        assert_eq!(fmt("layers.0.mlp.up_proj"), if name == "A" { "BF16" } else { "NVFP4" }, "{name}");
+        assert_eq!(fmt("layers.2.linear_attn.in_proj_qkv"), "BF16", "{name}");
+        assert_eq!(fmt("layers.1.self_attn.q_proj"), if quantized_attn { "NVFP4" } else { "BF16" }, "{name}");
+        assert_eq!(fmt("layers.2.mlp.up_proj"), "NVFP4", "{name}");
+    }
+}
+
+#[test]
+fn conflicting_strategy_flags_are_refused() {
+    let o = Command::new(env!("CARGO_BIN_EXE_fp4"))
+        .args(["quantize", "--strategy", "awq_lite", "--algorithm", "max", "--output", "/nonexistent/x", "--model"])
+        .arg(fixtures().join("tiny-quant"))
+        .arg("--calib-data")
+        .arg(fixtures().join("modelopt/tiny-quant/calib.jsonl"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("drop --algorithm max"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
