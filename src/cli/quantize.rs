@@ -22,6 +22,9 @@ enum StrategyArg {
     /// Only the MLPs (NVFP4_MLP_ONLY_CFG).
     #[value(name = "mlp_only", alias = "mlp-only")]
     MlpOnly,
+    /// Each fused group in NVFP4, FP8 or BF16, least KL within --effective-bits.
+    #[value(name = "auto_mixed", alias = "auto-mixed")]
+    AutoMixed,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, serde::Deserialize, PartialEq)]
@@ -55,6 +58,13 @@ pub struct Args {
     /// vLLM and SGLang do not load.
     #[arg(long)]
     allow_pre_quant_scale: bool,
+    /// auto_mixed: average bits per weight of the candidate layers (NVFP4 counts 4.5, FP8 8,
+    /// BF16 16). Default 4.8.
+    #[arg(long)]
+    effective_bits: Option<f64>,
+    /// auto_mixed: calibration samples used to score each group's KL sensitivity.
+    #[arg(long, default_value_t = 16)]
+    score_samples: usize,
     /// Calibration JSONL: `{"input_ids": [...]}` or `{"messages": [...], "tools": [...]}` per line.
     #[arg(long)]
     calib_data: PathBuf,
@@ -91,6 +101,9 @@ struct StrategyFile {
     calib_seq_len: Option<usize>,
     #[serde(default)]
     allow_pre_quant_scale: bool,
+    effective_bits: Option<f64>,
+    /// auto_mixed scoring; only `kl_div` (ModelOpt's forward-only method) exists.
+    score: Option<String>,
 }
 
 impl StrategyFile {
@@ -122,6 +135,17 @@ fn merge(mut a: Args) -> anyhow::Result<Args> {
     a.calib_samples = a.calib_samples.or(file.calib_samples);
     a.calib_seq_len = a.calib_seq_len.or(file.calib_seq_len);
     a.allow_pre_quant_scale |= file.allow_pre_quant_scale;
+    a.effective_bits = a.effective_bits.or(file.effective_bits);
+    if let Some(score) = file.score.as_deref().filter(|s| *s != "kl_div") {
+        anyhow::bail!(
+            "{}: score `{score}` is not supported (auto_mixed scores with kl_div)",
+            a.config.as_ref().expect("from a file").display()
+        );
+    }
+    anyhow::ensure!(
+        a.effective_bits.is_none() || a.strategy == Some(StrategyArg::AutoMixed),
+        "--effective-bits applies to --strategy auto_mixed only"
+    );
     Ok(a)
 }
 
@@ -164,6 +188,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             StrategyArg::Rtn => Strategy::Rtn,
             StrategyArg::AwqLite => Strategy::AwqLite,
             StrategyArg::MlpOnly => Strategy::MlpOnly,
+            StrategyArg::AutoMixed => Strategy::AutoMixed,
         },
         algorithm: match algorithm {
             AlgorithmArg::Max => Algorithm::Max,
@@ -183,18 +208,40 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .expect("static template")
             .progress_chars("=> "),
     );
-    let result = quantize(&ckpt, &samples, &opts, &Bar(bar))?;
+    let mut extra = serde_json::Map::new();
+    let result = if strategy == StrategyArg::AutoMixed {
+        let target = a.effective_bits.unwrap_or(4.8);
+        eprintln!(
+            "auto_mixed: target {target} effective bits (NVFP4 = {} bits/weight incl. its E4M3 block scales, FP8 = 8, BF16 = 16)",
+            fp4_quant::mixed::NVFP4_BITS
+        );
+        let (result, report) =
+            fp4_quant::mixed::auto_mixed(&ckpt, &samples, &opts, target, a.score_samples, &Bar(bar))?;
+        let count = |f| report.groups.iter().zip(&report.chosen).filter(|(_, c)| **c == f).count();
+        eprintln!(
+            "auto_mixed: {} groups NVFP4, {} FP8, {} BF16 → {:.3} effective bits; KL {:.3e} (all-NVFP4 {:.3e})",
+            count(fp4_quant::mixed::Format::Nvfp4),
+            count(fp4_quant::mixed::Format::Fp8),
+            count(fp4_quant::mixed::Format::Bf16),
+            report.effective_bits,
+            report.kl_chosen,
+            report.kl_all_nvfp4
+        );
+        extra.insert("auto_mixed".into(), serde_json::to_value(&report)?);
+        result
+    } else {
+        quantize(&ckpt, &samples, &opts, &Bar(bar))?
+    };
     for name in &result.plan.widened {
         tracing::warn!(module = %name, "kept in BF16 because other members of its fused group are excluded");
     }
-    let mut extra = serde_json::Map::new();
     extra.insert(
         "options".into(),
         json!({
             "model": a.model, "calib_data": a.calib_data, "calib_samples": a.calib_samples,
             "calib_seq_len": a.calib_seq_len, "exclude_layers": exclude, "calib_dtype": format!("{:?}", a.calib_dtype).to_lowercase(),
             "algorithm": format!("{algorithm:?}"), "config": a.config,
-            "allow_pre_quant_scale": a.allow_pre_quant_scale,
+            "allow_pre_quant_scale": a.allow_pre_quant_scale, "effective_bits": a.effective_bits,
         }),
     );
     extra.insert("seconds_total".into(), json!(started.elapsed().as_secs_f64()));
@@ -211,9 +258,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         eprintln!("awq_lite: {scaled} of {} searched layers scaled (others kept s = 1)", searched.len());
     }
     eprintln!(
-        "quantized {} of {} linear layers to NVFP4 ({} samples, {} tokens) in {:.1}s → {}",
+        "quantized {} of {} linear layers to {} ({} samples, {} tokens) in {:.1}s → {}",
         result.layers.len(),
         result.plan.modules.len(),
+        export::quant_algo(&result),
         result.samples,
         result.tokens,
         started.elapsed().as_secs_f64(),

@@ -299,6 +299,11 @@ impl Qwen35 {
         Cache::new(&self.config)
     }
 
+    /// Every decoder-layer linear (calibration algorithms swap their methods).
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        self.layers.iter_mut().flat_map(DecoderLayer::linears_mut).collect()
+    }
+
     /// Runs `ids` after whatever `cache` already holds and returns f32 logits (rounded to bf16
     /// in bf16 mode, as HF's lm_head output is).
     pub fn forward(&self, ids: &[u32], cache: &mut Cache, which: Logits) -> Result<Tensor> {

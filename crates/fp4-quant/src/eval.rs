@@ -17,10 +17,15 @@ pub struct KlReport {
     pub ppl_model: f64,
 }
 
-fn log_softmax(row: &[f32]) -> Vec<f64> {
+pub(crate) fn log_softmax(row: &[f32]) -> Vec<f64> {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
     row.iter().map(|&x| x as f64 - lse).collect()
+}
+
+/// KL(p‖q) of one position from log-probabilities.
+pub(crate) fn token_kl(lp: &[f64], lq: &[f64]) -> f64 {
+    lp.iter().zip(lq).map(|(a, b)| a.exp() * (a - b)).sum::<f64>().max(0.0)
 }
 
 fn argmax(row: &[f32]) -> usize {
@@ -36,7 +41,7 @@ pub fn kl(reference: &Qwen35, model: &Qwen35, samples: &[Vec<u32>]) -> Result<Kl
         let q = model.forward(ids, &mut model.new_cache(), Logits::All)?.into_vec();
         for (t, (rr, qr)) in r.chunks_exact(vocab).zip(q.chunks_exact(vocab)).enumerate() {
             let (lr, lq) = (log_softmax(rr), log_softmax(qr));
-            kls.push(lr.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum::<f64>().max(0.0));
+            kls.push(token_kl(&lr, &lq));
             agree += usize::from(argmax(rr) == argmax(qr));
             if let Some(&next) = ids.get(t + 1) {
                 nll_ref -= lr[next as usize];

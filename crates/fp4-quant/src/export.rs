@@ -88,6 +88,10 @@ struct OutTensor<'a> {
     data: std::borrow::Cow<'a, [u8]>,
 }
 
+fn scalar(v: f32) -> OutTensor<'static> {
+    OutTensor { dtype: Dtype::F32, shape: vec![], data: v.to_le_bytes().to_vec().into() }
+}
+
 fn write_contents(ckpt: &Checkpoint, result: &QuantResult, dir: &Path, opts: &ExportOptions) -> Result<()> {
     // Tensors per output file, named like the source's files.
     let mut files: BTreeMap<String, Vec<(String, OutTensor)>> = BTreeMap::new();
@@ -96,10 +100,18 @@ fn write_contents(ckpt: &Checkpoint, result: &QuantResult, dir: &Path, opts: &Ex
         let entry = files.entry(file.to_string()).or_default();
         let module = name.strip_suffix(".weight");
         match module.and_then(|m| result.layers.get(m).map(|q| (m, q))) {
+            Some((m, q)) if q.fp8.is_some() => {
+                let f8 = q.fp8.as_ref().expect("matched");
+                let (rows, cols) = (q.weight.rows, q.weight.cols);
+                entry.push((
+                    format!("{m}.weight"),
+                    OutTensor { dtype: Dtype::F8_E4M3, shape: vec![rows, cols], data: f8.codes.clone().into() },
+                ));
+                entry.push((format!("{m}.weight_scale"), scalar(f8.scale)));
+                entry.push((format!("{m}.input_scale"), scalar(q.input_scale)));
+            }
             Some((m, q)) => {
                 let w = &q.weight;
-                let scalar =
-                    |v: f32| OutTensor { dtype: Dtype::F32, shape: vec![], data: v.to_le_bytes().to_vec().into() };
                 entry.push((
                     format!("{m}.weight"),
                     OutTensor { dtype: Dtype::U8, shape: vec![w.rows, w.cols / 2], data: w.packed.clone().into() },
@@ -225,9 +237,12 @@ fn producer() -> Value {
     json!({"name": "fp4", "version": env!("CARGO_PKG_VERSION")})
 }
 
-/// `NVFP4`, or `NVFP4_AWQ` when any layer keeps a `pre_quant_scale` (which vLLM does not load).
+/// `MIXED_PRECISION` for auto_mixed; else `NVFP4`, or `NVFP4_AWQ` when any layer keeps a
+/// `pre_quant_scale` (which vLLM does not load).
 pub fn quant_algo(result: &QuantResult) -> &'static str {
-    if result.layers.values().any(|q| q.awq.as_ref().is_some_and(|a| a.pre_quant_scale.is_some())) {
+    if result.plan.strategy == crate::Strategy::AutoMixed {
+        "MIXED_PRECISION"
+    } else if result.layers.values().any(|q| q.awq.as_ref().is_some_and(|a| a.pre_quant_scale.is_some())) {
         "NVFP4_AWQ"
     } else {
         "NVFP4"
@@ -239,6 +254,36 @@ fn quantization_config(result: &QuantResult) -> QuantConfigs {
     let exclude = result.plan.exclude_modules.clone();
     let algo = quant_algo(result);
     let block = json!({"dynamic": false, "num_bits": 4, "type": "float", "group_size": 16});
+    if algo == "MIXED_PRECISION" {
+        // ModelOpt's auto_quantize export: per-module algorithms under `quantized_layers`.
+        let layers: Map<String, Value> = result
+            .layers
+            .iter()
+            .map(|(n, q)| {
+                let v = if q.fp8.is_some() {
+                    json!({"quant_algo": "FP8"})
+                } else {
+                    json!({"quant_algo": "NVFP4", "group_size": 16})
+                };
+                (n.clone(), v)
+            })
+            .collect();
+        return QuantConfigs {
+            config_json: json!({
+                "quant_method": "modelopt",
+                "quant_algo": "MIXED_PRECISION",
+                "kv_cache_quant_algo": null,
+                "quantized_layers": layers,
+                "ignore": exclude,
+                "producer": producer(),
+            }),
+            hf_quant_config: json!({
+                "producer": producer(),
+                "quantization": {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": null,
+                                 "quantized_layers": layers, "exclude_modules": exclude}
+            }),
+        };
+    }
     QuantConfigs {
         config_json: json!({
             "config_groups": {"group_0": {"input_activations": block, "weights": block, "targets": ["Linear"]}},
@@ -260,7 +305,10 @@ fn report(result: &QuantResult, opts: &ExportOptions) -> Value {
     for (name, q) in &result.layers {
         let n = q.weight.rows * q.weight.cols;
         q_params += n;
-        q_bytes += q.weight.packed.len() + q.weight.scales.len() + 8;
+        q_bytes += match &q.fp8 {
+            Some(f8) => f8.codes.len() + 8,
+            None => q.weight.packed.len() + q.weight.scales.len() + 8,
+        };
         let awq = q.awq.as_ref().map(|a| {
             json!({
                 "alpha": a.alpha,
@@ -273,7 +321,8 @@ fn report(result: &QuantResult, opts: &ExportOptions) -> Value {
         layers.insert(
             name.clone(),
             json!({
-                "format": if awq.as_ref().is_some_and(|a| a["pre_quant_scale"] == true) { "NVFP4_AWQ" } else { "NVFP4" },
+                "format": if q.fp8.is_some() { "FP8" }
+                    else if awq.as_ref().is_some_and(|a| a["pre_quant_scale"] == true) { "NVFP4_AWQ" } else { "NVFP4" },
                 "awq": awq,
                 "shape": [q.weight.rows, q.weight.cols],
                 "weight_amax": q.weight_amax,

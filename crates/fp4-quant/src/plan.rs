@@ -12,6 +12,8 @@ pub enum Strategy {
     AwqLite,
     /// Only the MLPs (ModelOpt `NVFP4_MLP_ONLY_CFG`).
     MlpOnly,
+    /// The layers of `Rtn`, each fused group in NVFP4, FP8 or BF16 by KL sensitivity.
+    AutoMixed,
 }
 
 impl Strategy {
@@ -20,6 +22,7 @@ impl Strategy {
             Strategy::Rtn => "rtn",
             Strategy::AwqLite => "awq_lite",
             Strategy::MlpOnly => "mlp_only",
+            Strategy::AutoMixed => "auto_mixed",
         }
     }
 }
@@ -101,7 +104,7 @@ impl Plan {
             for suffix in all {
                 let name = format!("{prefix}.{suffix}");
                 let by_strategy = match strategy {
-                    Strategy::Rtn | Strategy::AwqLite => !DEFAULT_EXCLUDED.contains(suffix),
+                    Strategy::Rtn | Strategy::AwqLite | Strategy::AutoMixed => !DEFAULT_EXCLUDED.contains(suffix),
                     Strategy::MlpOnly => suffix.starts_with("mlp."),
                 };
                 let by_user = user_excludes.iter().any(|p| user_pattern_matches(p, &name));
@@ -148,6 +151,14 @@ impl Plan {
 
     pub fn module(&self, name: &str) -> Option<&Module> {
         self.modules.iter().find(|m| m.name == name)
+    }
+
+    /// Marks `names` unquantized (auto_mixed chose BF16) and rebuilds `exclude_modules`.
+    pub fn keep_unquantized(&mut self, ckpt: &Checkpoint, names: &[String]) {
+        for m in self.modules.iter_mut().filter(|m| names.contains(&m.name)) {
+            m.quantize = false;
+        }
+        self.exclude_modules = summarise_exclusions(ckpt, &self.modules);
     }
 }
 

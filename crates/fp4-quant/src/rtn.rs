@@ -4,7 +4,7 @@
 use crate::awq::{self, AwqOptions};
 use crate::plan::{Plan, Strategy};
 use crate::{QuantError, Result};
-use fp4_format::nvfp4::{self, Nvfp4Weight};
+use fp4_format::nvfp4::{self, Fp8Weight, Nvfp4Weight};
 use fp4_format::Checkpoint;
 use fp4_kernels::Tensor;
 use fp4_kernels::{ops, Precision};
@@ -55,6 +55,8 @@ pub struct QuantizedLinear {
     pub weight_rel_error: f32,
     /// AWQ outcome of the module's group, when AWQ-lite searched it.
     pub awq: Option<GroupAwq>,
+    /// Set when auto_mixed chose FP8 for the module: exported as FP8 instead of `weight`.
+    pub fp8: Option<Fp8Weight>,
 }
 
 /// AWQ-lite outcome for one group of linears sharing an input.
@@ -278,6 +280,7 @@ fn quantize_layer(
                 input_amax: x_amax,
                 weight_rel_error: if norm > 0.0 { (err / norm).sqrt() as f32 } else { 0.0 },
                 awq: awq.get(&group_of(&l.name)).cloned(),
+                fp8: None,
             },
         );
     }

@@ -1,6 +1,7 @@
-//! AWQ-lite: exact folding into Qwen3.5's (1+w) norms, and better KL than RTN on a model whose
-//! activations carry outlier channels (built here from the tiny-quant fixture, as
-//! tests/reference/awq_outliers.py builds the held-out one it compares with ModelOpt).
+//! Calibration-aware strategies on a model whose activations carry outlier channels (built here
+//! from the tiny-quant fixture, as tests/reference/awq_outliers.py builds the held-out one it
+//! compares with ModelOpt): AWQ-lite's exact fold into Qwen3.5's (1+w) norms and its KL against
+//! RTN, auto_mixed's budget and KL, and the seed strategy files end to end.
 
 use fp4_format::dtype::{from_f32, to_f32};
 use fp4_format::{Checkpoint, DType};
@@ -163,11 +164,59 @@ fn awq_lite_beats_rtn_on_activation_outliers() {
     assert!(down["awq"].is_null(), "no exact fold for down_proj: s = 1 ({down})");
 }
 
+/// auto_mixed stays within its bit budget, measures no worse than all-NVFP4 (the only
+/// single-format assignment under 8 bits) on its scoring data, spends the budget on the groups
+/// that matter, and exports a MIXED_PRECISION checkpoint whose KL fp4 then confirms.
+#[test]
+fn auto_mixed_meets_its_budget_and_beats_all_nvfp4() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("outliers");
+    outlier_model(&model);
+    let ckpt = Checkpoint::open(&model).unwrap();
+    let samples = calib_samples();
+    let opts = QuantizeOptions {
+        strategy: Strategy::AutoMixed,
+        algorithm: Algorithm::Max,
+        exclude: vec![],
+        precision: Precision::Bf16,
+        awq: AwqOptions::default(),
+    };
+    let (result, report) = fp4_quant::mixed::auto_mixed(&ckpt, &samples, &opts, 5.0, 4, &Silent).unwrap();
+    eprintln!(
+        "auto_mixed at 5.0 bits: {:.3} bits, KL {:.3e} vs all-NVFP4 {:.3e}",
+        report.effective_bits, report.kl_chosen, report.kl_all_nvfp4
+    );
+    assert!(report.effective_bits <= 5.0 && report.effective_bits > 4.5, "{}", report.effective_bits);
+    assert!(report.kl_chosen < report.kl_all_nvfp4);
+    assert!(report.chosen.iter().any(|f| *f != fp4_quant::mixed::Format::Nvfp4));
+    let out = tmp.path().join("mixed");
+    export::write(&ckpt, &result, &out, &ExportOptions { force: false, report_extra: Default::default() }).unwrap();
+    let rtn = tmp.path().join("rtn");
+    quantize_to(&model, &rtn, Algorithm::Max, AwqOptions::default());
+    let w4a4 = LoadOptions { precision: Precision::Bf16, quantize_activations: true };
+    let reference = Qwen35::load(&ckpt, w4a4).unwrap();
+    let kl = |dir: &Path| {
+        let m = Qwen35::load(&Checkpoint::open(dir).unwrap(), w4a4).unwrap();
+        fp4_quant::eval::kl(&reference, &m, &samples[..4]).unwrap().kl_mean
+    };
+    let (kl_mixed, kl_rtn) = (kl(&out), kl(&rtn));
+    eprintln!("exported: mixed {kl_mixed:.3e}, rtn {kl_rtn:.3e}");
+    assert!((kl_mixed - report.kl_chosen).abs() < 0.05 * report.kl_chosen, "export computes what was scored");
+    assert!(kl_mixed < kl_rtn);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("hf_quant_config.json")).unwrap()).unwrap();
+    let layers = config["quantization"]["quantized_layers"].as_object().unwrap();
+    assert_eq!(layers.len(), result.layers.len());
+    assert!(
+        layers.values().any(|v| v["quant_algo"] == "FP8") || report.chosen.contains(&fp4_quant::mixed::Format::Bf16)
+    );
+}
+
 /// The seed strategy files run end to end through the CLI.
 #[test]
 fn seed_strategy_configs_run_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
-    for (name, quantized_attn) in [("A", true), ("B", false)] {
+    for (name, quantized_attn) in [("A", true), ("B", false), ("C", true)] {
         let out = tmp.path().join(name);
         let o = Command::new(env!("CARGO_BIN_EXE_fp4"))
             .args(["quantize", "--model"])
@@ -184,10 +233,18 @@ fn seed_strategy_configs_run_end_to_end() {
         assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
         let report: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("quant_report.json")).unwrap()).unwrap();
-        assert_eq!(report["algorithm"], "awq_lite", "{name}");
-        assert_eq!(report["quant_algo"], "NVFP4", "{name}");
         let layers = report["layers"].as_object().unwrap();
         let fmt = |suffix: &str| layers.iter().find(|(k, _)| k.ends_with(suffix)).unwrap().1["format"].clone();
+        if name == "C" {
+            assert_eq!(report["quant_algo"], "MIXED_PRECISION");
+            assert!(report["auto_mixed"]["effective_bits"].as_f64().unwrap() <= 4.8);
+            assert_ne!(fmt("layers.2.linear_attn.in_proj_qkv"), "BF16", "rtn's layers are candidates");
+            // fp4 serves what it wrote.
+            Qwen35::load(&Checkpoint::open(&out).unwrap(), LoadOptions::new(Precision::F32)).unwrap();
+            continue;
+        }
+        assert_eq!(report["algorithm"], "awq_lite", "{name}");
+        assert_eq!(report["quant_algo"], "NVFP4", "{name}");
         assert_eq!(fmt("layers.0.mlp.up_proj"), if name == "A" { "BF16" } else { "NVFP4" }, "{name}");
         assert_eq!(fmt("layers.2.linear_attn.in_proj_qkv"), "BF16", "{name}");
         assert_eq!(fmt("layers.1.self_attn.q_proj"), if quantized_attn { "NVFP4" } else { "BF16" }, "{name}");
