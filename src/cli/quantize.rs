@@ -27,6 +27,12 @@ enum StrategyArg {
     AutoMixed,
 }
 
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
 #[derive(ValueEnum, Clone, Copy, Debug, serde::Deserialize, PartialEq)]
 #[serde(rename_all = "snake_case")]
 enum AlgorithmArg {
@@ -79,6 +85,10 @@ pub struct Args {
     /// `linear_attn,layers.0,layers.31`) or globs (`*layers.3[01].*`).
     #[arg(long, value_delimiter = ',')]
     exclude_layers: Vec<String>,
+    /// Where calibration runs. Only `cpu` exists so far: the CUDA calibration path comes with the
+    /// CUDA kernels.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
     /// Precision of the calibration forward pass.
     #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
     calib_dtype: Dtype,
@@ -167,6 +177,10 @@ impl Progress for Bar {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let a = merge(a)?;
+    anyhow::ensure!(
+        a.device == DeviceArg::Cpu,
+        "--device cuda: calibration on the GPU is not available in this build yet; use --device cpu"
+    );
     let (strategy, algorithm) = (a.strategy.expect("merged"), a.algorithm.expect("merged"));
     let ckpt = Checkpoint::open(&a.model).with_context(|| format!("cannot open model {}", a.model.display()))?;
     export::check_output(&ckpt, &a.output, a.force)?;
