@@ -305,9 +305,29 @@ fn quantize_refuses_to_overwrite_and_names_bad_calibration_lines() {
     let err = fails(&model, &out, &calib);
     assert!(err.contains("--force"), "{err}");
     let bad = dir.path().join("bad.jsonl");
-    std::fs::write(&bad, "{\"input_ids\": [1, 2, 3]}\n{\"input_ids\": [1, 99999]}\n").unwrap();
+    // A bad line is skipped and reported; the good ones are used.
+    std::fs::write(&bad, "{\"input_ids\": [1, 2, 3]}\n{\"input_ids\": [1, 99999]}\nnot json\n").unwrap();
+    let o = fp4(&[
+        "quantize",
+        "--model",
+        model.to_str().unwrap(),
+        "--output",
+        dir.path().join("q1").to_str().unwrap(),
+        "--calib-data",
+        bad.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("1 samples, 2 bad lines skipped") && err.contains("bad.jsonl:2") && err.contains("99999"),
+        "{err}"
+    );
+    std::fs::write(&bad, "{\"input_ids\": [1, 99999]}\n").unwrap();
     let err = fails(&model, &dir.path().join("q2"), &bad);
-    assert!(err.contains("bad.jsonl:2") && err.contains("99999"), "{err}");
+    assert!(
+        err.contains("no usable calibration samples") && err.contains("bad.jsonl:1") && err.contains("99999"),
+        "{err}"
+    );
     std::fs::write(&bad, "{\"text\": \"hello\"}\n").unwrap();
     let err = fails(&model, &dir.path().join("q3"), &bad);
     assert!(err.contains("bad.jsonl:1") && err.contains("messages"), "{err}");

@@ -66,7 +66,7 @@ fn outlier_model(dir: &Path) {
 
 fn calib_samples() -> Vec<Vec<u32>> {
     let path = fixtures().join("modelopt/tiny-quant/calib.jsonl");
-    fp4_quant::calib::load(&path, &fixtures().join("tiny-quant"), usize::MAX, usize::MAX, 1 << 20).unwrap()
+    fp4_quant::calib::load(&path, &fixtures().join("tiny-quant"), usize::MAX, usize::MAX, 1 << 20).unwrap().samples
 }
 
 fn eval_samples() -> Vec<Vec<u32>> {

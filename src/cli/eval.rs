@@ -53,7 +53,8 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         a.seq_len.unwrap_or(usize::MAX),
         ref_ckpt.config.vocab_size,
     )
-    .context("cannot read the evaluation data")?;
+    .context("cannot read the evaluation data")?
+    .report("evaluation data");
     let r = fp4_quant::eval::kl(&reference, &model, &samples)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);

@@ -194,7 +194,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.calib_samples.unwrap_or(usize::MAX),
         a.calib_seq_len.unwrap_or(usize::MAX),
         ckpt.config.vocab_size,
-    )?;
+    )?
+    .report("calibration data");
     let exclude: Vec<String> =
         a.exclude_layers.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
     let opts = QuantizeOptions {
