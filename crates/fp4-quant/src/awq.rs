@@ -166,7 +166,7 @@ mod tests {
         let (mx, mn) = s.iter().fold((f32::MIN, f32::MAX), |(a, b), &v| (a.max(v), b.min(v)));
         assert!((mx * mn - 1.0).abs() < 1e-4, "geometric centre is 1");
         let s0 = scale_for(&act, &wstat, 0.0);
-        let s0b = scale_for(&vec![7.0; 32], &wstat, 0.0);
+        let s0b = scale_for(&[7.0; 32], &wstat, 0.0);
         assert_eq!(s0, s0b);
     }
 
