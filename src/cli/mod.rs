@@ -8,6 +8,7 @@ mod generate;
 mod inspect;
 mod logits;
 mod quantize;
+mod selftest;
 mod serve;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -37,6 +38,8 @@ enum Command {
     /// Calibration conversations: generate from a teacher, validate, clean.
     #[command(subcommand)]
     Calib(calib::Command),
+    /// Check the CUDA kernels against their CPU references and benchmark them.
+    Selftest(selftest::Args),
     /// Evaluate a quantized model against its reference.
     #[command(subcommand)]
     Eval(eval::Command),
@@ -56,6 +59,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Calib(c) => calib::run(c),
         Command::Eval(c) => eval::run(c),
+        Command::Selftest(a) => selftest::run(a),
     }
 }
 

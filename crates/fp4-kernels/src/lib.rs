@@ -6,6 +6,8 @@
 //! (`[T, ...]`, one sequence).
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod ops;
 mod tensor;
 

@@ -1,0 +1,94 @@
+//! CUDA launchers (feature `cuda`) for the hand-written kernels in `kernels/*.cu`, embedded as
+//! fatbins (sm_90a, sm_120a, sm_121a + compute_90a PTX; the driver picks by compute capability).
+//! libcuda is loaded at run time, so a `cuda` binary still starts on a machine without a GPU.
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::Ptx;
+use fp4_format::nvfp4::Nvfp4Weight;
+use std::sync::Arc;
+
+const NVFP4_GEMV: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nvfp4_gemv.fatbin"));
+
+/// Rows of the output per thread block in the GEMV kernels (`ROWS_PER_BLOCK` there).
+const GEMV_ROWS_PER_BLOCK: u32 = 4;
+
+pub type Result<T> = std::result::Result<T, DriverError>;
+
+/// One GPU: its context, the stream every launch goes to, and the loaded kernels.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    gemv_v16: CudaFunction,
+    gemv_v8: CudaFunction,
+}
+
+/// An NVFP4 weight in device memory, in ModelOpt's layout.
+pub struct GpuNvfp4 {
+    pub rows: usize,
+    pub cols: usize,
+    pub packed: CudaSlice<u8>,
+    pub scales: CudaSlice<u8>,
+    pub scale_2: f32,
+}
+
+impl GpuNvfp4 {
+    /// Bytes the GEMV reads for the weight (codes + block scales).
+    pub fn bytes(&self) -> usize {
+        self.rows * self.cols / 2 + self.rows * self.cols / 16
+    }
+}
+
+impl Gpu {
+    pub fn new(ordinal: usize) -> Result<Gpu> {
+        let ctx = CudaContext::new(ordinal)?;
+        let stream = ctx.default_stream();
+        let gemv = ctx.load_module(Ptx::from_binary(NVFP4_GEMV.to_vec()))?;
+        Ok(Gpu {
+            gemv_v16: gemv.load_function("nvfp4_gemv_f32_v16")?,
+            gemv_v8: gemv.load_function("nvfp4_gemv_f32_v8")?,
+            ctx,
+            stream,
+        })
+    }
+
+    /// Milliseconds the work queued by `f` takes on the stream (CUDA events around it).
+    pub fn time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<f64> {
+        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self.stream.record_event(timing)?;
+        f()?;
+        let end = self.stream.record_event(timing)?;
+        Ok(start.elapsed_ms(&end)? as f64)
+    }
+
+    pub fn name(&self) -> Result<String> {
+        self.ctx.name()
+    }
+
+    pub fn upload_nvfp4(&self, w: &Nvfp4Weight) -> Result<GpuNvfp4> {
+        Ok(GpuNvfp4 {
+            rows: w.rows,
+            cols: w.cols,
+            packed: self.stream.clone_htod(&w.packed)?,
+            scales: self.stream.clone_htod(&w.scales)?,
+            scale_2: w.scale_2,
+        })
+    }
+
+    /// `y [rows] = W x` for one token (decode), W4A16 with f32 activations and accumulation.
+    /// Needs `cols % 16 == 0` (NVFP4 blocks); `cols % 32 == 0` takes the 16-byte-load kernel.
+    pub fn nvfp4_gemv(&self, w: &GpuNvfp4, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
+        assert!(w.cols.is_multiple_of(16) && x.len() >= w.cols && y.len() >= w.rows, "nvfp4_gemv shapes");
+        let f = if w.cols.is_multiple_of(32) { &self.gemv_v16 } else { &self.gemv_v8 };
+        let cfg = LaunchConfig {
+            grid_dim: ((w.rows as u32).div_ceil(GEMV_ROWS_PER_BLOCK), 1, 1),
+            block_dim: (32, GEMV_ROWS_PER_BLOCK, 1),
+            shared_mem_bytes: 0,
+        };
+        let (n, k) = (w.rows as i32, w.cols as i32);
+        let mut launch = self.stream.launch_builder(f);
+        launch.arg(&w.packed).arg(&w.scales).arg(&w.scale_2).arg(x).arg(y).arg(&n).arg(&k);
+        // SAFETY: argument types and order match the kernel signature; shapes checked above.
+        unsafe { launch.launch(cfg) }?;
+        Ok(())
+    }
+}
