@@ -18,8 +18,7 @@ pub type Result<T> = std::result::Result<T, DriverError>;
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
-    gemv_v16: CudaFunction,
-    gemv_v8: CudaFunction,
+    gemv: CudaFunction,
 }
 
 /// An NVFP4 weight in device memory, in ModelOpt's layout.
@@ -43,12 +42,7 @@ impl Gpu {
         let ctx = CudaContext::new(ordinal)?;
         let stream = ctx.default_stream();
         let gemv = ctx.load_module(Ptx::from_binary(NVFP4_GEMV.to_vec()))?;
-        Ok(Gpu {
-            gemv_v16: gemv.load_function("nvfp4_gemv_f32_v16")?,
-            gemv_v8: gemv.load_function("nvfp4_gemv_f32_v8")?,
-            ctx,
-            stream,
-        })
+        Ok(Gpu { gemv: gemv.load_function("nvfp4_gemv_f32")?, ctx, stream })
     }
 
     /// Milliseconds the work queued by `f` takes on the stream (CUDA events around it).
@@ -75,17 +69,16 @@ impl Gpu {
     }
 
     /// `y [rows] = W x` for one token (decode), W4A16 with f32 activations and accumulation.
-    /// Needs `cols % 16 == 0` (NVFP4 blocks); `cols % 32 == 0` takes the 16-byte-load kernel.
+    /// Needs `cols % 16 == 0` (NVFP4 blocks).
     pub fn nvfp4_gemv(&self, w: &GpuNvfp4, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
         assert!(w.cols.is_multiple_of(16) && x.len() >= w.cols && y.len() >= w.rows, "nvfp4_gemv shapes");
-        let f = if w.cols.is_multiple_of(32) { &self.gemv_v16 } else { &self.gemv_v8 };
         let cfg = LaunchConfig {
             grid_dim: ((w.rows as u32).div_ceil(GEMV_ROWS_PER_BLOCK), 1, 1),
             block_dim: (32, GEMV_ROWS_PER_BLOCK, 1),
             shared_mem_bytes: 0,
         };
         let (n, k) = (w.rows as i32, w.cols as i32);
-        let mut launch = self.stream.launch_builder(f);
+        let mut launch = self.stream.launch_builder(&self.gemv);
         launch.arg(&w.packed).arg(&w.scales).arg(&w.scale_2).arg(x).arg(y).arg(&n).arg(&k);
         // SAFETY: argument types and order match the kernel signature; shapes checked above.
         unsafe { launch.launch(cfg) }?;
