@@ -78,6 +78,49 @@ mod gpu {
         Ok(worst)
     }
 
+    /// max |gpu − cpu| / max(|cpu|, 1e-30).
+    fn rel_err(gpu: &[f32], cpu: &[f32]) -> f64 {
+        let m = cpu.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30) as f64;
+        gpu.iter().zip(cpu).map(|(a, b)| (a - b).abs() as f64).fold(0f64, f64::max) / m
+    }
+
+    /// The row-wise and element-wise kernels against `fp4_kernels::cpu` on random rows.
+    fn small_kernel_checks(gpu: &Gpu, rng: &mut Normal) -> anyhow::Result<Vec<(String, f64)>> {
+        use fp4_kernels::{cpu, Precision};
+        let mut out = Vec::new();
+        for (rows, d) in [(1, 4096), (7, 64), (3, 1000)] {
+            let x = rng.vec(rows * d, 2.0);
+            let w = rng.vec(d, 0.3);
+            let delta = rng.vec(rows * d, 1.0);
+            let (dx, dw) = (gpu.stream.clone_htod(&x)?, gpu.stream.clone_htod(&w)?);
+            let mut dy = gpu.stream.alloc_zeros::<f32>(rows * d)?;
+            gpu.rms_norm(&dx, &dw, &mut dy, 1e-6, 1.0)?;
+            let want = cpu::rms_norm(&x, &w, 1e-6, 1.0, Precision::F32);
+            out.push((format!("rms_norm {rows}x{d}"), rel_err(&gpu.stream.clone_dtoh(&dy)?, &want)));
+
+            let mut dh = gpu.stream.clone_htod(&x)?;
+            let ddelta = gpu.stream.clone_htod(&delta)?;
+            gpu.add_rms_norm(&mut dh, &ddelta, &dw, &mut dy, 1e-6, 1.0)?;
+            let h: Vec<f32> = x.iter().zip(&delta).map(|(a, b)| a + b).collect();
+            let want = cpu::rms_norm(&h, &w, 1e-6, 1.0, Precision::F32);
+            let err = rel_err(&gpu.stream.clone_dtoh(&dy)?, &want).max(rel_err(&gpu.stream.clone_dtoh(&dh)?, &h));
+            out.push((format!("add_rms_norm {rows}x{d}"), err));
+
+            let mut dout = gpu.stream.alloc_zeros::<f32>(rows * d)?;
+            gpu.silu_mul(&dx, &ddelta, &mut dout)?;
+            let want = cpu::silu_mul(&x, &delta, Precision::F32);
+            out.push((format!("silu_mul {}", rows * d), rel_err(&gpu.stream.clone_dtoh(&dout)?, &want)));
+        }
+        let (vocab, d) = (1000, 96);
+        let table = rng.vec(vocab * d, 1.0);
+        let ids: Vec<u32> = (0..37).map(|i| (i * 7919 % vocab) as u32).collect();
+        let mut dout = gpu.stream.alloc_zeros::<f32>(ids.len() * d)?;
+        gpu.embedding(&gpu.stream.clone_htod(&table)?, d, &gpu.stream.clone_htod(&ids)?, &mut dout)?;
+        let want: Vec<f32> = ids.iter().flat_map(|&i| table[i as usize * d..(i as usize + 1) * d].to_vec()).collect();
+        out.push((format!("embedding {}x{d}", ids.len()), rel_err(&gpu.stream.clone_dtoh(&dout)?, &want)));
+        Ok(out)
+    }
+
     /// Device-to-device copy bandwidth (read + write bytes per second) over a 1 GiB buffer.
     fn copy_bandwidth(gpu: &Gpu) -> anyhow::Result<f64> {
         let n = 1usize << 30;
@@ -128,6 +171,12 @@ mod gpu {
             ok &= pass;
             println!("nvfp4_gemv {rows:>6}x{cols:<6} max err/Σ|wx| {err:.2e} {}", if pass { "ok" } else { "FAIL" });
             checks.push(json!({"kernel": "nvfp4_gemv", "rows": rows, "cols": cols, "max_rel_err": err, "pass": pass}));
+        }
+        for (what, err) in small_kernel_checks(&gpu, &mut rng)? {
+            let pass = err < 1e-5;
+            ok &= pass;
+            println!("{what:<28} max rel err {err:.2e} {}", if pass { "ok" } else { "FAIL" });
+            checks.push(json!({"kernel": what, "max_rel_err": err, "pass": pass}));
         }
         let copy = copy_bandwidth(&gpu)?;
         println!("copy bandwidth (d2d, read+write): {:.0} GB/s", copy / 1e9);

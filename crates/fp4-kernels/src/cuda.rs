@@ -8,6 +8,11 @@ use fp4_format::nvfp4::Nvfp4Weight;
 use std::sync::Arc;
 
 const NVFP4_GEMV: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nvfp4_gemv.fatbin"));
+const NORM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/norm.fatbin"));
+const ELEMENTWISE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/elementwise.fatbin"));
+
+/// Threads per block of the row-wise kernels (norms, gathers).
+const ROW_THREADS: u32 = 256;
 
 /// Rows of the output per thread block in the GEMV kernels (`ROWS_PER_BLOCK` there).
 const GEMV_ROWS_PER_BLOCK: u32 = 4;
@@ -19,6 +24,10 @@ pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     gemv: CudaFunction,
+    rms_norm: CudaFunction,
+    add_rms_norm: CudaFunction,
+    silu_mul: CudaFunction,
+    embedding: CudaFunction,
 }
 
 /// An NVFP4 weight in device memory, in ModelOpt's layout.
@@ -42,7 +51,17 @@ impl Gpu {
         let ctx = CudaContext::new(ordinal)?;
         let stream = ctx.default_stream();
         let gemv = ctx.load_module(Ptx::from_binary(NVFP4_GEMV.to_vec()))?;
-        Ok(Gpu { gemv: gemv.load_function("nvfp4_gemv_f32")?, ctx, stream })
+        let norm = ctx.load_module(Ptx::from_binary(NORM.to_vec()))?;
+        let elementwise = ctx.load_module(Ptx::from_binary(ELEMENTWISE.to_vec()))?;
+        Ok(Gpu {
+            gemv: gemv.load_function("nvfp4_gemv_f32")?,
+            rms_norm: norm.load_function("rms_norm_f32")?,
+            add_rms_norm: norm.load_function("add_rms_norm_f32")?,
+            silu_mul: elementwise.load_function("silu_mul_f32")?,
+            embedding: elementwise.load_function("embedding_f32")?,
+            ctx,
+            stream,
+        })
     }
 
     /// Milliseconds the work queued by `f` takes on the stream (CUDA events around it).
@@ -82,6 +101,80 @@ impl Gpu {
         launch.arg(&w.packed).arg(&w.scales).arg(&w.scale_2).arg(x).arg(y).arg(&n).arg(&k);
         // SAFETY: argument types and order match the kernel signature; shapes checked above.
         unsafe { launch.launch(cfg) }?;
+        Ok(())
+    }
+
+    fn rows(rows: usize) -> LaunchConfig {
+        LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// `y = x · rsqrt(mean(x²) + eps) · (offset + w)` per row of `w.len()`.
+    pub fn rms_norm(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        eps: f32,
+        offset: f32,
+    ) -> Result<()> {
+        let d = w.len();
+        assert!(x.len().is_multiple_of(d) && y.len() >= x.len(), "rms_norm shapes");
+        let mut launch = self.stream.launch_builder(&self.rms_norm);
+        let di = d as i32;
+        launch.arg(x).arg(w).arg(y).arg(&di).arg(&eps).arg(&offset);
+        // SAFETY: argument types and order match the kernel; shapes checked above.
+        unsafe { launch.launch(Self::rows(x.len() / d)) }?;
+        Ok(())
+    }
+
+    /// `h += delta`, then `y = rms_norm(h)` (the residual add fused with the next norm).
+    pub fn add_rms_norm(
+        &self,
+        h: &mut CudaSlice<f32>,
+        delta: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        eps: f32,
+        offset: f32,
+    ) -> Result<()> {
+        let d = w.len();
+        assert!(h.len().is_multiple_of(d) && delta.len() == h.len() && y.len() >= h.len(), "add_rms_norm shapes");
+        let rows = h.len() / d;
+        let mut launch = self.stream.launch_builder(&self.add_rms_norm);
+        let di = d as i32;
+        launch.arg(h).arg(delta).arg(w).arg(y).arg(&di).arg(&eps).arg(&offset);
+        // SAFETY: as above.
+        unsafe { launch.launch(Self::rows(rows)) }?;
+        Ok(())
+    }
+
+    /// `out = silu(gate) · up`.
+    pub fn silu_mul(&self, gate: &CudaSlice<f32>, up: &CudaSlice<f32>, out: &mut CudaSlice<f32>) -> Result<()> {
+        let n = gate.len();
+        assert!(up.len() == n && out.len() >= n, "silu_mul shapes");
+        let mut launch = self.stream.launch_builder(&self.silu_mul);
+        let ni = n as i32;
+        launch.arg(gate).arg(up).arg(out).arg(&ni);
+        // SAFETY: as above.
+        unsafe { launch.launch(LaunchConfig::for_num_elems(n as u32)) }?;
+        Ok(())
+    }
+
+    /// `out[t] = table[ids[t]]` for a `[vocab, d]` table. Ids must be `< vocab` (checked on the host
+    /// by the caller's tokenizer/vocabulary validation).
+    pub fn embedding(
+        &self,
+        table: &CudaSlice<f32>,
+        d: usize,
+        ids: &CudaSlice<u32>,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        assert!(table.len().is_multiple_of(d) && out.len() >= ids.len() * d, "embedding shapes");
+        let mut launch = self.stream.launch_builder(&self.embedding);
+        let di = d as i32;
+        launch.arg(table).arg(ids).arg(out).arg(&di);
+        // SAFETY: as above.
+        unsafe { launch.launch(Self::rows(ids.len())) }?;
         Ok(())
     }
 }
