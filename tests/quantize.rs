@@ -1,20 +1,15 @@
 //! `fp4 quantize` against NVIDIA ModelOpt 0.47 (tests/reference/make_modelopt_golden.py, run on a
 //! GPU machine), and fp4 loading ModelOpt / compressed-tensors NVFP4 checkpoints.
 
+mod common;
+
+use common::{eval_ids, fixtures, golden, logits};
 use fp4_format::quant_config::excluded;
 use fp4_format::{Checkpoint, DType, QuantConfig};
-use fp4_model::{Linear, LoadOptions, Logits, Precision, Qwen35, Tensor};
+use fp4_model::{Linear, LoadOptions, Precision, Tensor};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn golden(model: &str) -> PathBuf {
-    fixtures().join("modelopt").join(model)
-}
 
 fn fp4(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_fp4")).args(args).env("RUST_LOG", "warn").output().unwrap()
@@ -43,12 +38,6 @@ fn safetensors_f32(path: &Path, name: &str) -> Vec<f32> {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     f32s(st.tensor(name).unwrap().data())
-}
-
-fn eval_ids(model: &str) -> Vec<u32> {
-    let bytes = std::fs::read(golden(model).join("eval.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensor("ids").unwrap().data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect()
 }
 
 /// Quantized modules (those with a U8 `.weight`) of a checkpoint.
@@ -124,12 +113,6 @@ fn mlp_only_export_is_byte_identical_to_modelopt() {
         quantize(model, "mlp_only", &out);
         assert_matches_modelopt(&out, &golden(model).join("nvfp4_mlp_only"));
     }
-}
-
-fn logits(dir: &Path, opts: LoadOptions, ids: &[u32]) -> Vec<f32> {
-    let ckpt = Checkpoint::open(dir).unwrap();
-    let model = Qwen35::load(&ckpt, opts).unwrap();
-    model.forward(ids, &mut model.new_cache(), Logits::All).unwrap().into_vec()
 }
 
 /// ‖a − b‖ / ‖b‖.

@@ -3,18 +3,17 @@
 //! compares with ModelOpt): AWQ-lite's exact fold into Qwen3.5's (1+w) norms and its KL against
 //! RTN, auto_mixed's budget and KL, and the seed strategy files end to end.
 
+mod common;
+
+use common::{eval_ids, fixtures, logits};
 use fp4_format::dtype::{from_f32, to_f32};
 use fp4_format::{Checkpoint, DType};
-use fp4_model::{LoadOptions, Logits, Precision, Qwen35};
+use fp4_model::{LoadOptions, Precision, Qwen35};
 use fp4_quant::export::{self, ExportOptions};
 use fp4_quant::rtn::Silent;
 use fp4_quant::{quantize, Algorithm, AwqOptions, QuantizeOptions, Strategy};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 const OUTLIER_CHANNELS: [usize; 3] = [5, 22, 47];
 
@@ -70,15 +69,7 @@ fn calib_samples() -> Vec<Vec<u32>> {
 }
 
 fn eval_samples() -> Vec<Vec<u32>> {
-    let bytes = std::fs::read(fixtures().join("modelopt/tiny-quant/eval.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let ids: Vec<u32> = st
-        .tensor("ids")
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect();
+    let ids = eval_ids("tiny-quant");
     // Two held-out sequences: the eval ids and their reverse.
     vec![ids.clone(), ids.into_iter().rev().collect()]
 }
@@ -89,11 +80,6 @@ fn quantize_to(model: &Path, out: &Path, algorithm: Algorithm, awq: AwqOptions) 
     let result = quantize(&ckpt, &calib_samples(), &opts, &Silent).unwrap();
     export::write(&ckpt, &result, out, &ExportOptions { force: true, report_extra: Default::default() }).unwrap();
     serde_json::from_str(&std::fs::read_to_string(out.join("quant_report.json")).unwrap()).unwrap()
-}
-
-fn logits(dir: &Path, opts: LoadOptions, ids: &[u32]) -> Vec<f32> {
-    let model = Qwen35::load(&Checkpoint::open(dir).unwrap(), opts).unwrap();
-    model.forward(ids, &mut model.new_cache(), Logits::All).unwrap().into_vec()
 }
 
 fn kl_mean(reference: &Path, model: &Path, opts: LoadOptions) -> f64 {

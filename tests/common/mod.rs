@@ -126,3 +126,26 @@ fn dechunk(mut s: &str) -> String {
     }
     out
 }
+
+/// `tests/fixtures`.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// ModelOpt goldens of a fixture model (`tests/fixtures/modelopt/<model>`).
+pub fn golden(model: &str) -> PathBuf {
+    fixtures().join("modelopt").join(model)
+}
+
+/// The held-out eval ids stored with a model's ModelOpt goldens.
+pub fn eval_ids(model: &str) -> Vec<u32> {
+    let bytes = std::fs::read(golden(model).join("eval.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensor("ids").unwrap().data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect()
+}
+
+/// Logits of every position of `ids` for the checkpoint in `dir`.
+pub fn logits(dir: &Path, opts: fp4_model::LoadOptions, ids: &[u32]) -> Vec<f32> {
+    let model = fp4_model::Qwen35::load(&fp4_format::Checkpoint::open(dir).unwrap(), opts).unwrap();
+    model.forward(ids, &mut model.new_cache(), fp4_model::Logits::All).unwrap().into_vec()
+}

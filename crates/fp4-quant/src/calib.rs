@@ -53,54 +53,20 @@ pub fn load(path: &Path, model_dir: &Path, max_samples: usize, seq_len: usize, v
         if samples.len() == max_samples {
             break;
         }
-        let parsed = (|| -> Result<Vec<u32>> {
-            let v: Value = serde_json::from_str(line).map_err(|e| bad(lineno, format!("invalid JSON: {e}")))?;
-            let mut ids: Vec<u32> = if let Some(ids) = v.get("input_ids") {
-                let arr =
-                    ids.as_array().ok_or_else(|| bad(lineno, "`input_ids` must be a list of token ids".into()))?;
-                arr.iter()
-                    .map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok()))
-                    .collect::<Option<Vec<u32>>>()
-                    .ok_or_else(|| bad(lineno, "`input_ids` must hold non-negative integers".into()))?
-            } else if let Some(Value::Array(messages)) = v.get("messages") {
-                if chat.is_none() {
-                    let tok =
-                        Tokenizer::from_dir(model_dir).map_err(|e| bad(lineno, e.to_string()))?.ok_or_else(|| {
-                            bad(lineno, format!("conversations need {} in {}", Tokenizer::FILE, model_dir.display()))
-                        })?;
-                    let tmpl = ChatTemplate::from_dir(model_dir, true).map_err(|e| bad(lineno, e.to_string()))?;
-                    chat = Some((tok, tmpl));
-                }
-                let (tok, tmpl) = chat.as_ref().expect("set above");
-                let tools = v.get("tools").and_then(Value::as_array).filter(|t| !t.is_empty());
-                let prompt = tmpl
-                    .render(&RenderRequest {
-                        messages,
-                        tools: tools.map(|t| t.as_slice()),
-                        add_generation_prompt: false,
-                        kwargs: Default::default(),
-                    })
-                    .map_err(|e| bad(lineno, e.to_string()))?;
-                tok.encode(&prompt).map_err(|e| bad(lineno, e.to_string()))?
-            } else {
-                return Err(bad(lineno, "expected `input_ids` (pre-tokenized) or `messages` (a conversation)".into()));
-            };
-            if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
-                return Err(bad(lineno, format!("token id {id} is outside the vocabulary (size {vocab})")));
+        let v: Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(e) => {
+                skipped.push(bad(lineno, format!("invalid JSON: {e}")));
+                continue;
             }
-            ids.truncate(seq_len);
-            if ids.is_empty() {
-                return Err(bad(lineno, "empty sample".into()));
-            }
-            Ok(ids)
-        })();
-        match parsed {
+        };
+        if chat.is_none() && v.get("input_ids").is_none() && matches!(v.get("messages"), Some(Value::Array(_))) {
+            // Every conversation needs the tokenizer and template: a missing one stops the run.
+            chat = Some(load_chat(model_dir).map_err(|msg| bad(lineno, msg))?);
+        }
+        match sample_ids(&v, chat.as_ref(), seq_len, vocab) {
             Ok(ids) => samples.push(ids),
-            // A missing tokenizer or template fails every conversation: stop at the first.
-            Err(e) if chat.is_none() && line.contains("\"messages\"") && e.to_string().contains(Tokenizer::FILE) => {
-                return Err(e)
-            }
-            Err(e) => skipped.push(e),
+            Err(msg) => skipped.push(bad(lineno, msg)),
         }
     }
     if samples.is_empty() {
@@ -110,4 +76,49 @@ pub fn load(path: &Path, model_dir: &Path, max_samples: usize, seq_len: usize, v
         });
     }
     Ok(Loaded { samples, skipped })
+}
+
+fn load_chat(model_dir: &Path) -> std::result::Result<(Tokenizer, ChatTemplate), String> {
+    let tok = Tokenizer::from_dir(model_dir)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("conversations need {} in {}", Tokenizer::FILE, model_dir.display()))?;
+    let tmpl = ChatTemplate::from_dir(model_dir, true).map_err(|e| e.to_string())?;
+    Ok((tok, tmpl))
+}
+
+/// The token ids of one parsed line; `chat` is loaded whenever the line is a conversation.
+fn sample_ids(
+    v: &Value,
+    chat: Option<&(Tokenizer, ChatTemplate)>,
+    seq_len: usize,
+    vocab: usize,
+) -> std::result::Result<Vec<u32>, String> {
+    let mut ids: Vec<u32> = if let Some(ids) = v.get("input_ids") {
+        let arr = ids.as_array().ok_or("`input_ids` must be a list of token ids")?;
+        arr.iter()
+            .map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok()))
+            .collect::<Option<Vec<u32>>>()
+            .ok_or("`input_ids` must hold non-negative integers")?
+    } else if let (Some(Value::Array(messages)), Some((tok, tmpl))) = (v.get("messages"), chat) {
+        let tools = v.get("tools").and_then(Value::as_array).filter(|t| !t.is_empty());
+        let prompt = tmpl
+            .render(&RenderRequest {
+                messages,
+                tools: tools.map(|t| t.as_slice()),
+                add_generation_prompt: false,
+                kwargs: Default::default(),
+            })
+            .map_err(|e| e.to_string())?;
+        tok.encode(&prompt).map_err(|e| e.to_string())?
+    } else {
+        return Err("expected `input_ids` (pre-tokenized) or `messages` (a conversation)".into());
+    };
+    if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+        return Err(format!("token id {id} is outside the vocabulary (size {vocab})"));
+    }
+    ids.truncate(seq_len);
+    if ids.is_empty() {
+        return Err("empty sample".into());
+    }
+    Ok(ids)
 }

@@ -33,6 +33,11 @@ pub enum Format {
 impl Format {
     pub const ALL: [Format; 3] = [Format::Nvfp4, Format::Fp8, Format::Bf16];
 
+    /// Position in [`Format::ALL`] (and in per-format arrays).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn bits(self) -> f64 {
         match self {
             Format::Nvfp4 => NVFP4_BITS,
@@ -57,7 +62,7 @@ fn effective_bits(groups: &[Group], choice: &[Format]) -> f64 {
 }
 
 fn estimated_kl(groups: &[Group], choice: &[Format]) -> f64 {
-    groups.iter().zip(choice).map(|(g, f)| g.kl[Format::ALL.iter().position(|x| x == f).expect("a format")]).sum()
+    groups.iter().zip(choice).map(|(g, f)| g.kl[f.index()]).sum()
 }
 
 /// Budget resolution of the exact selection (units of the bits above all-NVFP4).
@@ -103,7 +108,7 @@ pub fn select(groups: &[Group], target: f64) -> Option<Vec<Format>> {
     loop {
         let mut step: Option<(usize, Format, f64)> = None;
         for (i, g) in groups.iter().enumerate() {
-            let cur = Format::ALL.iter().position(|f| *f == best[i]).expect("a format");
+            let cur = best[i].index();
             for (j, f) in Format::ALL.iter().enumerate().skip(cur + 1) {
                 let mut c = best.clone();
                 c[i] = *f;
@@ -205,7 +210,6 @@ pub fn auto_mixed(
     for l in model.linears_mut() {
         let Some(q) = result.layers.get(&l.name) else { continue };
         let dense = l.method.clone();
-        let w = l.weight().as_slice().to_vec();
         let (rows, cols) = (l.out_features, l.in_features);
         let nvfp4 = LinearMethod::Nvfp4 {
             q: q.weight.clone(),
@@ -214,7 +218,7 @@ pub fn auto_mixed(
             weight: Tensor::from_vec(q.weight.dequantize(), &[rows, cols]).round(p),
             bias: None,
         };
-        let f8 = Fp8Weight::quantize(&w);
+        let f8 = Fp8Weight::quantize(l.weight().as_slice());
         let fp8 = LinearMethod::Fp8 {
             weight: Tensor::from_vec(f8.dequantize(), &[rows, cols]).round(p),
             q: f8,
@@ -227,9 +231,9 @@ pub fn auto_mixed(
     for m in result.plan.quantized() {
         by_group.entry(m.group).or_default().push(m.name.clone());
     }
-    let set = |model: &mut Qwen35, members: &[String], f: usize| {
+    let set = |model: &mut Qwen35, members: &[String], f: Format| {
         for l in model.linears_mut().into_iter().filter(|l| members.contains(&l.name)) {
-            l.method = methods[&l.name][f].clone();
+            l.method = methods[&l.name][f.index()].clone();
         }
     };
     progress.start("auto_mixed: scoring groups", by_group.len() as u64);
@@ -237,11 +241,11 @@ pub fn auto_mixed(
     for members in by_group.values() {
         let params = members.iter().map(|n| result.layers[n].weight.rows * result.layers[n].weight.cols).sum();
         let mut kl = [0f64; 3];
-        for (f, k) in kl.iter_mut().enumerate().take(2) {
+        for f in [Format::Nvfp4, Format::Fp8] {
             set(&mut model, members, f);
-            *k = scorer.kl(&model)?;
+            kl[f.index()] = scorer.kl(&model)?;
         }
-        set(&mut model, members, 2);
+        set(&mut model, members, Format::Bf16);
         groups.push(Group { modules: members.clone(), params, kl });
         progress.inc();
     }
@@ -249,7 +253,7 @@ pub fn auto_mixed(
     let chosen = select(&groups, target_bits).expect("all-NVFP4 fits: checked above");
     let measure = |model: &mut Qwen35, choice: &[Format]| -> Result<f64> {
         for (g, f) in groups.iter().zip(choice) {
-            set(model, &g.modules, Format::ALL.iter().position(|x| x == f).expect("a format"));
+            set(model, &g.modules, *f);
         }
         scorer.kl(model)
     };
@@ -265,7 +269,9 @@ pub fn auto_mixed(
                 Format::Nvfp4 => {}
                 Format::Fp8 => {
                     let q = result.layers.get_mut(name).expect("quantized above");
-                    let LinearMethod::Fp8 { q: f8, .. } = &methods[name][1] else { unreachable!("index 1 is FP8") };
+                    let LinearMethod::Fp8 { q: f8, .. } = &methods[name][Format::Fp8.index()] else {
+                        unreachable!("the FP8 slot holds an FP8 method")
+                    };
                     q.fp8 = Some(f8.clone());
                     q.input_scale = q.input_amax / nvfp4::E4M3_MAX;
                 }

@@ -191,10 +191,11 @@ fn apply_awq(
         if target.is_none() && !opts.allow_pre_quant_scale {
             continue; // No exact fold: s = 1 keeps the checkpoint plain NVFP4.
         }
-        let stats = rec.stats();
+        let mut stats = rec.stats();
         let cin = stats.amax.len();
         let act: Vec<f32> = stats.mean_abs_sum.iter().map(|v| (v / stats.calls.max(1) as f64) as f32).collect();
-        let x = Tensor::from_vec(stats.rows.clone(), &[stats.rows.len() / cin, cin]);
+        let n = stats.rows.len() / cin;
+        let x = Tensor::from_vec(std::mem::take(&mut stats.rows), &[n, cin]);
         let mut lins: Vec<_> = layer.linears_mut().into_iter().filter(|l| members.contains(&l.name)).collect();
         let weights: Vec<Tensor> = lins.iter().map(|l| l.weight().clone()).collect();
         let r = awq::search(&x, &act, &weights.iter().collect::<Vec<_>>(), opts);
