@@ -43,3 +43,20 @@ extern "C" __global__ void add_rms_norm_f32(float* __restrict__ h, const float* 
     __syncthreads();
     norm_row(hr, w, y + row * d, d, eps, offset);
 }
+
+// Gated RMSNorm of the GDN output (Qwen3_5RMSNormGated): y = w · x·rsqrt(mean(x²)+eps) · silu(z),
+// the weight plain (not 1+w), one block per row of d (one value head of one token).
+extern "C" __global__ void rms_norm_gated_f32(const float* __restrict__ x, const float* __restrict__ z,
+                                              const float* __restrict__ w, float* __restrict__ y, int d, float eps) {
+    __shared__ float shared[32];
+    size_t row = blockIdx.x;
+    const float* xr = x + row * d;
+    const float* zr = z + row * d;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
+    float r = rsqrtf(block_sum(ss, shared) / d + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float g = zr[i];
+        y[row * d + i] = w[i] * (xr[i] * r) * (g / (1.f + expf(-g)));
+    }
+}

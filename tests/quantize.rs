@@ -172,7 +172,7 @@ fn w4a4_linears_match_modelopt_fake_quant() {
                 continue;
             }
             let n_out = y.len() / shape[0];
-            let opts = LoadOptions { precision: Precision::Bf16, quantize_activations: true };
+            let opts = LoadOptions { quantize_activations: true, ..LoadOptions::new(Precision::Bf16) };
             let lin = Linear::load(&ckpt, m, shape[1], n_out, false, opts).unwrap();
             let got = lin.forward(&Tensor::from_vec(x.clone(), shape), Precision::Bf16).into_vec();
             let err = rms_rel(&got, y);
@@ -208,7 +208,7 @@ fn w4a4_models_track_modelopt_fake_quant() {
         [("nvfp4_default", "nvfp4_default"), ("nvfp4_mlp_only", "nvfp4_mlp_only"), ("ct_nvfp4", "nvfp4_default")]
     {
         let want = safetensors_f32(&root.join(format!("{reference}.fused_logits.safetensors")), "logits");
-        let opts = LoadOptions { precision: Precision::Bf16, quantize_activations: true };
+        let opts = LoadOptions { quantize_activations: true, ..LoadOptions::new(Precision::Bf16) };
         let got = logits(&root.join(name), opts, &ids);
         let err = rms_rel(&got, &want);
         let quant_effect = rms_rel(&bf16, &want);

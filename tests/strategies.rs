@@ -138,7 +138,7 @@ fn awq_lite_beats_rtn_on_activation_outliers() {
     let (rtn, awq) = (tmp.path().join("rtn"), tmp.path().join("awq"));
     quantize_to(&model, &rtn, Algorithm::Max, AwqOptions::default());
     let report = quantize_to(&model, &awq, Algorithm::AwqLite, AwqOptions::default());
-    let w4a4 = LoadOptions { precision: Precision::Bf16, quantize_activations: true };
+    let w4a4 = LoadOptions { quantize_activations: true, ..LoadOptions::new(Precision::Bf16) };
     let (kl_rtn, kl_awq) = (kl_mean(&model, &rtn, w4a4), kl_mean(&model, &awq, w4a4));
     eprintln!("KL rtn {kl_rtn:.3e}  awq_lite {kl_awq:.3e}");
     assert!(kl_awq < 0.6 * kl_rtn, "awq_lite {kl_awq:.3e} vs rtn {kl_rtn:.3e}");
@@ -179,7 +179,7 @@ fn auto_mixed_meets_its_budget_and_beats_all_nvfp4() {
     export::write(&ckpt, &result, &out, &ExportOptions { force: false, report_extra: Default::default() }).unwrap();
     let rtn = tmp.path().join("rtn");
     quantize_to(&model, &rtn, Algorithm::Max, AwqOptions::default());
-    let w4a4 = LoadOptions { precision: Precision::Bf16, quantize_activations: true };
+    let w4a4 = LoadOptions { quantize_activations: true, ..LoadOptions::new(Precision::Bf16) };
     let reference = Qwen35::load(&ckpt, w4a4).unwrap();
     let kl = |dir: &Path| {
         let m = Qwen35::load(&Checkpoint::open(dir).unwrap(), w4a4).unwrap();

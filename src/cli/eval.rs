@@ -35,7 +35,7 @@ pub struct KlArgs {
 
 pub fn run(cmd: Command) -> anyhow::Result<()> {
     let Command::Kl(a) = cmd;
-    let opts = a.compute.load_options();
+    let opts = a.compute.load_options()?;
     let (ref_ckpt, reference) = load_model(&a.reference, opts)?;
     let (_, model) = load_model(&a.model, opts)?;
     anyhow::ensure!(

@@ -53,7 +53,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         (None, Some(ids)) => parse_ids(ids)?,
         (None, None) => anyhow::bail!("give --prompt or --input-ids"),
     };
-    let (ckpt, model) = load_model(&a.model, a.compute.load_options())?;
+    let (ckpt, model) = load_model(&a.model, a.compute.load_options()?)?;
     let stop_ids = if a.ignore_eos { Vec::new() } else { ckpt.eos_token_ids.clone() };
     let opts = GenerateOptions { max_tokens: a.max_tokens, stop_ids };
 

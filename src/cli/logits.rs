@@ -20,7 +20,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let ids = parse_ids(&a.input_ids)?;
-    let (_, model) = load_model(&a.model, a.compute.load_options())?;
+    let (_, model) = load_model(&a.model, a.compute.load_options()?)?;
     let mut cache = model.new_cache();
     let logits = model.forward(&ids, &mut cache, Logits::All)?;
     let shape = logits.shape().to_vec();

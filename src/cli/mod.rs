@@ -91,12 +91,49 @@ struct ComputeArgs {
     /// (W4A4, what Blackwell kernels compute); default is weight-only (W4A16, as on Hopper).
     #[arg(long)]
     w4a4: bool,
+    /// Where the model runs: `cpu` (the exact reference) or `cuda` (GPU 0; builds with
+    /// `--features cuda`; f32 activations with bf16/NVFP4/FP8 weights, W4A16 on every GPU).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// GPU only: run prefill GEMMs in f32 on CUDA cores (slow; equal to the CPU reference to
+    /// rounding) instead of bf16 tensor cores.
+    #[arg(long)]
+    exact_gemm: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
 }
 
 impl ComputeArgs {
-    fn load_options(self) -> fp4_model::LoadOptions {
-        fp4_model::LoadOptions { precision: self.dtype.into(), quantize_activations: self.w4a4 }
+    /// The load options, opening the GPU first when `--device cuda` asks for it.
+    fn load_options(self) -> anyhow::Result<fp4_model::LoadOptions> {
+        let device = match self.device {
+            DeviceArg::Cpu => fp4_model::Device::Cpu,
+            DeviceArg::Cuda => {
+                open_gpu(self.exact_gemm)?;
+                anyhow::ensure!(!self.w4a4, "--w4a4 is a CPU emulation; the GPU path is W4A16");
+                fp4_model::Device::Cuda
+            }
+        };
+        Ok(fp4_model::LoadOptions { precision: self.dtype.into(), quantize_activations: self.w4a4, device })
     }
+}
+
+/// Opens GPU 0 for this process.
+#[cfg(feature = "cuda")]
+fn open_gpu(exact_gemm: bool) -> anyhow::Result<()> {
+    let gpu = fp4_kernels::cuda::init(0).map_err(|e| anyhow::anyhow!("cannot open the CUDA device: {e}"))?;
+    gpu.set_exact_gemm(exact_gemm);
+    tracing::info!(device = %gpu.name().unwrap_or_default(), exact_gemm, "GPU ready");
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_gpu(_exact_gemm: bool) -> anyhow::Result<()> {
+    anyhow::bail!("--device cuda: this fp4 was built without CUDA; rebuild with `--features cuda` (scripts/nvcc.sh provides nvcc)")
 }
 
 /// Parses `1,2,3` (spaces allowed) into token ids.

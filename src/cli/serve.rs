@@ -145,7 +145,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(max_model_len >= 2, "--max-model-len must be at least 2");
     let cache_budget = parse_bytes(&a.cache_budget)?;
     let started = std::time::Instant::now();
-    let opts: LoadOptions = a.compute.load_options();
+    let opts: LoadOptions = a.compute.load_options()?;
     let model = Qwen35::load(&ckpt, opts).with_context(|| format!("cannot load model {}", model_path.display()))?;
     let vocab_size = model.config.vocab_size;
     let eos_ids = ckpt.eos_token_ids.clone();

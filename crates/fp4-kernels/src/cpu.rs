@@ -405,6 +405,75 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], d: AttnDims, scale: f32, p: Pr
     out
 }
 
+/// Sampling controls (validated by the model's `SamplingParams`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleParams {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// Keep the k most likely tokens; 0 = off.
+    pub top_k: usize,
+    /// Nucleus mass in (0, 1]; 1 = off.
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` × the most likely one; 0 = off.
+    pub min_p: f32,
+}
+
+/// Picks a token from one row of logits with the draw `u ∈ [0, 1)`: greedy (first maximum) at
+/// temperature 0; otherwise logits / temperature, then top-k, min-p and top-p (transformers'
+/// order), each as a threshold on the scaled logit (ties at a threshold are all kept), and `u`
+/// walks the kept tokens in index order. Probabilities are normalised over the top-k set, as
+/// after transformers' TopK warper. The GPU kernel (`kernels/sampling.cu`) implements exactly this.
+pub fn sample(logits: &[f32], p: SampleParams, u: f32) -> u32 {
+    if p.temperature == 0.0 {
+        let mut best = 0;
+        for (i, &l) in logits.iter().enumerate() {
+            if l > logits[best] {
+                best = i;
+            }
+        }
+        return best as u32;
+    }
+    let z: Vec<f32> = logits.iter().map(|l| l / p.temperature).collect();
+    let mut sorted = z.clone();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let max = sorted[0];
+    let top_k_floor = if p.top_k > 0 && p.top_k < z.len() { sorted[p.top_k - 1] } else { f32::NEG_INFINITY };
+    // Sums in f64: exact next to the GPU's f32 tree sums, whose error is then the only difference
+    // (a sequential f32 sum over 248k tokens drifts by ~1e-4 and moves the top-p cut).
+    let s1 = z.iter().filter(|&&v| v >= top_k_floor).map(|&v| (v - max).exp() as f64).sum::<f64>() as f32;
+    let prob = |v: f32| (v - max).exp() / s1;
+    let min_p_floor = p.min_p * (1.0 / s1);
+    let kept = |v: f32| v >= top_k_floor && (p.min_p == 0.0 || prob(v) >= min_p_floor);
+    // top-p: the smallest descending prefix of kept tokens whose mass reaches top_p; its last
+    // value is the threshold (all kept tokens if the mass never reaches it).
+    let mut top_p_floor = f32::NEG_INFINITY;
+    if p.top_p < 1.0 {
+        let mut mass = 0f64;
+        for &v in sorted.iter().filter(|&&v| kept(v)) {
+            mass += prob(v) as f64;
+            if mass >= p.top_p as f64 {
+                top_p_floor = v;
+                break;
+            }
+        }
+    }
+    let chosen = |v: f32| kept(v) && v >= top_p_floor;
+    let total: f64 = z.iter().filter(|&&v| chosen(v)).map(|&v| prob(v) as f64).sum();
+    let mut r = u as f64 * total;
+    let mut last = 0;
+    for (i, &v) in z.iter().enumerate() {
+        if chosen(v) {
+            let pr = prob(v) as f64;
+            if r < pr {
+                return i as u32;
+            }
+            r -= pr;
+            last = i;
+        }
+    }
+    last as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

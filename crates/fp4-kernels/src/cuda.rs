@@ -1,33 +1,212 @@
 //! CUDA launchers (feature `cuda`) for the hand-written kernels in `kernels/*.cu`, embedded as
 //! fatbins (sm_90a, sm_120a, sm_121a + compute_90a PTX; the driver picks by compute capability).
 //! libcuda is loaded at run time, so a `cuda` binary still starts on a machine without a GPU.
+//!
+//! One process-wide [`Gpu`] (set up by [`init`]) owns the context, the stream every launch goes
+//! to, cuBLAS and the loaded kernels; GPU tensors (`Storage::Cuda`) live on it. Each launcher
+//! checks the buffer sizes its kernel indexes, then launches; the geometry is explained next to
+//! each kernel in its `.cu` file.
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig, PushKernelArg};
+use crate::ops::Binary;
+use cudarc::cublas::{sys as blas_sys, CudaBlas};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
 use cudarc::nvrtc::Ptx;
 use fp4_format::nvfp4::Nvfp4Weight;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
-const NVFP4_GEMV: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nvfp4_gemv.fatbin"));
+/// A failed CUDA driver or cuBLAS call.
+#[derive(Debug, Clone)]
+pub struct CudaError(pub String);
+
+impl std::fmt::Display for CudaError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CudaError {}
+
+impl From<cudarc::driver::DriverError> for CudaError {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        CudaError(format!("CUDA driver: {e}"))
+    }
+}
+
+impl From<cudarc::cublas::result::CublasError> for CudaError {
+    fn from(e: cudarc::cublas::result::CublasError) -> Self {
+        CudaError(format!("cuBLAS: {e}"))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, CudaError>;
+
+const GEMV: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemv.fatbin"));
+const DEQUANT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/dequant.fatbin"));
 const NORM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/norm.fatbin"));
 const ELEMENTWISE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/elementwise.fatbin"));
+const GDN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gdn.fatbin"));
+const ATTENTION: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/attention.fatbin"));
+const SAMPLING: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sampling.fatbin"));
+const SYNTHETIC: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/synthetic.fatbin"));
 
-/// Threads per block of the row-wise kernels (norms, gathers).
+/// Threads per block of the row-wise kernels (norms, gathers) and the flat element-wise ones.
 const ROW_THREADS: u32 = 256;
-
 /// Rows of the output per thread block in the GEMV kernels (`ROWS_PER_BLOCK` there).
 const GEMV_ROWS_PER_BLOCK: u32 = 4;
+/// Up to this many tokens a linear runs as GEMV (weights streamed once per token, L2-resident
+/// after the first); beyond it, as a tensor-core GEMM through cuBLAS.
+pub const GEMV_MAX_TOKENS: usize = 8;
+/// `MAX_CONV_K` of `causal_conv1d_silu_f32`.
+const MAX_CONV_K: usize = 8;
+/// `ATT_THREADS`, `TILE` and `MAX_D` of `attention_f32`.
+const ATT_THREADS: u32 = 128;
+const ATT_TILE: usize = 64;
+const ATT_MAX_D: usize = 512;
+/// `SAMPLE_THREADS` of the sampling kernels.
+const SAMPLE_THREADS: u32 = 1024;
 
-pub type Result<T> = std::result::Result<T, DriverError>;
+struct Kernels {
+    nvfp4_gemv: CudaFunction,
+    bf16_gemv: CudaFunction,
+    nvfp4_dequant_bf16: CudaFunction,
+    nvfp4_dequant_f32: CudaFunction,
+    bf16_to_f32: CudaFunction,
+    f32_to_bf16: CudaFunction,
+    rms_norm: CudaFunction,
+    add_rms_norm: CudaFunction,
+    rms_norm_gated: CudaFunction,
+    silu_mul: CudaFunction,
+    sigmoid_gate: CudaFunction,
+    add: CudaFunction,
+    add_bias: CudaFunction,
+    mul_cols: CudaFunction,
+    copy_cols: CudaFunction,
+    embedding: CudaFunction,
+    gdn_gates: CudaFunction,
+    rope: CudaFunction,
+    conv1d: CudaFunction,
+    gdn_recurrent: CudaFunction,
+    attention: CudaFunction,
+    argmax: CudaFunction,
+    sample: CudaFunction,
+    fill_bf16: CudaFunction,
+    fill_bytes: CudaFunction,
+    fill_e4m3: CudaFunction,
+    fill_f32: CudaFunction,
+}
 
-/// One GPU: its context, the stream every launch goes to, and the loaded kernels.
+impl Kernels {
+    fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
+        let m = |bin: &[u8]| -> Result<Arc<CudaModule>> { Ok(ctx.load_module(Ptx::from_binary(bin.to_vec()))?) };
+        let (gemv, dequant, norm, elem) = (m(GEMV)?, m(DEQUANT)?, m(NORM)?, m(ELEMENTWISE)?);
+        let (gdn, attention, sampling, synthetic) = (m(GDN)?, m(ATTENTION)?, m(SAMPLING)?, m(SYNTHETIC)?);
+        Ok(Kernels {
+            nvfp4_gemv: gemv.load_function("nvfp4_gemv_f32")?,
+            bf16_gemv: gemv.load_function("bf16_gemv_f32")?,
+            nvfp4_dequant_bf16: dequant.load_function("nvfp4_dequant_bf16")?,
+            nvfp4_dequant_f32: dequant.load_function("nvfp4_dequant_f32")?,
+            bf16_to_f32: dequant.load_function("bf16_to_f32")?,
+            f32_to_bf16: dequant.load_function("f32_to_bf16")?,
+            rms_norm: norm.load_function("rms_norm_f32")?,
+            add_rms_norm: norm.load_function("add_rms_norm_f32")?,
+            rms_norm_gated: norm.load_function("rms_norm_gated_f32")?,
+            silu_mul: elem.load_function("silu_mul_f32")?,
+            sigmoid_gate: elem.load_function("sigmoid_gate_f32")?,
+            add: elem.load_function("add_f32")?,
+            add_bias: elem.load_function("add_bias_f32")?,
+            mul_cols: elem.load_function("mul_cols_f32")?,
+            copy_cols: elem.load_function("copy_cols_f32")?,
+            embedding: elem.load_function("embedding_f32")?,
+            gdn_gates: elem.load_function("gdn_gates_f32")?,
+            rope: elem.load_function("rope_f32")?,
+            conv1d: elem.load_function("causal_conv1d_silu_f32")?,
+            gdn_recurrent: gdn.load_function("gdn_recurrent_f32")?,
+            attention: attention.load_function("attention_f32")?,
+            argmax: sampling.load_function("argmax_f32")?,
+            sample: sampling.load_function("sample_f32")?,
+            fill_bf16: synthetic.load_function("fill_bf16_uniform")?,
+            fill_bytes: synthetic.load_function("fill_bytes")?,
+            fill_e4m3: synthetic.load_function("fill_e4m3_scales")?,
+            fill_f32: synthetic.load_function("fill_f32_uniform")?,
+        })
+    }
+}
+
+/// One GPU: its context, the stream every launch goes to, cuBLAS and the loaded kernels.
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
-    gemv: CudaFunction,
-    rms_norm: CudaFunction,
-    add_rms_norm: CudaFunction,
-    silu_mul: CudaFunction,
-    embedding: CudaFunction,
+    blas: CudaBlas,
+    k: Kernels,
+    /// GEMMs in f32 on CUDA cores instead of bf16 tensor cores: slow, but equal to the CPU
+    /// reference to f32 rounding (golden checks).
+    exact_gemm: AtomicBool,
+}
+
+static GPU: OnceLock<Gpu> = OnceLock::new();
+
+/// Sets up GPU `ordinal` for this process (idempotent: later calls return the first GPU).
+pub fn init(ordinal: usize) -> Result<&'static Gpu> {
+    if let Some(g) = GPU.get() {
+        return Ok(g);
+    }
+    let g = Gpu::new(ordinal)?;
+    Ok(GPU.get_or_init(|| g))
+}
+
+/// The process's GPU. Panics before [`init`]: GPU tensors only exist after it.
+pub fn gpu() -> &'static Gpu {
+    GPU.get().expect("cuda::init must run before GPU tensors are used")
+}
+
+/// A linear layer's weight in device memory.
+pub enum GpuWeight {
+    /// `scale · w` with `w [rows, cols]` bf16 (u16 bits): BF16 weights (scale 1) and FP8 ones
+    /// (E4M3 values are exact in bf16, the per-tensor scale applied to the output).
+    Bf16 {
+        w: CudaSlice<u16>,
+        rows: usize,
+        cols: usize,
+        scale: f32,
+    },
+    Nvfp4(GpuNvfp4),
+}
+
+impl std::fmt::Debug for GpuWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self {
+            GpuWeight::Bf16 { .. } => "bf16",
+            GpuWeight::Nvfp4(_) => "nvfp4",
+        };
+        write!(f, "GpuWeight::{kind}[{}, {}]", self.rows(), self.cols())
+    }
+}
+
+impl GpuWeight {
+    pub fn rows(&self) -> usize {
+        match self {
+            GpuWeight::Bf16 { rows, .. } => *rows,
+            GpuWeight::Nvfp4(w) => w.rows,
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        match self {
+            GpuWeight::Bf16 { cols, .. } => *cols,
+            GpuWeight::Nvfp4(w) => w.cols,
+        }
+    }
+
+    /// Bytes a GEMV reads for the weight.
+    pub fn bytes(&self) -> usize {
+        match self {
+            GpuWeight::Bf16 { rows, cols, .. } => rows * cols * 2,
+            GpuWeight::Nvfp4(w) => w.bytes(),
+        }
+    }
 }
 
 /// An NVFP4 weight in device memory, in ModelOpt's layout.
@@ -46,22 +225,50 @@ impl GpuNvfp4 {
     }
 }
 
+/// Launches kernel `$f` of `$gpu` with `$cfg` and the arguments in order.
+macro_rules! launch {
+    ($gpu:expr, $f:ident, $cfg:expr $(, $a:expr)* $(,)?) => {{
+        let mut b = $gpu.stream.launch_builder(&$gpu.k.$f);
+        $( b.arg($a); )*
+        // SAFETY: every launcher passes its kernel's parameters in order and type (kernels/*.cu)
+        // after checking the sizes of the buffers the kernel indexes.
+        unsafe { b.launch($cfg) }?;
+    }};
+}
+
+/// Grid-stride launch over `n` elements.
+fn flat(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(ROW_THREADS as usize).clamp(1, 65536) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// One block per row.
+fn per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
 impl Gpu {
     pub fn new(ordinal: usize) -> Result<Gpu> {
         let ctx = CudaContext::new(ordinal)?;
+        // One stream: cross-stream event tracking would only add work to every launch.
+        // SAFETY: nothing here uses a second stream.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
-        let gemv = ctx.load_module(Ptx::from_binary(NVFP4_GEMV.to_vec()))?;
-        let norm = ctx.load_module(Ptx::from_binary(NORM.to_vec()))?;
-        let elementwise = ctx.load_module(Ptx::from_binary(ELEMENTWISE.to_vec()))?;
-        Ok(Gpu {
-            gemv: gemv.load_function("nvfp4_gemv_f32")?,
-            rms_norm: norm.load_function("rms_norm_f32")?,
-            add_rms_norm: norm.load_function("add_rms_norm_f32")?,
-            silu_mul: elementwise.load_function("silu_mul_f32")?,
-            embedding: elementwise.load_function("embedding_f32")?,
-            ctx,
-            stream,
-        })
+        let blas = CudaBlas::new(stream.clone())?;
+        Ok(Gpu { k: Kernels::load(&ctx)?, blas, ctx, stream, exact_gemm: AtomicBool::new(false) })
+    }
+
+    pub fn name(&self) -> Result<String> {
+        Ok(self.ctx.name()?)
+    }
+
+    /// f32 GEMMs (exact against the CPU reference) instead of bf16 tensor-core GEMMs.
+    pub fn set_exact_gemm(&self, exact: bool) {
+        self.exact_gemm.store(exact, Ordering::Relaxed);
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
     }
 
     /// Milliseconds the work queued by `f` takes on the stream (CUDA events around it).
@@ -73,58 +280,167 @@ impl Gpu {
         Ok(start.elapsed_ms(&end)? as f64)
     }
 
-    pub fn name(&self) -> Result<String> {
-        self.ctx.name()
+    /// An uninitialised buffer; every caller's kernel writes all of it.
+    pub fn alloc<T: cudarc::driver::DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: the contents are written by the kernel the buffer is allocated for before any read.
+        Ok(unsafe { self.stream.alloc::<T>(n.max(1)) }?)
     }
 
-    pub fn upload_nvfp4(&self, w: &Nvfp4Weight) -> Result<GpuNvfp4> {
-        Ok(GpuNvfp4 {
+    pub fn zeros(&self, n: usize) -> CudaSlice<f32> {
+        self.stream.alloc_zeros(n.max(1)).unwrap_or_else(|e| panic!("GPU allocation of {n} floats: {e}"))
+    }
+
+    pub fn upload<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> CudaSlice<T> {
+        self.stream.clone_htod(v).unwrap_or_else(|e| panic!("upload of {} elements: {e}", v.len()))
+    }
+
+    pub fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(&self, s: &CudaSlice<T>) -> Vec<T> {
+        self.stream.clone_dtoh(s).unwrap_or_else(|e| panic!("download of {} elements: {e}", s.len()))
+    }
+
+    pub fn upload_nvfp4(&self, w: &Nvfp4Weight) -> GpuNvfp4 {
+        GpuNvfp4 {
             rows: w.rows,
             cols: w.cols,
-            packed: self.stream.clone_htod(&w.packed)?,
-            scales: self.stream.clone_htod(&w.scales)?,
+            packed: self.upload(&w.packed),
+            scales: self.upload(&w.scales),
             scale_2: w.scale_2,
-        })
+        }
     }
 
-    /// `y [rows] = W x` for one token (decode), W4A16 with f32 activations and accumulation.
-    /// Needs `cols % 16 == 0` (NVFP4 blocks).
-    pub fn nvfp4_gemv(&self, w: &GpuNvfp4, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
-        assert!(w.cols.is_multiple_of(16) && x.len() >= w.cols && y.len() >= w.rows, "nvfp4_gemv shapes");
-        let cfg = LaunchConfig {
-            grid_dim: ((w.rows as u32).div_ceil(GEMV_ROWS_PER_BLOCK), 1, 1),
-            block_dim: (32, GEMV_ROWS_PER_BLOCK, 1),
-            shared_mem_bytes: 0,
-        };
-        let (n, k) = (w.rows as i32, w.cols as i32);
-        let mut launch = self.stream.launch_builder(&self.gemv);
-        launch.arg(&w.packed).arg(&w.scales).arg(&w.scale_2).arg(x).arg(y).arg(&n).arg(&k);
-        // SAFETY: argument types and order match the kernel signature; shapes checked above.
-        unsafe { launch.launch(cfg) }?;
+    /// `scale ·` a bf16 weight from f32 values (rounded to nearest even; exact for BF16
+    /// checkpoints and E4M3 codes).
+    pub fn upload_bf16(&self, w: &[f32], rows: usize, cols: usize, scale: f32) -> GpuWeight {
+        assert_eq!(w.len(), rows * cols, "upload_bf16 shape");
+        let bits: Vec<u16> = w.iter().map(|&x| (fp4_format::dtype::round_bf16(x).to_bits() >> 16) as u16).collect();
+        GpuWeight::Bf16 { w: self.upload(&bits), rows, cols, scale }
+    }
+
+    /// `y [t, rows] = x [t, cols] · Wᵀ`: GEMV kernels for up to [`GEMV_MAX_TOKENS`] tokens, else
+    /// dequantize W (bf16, or f32 in exact mode) and run a cuBLAS GEMM with f32 accumulation
+    /// (NVFP4's scale_2 as the GEMM's alpha).
+    pub fn linear(&self, x: &CudaSlice<f32>, t: usize, w: &GpuWeight) -> Result<CudaSlice<f32>> {
+        let (n, k) = (w.rows(), w.cols());
+        assert!(x.len() >= t * k, "linear: x has {} elements, needs {t}×{k}", x.len());
+        let mut y = self.alloc::<f32>(t * n)?;
+        let gemv_ok = t <= GEMV_MAX_TOKENS && k.is_multiple_of(8);
+        if gemv_ok {
+            let cfg = LaunchConfig {
+                grid_dim: ((n as u32).div_ceil(GEMV_ROWS_PER_BLOCK), t as u32, 1),
+                block_dim: (32, GEMV_ROWS_PER_BLOCK, 1),
+                shared_mem_bytes: 0,
+            };
+            let (ni, ki) = (n as i32, k as i32);
+            match w {
+                GpuWeight::Nvfp4(q) => {
+                    launch!(self, nvfp4_gemv, cfg, &q.packed, &q.scales, &q.scale_2, x, &mut y, &ni, &ki)
+                }
+                GpuWeight::Bf16 { w, scale, .. } => launch!(self, bf16_gemv, cfg, w, scale, x, &mut y, &ni, &ki),
+            }
+            return Ok(y);
+        }
+        let exact = self.exact_gemm.load(Ordering::Relaxed);
+        let (elems, bytes) = (n * k, n * k / 2);
+        match (w, exact) {
+            (GpuWeight::Nvfp4(q), false) => {
+                let mut wd = self.alloc::<u16>(elems)?;
+                launch!(self, nvfp4_dequant_bf16, flat(bytes), &q.packed, &q.scales, &mut wd, &bytes);
+                let xb = self.to_bf16(x, t * k)?;
+                self.gemm(&xb, &wd, &mut y, t, n, k, q.scale_2, blas_sys::cudaDataType::CUDA_R_16BF)?;
+            }
+            (GpuWeight::Nvfp4(q), true) => {
+                let mut wd = self.alloc::<f32>(elems)?;
+                launch!(self, nvfp4_dequant_f32, flat(bytes), &q.packed, &q.scales, &mut wd, &bytes);
+                self.gemm(x, &wd, &mut y, t, n, k, q.scale_2, blas_sys::cudaDataType::CUDA_R_32F)?;
+            }
+            (GpuWeight::Bf16 { w, scale, .. }, false) => {
+                let xb = self.to_bf16(x, t * k)?;
+                self.gemm(&xb, w, &mut y, t, n, k, *scale, blas_sys::cudaDataType::CUDA_R_16BF)?;
+            }
+            (GpuWeight::Bf16 { w, scale, .. }, true) => {
+                let mut wd = self.alloc::<f32>(elems)?;
+                launch!(self, bf16_to_f32, flat(elems), w, &mut wd, &elems);
+                self.gemm(x, &wd, &mut y, t, n, k, *scale, blas_sys::cudaDataType::CUDA_R_32F)?;
+            }
+        }
+        Ok(y)
+    }
+
+    /// `y [t, n] = x [t, k] · w [n, k]ᵀ` for an f32 weight (a tied LM head), cuBLAS f32.
+    pub fn linear_f32(
+        &self,
+        x: &CudaSlice<f32>,
+        t: usize,
+        w: &CudaSlice<f32>,
+        n: usize,
+        k: usize,
+    ) -> Result<CudaSlice<f32>> {
+        assert!(x.len() >= t * k && w.len() >= n * k, "linear_f32 shapes");
+        let mut y = self.alloc::<f32>(t * n)?;
+        self.gemm(x, w, &mut y, t, n, k, 1.0, blas_sys::cudaDataType::CUDA_R_32F)?;
+        Ok(y)
+    }
+
+    fn to_bf16(&self, x: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<u16>> {
+        let mut xb = self.alloc::<u16>(n)?;
+        launch!(self, f32_to_bf16, flat(n), x, &mut xb, &n);
+        Ok(xb)
+    }
+
+    /// Row-major `y [t, n] = alpha · x [t, k] · w [n, k]ᵀ` with f32 output and accumulation: in
+    /// cuBLAS's column-major terms `yᵀ [n, t] = wᵀᵀ · xᵀ` (A = w read transposed, lda = k).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm<A: cudarc::driver::DeviceRepr, B: cudarc::driver::DeviceRepr>(
+        &self,
+        x: &CudaSlice<A>,
+        w: &CudaSlice<B>,
+        y: &mut CudaSlice<f32>,
+        t: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        dtype: blas_sys::cudaDataType,
+    ) -> Result<()> {
+        let beta = 0f32;
+        let (xp, _gx) = x.device_ptr(&self.stream);
+        let (wp, _gw) = w.device_ptr(&self.stream);
+        let (yp, _gy) = y.device_ptr_mut(&self.stream);
+        // SAFETY: pointers come from live buffers of at least t·k, n·k and t·n elements of the
+        // declared types (checked by the callers); alpha/beta are host f32 as CUBLAS_COMPUTE_32F needs.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                t as i32,
+                k as i32,
+                (&alpha) as *const f32 as *const _,
+                wp as *const _,
+                dtype,
+                k as i32,
+                xp as *const _,
+                dtype,
+                k as i32,
+                (&beta) as *const f32 as *const _,
+                yp as *mut _,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                n as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )?;
+        }
         Ok(())
-    }
-
-    fn rows(rows: usize) -> LaunchConfig {
-        LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 }
     }
 
     /// `y = x · rsqrt(mean(x²) + eps) · (offset + w)` per row of `w.len()`.
-    pub fn rms_norm(
-        &self,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
-        eps: f32,
-        offset: f32,
-    ) -> Result<()> {
+    pub fn rms_norm(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, eps: f32, offset: f32) -> Result<CudaSlice<f32>> {
         let d = w.len();
-        assert!(x.len().is_multiple_of(d) && y.len() >= x.len(), "rms_norm shapes");
-        let mut launch = self.stream.launch_builder(&self.rms_norm);
+        assert!(x.len().is_multiple_of(d), "rms_norm shapes");
+        let mut y = self.alloc::<f32>(x.len())?;
         let di = d as i32;
-        launch.arg(x).arg(w).arg(y).arg(&di).arg(&eps).arg(&offset);
-        // SAFETY: argument types and order match the kernel; shapes checked above.
-        unsafe { launch.launch(Self::rows(x.len() / d)) }?;
-        Ok(())
+        launch!(self, rms_norm, per_row(x.len() / d), x, w, &mut y, &di, &eps, &offset);
+        Ok(y)
     }
 
     /// `h += delta`, then `y = rms_norm(h)` (the residual add fused with the next norm).
@@ -133,48 +449,252 @@ impl Gpu {
         h: &mut CudaSlice<f32>,
         delta: &CudaSlice<f32>,
         w: &CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
         eps: f32,
         offset: f32,
-    ) -> Result<()> {
+    ) -> Result<CudaSlice<f32>> {
         let d = w.len();
-        assert!(h.len().is_multiple_of(d) && delta.len() == h.len() && y.len() >= h.len(), "add_rms_norm shapes");
+        assert!(h.len().is_multiple_of(d) && delta.len() == h.len(), "add_rms_norm shapes");
         let rows = h.len() / d;
-        let mut launch = self.stream.launch_builder(&self.add_rms_norm);
+        let mut y = self.alloc::<f32>(h.len())?;
         let di = d as i32;
-        launch.arg(h).arg(delta).arg(w).arg(y).arg(&di).arg(&eps).arg(&offset);
-        // SAFETY: as above.
-        unsafe { launch.launch(Self::rows(rows)) }?;
-        Ok(())
+        launch!(self, add_rms_norm, per_row(rows), h, delta, w, &mut y, &di, &eps, &offset);
+        Ok(y)
     }
 
-    /// `out = silu(gate) · up`.
-    pub fn silu_mul(&self, gate: &CudaSlice<f32>, up: &CudaSlice<f32>, out: &mut CudaSlice<f32>) -> Result<()> {
-        let n = gate.len();
-        assert!(up.len() == n && out.len() >= n, "silu_mul shapes");
-        let mut launch = self.stream.launch_builder(&self.silu_mul);
-        let ni = n as i32;
-        launch.arg(gate).arg(up).arg(out).arg(&ni);
-        // SAFETY: as above.
-        unsafe { launch.launch(LaunchConfig::for_num_elems(n as u32)) }?;
-        Ok(())
-    }
-
-    /// `out[t] = table[ids[t]]` for a `[vocab, d]` table. Ids must be `< vocab` (checked on the host
-    /// by the caller's tokenizer/vocabulary validation).
-    pub fn embedding(
+    /// Gated RMSNorm per row of `w.len()`: `w · x·rsqrt(mean(x²)+eps) · silu(z)`.
+    pub fn rms_norm_gated(
         &self,
-        table: &CudaSlice<f32>,
-        d: usize,
-        ids: &CudaSlice<u32>,
-        out: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        assert!(table.len().is_multiple_of(d) && out.len() >= ids.len() * d, "embedding shapes");
-        let mut launch = self.stream.launch_builder(&self.embedding);
+        x: &CudaSlice<f32>,
+        z: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        eps: f32,
+    ) -> Result<CudaSlice<f32>> {
+        let d = w.len();
+        assert!(x.len().is_multiple_of(d) && z.len() == x.len(), "rms_norm_gated shapes");
+        let mut y = self.alloc::<f32>(x.len())?;
         let di = d as i32;
-        launch.arg(table).arg(ids).arg(out).arg(&di);
-        // SAFETY: as above.
-        unsafe { launch.launch(Self::rows(ids.len())) }?;
+        launch!(self, rms_norm_gated, per_row(x.len() / d), x, z, w, &mut y, &di, &eps);
+        Ok(y)
+    }
+
+    /// Element-wise binary ops on equal-length buffers.
+    pub fn binary(&self, op: Binary, a: &CudaSlice<f32>, b: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        let n = a.len();
+        assert_eq!(b.len(), n, "{op:?} shapes");
+        let mut out = self.alloc::<f32>(n)?;
+        match op {
+            Binary::SiluMul => launch!(self, silu_mul, flat(n), a, b, &mut out, &n),
+            Binary::SigmoidGate => launch!(self, sigmoid_gate, flat(n), a, b, &mut out, &n),
+            Binary::Add => launch!(self, add, flat(n), a, b, &mut out, &n),
+        }
+        Ok(out)
+    }
+
+    /// `y[r, c] += bias[c]`.
+    pub fn add_bias(&self, y: &mut CudaSlice<f32>, bias: &CudaSlice<f32>) -> Result<()> {
+        let (n, cols) = (y.len(), bias.len() as i32);
+        assert!(n.is_multiple_of(bias.len()), "add_bias shapes");
+        launch!(self, add_bias, flat(n), y, bias, &cols, &n);
         Ok(())
+    }
+
+    /// `out[r, c] = x[r, c] · s[c]`.
+    pub fn mul_cols(&self, x: &CudaSlice<f32>, s: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        let (n, cols) = (x.len(), s.len() as i32);
+        assert!(n.is_multiple_of(s.len()), "mul_cols shapes");
+        let mut out = self.alloc::<f32>(n)?;
+        launch!(self, mul_cols, flat(n), x, s, &mut out, &cols, &n);
+        Ok(out)
+    }
+
+    /// Columns `[off, off + width)` of the rows (length `src_cols`) of `src`.
+    pub fn copy_cols(&self, src: &CudaSlice<f32>, src_cols: usize, off: usize, width: usize) -> Result<CudaSlice<f32>> {
+        assert!(src.len().is_multiple_of(src_cols) && off + width <= src_cols, "copy_cols shapes");
+        let n = src.len() / src_cols * width;
+        let mut out = self.alloc::<f32>(n)?;
+        let (sc, o, w) = (src_cols as i32, off as i32, width as i32);
+        launch!(self, copy_cols, flat(n), src, &mut out, &sc, &o, &w, &n);
+        Ok(out)
+    }
+
+    /// Rows `ids` of a `[vocab, d]` table (ids validated against the vocabulary by the caller).
+    pub fn embedding(&self, table: &CudaSlice<f32>, d: usize, ids: &[u32]) -> Result<CudaSlice<f32>> {
+        assert!(table.len().is_multiple_of(d), "embedding shapes");
+        let dev_ids = self.upload(ids);
+        let mut out = self.alloc::<f32>(ids.len() * d)?;
+        let di = d as i32;
+        launch!(self, embedding, per_row(ids.len()), table, &dev_ids, &mut out, &di);
+        Ok(out)
+    }
+
+    /// `(β, g)` of a GDN layer from `b, a [T, Hv]`.
+    pub fn gdn_gates(
+        &self,
+        b: &CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        a_log: &CudaSlice<f32>,
+        dt_bias: &CudaSlice<f32>,
+    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+        let (n, heads) = (a.len(), a_log.len() as i32);
+        assert!(b.len() == n && n.is_multiple_of(a_log.len()) && dt_bias.len() == a_log.len(), "gdn_gates shapes");
+        let (mut beta, mut g) = (self.alloc::<f32>(n)?, self.alloc::<f32>(n)?);
+        launch!(self, gdn_gates, flat(n), b, a, a_log, dt_bias, &mut beta, &mut g, &heads, &n);
+        Ok((beta, g))
+    }
+
+    /// In-place RoPE on `x [T, heads, head_dim]` from position `pos0`.
+    pub fn rope(
+        &self,
+        x: &mut CudaSlice<f32>,
+        inv_freq: &CudaSlice<f32>,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+    ) -> Result<()> {
+        let half = inv_freq.len();
+        assert!(2 * half <= head_dim && x.len().is_multiple_of(heads * head_dim), "rope shapes");
+        let n = x.len() / head_dim * half;
+        let (h, d, hf, p) = (heads as i32, head_dim as i32, half as i32, pos0 as i32);
+        launch!(self, rope, flat(n), x, inv_freq, &h, &d, &hf, &p, &n);
+        Ok(())
+    }
+
+    /// Causal depthwise conv + SiLU of `x [T, C]` continuing (and updating) `state [K-1, C]`.
+    pub fn causal_conv1d_silu(
+        &self,
+        x: &CudaSlice<f32>,
+        state: &mut CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        c: usize,
+    ) -> Result<CudaSlice<f32>> {
+        let k = w.len() / c;
+        assert!(k <= MAX_CONV_K && state.len() == (k - 1) * c && x.len().is_multiple_of(c), "conv1d shapes");
+        let t = x.len() / c;
+        let mut y = self.alloc::<f32>(x.len())?;
+        let (ti, ci, ki) = (t as i32, c as i32, k as i32);
+        let cfg = LaunchConfig {
+            grid_dim: ((c as u32).div_ceil(ROW_THREADS), 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, conv1d, cfg, x, state, w, &mut y, &ti, &ci, &ki);
+        Ok(y)
+    }
+
+    /// The gated delta rule over `t` tokens, updating `state [Hv, dk, dv]`; returns `o [T, Hv, dv]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gdn_recurrent(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        beta: &CudaSlice<f32>,
+        state: &mut CudaSlice<f32>,
+        dims: crate::cpu::GdnDims,
+        t: usize,
+    ) -> Result<CudaSlice<f32>> {
+        let crate::cpu::GdnDims { key_heads: hk, value_heads: hv, key_dim: dk, value_dim: dv } = dims;
+        assert!(
+            q.len() == t * hk * dk
+                && k.len() == q.len()
+                && v.len() == t * hv * dv
+                && g.len() == t * hv
+                && beta.len() == g.len()
+                && state.len() == hv * dk * dv,
+            "gdn_recurrent shapes"
+        );
+        let mut out = self.alloc::<f32>(t * hv * dv)?;
+        let cfg = LaunchConfig {
+            grid_dim: (hv as u32, dv.div_ceil(32) as u32, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: ((dk * 32 + 2 * dk) * 4) as u32,
+        };
+        let (ti, hki, hvi, dki, dvi) = (t as i32, hk as i32, hv as i32, dk as i32, dv as i32);
+        launch!(self, gdn_recurrent, cfg, q, k, v, g, beta, state, &mut out, &ti, &hki, &hvi, &dki, &dvi);
+        Ok(out)
+    }
+
+    /// Causal GQA attention of `q [T, Hq, D]` over `k, v [L, Hkv, D]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        t: usize,
+        l: usize,
+        dims: crate::cpu::AttnDims,
+        scale: f32,
+    ) -> Result<CudaSlice<f32>> {
+        let crate::cpu::AttnDims { q_heads: hq, kv_heads: hkv, head_dim: d } = dims;
+        assert!(
+            d <= ATT_MAX_D && q.len() == t * hq * d && k.len() == l * hkv * d && v.len() == k.len() && l >= t,
+            "attention shapes"
+        );
+        let mut out = self.alloc::<f32>(q.len())?;
+        let cfg = LaunchConfig {
+            grid_dim: (t as u32, hq as u32, 1),
+            block_dim: (ATT_THREADS, 1, 1),
+            shared_mem_bytes: ((d + ATT_TILE) * 4) as u32,
+        };
+        let (ti, li, hqi, hkvi, di) = (t as i32, l as i32, hq as i32, hkv as i32, d as i32);
+        launch!(self, attention, cfg, q, k, v, &mut out, &ti, &li, &hqi, &hkvi, &di, &scale);
+        Ok(out)
+    }
+
+    /// Greedy (temperature 0) or sampled token from one logits row (see `kernels/sampling.cu`).
+    pub fn sample(&self, logits: &CudaSlice<f32>, p: crate::cpu::SampleParams, u: f32) -> Result<u32> {
+        let n = logits.len() as i32;
+        let mut out = self.alloc::<u32>(1)?;
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (SAMPLE_THREADS, 1, 1), shared_mem_bytes: 0 };
+        if p.temperature == 0.0 {
+            launch!(self, argmax, cfg, logits, &n, &mut out);
+        } else {
+            let k = p.top_k.min(i32::MAX as usize) as i32;
+            launch!(self, sample, cfg, logits, &n, &p.temperature, &k, &p.top_p, &p.min_p, &u, &mut out);
+        }
+        Ok(self.download(&out)[0])
+    }
+
+    /// Random bf16 weights uniform in `[-scale, scale)`, generated on the device.
+    pub fn random_bf16(&self, rows: usize, cols: usize, seed: u64, scale: f32) -> Result<GpuWeight> {
+        let n = rows * cols;
+        let mut w = self.alloc::<u16>(n)?;
+        launch!(self, fill_bf16, flat(n), &mut w, &n, &seed, &scale);
+        Ok(GpuWeight::Bf16 { w, rows, cols, scale: 1.0 })
+    }
+
+    /// `center` + uniform in `[-scale, scale)`, f32, generated on the device.
+    pub fn random_f32(&self, n: usize, seed: u64, center: f32, scale: f32) -> Result<CudaSlice<f32>> {
+        let mut out = self.alloc::<f32>(n)?;
+        launch!(self, fill_f32, flat(n), &mut out, &n, &seed, &center, &scale);
+        Ok(out)
+    }
+
+    /// A random NVFP4 weight (any codes, positive block scales), generated on the device.
+    pub fn random_nvfp4(&self, rows: usize, cols: usize, seed: u64, scale_2: f32) -> Result<GpuWeight> {
+        assert!(cols.is_multiple_of(16), "NVFP4 needs cols % 16 == 0");
+        let (nb, ns) = (rows * cols / 2, rows * cols / 16);
+        let (mut packed, mut scales) = (self.alloc::<u8>(nb)?, self.alloc::<u8>(ns)?);
+        let seed2 = seed ^ 0x5ca1e;
+        launch!(self, fill_bytes, flat(nb), &mut packed, &nb, &seed);
+        launch!(self, fill_e4m3, flat(ns), &mut scales, &ns, &seed2);
+        Ok(GpuWeight::Nvfp4(GpuNvfp4 { rows, cols, packed, scales, scale_2 }))
+    }
+
+    /// A copy of `a` followed by `b` (the KV cache growing by the new tokens' rows).
+    pub fn concat(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        let mut out = self.alloc::<f32>(a.len() + b.len())?;
+        self.stream.memcpy_dtod(a, &mut out.slice_mut(..a.len()))?;
+        self.stream.memcpy_dtod(b, &mut out.slice_mut(a.len()..))?;
+        Ok(out)
+    }
+
+    /// Elements `[start, start + len)` as a new buffer.
+    pub fn copy_range(&self, a: &CudaSlice<f32>, start: usize, len: usize) -> Result<CudaSlice<f32>> {
+        let mut out = self.alloc::<f32>(len)?;
+        self.stream.memcpy_dtod(&a.slice(start..start + len), &mut out)?;
+        Ok(out)
     }
 }

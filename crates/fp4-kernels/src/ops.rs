@@ -1,67 +1,159 @@
 //! Tensor-level ops: check shapes, then dispatch on storage. The model calls only these.
 //! Shape mismatches here are programming errors (the model builds every shape from a validated
-//! config), so they panic with the shapes involved rather than returning errors.
+//! config), so they panic with the shapes involved rather than returning errors. On the GPU the
+//! ops compute in f32 (`Precision::Bf16` is a CPU-only reference mode); a failing CUDA call (out
+//! of device memory) panics with the driver's message.
 
-pub use crate::cpu::{rope_inv_freq, GdnDims};
+pub use crate::cpu::{rope_inv_freq, GdnDims, SampleParams};
 use crate::{cpu, Precision, Storage, Tensor};
 
 fn check(cond: bool, op: &str, msg: impl FnOnce() -> String) {
     assert!(cond, "{op}: {}", msg());
 }
 
+#[cfg(feature = "cuda")]
+use crate::cuda::{self, gpu};
+
+/// Element-wise ops of two equal-shape inputs.
+#[derive(Debug, Clone, Copy)]
+pub enum Binary {
+    /// `silu(a) · b`
+    SiluMul,
+    /// `a · sigmoid(b)`
+    SigmoidGate,
+    /// `a + b`
+    Add,
+}
+
+/// Unwraps a CUDA result inside an op.
+#[cfg(feature = "cuda")]
+fn ok<T>(r: cuda::Result<T>, op: &str) -> T {
+    r.unwrap_or_else(|e| panic!("{op} on the GPU: {e}"))
+}
+
 /// `x [T, in] · wᵀ` with `w [out, in]`, plus an optional bias `[out]`.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Precision) -> Tensor {
     let (n_out, n_in) = (w.shape()[0], w.shape()[1]);
     check(x.row_len() == n_in, "linear", || format!("x {:?} vs w {:?}", x.shape(), w.shape()));
-    match (x.storage(), w.storage()) {
-        (Storage::Cpu(xs), Storage::Cpu(ws)) => {
-            Tensor::from_vec(cpu::linear(xs, ws, bias.map(Tensor::as_slice), n_in, n_out, p), &[x.rows(), n_out])
+    match x.storage() {
+        Storage::Cpu(xs) => Tensor::from_vec(
+            cpu::linear(xs, w.as_slice(), bias.map(Tensor::as_slice), n_in, n_out, p),
+            &[x.rows(), n_out],
+        ),
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(xs) => {
+            let mut y = ok(gpu().linear_f32(xs, x.rows(), w.cuda(), n_out, n_in), "linear");
+            if let Some(b) = bias {
+                ok(gpu().add_bias(&mut y, b.cuda()), "linear bias");
+            }
+            Tensor::from_cuda(y, &[x.rows(), n_out])
         }
     }
+}
+
+/// `x [T, in] · Wᵀ (+ bias)` for a weight held on the GPU (bf16 or NVFP4), the input first
+/// multiplied per channel by AWQ's `pre_quant_scale` when there is one.
+#[cfg(feature = "cuda")]
+pub fn linear_gpu(x: &Tensor, w: &cuda::GpuWeight, bias: Option<&Tensor>, pre_quant_scale: Option<&Tensor>) -> Tensor {
+    check(x.row_len() == w.cols(), "linear", || format!("x {:?} vs w [{}, {}]", x.shape(), w.rows(), w.cols()));
+    let g = gpu();
+    let scaled = pre_quant_scale.map(|s| ok(g.mul_cols(x.cuda(), s.cuda()), "pre_quant_scale"));
+    let mut y = ok(g.linear(scaled.as_ref().unwrap_or(x.cuda()), x.rows(), w), "linear");
+    if let Some(b) = bias {
+        ok(g.add_bias(&mut y, b.cuda()), "linear bias");
+    }
+    Tensor::from_cuda(y, &[x.rows(), w.rows()])
 }
 
 /// Rows of `x` looked up in `table [vocab, hidden]` (ids already validated against vocab).
 pub fn embedding(table: &Tensor, ids: &[u32]) -> Tensor {
     let h = table.shape()[1];
-    let t = table.as_slice();
-    let mut out = Vec::with_capacity(ids.len() * h);
-    for &id in ids {
-        out.extend_from_slice(&t[id as usize * h..(id as usize + 1) * h]);
+    match table.storage() {
+        Storage::Cpu(t) => {
+            let mut out = Vec::with_capacity(ids.len() * h);
+            for &id in ids {
+                out.extend_from_slice(&t[id as usize * h..(id as usize + 1) * h]);
+            }
+            Tensor::from_vec(out, &[ids.len(), h])
+        }
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(t) => Tensor::from_cuda(ok(gpu().embedding(t, h, ids), "embedding"), &[ids.len(), h]),
     }
-    Tensor::from_vec(out, &[ids.len(), h])
 }
 
 /// RMSNorm over the last dimension of `x` (`w.len()`); `offset` 1 gives (1+w).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32, offset: f32, p: Precision) -> Tensor {
     check(x.elem_count().is_multiple_of(w.elem_count()), "rms_norm", || format!("x {:?} w {:?}", x.shape(), w.shape()));
-    Tensor::from_vec(cpu::rms_norm(x.as_slice(), w.as_slice(), eps, offset, p), x.shape())
+    match x.storage() {
+        Storage::Cpu(xs) => Tensor::from_vec(cpu::rms_norm(xs, w.as_slice(), eps, offset, p), x.shape()),
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(xs) => Tensor::from_cuda(ok(gpu().rms_norm(xs, w.cuda(), eps, offset), "rms_norm"), x.shape()),
+    }
 }
 
 /// Gated RMSNorm over rows of `w.len()` (per GDN value head), gate `z` shaped like `x`.
 pub fn rms_norm_gated(x: &Tensor, z: &Tensor, w: &Tensor, eps: f32, p: Precision) -> Tensor {
     check(x.shape() == z.shape(), "rms_norm_gated", || format!("x {:?} z {:?}", x.shape(), z.shape()));
-    Tensor::from_vec(cpu::rms_norm_gated(x.as_slice(), z.as_slice(), w.as_slice(), eps, p), x.shape())
+    match x.storage() {
+        Storage::Cpu(xs) => Tensor::from_vec(cpu::rms_norm_gated(xs, z.as_slice(), w.as_slice(), eps, p), x.shape()),
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(xs) => {
+            Tensor::from_cuda(ok(gpu().rms_norm_gated(xs, z.cuda(), w.cuda(), eps), "rms_norm_gated"), x.shape())
+        }
+    }
+}
+
+/// An element-wise op of two same-size tensors: the CPU function or the GPU kernel.
+fn binary(a: &Tensor, b: &Tensor, op: Binary, p: Precision) -> Tensor {
+    match a.storage() {
+        Storage::Cpu(av) => {
+            let f = match op {
+                Binary::SiluMul => cpu::silu_mul,
+                Binary::SigmoidGate => cpu::sigmoid_gate,
+                Binary::Add => cpu::add,
+            };
+            Tensor::from_vec(f(av, b.as_slice(), p), a.shape())
+        }
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(av) => Tensor::from_cuda(ok(gpu().binary(op, av, b.cuda()), "element-wise op"), a.shape()),
+    }
 }
 
 pub fn silu_mul(gate: &Tensor, up: &Tensor, p: Precision) -> Tensor {
     check(gate.shape() == up.shape(), "silu_mul", || format!("{:?} vs {:?}", gate.shape(), up.shape()));
-    Tensor::from_vec(cpu::silu_mul(gate.as_slice(), up.as_slice(), p), gate.shape())
+    binary(gate, up, Binary::SiluMul, p)
 }
 
 pub fn sigmoid_gate(x: &Tensor, gate: &Tensor, p: Precision) -> Tensor {
     check(x.elem_count() == gate.elem_count(), "sigmoid_gate", || format!("{:?} vs {:?}", x.shape(), gate.shape()));
-    Tensor::from_vec(cpu::sigmoid_gate(x.as_slice(), gate.as_slice(), p), x.shape())
+    binary(x, gate, Binary::SigmoidGate, p)
 }
 
 pub fn add(a: &Tensor, b: &Tensor, p: Precision) -> Tensor {
     check(a.shape() == b.shape(), "add", || format!("{:?} vs {:?}", a.shape(), b.shape()));
-    Tensor::from_vec(cpu::add(a.as_slice(), b.as_slice(), p), a.shape())
+    binary(a, b, Binary::Add, p)
 }
 
 /// Splits the last dimension into consecutive pieces of the given widths (e.g. `[q | k | v]`).
 pub fn split_last(x: &Tensor, widths: &[usize]) -> Vec<Tensor> {
     let last = *x.shape().last().expect("split_last of a scalar");
     check(widths.iter().sum::<usize>() == last, "split_last", || format!("{widths:?} vs {:?}", x.shape()));
+    let piece_shape = |w: usize| {
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().unwrap() = w;
+        shape
+    };
+    #[cfg(feature = "cuda")]
+    if let Storage::Cuda(xs) = x.storage() {
+        let offsets = widths.iter().scan(0, |off, &w| {
+            *off += w;
+            Some(*off - w)
+        });
+        return offsets
+            .zip(widths)
+            .map(|(off, &w)| Tensor::from_cuda(ok(gpu().copy_cols(xs, last, off, w), "split_last"), &piece_shape(w)))
+            .collect();
+    }
     let rows = x.elem_count() / last;
     let mut outs: Vec<Vec<f32>> = widths.iter().map(|w| Vec::with_capacity(rows * w)).collect();
     for row in x.as_slice().chunks_exact(last) {
@@ -71,14 +163,7 @@ pub fn split_last(x: &Tensor, widths: &[usize]) -> Vec<Tensor> {
             off += w;
         }
     }
-    outs.into_iter()
-        .zip(widths)
-        .map(|(data, &w)| {
-            let mut shape = x.shape().to_vec();
-            *shape.last_mut().unwrap() = w;
-            Tensor::from_vec(data, &shape)
-        })
-        .collect()
+    outs.into_iter().zip(widths).map(|(data, &w)| Tensor::from_vec(data, &piece_shape(w))).collect()
 }
 
 /// β and g of a GDN layer from its `b, a [T, Hv]` projections and per-head `A_log`, `dt_bias`.
@@ -86,18 +171,33 @@ pub fn gdn_gates(b: &Tensor, a: &Tensor, a_log: &Tensor, dt_bias: &Tensor, p: Pr
     check(b.shape() == a.shape() && a.row_len() == a_log.elem_count(), "gdn_gates", || {
         format!("b {:?} a {:?} A_log {:?}", b.shape(), a.shape(), a_log.shape())
     });
-    let (beta, g) = cpu::gdn_gates(b.as_slice(), a.as_slice(), a_log.as_slice(), dt_bias.as_slice(), p);
-    (Tensor::from_vec(beta, b.shape()), Tensor::from_vec(g, a.shape()))
+    match b.storage() {
+        Storage::Cpu(bs) => {
+            let (beta, g) = cpu::gdn_gates(bs, a.as_slice(), a_log.as_slice(), dt_bias.as_slice(), p);
+            (Tensor::from_vec(beta, b.shape()), Tensor::from_vec(g, a.shape()))
+        }
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(bs) => {
+            let (beta, g) = ok(gpu().gdn_gates(bs, a.cuda(), a_log.cuda(), dt_bias.cuda()), "gdn_gates");
+            (Tensor::from_cuda(beta, b.shape()), Tensor::from_cuda(g, a.shape()))
+        }
+    }
 }
 
 /// Appends the rows of `b` after the rows of `a` (same row shape).
 pub fn cat_rows(a: &Tensor, b: &Tensor) -> Tensor {
     check(a.shape()[1..] == b.shape()[1..], "cat_rows", || format!("{:?} vs {:?}", a.shape(), b.shape()));
-    let mut data = a.as_slice().to_vec();
-    data.extend_from_slice(b.as_slice());
     let mut shape = a.shape().to_vec();
     shape[0] += b.rows();
-    Tensor::from_vec(data, &shape)
+    match a.storage() {
+        Storage::Cpu(av) => {
+            let mut data = av.clone();
+            data.extend_from_slice(b.as_slice());
+            Tensor::from_vec(data, &shape)
+        }
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(av) => Tensor::from_cuda(ok(gpu().concat(av, b.cuda()), "cat_rows"), &shape),
+    }
 }
 
 /// The last row of `x` as a `[1, ...]` tensor.
@@ -105,16 +205,27 @@ pub fn last_row(x: &Tensor) -> Tensor {
     let n = x.row_len();
     let mut shape = x.shape().to_vec();
     shape[0] = 1;
-    Tensor::from_vec(x.as_slice()[x.elem_count() - n..].to_vec(), &shape)
+    match x.storage() {
+        Storage::Cpu(xs) => Tensor::from_vec(xs[x.elem_count() - n..].to_vec(), &shape),
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(xs) => Tensor::from_cuda(ok(gpu().copy_range(xs, x.elem_count() - n, n), "last_row"), &shape),
+    }
 }
 
-/// In-place rotate-half RoPE on `x [T, heads, head_dim]` starting at position `pos0`.
-pub fn rope(x: &mut Tensor, inv_freq: &[f32], pos0: usize, p: Precision) {
+/// In-place rotate-half RoPE on `x [T, heads, head_dim]` starting at position `pos0`;
+/// `inv_freq` (`rotary_dim / 2` entries) lives on the same device as `x`.
+pub fn rope(x: &mut Tensor, inv_freq: &Tensor, pos0: usize, p: Precision) {
     let (heads, head_dim) = (x.shape()[1], x.shape()[2]);
-    check(2 * inv_freq.len() <= head_dim, "rope", || {
-        format!("rotary dim {} > head dim {head_dim}", 2 * inv_freq.len())
+    check(2 * inv_freq.elem_count() <= head_dim, "rope", || {
+        format!("rotary dim {} > head dim {head_dim}", 2 * inv_freq.elem_count())
     });
-    cpu::rope(x.as_mut_slice(), heads, head_dim, inv_freq, pos0, p);
+    match x.device() {
+        crate::Device::Cpu => cpu::rope(x.as_mut_slice(), heads, head_dim, inv_freq.as_slice(), pos0, p),
+        #[cfg(feature = "cuda")]
+        crate::Device::Cuda => ok(gpu().rope(x.cuda_mut(), inv_freq.cuda(), heads, head_dim, pos0), "rope"),
+        #[cfg(not(feature = "cuda"))]
+        crate::Device::Cuda => unreachable!("GPU tensors need the cuda feature"),
+    }
 }
 
 /// Causal depthwise conv + SiLU on `x [T, C]`, continuing from `state [K-1, C]` (updated).
@@ -123,10 +234,20 @@ pub fn causal_conv1d_silu(x: &Tensor, state: &mut Tensor, w: &Tensor, p: Precisi
     check(w.shape()[0] == c && state.shape() == [w.shape()[1] - 1, c], "causal_conv1d", || {
         format!("x {:?} state {:?} w {:?}", x.shape(), state.shape(), w.shape())
     });
-    Tensor::from_vec(cpu::causal_conv1d_silu(x.as_slice(), state.as_mut_slice(), w.as_slice(), c, p), x.shape())
+    match x.storage() {
+        Storage::Cpu(xs) => {
+            Tensor::from_vec(cpu::causal_conv1d_silu(xs, state.as_mut_slice(), w.as_slice(), c, p), x.shape())
+        }
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(xs) => Tensor::from_cuda(
+            ok(gpu().causal_conv1d_silu(xs, state.cuda_mut(), w.cuda(), c), "causal_conv1d"),
+            x.shape(),
+        ),
+    }
 }
 
-/// How the delta rule walks the sequence.
+/// How the delta rule walks the sequence (on the CPU; the GPU kernel always walks token by
+/// token inside one launch).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GdnAlgo {
     /// Chunks of 64 tokens with a triangular solve inside each (prefill).
@@ -168,6 +289,14 @@ pub fn gated_delta_rule(
             )
         },
     );
+    #[cfg(feature = "cuda")]
+    if let Storage::Cuda(qs) = q.storage() {
+        let o = ok(
+            gpu().gdn_recurrent(qs, k.cuda(), v.cuda(), g.cuda(), beta.cuda(), state.cuda_mut(), d, t),
+            "gated_delta_rule",
+        );
+        return Tensor::from_cuda(o, &[t, d.value_heads, d.value_dim]);
+    }
     let f = match algo {
         GdnAlgo::Chunked => cpu::gdn_chunked,
         GdnAlgo::Recurrent => cpu::gdn_recurrent,
@@ -186,5 +315,22 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, p: Precision) -
         format!("q {:?} k {:?} v {:?}", q.shape(), k.shape(), v.shape())
     });
     let dims = cpu::AttnDims { q_heads: hq, kv_heads: hkv, head_dim: d };
-    Tensor::from_vec(cpu::attention(q.as_slice(), k.as_slice(), v.as_slice(), dims, scale, p), q.shape())
+    match q.storage() {
+        Storage::Cpu(qs) => Tensor::from_vec(cpu::attention(qs, k.as_slice(), v.as_slice(), dims, scale, p), q.shape()),
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(qs) => Tensor::from_cuda(
+            ok(gpu().attention(qs, k.cuda(), v.cuda(), q.rows(), k.rows(), dims, scale), "attention"),
+            q.shape(),
+        ),
+    }
+}
+
+/// A token from the logits row `[vocab]` or `[1, vocab]` with the draw `u` (see [`cpu::sample`]);
+/// on the GPU only the chosen id comes back to the host.
+pub fn sample(logits: &Tensor, p: SampleParams, u: f32) -> u32 {
+    match logits.storage() {
+        Storage::Cpu(l) => cpu::sample(l, p, u),
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(l) => ok(gpu().sample(l, p, u), "sample"),
+    }
 }

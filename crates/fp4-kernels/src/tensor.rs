@@ -1,14 +1,25 @@
 use fp4_format::dtype::round_bf16;
 
-/// Where a tensor's elements live. Only the CPU exists so far; a CUDA variant joins it with
-/// the `cuda` feature, and every op matches on this.
-#[derive(Debug, Clone, PartialEq)]
+/// Where a tensor's elements live; every op matches on this.
+#[derive(Debug, Clone)]
 pub enum Storage {
     Cpu(Vec<f32>),
+    /// Device memory of the process's GPU (`cuda::gpu()`), same row-major layout.
+    #[cfg(feature = "cuda")]
+    Cuda(cudarc::driver::CudaSlice<f32>),
+}
+
+/// Which device a model and its tensors live on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// The GPU set up by `cuda::init` (only in builds with the `cuda` feature).
+    Cuda,
 }
 
 /// A dense row-major f32 tensor.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Tensor {
     shape: Vec<usize>,
     storage: Storage,
@@ -47,21 +58,95 @@ impl Tensor {
         self.shape[1..].iter().product()
     }
 
+    pub fn device(&self) -> Device {
+        match &self.storage {
+            Storage::Cpu(_) => Device::Cpu,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => Device::Cuda,
+        }
+    }
+
+    /// The elements of a CPU tensor (panics for a GPU tensor: use [`Tensor::to_vec`]).
     pub fn as_slice(&self) -> &[f32] {
         match &self.storage {
             Storage::Cpu(v) => v,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => panic!("as_slice on a GPU tensor {:?}: copy it with to_vec", self.shape),
         }
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [f32] {
         match &mut self.storage {
             Storage::Cpu(v) => v,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => panic!("as_mut_slice on a GPU tensor {:?}", self.shape),
+        }
+    }
+
+    /// The elements on the host (a copy from the GPU for GPU tensors).
+    pub fn to_vec(&self) -> Vec<f32> {
+        match &self.storage {
+            Storage::Cpu(v) => v.clone(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => crate::cuda::gpu().download(s),
         }
     }
 
     pub fn into_vec(self) -> Vec<f32> {
         match self.storage {
             Storage::Cpu(v) => v,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => crate::cuda::gpu().download(&s),
+        }
+    }
+
+    /// The same tensor on `device` (a copy when it moves).
+    pub fn to_device(&self, device: Device) -> Tensor {
+        match (device, &self.storage) {
+            (Device::Cpu, Storage::Cpu(_)) => self.clone(),
+            #[cfg(feature = "cuda")]
+            (Device::Cuda, Storage::Cuda(_)) => self.clone(),
+            #[cfg(feature = "cuda")]
+            (Device::Cpu, Storage::Cuda(_)) => Tensor::from_vec(self.to_vec(), &self.shape),
+            #[cfg(feature = "cuda")]
+            (Device::Cuda, Storage::Cpu(v)) => Tensor::from_cuda(crate::cuda::gpu().upload(v), &self.shape),
+            #[cfg(not(feature = "cuda"))]
+            (Device::Cuda, _) => panic!("this build has no CUDA support (feature `cuda`)"),
+        }
+    }
+
+    /// Zeros on `device`.
+    pub fn zeros_on(shape: &[usize], device: Device) -> Tensor {
+        match device {
+            Device::Cpu => Tensor::zeros(shape),
+            #[cfg(feature = "cuda")]
+            Device::Cuda => Tensor::from_cuda(crate::cuda::gpu().zeros(shape.iter().product()), shape),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda => panic!("this build has no CUDA support (feature `cuda`)"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    pub fn from_cuda(data: cudarc::driver::CudaSlice<f32>, shape: &[usize]) -> Tensor {
+        assert_eq!(data.len(), shape.iter().product::<usize>(), "device buffer length does not match {shape:?}");
+        Tensor { shape: shape.to_vec(), storage: Storage::Cuda(data) }
+    }
+
+    /// The device buffer of a GPU tensor (panics for a CPU tensor: operands on mixed devices are
+    /// a programming error).
+    #[cfg(feature = "cuda")]
+    pub fn cuda(&self) -> &cudarc::driver::CudaSlice<f32> {
+        match &self.storage {
+            Storage::Cuda(s) => s,
+            Storage::Cpu(_) => panic!("expected a GPU tensor, got a CPU tensor {:?}", self.shape),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    pub fn cuda_mut(&mut self) -> &mut cudarc::driver::CudaSlice<f32> {
+        match &mut self.storage {
+            Storage::Cuda(s) => s,
+            Storage::Cpu(_) => panic!("expected a GPU tensor, got a CPU tensor {:?}", self.shape),
         }
     }
 
@@ -71,7 +156,7 @@ impl Tensor {
         Tensor { shape: shape.to_vec(), storage: self.storage }
     }
 
-    /// Rounds every element to `p` in place (a no-op for f32).
+    /// Rounds every element to `p` in place (a no-op for f32; GPU models run in f32 only).
     pub fn round(mut self, p: Precision) -> Tensor {
         if p == Precision::Bf16 {
             self.as_mut_slice().iter_mut().for_each(|x| *x = round_bf16(*x));

@@ -1,7 +1,7 @@
 //! Per-sequence state carried between forward calls.
 
 use fp4_format::{LayerType, TextConfig};
-use fp4_kernels::Tensor;
+use fp4_kernels::{Device, Tensor};
 
 /// State of one decoder layer.
 #[derive(Debug, Clone)]
@@ -13,13 +13,16 @@ pub enum LayerCache {
 }
 
 impl LayerCache {
-    /// An empty cache for one layer of kind `t`.
-    pub fn new(cfg: &TextConfig, t: LayerType) -> LayerCache {
+    /// An empty cache for one layer of kind `t` on `device`.
+    pub fn new(cfg: &TextConfig, t: LayerType, device: Device) -> LayerCache {
         match t {
             LayerType::FullAttention => LayerCache::Attention { k: None, v: None },
             LayerType::LinearAttention => LayerCache::Gdn {
-                conv: Tensor::zeros(&[cfg.linear_conv_kernel_dim - 1, cfg.linear_conv_dim()]),
-                state: Tensor::zeros(&[cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim]),
+                conv: Tensor::zeros_on(&[cfg.linear_conv_kernel_dim - 1, cfg.linear_conv_dim()], device),
+                state: Tensor::zeros_on(
+                    &[cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim],
+                    device,
+                ),
             },
         }
     }
@@ -34,8 +37,8 @@ pub struct Cache {
 }
 
 impl Cache {
-    pub fn new(cfg: &TextConfig) -> Cache {
-        let layers = cfg.layer_types.iter().map(|&t| LayerCache::new(cfg, t)).collect();
+    pub fn new(cfg: &TextConfig, device: Device) -> Cache {
+        let layers = cfg.layer_types.iter().map(|&t| LayerCache::new(cfg, t, device)).collect();
         Cache { layers, seq_len: 0 }
     }
 }

@@ -27,7 +27,7 @@ pub fn generate(
     }
     let mut logits = model.forward(prompt, &mut cache, Logits::Last)?;
     loop {
-        let next = sampler.sample(logits.as_slice());
+        let next = sampler.sample_tensor(&logits);
         out.push(next);
         on_token(next);
         if out.len() >= opts.max_tokens || opts.stop_ids.contains(&next) {

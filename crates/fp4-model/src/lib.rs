@@ -5,14 +5,18 @@ mod generate;
 mod linear;
 pub mod qwen35;
 mod sampling;
+pub mod synthetic;
 
 pub use cache::{Cache, LayerCache};
 pub use fp4_kernels::ops::GdnAlgo;
-pub use fp4_kernels::{Precision, Tensor};
+pub use fp4_kernels::{Device, Precision, Tensor};
 pub use generate::{generate, GenerateOptions};
-pub use linear::{load_param, AmaxObserver, ChannelRecorder, ChannelStats, Linear, LinearMethod, LoadOptions};
+pub use linear::{
+    load_param, AmaxObserver, ChannelRecorder, ChannelStats, Linear, LinearMethod, LoadOptions, WeightSource,
+};
 pub use qwen35::{DecoderLayer, LayerCtx, Logits, Qwen35};
 pub use sampling::{Sampler, SamplingParams};
+pub use synthetic::{Synthetic, SyntheticFormat};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -24,6 +28,8 @@ pub enum ModelError {
     EmptyInput,
     #[error("invalid sampling parameter: {0}")]
     Sampling(String),
+    #[error("unsupported: {0}")]
+    Unsupported(String),
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

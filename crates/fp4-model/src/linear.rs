@@ -7,8 +7,8 @@
 //! W4A4/W8A8 by fake-quantizing the activations with the checkpoint's `input_scale` first.
 
 use fp4_format::nvfp4::{self, Fp8Weight, Nvfp4Weight};
-use fp4_format::{Checkpoint, DType, FormatError, LayerAlgo};
-use fp4_kernels::{ops, Precision, Tensor};
+use fp4_format::{Checkpoint, DType, FormatError, LayerAlgo, TextConfig};
+use fp4_kernels::{ops, Device, Precision, Tensor};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -19,11 +19,48 @@ pub struct LoadOptions {
     /// Quantize activations of NVFP4/FP8 layers with their `input_scale` (W4A4/W8A8, what
     /// Blackwell kernels compute); off = weight-only (W4A16, what Hopper kernels compute).
     pub quantize_activations: bool,
+    /// Where weights and activations live. GPU models compute in f32 with W4A16/W8A16 kernels.
+    pub device: Device,
 }
 
 impl LoadOptions {
     pub fn new(precision: Precision) -> LoadOptions {
-        LoadOptions { precision, quantize_activations: false }
+        LoadOptions { precision, quantize_activations: false, device: Device::Cpu }
+    }
+
+    pub fn on(mut self, device: Device) -> LoadOptions {
+        self.device = device;
+        self
+    }
+}
+
+/// Where a model's weights come from: a checkpoint directory, or random weights of a given
+/// shape (`--synthetic`, for performance runs). The model definition loads through this only.
+pub trait WeightSource {
+    fn config(&self) -> &TextConfig;
+    /// Full tensor name of a text-model tensor (`layers.0...` → `model.language_model.layers.0...`).
+    fn text_name(&self, suffix: &str) -> String;
+    /// Linear module `name` (`[n_out, n_in]`), placed on `o.device`.
+    fn linear(&self, name: &str, n_in: usize, n_out: usize, bias: bool, o: LoadOptions) -> crate::Result<Linear>;
+    /// A float parameter, placed on `o.device`.
+    fn param(&self, name: &str, shape: &[usize], o: LoadOptions) -> crate::Result<Tensor>;
+}
+
+impl WeightSource for Checkpoint {
+    fn config(&self) -> &TextConfig {
+        &self.config
+    }
+
+    fn text_name(&self, suffix: &str) -> String {
+        Checkpoint::text_name(self, suffix)
+    }
+
+    fn linear(&self, name: &str, n_in: usize, n_out: usize, bias: bool, o: LoadOptions) -> crate::Result<Linear> {
+        Linear::load(self, name, n_in, n_out, bias, o)
+    }
+
+    fn param(&self, name: &str, shape: &[usize], o: LoadOptions) -> crate::Result<Tensor> {
+        Ok(load_param(self, name, shape, o.precision)?.to_device(o.device))
     }
 }
 
@@ -41,6 +78,16 @@ pub enum LinearMethod {
     },
     /// FP8 E4M3 with a per-tensor scale.
     Fp8 { q: Fp8Weight, input_scale: Option<f32>, weight: Tensor, bias: Option<Tensor> },
+    /// Any of the above held on the GPU in the form its kernels read (NVFP4 as stored; BF16 and
+    /// FP8 as bf16 with a scale), activations in f32 (W4A16 / W8A16). `format` names the
+    /// checkpoint's format.
+    #[cfg(feature = "cuda")]
+    Gpu {
+        weight: std::sync::Arc<fp4_kernels::cuda::GpuWeight>,
+        pre_quant_scale: Option<Tensor>,
+        bias: Option<Tensor>,
+        format: &'static str,
+    },
 }
 
 /// Running max |x| of a layer's inputs, shared by clones (calibration).
@@ -173,6 +220,17 @@ impl Linear {
             }
             _ => LinearMethod::Dense { weight: load_param(ckpt, &t("weight"), &[n_out, n_in], p)?, bias },
         };
+        if opts.device == Device::Cuda {
+            #[cfg(not(feature = "cuda"))]
+            return Err(crate::ModelError::Unsupported("this fp4 was built without the `cuda` feature".into()));
+            #[cfg(feature = "cuda")]
+            {
+                if stored != DType::BF16 && matches!(method, LinearMethod::Dense { .. }) {
+                    tracing::warn!("{name}: {stored:?} weight rounded to bf16 for the GPU");
+                }
+                return Ok(Linear::from_method(name, n_in, n_out, method.to_gpu(), false));
+            }
+        }
         Ok(Linear {
             name: name.to_string(),
             in_features: n_in,
@@ -187,23 +245,45 @@ impl Linear {
     /// A dense layer over an f32 weight `[out, in]`.
     pub fn dense(name: &str, weight: Tensor) -> Linear {
         let (n_out, n_in) = (weight.shape()[0], weight.shape()[1]);
+        Linear::from_method(name, n_in, n_out, LinearMethod::Dense { weight, bias: None }, false)
+    }
+
+    pub fn from_method(
+        name: &str,
+        n_in: usize,
+        n_out: usize,
+        method: LinearMethod,
+        quantize_activations: bool,
+    ) -> Linear {
         Linear {
             name: name.to_string(),
             in_features: n_in,
             out_features: n_out,
-            method: LinearMethod::Dense { weight, bias: None },
-            quantize_activations: false,
+            method,
+            quantize_activations,
             observer: None,
             recorder: None,
         }
     }
 
-    /// The f32 weight the CPU multiplies by (dequantized for quantized methods).
+    /// The f32 weight the CPU multiplies by (dequantized for quantized methods). Calibration
+    /// and export work on CPU-loaded models only, so a GPU layer here is a programming error.
     pub fn weight(&self) -> &Tensor {
         match &self.method {
             LinearMethod::Dense { weight, .. }
             | LinearMethod::Nvfp4 { weight, .. }
             | LinearMethod::Fp8 { weight, .. } => weight,
+            #[cfg(feature = "cuda")]
+            LinearMethod::Gpu { .. } => panic!("{}: the weight of a GPU layer has no CPU copy", self.name),
+        }
+    }
+
+    /// Bytes of device memory the weight takes (what a decode step reads); 0 on the CPU.
+    pub fn gpu_weight_bytes(&self) -> usize {
+        match &self.method {
+            #[cfg(feature = "cuda")]
+            LinearMethod::Gpu { weight, .. } => weight.bytes(),
+            _ => 0,
         }
     }
 
@@ -217,6 +297,10 @@ impl Linear {
 
     /// `x [T, in] → [T, out]`, output rounded to `p`.
     pub fn forward(&self, x: &Tensor, p: Precision) -> Tensor {
+        #[cfg(feature = "cuda")]
+        if let LinearMethod::Gpu { weight, pre_quant_scale, bias, .. } = &self.method {
+            return ops::linear_gpu(x, weight, bias.as_ref(), pre_quant_scale.as_ref());
+        }
         if let Some(o) = &self.observer {
             o.observe(x.as_slice());
         }
@@ -250,7 +334,36 @@ impl Linear {
                 }
                 _ => ops::linear(x, weight, bias.as_ref(), p),
             },
+            #[cfg(feature = "cuda")]
+            LinearMethod::Gpu { .. } => unreachable!("handled above"),
         }
+    }
+}
+
+impl LinearMethod {
+    /// The GPU form of this method (W4A16 for NVFP4, W8A16 for FP8, bf16 for dense weights).
+    #[cfg(feature = "cuda")]
+    pub fn to_gpu(&self) -> LinearMethod {
+        use fp4_kernels::cuda::{gpu, GpuWeight};
+        let g = gpu();
+        let dev = |t: &Option<Tensor>| t.as_ref().map(|t| t.to_device(Device::Cuda));
+        let (weight, pre_quant_scale, bias, format) = match self {
+            LinearMethod::Gpu { .. } => return self.clone(),
+            LinearMethod::Dense { weight, bias } => {
+                let (r, c) = (weight.shape()[0], weight.shape()[1]);
+                (g.upload_bf16(&weight.to_vec(), r, c, 1.0), None, dev(bias), "bf16")
+            }
+            LinearMethod::Nvfp4 { q, pre_quant_scale, bias, .. } => {
+                (GpuWeight::Nvfp4(g.upload_nvfp4(q)), dev(pre_quant_scale), dev(bias), "nvfp4")
+            }
+            LinearMethod::Fp8 { q, bias, weight, .. } => {
+                // E4M3 values are exact in bf16; the per-tensor scale rides along as the GEMM's alpha.
+                let codes: Vec<f32> = q.codes.iter().map(|&c| nvfp4::e4m3_decode(c)).collect();
+                let (r, c) = (weight.shape()[0], weight.shape()[1]);
+                (g.upload_bf16(&codes, r, c, q.scale), None, dev(bias), "fp8")
+            }
+        };
+        LinearMethod::Gpu { weight: std::sync::Arc::new(weight), pre_quant_scale, bias, format }
     }
 }
 

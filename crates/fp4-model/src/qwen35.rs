@@ -5,11 +5,11 @@
 //! (bf16 mode) are where HF stores a bf16 tensor.
 
 use crate::cache::{Cache, LayerCache};
-use crate::linear::{load_param, Linear, LoadOptions};
+use crate::linear::{Linear, LoadOptions, WeightSource};
 use crate::{ModelError, Result};
-use fp4_format::{Checkpoint, LayerType, TextConfig};
+use fp4_format::{LayerType, TextConfig};
 use fp4_kernels::ops::{self, GdnAlgo, GdnDims};
-use fp4_kernels::{Precision, Tensor};
+use fp4_kernels::{Device, Precision, Tensor};
 
 /// Which positions get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,12 +28,12 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(ckpt: &Checkpoint, prefix: &str, cfg: &TextConfig, o: LoadOptions) -> Result<Mlp> {
+    fn load(w: &dyn WeightSource, prefix: &str, cfg: &TextConfig, o: LoadOptions) -> Result<Mlp> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Mlp {
-            gate: Linear::load(ckpt, &format!("{prefix}.gate_proj"), h, i, false, o)?,
-            up: Linear::load(ckpt, &format!("{prefix}.up_proj"), h, i, false, o)?,
-            down: Linear::load(ckpt, &format!("{prefix}.down_proj"), i, h, false, o)?,
+            gate: w.linear(&format!("{prefix}.gate_proj"), h, i, false, o)?,
+            up: w.linear(&format!("{prefix}.up_proj"), h, i, false, o)?,
+            down: w.linear(&format!("{prefix}.down_proj"), i, h, false, o)?,
         })
     }
 
@@ -57,18 +57,17 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(ckpt: &Checkpoint, prefix: &str, cfg: &TextConfig, o: LoadOptions) -> Result<Attention> {
-        let p = o.precision;
+    fn load(w: &dyn WeightSource, prefix: &str, cfg: &TextConfig, o: LoadOptions) -> Result<Attention> {
         let (h, hq, hkv, d, bias) =
             (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.attention_bias);
         Ok(Attention {
             // q_proj rows are per head [query D | gate D].
-            q_proj: Linear::load(ckpt, &format!("{prefix}.q_proj"), h, hq * d * 2, bias, o)?,
-            k_proj: Linear::load(ckpt, &format!("{prefix}.k_proj"), h, hkv * d, bias, o)?,
-            v_proj: Linear::load(ckpt, &format!("{prefix}.v_proj"), h, hkv * d, bias, o)?,
-            o_proj: Linear::load(ckpt, &format!("{prefix}.o_proj"), hq * d, h, bias, o)?,
-            q_norm: load_param(ckpt, &format!("{prefix}.q_norm.weight"), &[d], p)?,
-            k_norm: load_param(ckpt, &format!("{prefix}.k_norm.weight"), &[d], p)?,
+            q_proj: w.linear(&format!("{prefix}.q_proj"), h, hq * d * 2, bias, o)?,
+            k_proj: w.linear(&format!("{prefix}.k_proj"), h, hkv * d, bias, o)?,
+            v_proj: w.linear(&format!("{prefix}.v_proj"), h, hkv * d, bias, o)?,
+            o_proj: w.linear(&format!("{prefix}.o_proj"), hq * d, h, bias, o)?,
+            q_norm: w.param(&format!("{prefix}.q_norm.weight"), &[d], o)?,
+            k_norm: w.param(&format!("{prefix}.k_norm.weight"), &[d], o)?,
             heads: hq,
             kv_heads: hkv,
             head_dim: d,
@@ -120,21 +119,20 @@ struct GatedDeltaNet {
 }
 
 impl GatedDeltaNet {
-    fn load(ckpt: &Checkpoint, prefix: &str, cfg: &TextConfig, o: LoadOptions) -> Result<GatedDeltaNet> {
-        let p = o.precision;
+    fn load(w: &dyn WeightSource, prefix: &str, cfg: &TextConfig, o: LoadOptions) -> Result<GatedDeltaNet> {
         let (h, hv, k) = (cfg.hidden_size, cfg.linear_num_value_heads, cfg.linear_conv_kernel_dim);
         let conv_dim = cfg.linear_conv_dim();
-        let conv = load_param(ckpt, &format!("{prefix}.conv1d.weight"), &[conv_dim, 1, k], p)?.reshape(&[conv_dim, k]);
+        let conv = w.param(&format!("{prefix}.conv1d.weight"), &[conv_dim, 1, k], o)?.reshape(&[conv_dim, k]);
         Ok(GatedDeltaNet {
-            in_proj_qkv: Linear::load(ckpt, &format!("{prefix}.in_proj_qkv"), h, conv_dim, false, o)?,
-            in_proj_z: Linear::load(ckpt, &format!("{prefix}.in_proj_z"), h, cfg.linear_value_dim(), false, o)?,
-            in_proj_b: Linear::load(ckpt, &format!("{prefix}.in_proj_b"), h, hv, false, o)?,
-            in_proj_a: Linear::load(ckpt, &format!("{prefix}.in_proj_a"), h, hv, false, o)?,
-            out_proj: Linear::load(ckpt, &format!("{prefix}.out_proj"), cfg.linear_value_dim(), h, false, o)?,
+            in_proj_qkv: w.linear(&format!("{prefix}.in_proj_qkv"), h, conv_dim, false, o)?,
+            in_proj_z: w.linear(&format!("{prefix}.in_proj_z"), h, cfg.linear_value_dim(), false, o)?,
+            in_proj_b: w.linear(&format!("{prefix}.in_proj_b"), h, hv, false, o)?,
+            in_proj_a: w.linear(&format!("{prefix}.in_proj_a"), h, hv, false, o)?,
+            out_proj: w.linear(&format!("{prefix}.out_proj"), cfg.linear_value_dim(), h, false, o)?,
             conv,
-            a_log: load_param(ckpt, &format!("{prefix}.A_log"), &[hv], p)?,
-            dt_bias: load_param(ckpt, &format!("{prefix}.dt_bias"), &[hv], p)?,
-            norm: load_param(ckpt, &format!("{prefix}.norm.weight"), &[cfg.linear_value_head_dim], p)?,
+            a_log: w.param(&format!("{prefix}.A_log"), &[hv], o)?,
+            dt_bias: w.param(&format!("{prefix}.dt_bias"), &[hv], o)?,
+            norm: w.param(&format!("{prefix}.norm.weight"), &[cfg.linear_value_head_dim], o)?,
             dims: GdnDims {
                 key_heads: cfg.linear_num_key_heads,
                 value_heads: hv,
@@ -178,16 +176,18 @@ enum Mixer {
 pub struct LayerCtx {
     pub precision: Precision,
     pub eps: f32,
-    /// RoPE inverse frequencies (`rotary_dim / 2`).
-    pub inv_freq: Vec<f32>,
+    /// RoPE inverse frequencies (`rotary_dim / 2`), on the model's device.
+    pub inv_freq: Tensor,
 }
 
 impl LayerCtx {
-    pub fn new(cfg: &TextConfig, precision: Precision) -> LayerCtx {
+    pub fn new(cfg: &TextConfig, precision: Precision, device: Device) -> LayerCtx {
+        let inv_freq = ops::rope_inv_freq(cfg.rotary_dim(), cfg.rope_theta as f32);
+        let n = inv_freq.len();
         LayerCtx {
             precision,
             eps: cfg.rms_norm_eps as f32,
-            inv_freq: ops::rope_inv_freq(cfg.rotary_dim(), cfg.rope_theta as f32),
+            inv_freq: Tensor::from_vec(inv_freq, &[n]).to_device(device),
         }
     }
 }
@@ -202,24 +202,23 @@ pub struct DecoderLayer {
 
 impl DecoderLayer {
     /// Loads layer `i` (the quantizer loads one layer at a time through this).
-    pub fn load(ckpt: &Checkpoint, i: usize, o: LoadOptions) -> Result<DecoderLayer> {
-        let cfg = &ckpt.config;
-        let p = o.precision;
-        let prefix = ckpt.text_name(&format!("layers.{i}"));
+    pub fn load(w: &dyn WeightSource, i: usize, o: LoadOptions) -> Result<DecoderLayer> {
+        let cfg = w.config();
+        let prefix = w.text_name(&format!("layers.{i}"));
         let mixer = match cfg.layer_types[i] {
             LayerType::FullAttention => {
-                Mixer::Attention(Box::new(Attention::load(ckpt, &format!("{prefix}.self_attn"), cfg, o)?))
+                Mixer::Attention(Box::new(Attention::load(w, &format!("{prefix}.self_attn"), cfg, o)?))
             }
             LayerType::LinearAttention => {
-                Mixer::Gdn(Box::new(GatedDeltaNet::load(ckpt, &format!("{prefix}.linear_attn"), cfg, o)?))
+                Mixer::Gdn(Box::new(GatedDeltaNet::load(w, &format!("{prefix}.linear_attn"), cfg, o)?))
             }
         };
         let h = [cfg.hidden_size];
         Ok(DecoderLayer {
-            input_norm: load_param(ckpt, &format!("{prefix}.input_layernorm.weight"), &h, p)?,
-            post_norm: load_param(ckpt, &format!("{prefix}.post_attention_layernorm.weight"), &h, p)?,
+            input_norm: w.param(&format!("{prefix}.input_layernorm.weight"), &h, o)?,
+            post_norm: w.param(&format!("{prefix}.post_attention_layernorm.weight"), &h, o)?,
             mixer,
-            mlp: Mlp::load(ckpt, &format!("{prefix}.mlp"), cfg, o)?,
+            mlp: Mlp::load(w, &format!("{prefix}.mlp"), cfg, o)?,
         })
     }
 
@@ -258,6 +257,7 @@ impl DecoderLayer {
 pub struct Qwen35 {
     pub config: TextConfig,
     pub precision: Precision,
+    pub device: Device,
     /// How GDN layers walk a multi-token input; single tokens always use the recurrent step.
     pub prefill_algo: GdnAlgo,
     embed_tokens: Tensor,
@@ -269,23 +269,31 @@ pub struct Qwen35 {
 }
 
 impl Qwen35 {
-    /// Loads every text weight of `ckpt`.
-    pub fn load(ckpt: &Checkpoint, o: LoadOptions) -> Result<Qwen35> {
-        let cfg = ckpt.config.clone();
+    /// Loads every text weight of `w` (a checkpoint, or random weights) onto `o.device`.
+    pub fn load(w: &dyn WeightSource, o: LoadOptions) -> Result<Qwen35> {
+        let cfg = w.config().clone();
         let p = o.precision;
-        let embed_tokens =
-            load_param(ckpt, &ckpt.text_name("embed_tokens.weight"), &[cfg.vocab_size, cfg.hidden_size], p)?;
-        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(ckpt, i, o)).collect::<Result<Vec<_>>>()?;
-        let norm = load_param(ckpt, &ckpt.text_name("norm.weight"), &[cfg.hidden_size], p)?;
+        if o.device == Device::Cuda && !cfg!(feature = "cuda") {
+            return Err(ModelError::Unsupported("this fp4 was built without the `cuda` feature".into()));
+        }
+        if o.device == Device::Cuda && p != Precision::F32 {
+            return Err(ModelError::Unsupported(
+                "the GPU path computes in f32 (with bf16/NVFP4/FP8 weights): use --dtype f32".into(),
+            ));
+        }
+        let embed_tokens = w.param(&w.text_name("embed_tokens.weight"), &[cfg.vocab_size, cfg.hidden_size], o)?;
+        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(w, i, o)).collect::<Result<Vec<_>>>()?;
+        let norm = w.param(&w.text_name("norm.weight"), &[cfg.hidden_size], o)?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(Linear::load(ckpt, "lm_head", cfg.hidden_size, cfg.vocab_size, false, o)?)
+            Some(w.linear("lm_head", cfg.hidden_size, cfg.vocab_size, false, o)?)
         };
-        let ctx = LayerCtx::new(&cfg, p);
+        let ctx = LayerCtx::new(&cfg, p, o.device);
         Ok(Qwen35 {
             config: cfg,
             precision: p,
+            device: o.device,
             prefill_algo: GdnAlgo::Chunked,
             embed_tokens,
             layers,
@@ -296,7 +304,12 @@ impl Qwen35 {
     }
 
     pub fn new_cache(&self) -> Cache {
-        Cache::new(&self.config)
+        Cache::new(&self.config, self.device)
+    }
+
+    /// The untied LM head (`None` when tied to the embeddings).
+    pub fn lm_head(&self) -> Option<&Linear> {
+        self.lm_head.as_ref()
     }
 
     /// Every decoder-layer linear (calibration algorithms swap their methods).

@@ -1,7 +1,10 @@
-//! Token selection: greedy or sampled with temperature, top-k and top-p (applied in that
-//! order, as transformers' logits processors are).
+//! Token selection: greedy or sampled with temperature, top-k, min-p and top-p (applied in that
+//! order, as transformers' logits processors are). The selection itself is an op
+//! (`fp4_kernels::cpu::sample` and its GPU kernel), so CPU and GPU pick the same token.
 
 use crate::{ModelError, Result};
+use fp4_kernels::ops::SampleParams;
+use fp4_kernels::Tensor;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -50,62 +53,31 @@ impl Sampler {
         Ok(Sampler { params, rng: StdRng::seed_from_u64(params.seed) })
     }
 
-    /// Picks the next token from one row of logits.
+    /// Picks the next token from one row of logits (see `fp4_kernels::cpu::sample`).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.params.temperature == 0.0 {
-            return argmax(logits);
-        }
-        // Candidates sorted by logit (descending; ties by id), cut by top-k, then top-p.
-        let mut cand: Vec<(u32, f32)> =
-            logits.iter().enumerate().map(|(i, &l)| (i as u32, l / self.params.temperature)).collect();
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if self.params.top_k > 0 {
-            cand.truncate(self.params.top_k);
-        }
-        let max = cand[0].1;
-        let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - max).exp()).collect();
-        let total: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
-        if self.params.min_p > 0.0 {
-            // Sorted descending: keep the prefix at or above min_p × the top probability.
-            let floor = self.params.min_p * probs[0];
-            let keep = probs.iter().take_while(|&&p| p >= floor).count().max(1);
-            probs.truncate(keep);
-        }
-        if self.params.top_p < 1.0 {
-            // Keep the smallest prefix whose mass reaches top_p (always at least one token).
-            let mut mass = 0.0;
-            let mut keep = probs.len();
-            for (i, p) in probs.iter().enumerate() {
-                mass += p;
-                if mass >= self.params.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            probs.truncate(keep);
-        }
-        let total: f32 = probs.iter().sum();
-        let mut r = self.rng.random::<f32>() * total;
-        for (i, p) in probs.iter().enumerate() {
-            if r < *p {
-                return cand[i].0;
-            }
-            r -= p;
-        }
-        cand[probs.len() - 1].0
+        let u = self.draw();
+        fp4_kernels::cpu::sample(logits, self.kernel_params(), u)
     }
-}
 
-/// Index of the largest logit; the first one on ties (as `torch.argmax`).
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+    /// Same, for a logits row on any device: on the GPU only the chosen id is copied back.
+    pub fn sample_tensor(&mut self, logits: &Tensor) -> u32 {
+        let u = self.draw();
+        fp4_kernels::ops::sample(logits, self.kernel_params(), u)
+    }
+
+    /// The uniform draw of one step (none when greedy, so greedy runs leave the stream alone).
+    fn draw(&mut self) -> f32 {
+        if self.params.temperature == 0.0 {
+            0.0
+        } else {
+            self.rng.random::<f32>()
         }
     }
-    best as u32
+
+    fn kernel_params(&self) -> SampleParams {
+        let p = &self.params;
+        SampleParams { temperature: p.temperature, top_k: p.top_k, top_p: p.top_p, min_p: p.min_p }
+    }
 }
 
 #[cfg(test)]

@@ -202,7 +202,7 @@ pub fn auto_mixed(
         quantize(ckpt, samples, &QuantizeOptions { strategy: Strategy::AutoMixed, ..opts.clone() }, progress)?;
     let started = std::time::Instant::now();
     let p = opts.precision;
-    let mut model = Qwen35::load(ckpt, LoadOptions { precision: p, quantize_activations: true })?;
+    let mut model = Qwen35::load(ckpt, LoadOptions { quantize_activations: true, ..LoadOptions::new(p) })?;
     let scorer = Scorer::new(&model, samples.iter().take(score_samples.max(1)).cloned().collect())?;
 
     // The three methods of every candidate module.

@@ -106,7 +106,7 @@ pub fn quantize(
     let plan = Plan::new(ckpt, opts.strategy, &opts.exclude);
     let started = Instant::now();
     let p = opts.precision;
-    let ctx = LayerCtx::new(cfg, p);
+    let ctx = LayerCtx::new(cfg, p, fp4_kernels::Device::Cpu);
     let mut hidden = {
         let embed =
             fp4_model::load_param(ckpt, &ckpt.text_name("embed_tokens.weight"), &[cfg.vocab_size, cfg.hidden_size], p)?;
@@ -134,7 +134,7 @@ pub fn quantize(
         }
         if !observers.is_empty() || i + 1 < cfg.num_hidden_layers {
             for h in hidden.iter_mut() {
-                let mut cache = LayerCache::new(cfg, cfg.layer_types[i]);
+                let mut cache = LayerCache::new(cfg, cfg.layer_types[i], fp4_kernels::Device::Cpu);
                 *h = layer.forward(h, &mut cache, 0, GdnAlgo::Chunked, &ctx);
             }
         }

@@ -1,0 +1,474 @@
+//! The GPU half of `fp4 selftest` (feature `cuda`).
+
+use super::Args;
+use anyhow::Context;
+use fp4_format::nvfp4::{self, Nvfp4Weight};
+use fp4_format::Checkpoint;
+use fp4_kernels::cuda::{self, Gpu, GpuWeight};
+use fp4_kernels::ops::{self, GdnAlgo, GdnDims, SampleParams};
+use fp4_kernels::{cpu, Device, Precision, Tensor};
+use fp4_model::{LoadOptions, Logits, Qwen35, Synthetic, SyntheticFormat, WeightSource};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+const F32: Precision = Precision::F32;
+
+/// Deterministic normal samples (Box–Muller over a 64-bit LCG): no zeros in practice.
+struct Normal(u64);
+
+impl Normal {
+    fn uniform(&mut self) -> f64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((self.0 >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+    fn sample(&mut self) -> f32 {
+        let (u, v) = (self.uniform(), self.uniform());
+        ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.sample() * scale).collect()
+    }
+    fn tensor(&mut self, shape: &[usize], scale: f32) -> Tensor {
+        Tensor::from_vec(self.vec(shape.iter().product(), scale), shape)
+    }
+}
+
+/// Pass/fail table rows and the JSON behind them.
+#[derive(Default)]
+struct Report {
+    checks: Vec<Value>,
+    failed: usize,
+}
+
+impl Report {
+    fn check(&mut self, what: &str, err: f64, tol: f64) {
+        let pass = err.is_finite() && err <= tol;
+        self.failed += usize::from(!pass);
+        println!("{what:<52} err {err:.2e} (tol {tol:.0e}) {}", if pass { "ok" } else { "FAIL" });
+        self.checks.push(json!({"check": what, "err": err, "tol": tol, "pass": pass}));
+    }
+
+    fn require(&mut self, what: &str, pass: bool, detail: Value) {
+        self.failed += usize::from(!pass);
+        println!("{what:<52} {}", if pass { "ok" } else { "FAIL" });
+        self.checks.push(json!({"check": what, "pass": pass, "detail": detail}));
+    }
+}
+
+fn gpu_t(t: &Tensor) -> Tensor {
+    t.to_device(Device::Cuda)
+}
+
+/// max |gpu − cpu| / max |cpu|.
+fn rel_err(gpu: &Tensor, cpu: &Tensor) -> f64 {
+    let (g, c) = (gpu.to_vec(), cpu.to_vec());
+    assert_eq!(g.len(), c.len(), "compared tensors differ in size");
+    let m = c.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30) as f64;
+    g.iter().zip(&c).map(|(a, b)| (a - b).abs() as f64).fold(0f64, f64::max) / m
+}
+
+fn random_nvfp4(rng: &mut Normal, rows: usize, cols: usize) -> Nvfp4Weight {
+    let mut w = rng.vec(rows * cols, 1.0 / (cols as f32).sqrt());
+    // A few large weights, as real checkpoints have, so blocks use different scales.
+    for i in (0..w.len()).step_by(977) {
+        w[i] *= 12.0;
+    }
+    Nvfp4Weight::quantize(&w, rows, cols, nvfp4::nvfp4_global_scale(nvfp4::amax(&w)))
+}
+
+/// Linear layers: NVFP4 and bf16 (scale 1 and an FP8-style per-tensor scale) through the GEMV
+/// (≤ 8 tokens) and the GEMM (exact f32 and bf16 tensor cores), with bias and pre_quant_scale.
+fn linear_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) {
+    for (rows, cols) in [(48, 64), (96, 144), (131, 4096), (4096, 12288)] {
+        let q = random_nvfp4(rng, rows, cols);
+        let w_nv = Tensor::from_vec(q.dequantize(), &[rows, cols]);
+        let gw_nv = GpuWeight::Nvfp4(g.upload_nvfp4(&q));
+        let w_bf: Vec<f32> = rng.vec(rows * cols, 0.05).into_iter().map(fp4_format::dtype::round_bf16).collect();
+        let fp8_scale = 0.37;
+        let gw_bf = g.upload_bf16(&w_bf, rows, cols, fp8_scale);
+        let w_bf = Tensor::from_vec(w_bf.iter().map(|v| v * fp8_scale).collect(), &[rows, cols]);
+        for t in [1, 3, 40] {
+            let x = rng.tensor(&[t, cols], 1.0);
+            for (name, gw, w) in [("nvfp4", &gw_nv, &w_nv), ("bf16·scale", &gw_bf, &w_bf)] {
+                let want = ops::linear(&x, w, None, F32);
+                let modes: &[bool] = if t <= cuda::GEMV_MAX_TOKENS { &[true] } else { &[true, false] };
+                for &exact in modes {
+                    g.set_exact_gemm(exact);
+                    let got = ops::linear_gpu(&gpu_t(&x), gw, None, None);
+                    let (path, tol) = match (t <= cuda::GEMV_MAX_TOKENS, exact) {
+                        (true, _) => ("gemv", 1e-5),
+                        (false, true) => ("gemm f32", 1e-5),
+                        (false, false) => ("gemm bf16", 2e-2),
+                    };
+                    rep.check(&format!("linear {name} {path} {t}x{cols}→{rows}"), rel_err(&got, &want), tol);
+                }
+            }
+        }
+    }
+    g.set_exact_gemm(true);
+    // Bias and AWQ pre_quant_scale on both paths; an f32 weight (tied LM head) through cuBLAS.
+    let (rows, cols) = (80, 256);
+    let q = random_nvfp4(rng, rows, cols);
+    let w = Tensor::from_vec(q.dequantize(), &[rows, cols]);
+    let gw = GpuWeight::Nvfp4(g.upload_nvfp4(&q));
+    let bias = rng.tensor(&[rows], 0.5);
+    let pqs = Tensor::from_vec(rng.vec(cols, 0.5).iter().map(|v| 1.0 + v.abs()).collect(), &[cols]);
+    for t in [2, 33] {
+        let x = rng.tensor(&[t, cols], 1.0);
+        let xs = Tensor::from_vec(
+            x.as_slice().chunks(cols).flat_map(|r| r.iter().zip(pqs.as_slice()).map(|(a, b)| a * b)).collect(),
+            &[t, cols],
+        );
+        let want = ops::linear(&xs, &w, Some(&bias), F32);
+        let got = ops::linear_gpu(&gpu_t(&x), &gw, Some(&gpu_t(&bias)), Some(&gpu_t(&pqs)));
+        rep.check(&format!("linear nvfp4 + bias + pre_quant_scale {t} tokens"), rel_err(&got, &want), 1e-5);
+        let wf = rng.tensor(&[rows, cols], 0.1);
+        let want = ops::linear(&x, &wf, Some(&bias), F32);
+        let got = ops::linear(&gpu_t(&x), &gpu_t(&wf), Some(&gpu_t(&bias)), F32);
+        rep.check(&format!("linear f32 weight + bias {t} tokens"), rel_err(&got, &want), 1e-5);
+    }
+}
+
+/// Every other op of the model on shapes of the tiny fixtures and of the 9B.
+fn op_checks(rep: &mut Report, rng: &mut Normal) {
+    for (rows, d) in [(1, 4096), (7, 64), (3, 1000)] {
+        let x = rng.tensor(&[rows, d], 2.0);
+        let y = rng.tensor(&[rows, d], 1.0);
+        let w = rng.tensor(&[d], 0.3);
+        for offset in [1.0, 0.0] {
+            let want = ops::rms_norm(&x, &w, 1e-6, offset, F32);
+            let got = ops::rms_norm(&gpu_t(&x), &gpu_t(&w), 1e-6, offset, F32);
+            rep.check(&format!("rms_norm {rows}x{d} offset {offset}"), rel_err(&got, &want), 1e-5);
+        }
+        let want = ops::rms_norm_gated(&x, &y, &w, 1e-6, F32);
+        let got = ops::rms_norm_gated(&gpu_t(&x), &gpu_t(&y), &gpu_t(&w), 1e-6, F32);
+        rep.check(&format!("rms_norm_gated {rows}x{d}"), rel_err(&got, &want), 1e-5);
+        type Op = fn(&Tensor, &Tensor, Precision) -> Tensor;
+        for (name, op) in [("silu_mul", ops::silu_mul as Op), ("sigmoid_gate", ops::sigmoid_gate), ("add", ops::add)] {
+            let got = op(&gpu_t(&x), &gpu_t(&y), F32);
+            rep.check(&format!("{name} {rows}x{d}"), rel_err(&got, &op(&x, &y, F32)), 1e-6);
+        }
+    }
+    let table = rng.tensor(&[1000, 96], 1.0);
+    let ids: Vec<u32> = (0..37).map(|i| (i * 7919 % 1000) as u32).collect();
+    let got = ops::embedding(&gpu_t(&table), &ids);
+    rep.check("embedding 37 of 1000x96", rel_err(&got, &ops::embedding(&table, &ids)), 0.0);
+
+    let x = rng.tensor(&[5, 40], 1.0);
+    let (want, got) = (ops::split_last(&x, &[16, 8, 16]), ops::split_last(&gpu_t(&x), &[16, 8, 16]));
+    let err = want.iter().zip(&got).map(|(w, g)| rel_err(g, w)).fold(0.0, f64::max);
+    rep.check("split_last 5x40 → 16|8|16", err, 0.0);
+    let y = rng.tensor(&[3, 40], 1.0);
+    rep.check("cat_rows 5+3 x40", rel_err(&ops::cat_rows(&gpu_t(&x), &gpu_t(&y)), &ops::cat_rows(&x, &y)), 0.0);
+    rep.check("last_row 5x40", rel_err(&ops::last_row(&gpu_t(&x)), &ops::last_row(&x)), 0.0);
+
+    // Partial RoPE (rotary 64 of head 256) at positions far from 0.
+    let inv = ops::rope_inv_freq(64, 1e7);
+    let inv = Tensor::from_vec(inv.clone(), &[inv.len()]);
+    let mut want = rng.tensor(&[6, 4, 256], 1.0);
+    let mut got = gpu_t(&want);
+    ops::rope(&mut want, &inv, 1234, F32);
+    ops::rope(&mut got, &gpu_t(&inv), 1234, F32);
+    rep.check("rope 6x4x256 rotary 64 at pos 1234", rel_err(&got, &want), 1e-5);
+
+    // Conv: a 9-token prefill then 2 single-token steps, outputs and state.
+    let (c, k) = (8192, 4);
+    let w = rng.tensor(&[c, k], 0.5);
+    let mut s_cpu = rng.tensor(&[k - 1, c], 1.0);
+    let mut s_gpu = gpu_t(&s_cpu);
+    for t in [9, 1, 1] {
+        let x = rng.tensor(&[t, c], 1.0);
+        let want = ops::causal_conv1d_silu(&x, &mut s_cpu, &w, F32);
+        let got = ops::causal_conv1d_silu(&gpu_t(&x), &mut s_gpu, &gpu_t(&w), F32);
+        let err = rel_err(&got, &want).max(rel_err(&s_gpu, &s_cpu));
+        rep.check(&format!("causal_conv1d_silu {t}x{c} k{k} (+state)"), err, 1e-5);
+    }
+
+    let (b, a) = (rng.tensor(&[5, 32], 2.0), rng.tensor(&[5, 32], 2.0));
+    let (a_log, dt) = (rng.tensor(&[32], 1.0), rng.tensor(&[32], 1.0));
+    let (beta_c, g_c) = ops::gdn_gates(&b, &a, &a_log, &dt, F32);
+    let (beta_g, g_g) = ops::gdn_gates(&gpu_t(&b), &gpu_t(&a), &gpu_t(&a_log), &gpu_t(&dt), F32);
+    rep.check("gdn_gates 5x32", rel_err(&beta_g, &beta_c).max(rel_err(&g_g, &g_c)), 1e-6);
+
+    // Delta rule: 9B head geometry and a grouped small one; prefill against both CPU algorithms.
+    for (d, t) in [
+        (GdnDims { key_heads: 16, value_heads: 32, key_dim: 128, value_dim: 128 }, 1),
+        (GdnDims { key_heads: 16, value_heads: 32, key_dim: 128, value_dim: 128 }, 70),
+        (GdnDims { key_heads: 2, value_heads: 6, key_dim: 16, value_dim: 40 }, 130),
+    ] {
+        let q = rng.tensor(&[t, d.key_heads * d.key_dim], 1.0);
+        let k = rng.tensor(&[t, d.key_heads * d.key_dim], 1.0);
+        let v = rng.tensor(&[t, d.value_heads * d.value_dim], 1.0);
+        let g =
+            Tensor::from_vec(rng.vec(t * d.value_heads, 0.5).iter().map(|x| -x.abs()).collect(), &[t, d.value_heads]);
+        let beta = Tensor::from_vec(
+            rng.vec(t * d.value_heads, 1.0).iter().map(|x| cpu::sigmoid(*x)).collect(),
+            &[t, d.value_heads],
+        );
+        let init = rng.tensor(&[d.value_heads, d.key_dim, d.value_dim], 0.3);
+        let mut s_gpu = gpu_t(&init);
+        let got = ops::gated_delta_rule(
+            &gpu_t(&q),
+            &gpu_t(&k),
+            &gpu_t(&v),
+            &gpu_t(&g),
+            &gpu_t(&beta),
+            &mut s_gpu,
+            d,
+            GdnAlgo::Chunked,
+        );
+        for algo in [GdnAlgo::Recurrent, GdnAlgo::Chunked] {
+            let mut s_cpu = init.clone();
+            let want = ops::gated_delta_rule(&q, &k, &v, &g, &beta, &mut s_cpu, d, algo);
+            let err = rel_err(&got, &want).max(rel_err(&s_gpu, &s_cpu));
+            let what = format!(
+                "gated_delta_rule {t} tok {}x{}/{}x{} vs {algo:?}",
+                d.key_heads, d.key_dim, d.value_heads, d.value_dim
+            );
+            rep.check(&what, err, 1e-4);
+        }
+    }
+
+    // Attention: prefill (T = L) and decode (T = 1 over a long cache), GQA 16/4, head 256.
+    for (t, l) in [(37, 37), (1, 300), (5, 140)] {
+        let q = rng.tensor(&[t, 16, 256], 1.0);
+        let k = rng.tensor(&[l, 4, 256], 1.0);
+        let v = rng.tensor(&[l, 4, 256], 1.0);
+        let want = ops::attention(&q, &k, &v, 1.0 / 16.0, F32);
+        let got = ops::attention(&gpu_t(&q), &gpu_t(&k), &gpu_t(&v), 1.0 / 16.0, F32);
+        rep.check(&format!("attention q {t} over {l} keys, 16/4 heads x256"), rel_err(&got, &want), 1e-5);
+    }
+
+    // Sampling: greedy, then the same draws through both implementations.
+    let logits = rng.tensor(&[248320], 3.0);
+    let dl = gpu_t(&logits);
+    let greedy = SampleParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0 };
+    let same = ops::sample(&dl, greedy, 0.0) == ops::sample(&logits, greedy, 0.0);
+    rep.require("sample greedy 248320", same, json!(null));
+    for p in [
+        SampleParams { temperature: 0.7, top_k: 20, top_p: 0.8, min_p: 0.0 },
+        SampleParams { temperature: 1.0, top_k: 0, top_p: 0.95, min_p: 0.0 },
+        SampleParams { temperature: 1.3, top_k: 50, top_p: 1.0, min_p: 0.05 },
+    ] {
+        let draws = 64;
+        let agree = (0..draws)
+            .filter(|i| {
+                let u = (*i as f32 + 0.5) / draws as f32;
+                ops::sample(&dl, p, u) == ops::sample(&logits, p, u)
+            })
+            .count();
+        // A draw can only differ where u·mass lands within f32 rounding of a token boundary.
+        let what =
+            format!("sample t{} k{} p{} min_p{}: {agree}/{draws} equal", p.temperature, p.top_k, p.top_p, p.min_p);
+        rep.require(&what, agree + 1 >= draws, json!({"agree": agree, "draws": draws}));
+    }
+}
+
+/// Greedy continuation with the model's own sampler path (GPU: argmax on the device).
+fn greedy(model: &Qwen35, prompt: &[u32], n: usize) -> anyhow::Result<Vec<u32>> {
+    let mut sampler = fp4_model::Sampler::new(fp4_model::SamplingParams::default())?;
+    let opts = fp4_model::GenerateOptions { max_tokens: n, stop_ids: vec![] };
+    Ok(fp4_model::generate(model, prompt, &opts, &mut sampler, |_| {})?)
+}
+
+/// One model on both devices: all-position logits with exact and tensor-core GEMMs, and a
+/// greedy continuation (prefill of 40 tokens, then 24 decode steps).
+fn model_check(g: &Gpu, rep: &mut Report, name: &str, src: &dyn WeightSource) -> anyhow::Result<()> {
+    let opts = LoadOptions::new(F32);
+    let cpu_model = Qwen35::load(src, opts).with_context(|| format!("{name} on the CPU"))?;
+    let gpu_model = Qwen35::load(src, opts.on(Device::Cuda)).with_context(|| format!("{name} on the GPU"))?;
+    let vocab = cpu_model.config.vocab_size as u64;
+    let ids: Vec<u32> = (0..40u64).map(|i| ((i * 2654435761 + 17) % vocab) as u32).collect();
+    let want = cpu_model.forward(&ids, &mut cpu_model.new_cache(), Logits::All)?;
+    // Tensor-core GEMMs round the prefill activations to bf16. On these random tiny models any
+    // rounding is amplified (transformers' own bf16 forward — the CPU's bf16 mode — lands 3e-2 to
+    // 1.2e-1 from f32), so the bound is twice that gap: the same order as HF bf16, while a broken
+    // GEMM errs by O(1). The per-linear checks above bound the GEMM itself.
+    let bf16_model = Qwen35::load(src, LoadOptions::new(Precision::Bf16))?;
+    let bf16_gap = rel_err(&bf16_model.forward(&ids, &mut bf16_model.new_cache(), Logits::All)?, &want);
+    for exact in [true, false] {
+        g.set_exact_gemm(exact);
+        let got = gpu_model.forward(&ids, &mut gpu_model.new_cache(), Logits::All)?;
+        let (mode, tol) = if exact { ("f32 GEMM", 1e-4) } else { ("bf16 GEMM, tol 2x HF-bf16 gap", 2.0 * bf16_gap) };
+        rep.check(&format!("model {name}: logits T=40 ({mode})"), rel_err(&got, &want), tol);
+    }
+    g.set_exact_gemm(true);
+    let (c, d) = (greedy(&cpu_model, &ids, 24)?, greedy(&gpu_model, &ids, 24)?);
+    rep.require(&format!("model {name}: greedy 24 tokens GPU = CPU"), c == d, json!({"cpu": c, "gpu": d}));
+    g.set_exact_gemm(false);
+    Ok(())
+}
+
+fn model_checks(g: &Gpu, rep: &mut Report, a: &Args) -> anyhow::Result<()> {
+    let f = &a.fixtures;
+    let mut dirs: Vec<PathBuf> = ["tiny-text", "tiny-vl", "tiny-quant"].iter().map(|d| f.join(d)).collect();
+    for cfg in ["nvfp4_default", "nvfp4_mlp_only", "nvfp4_awq_lite", "ct_nvfp4"] {
+        dirs.push(f.join("modelopt/tiny-quant").join(cfg));
+    }
+    dirs.extend(a.model.iter().cloned());
+    for dir in &dirs {
+        let ckpt = Checkpoint::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
+        model_check(g, rep, &short(dir), &ckpt)?;
+    }
+    for (label, format) in [("bf16", SyntheticFormat::Bf16), ("nvfp4", SyntheticFormat::Nvfp4 { mlp_only: false })] {
+        model_check(g, rep, &format!("synthetic tiny {label}"), &Synthetic::named("tiny", format, 3)?)?;
+    }
+    Ok(())
+}
+
+fn short(p: &Path) -> String {
+    let parts: Vec<_> = p.components().rev().take(2).map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+    parts.into_iter().rev().collect::<Vec<_>>().join("/")
+}
+
+/// Device-to-device copy bandwidth (read + write bytes per second) over a 1 GiB buffer.
+fn copy_bandwidth(g: &Gpu) -> anyhow::Result<f64> {
+    let n = 1usize << 30;
+    let src = g.stream.alloc_zeros::<u8>(n)?;
+    let mut dst = g.stream.alloc_zeros::<u8>(n)?;
+    g.stream.memcpy_dtod(&src, &mut dst)?;
+    let iters = 20;
+    let ms = g.time_ms(|| {
+        for _ in 0..iters {
+            g.stream.memcpy_dtod(&src, &mut dst)?;
+        }
+        Ok(())
+    })?;
+    Ok(2.0 * n as f64 * iters as f64 / (ms / 1e3))
+}
+
+/// A decode-shape GEMV (one token): µs per call and weight bytes read per second.
+fn gemv_bandwidth(g: &Gpu, w: &GpuWeight) -> anyhow::Result<(f64, f64)> {
+    let x = Tensor::from_cuda(g.random_f32(w.cols(), 9, 0.0, 1.0)?, &[1, w.cols()]);
+    for _ in 0..10 {
+        ops::linear_gpu(&x, w, None, None);
+    }
+    let iters = 200;
+    let ms = g.time_ms(|| {
+        for _ in 0..iters {
+            ops::linear_gpu(&x, w, None, None);
+        }
+        Ok(())
+    })?;
+    let us = ms * 1e3 / iters as f64;
+    Ok((us, w.bytes() as f64 / (us / 1e6)))
+}
+
+fn kernel_benches(g: &Gpu, copy: f64) -> anyhow::Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for (shape, rows, cols) in
+        [("gate_up (fused)", 24576, 4096), ("down_proj", 4096, 12288), ("q_proj+gate", 8192, 4096)]
+    {
+        for (fmt, w) in [("nvfp4", g.random_nvfp4(rows, cols, 1, 1e-4)?), ("bf16", g.random_bf16(rows, cols, 1, 0.02)?)]
+        {
+            let (us, bw) = gemv_bandwidth(g, &w)?;
+            println!(
+                "{fmt} gemv {shape:<16} {rows}x{cols}: {us:.1} µs, {:.0} GB/s = {:.0} % of copy",
+                bw / 1e9,
+                100.0 * bw / copy
+            );
+            out.push(json!({"kernel": format!("{fmt}_gemv"), "shape": shape, "rows": rows, "cols": cols,
+                "us": us, "gb_per_s": bw / 1e9, "fraction_of_copy": bw / copy}));
+        }
+    }
+    Ok(out)
+}
+
+/// Decode tok/s at batch 1 and TTFT of a long prompt on random weights of a real shape.
+fn model_benches(g: &Gpu, a: &Args, name: &str, copy: f64) -> anyhow::Result<Vec<Value>> {
+    let mut out = Vec::new();
+    g.set_exact_gemm(false);
+    for (label, format) in [("nvfp4", SyntheticFormat::Nvfp4 { mlp_only: false }), ("bf16", SyntheticFormat::Bf16)] {
+        let started = Instant::now();
+        let src = Synthetic::named(name, format, 1)?;
+        let mut model = Qwen35::load(&src, LoadOptions::new(F32).on(Device::Cuda))?;
+        g.synchronize()?;
+        let build_s = started.elapsed().as_secs_f64();
+        let bytes: usize = model.linears_mut().iter().map(|l| l.gpu_weight_bytes()).sum::<usize>()
+            + model.lm_head().map_or(0, |l| l.gpu_weight_bytes());
+        let vocab = model.config.vocab_size as u64;
+        let prompt = |n: u64| -> Vec<u32> { (0..n).map(|i| ((i * 2654435761 + 11) % vocab) as u32).collect() };
+        let mut sampler = fp4_model::Sampler::new(fp4_model::SamplingParams::default())?;
+
+        // Decode: prefill 16 tokens, 8 warm-up steps, then time `decode_tokens` steps.
+        let mut cache = model.new_cache();
+        let mut logits = model.forward(&prompt(16), &mut cache, Logits::Last)?;
+        let mut step = |logits: &mut Tensor, cache: &mut fp4_model::Cache| -> anyhow::Result<()> {
+            let next = sampler.sample_tensor(logits);
+            *logits = model.forward(&[next], cache, Logits::Last)?;
+            Ok(())
+        };
+        for _ in 0..8 {
+            step(&mut logits, &mut cache)?;
+        }
+        g.synchronize()?;
+        let t0 = Instant::now();
+        for _ in 0..a.decode_tokens {
+            step(&mut logits, &mut cache)?;
+        }
+        g.synchronize()?;
+        let decode_s = t0.elapsed().as_secs_f64();
+        let tok_s = a.decode_tokens as f64 / decode_s;
+        let roofline = copy / bytes as f64;
+
+        // TTFT: prefill the whole prompt and pick the first token; one warm-up, median of 3.
+        let ids = prompt(a.ttft_tokens as u64);
+        let mut ttft = Vec::new();
+        for i in 0..4 {
+            let t0 = Instant::now();
+            let l = model.forward(&ids, &mut model.new_cache(), Logits::Last)?;
+            sampler.sample_tensor(&l);
+            if i > 0 {
+                ttft.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        ttft.sort_by(f64::total_cmp);
+        let ttft_ms = ttft[ttft.len() / 2];
+        println!(
+            "{name} {label}: decode {tok_s:.1} tok/s ({:.0} % of the {roofline:.0} tok/s copy roofline over {:.2} GB/token); TTFT {} tokens {ttft_ms:.1} ms; built in {build_s:.1} s",
+            100.0 * tok_s / roofline,
+            bytes as f64 / 1e9,
+            a.ttft_tokens
+        );
+        out.push(json!({"model": name, "weights": label, "decode_tok_per_s": tok_s, "decode_tokens": a.decode_tokens,
+            "weight_bytes_per_token": bytes, "copy_roofline_tok_per_s": roofline, "fraction_of_roofline": tok_s / roofline,
+            "ttft_ms": ttft_ms, "ttft_prompt_tokens": a.ttft_tokens, "ttft_runs_ms": ttft, "build_s": build_s}));
+    }
+    Ok(out)
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let g = cuda::init(a.device).map_err(|e| anyhow::anyhow!("cannot open the CUDA device: {e}"))?;
+    let name = g.name()?;
+    println!("device: {name}");
+    let mut rng = Normal(0x5eed);
+    let mut rep = Report::default();
+    linear_checks(g, &mut rep, &mut rng);
+    op_checks(&mut rep, &mut rng);
+    model_checks(g, &mut rep, &a)?;
+    let copy = copy_bandwidth(g)?;
+    println!("copy bandwidth (d2d, read+write): {:.0} GB/s", copy / 1e9);
+    let benches = kernel_benches(g, copy)?;
+    let models = match &a.synthetic {
+        Some(s) => model_benches(g, &a, s, copy)?,
+        None => Vec::new(),
+    };
+    let report = json!({
+        "schema": "fp4.selftest.v2",
+        "device": name,
+        "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
+        "copy_gb_per_s": copy / 1e9,
+        "checks": rep.checks,
+        "failed": rep.failed,
+        "kernel_benchmarks": benches,
+        "model_benchmarks": models,
+        "all_passed": rep.failed == 0,
+    });
+    if let Some(p) = &a.out {
+        std::fs::write(p, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    anyhow::ensure!(rep.failed == 0, "{} GPU checks failed", rep.failed);
+    Ok(())
+}
