@@ -36,6 +36,11 @@ pub fn model_dir() -> (tempfile::TempDir, PathBuf) {
 
 pub fn start(extra: &[&str]) -> Server {
     let (dir, model) = model_dir();
+    start_model(dir, &model, extra)
+}
+
+/// Serves `model` (kept alive with `dir`) with Annie's production flags plus `extra`.
+pub fn start_model(dir: tempfile::TempDir, model: &Path, extra: &[&str]) -> Server {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut args: Vec<String> = vec![
         "serve".into(),
