@@ -193,6 +193,11 @@ fn bad_inputs_give_clear_errors() {
     assert!(err.contains("/nonexistent/model"), "{err}");
     let err = fp4_err(&["generate", "--model", m, "--input-ids", "1", "--temperature", "-1"]);
     assert!(err.contains("temperature"), "{err}");
+    // The CPU build says how to get the GPU path instead of failing somewhere inside.
+    if !cfg!(feature = "cuda") {
+        let err = fp4_err(&["generate", "--model", m, "--input-ids", "1", "--device", "cuda"]);
+        assert!(err.contains("--device cuda") && err.contains("--features cuda"), "{err}");
+    }
 
     // A model dir without tokenizer.json cannot take --prompt.
     let dir = edited_copy("tiny-text", |_, s, b| Some((s.to_vec(), b.to_vec())));
