@@ -10,8 +10,10 @@
 # what the user's Blackwell GPU (and vLLM there) computes, so calibration data matters.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-FP4=${FP4:-target/release/fp4}
-[ -x "$FP4" ] || cargo build --release
+if [ -z "${FP4:-}" ]; then
+    cargo build --release
+    FP4=target/release/fp4
+fi
 out=${1:-target/mini-annie}
 model=models/mini-annie
 suite=configs/bench/mini-annie.toml
