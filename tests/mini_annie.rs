@@ -56,7 +56,7 @@ fn mini_annie_passes_the_behaviour_gates_in_bf16_and_after_quantization() {
         .args(["quantize", "--model", root().join("models/mini-annie").to_str().unwrap()])
         .args(["--config", root().join("configs/strategies/B.toml").to_str().unwrap()])
         .args(["--calib-data", root().join("configs/calib/mini-annie.jsonl").to_str().unwrap()])
-        .args(["--calib-samples", "32", "--output", q.to_str().unwrap()])
+        .args(["--calib-samples", "8", "--output", q.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(o.status.success(), "fp4 quantize failed: {}", String::from_utf8_lossy(&o.stderr));
