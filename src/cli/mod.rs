@@ -113,8 +113,8 @@ impl ComputeArgs {
         let device = match self.device {
             DeviceArg::Cpu => fp4_model::Device::Cpu,
             DeviceArg::Cuda => {
-                open_gpu(self.exact_gemm)?;
                 anyhow::ensure!(!self.w4a4, "--w4a4 is a CPU emulation; the GPU path is W4A16");
+                open_gpu(self.exact_gemm)?;
                 fp4_model::Device::Cuda
             }
         };

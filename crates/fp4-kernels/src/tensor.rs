@@ -115,6 +115,15 @@ impl Tensor {
         }
     }
 
+    /// This tensor on `device`: itself when it is already there (no copy), else a copy.
+    pub fn into_device(self, device: Device) -> Tensor {
+        if self.device() == device {
+            self
+        } else {
+            self.to_device(device)
+        }
+    }
+
     /// Zeros on `device`.
     pub fn zeros_on(shape: &[usize], device: Device) -> Tensor {
         match device {

@@ -60,7 +60,7 @@ impl WeightSource for Checkpoint {
     }
 
     fn param(&self, name: &str, shape: &[usize], o: LoadOptions) -> crate::Result<Tensor> {
-        Ok(load_param(self, name, shape, o.precision)?.to_device(o.device))
+        Ok(load_param(self, name, shape, o.precision)?.into_device(o.device))
     }
 }
 
@@ -209,12 +209,23 @@ impl Linear {
                 } else {
                     None
                 };
+                // The GPU reads the packed weight: no f32 copy is made for it.
+                #[cfg(feature = "cuda")]
+                if opts.device == Device::Cuda {
+                    let method = LinearMethod::gpu_nvfp4(&q, pre_quant_scale.as_ref(), bias.as_ref());
+                    return Ok(Linear::from_method(name, n_in, n_out, method, false));
+                }
                 let weight = Tensor::from_vec(q.dequantize(), &[n_out, n_in]).round(p);
                 LinearMethod::Nvfp4 { q, input_scale, pre_quant_scale, weight, bias }
             }
             DType::F8E4M3 => {
                 let codes = ckpt.load_raw(&t("weight"), DType::F8E4M3, &[n_out, n_in])?.to_vec();
                 let q = Fp8Weight { codes, scale: ckpt.load_scalar(&t("weight_scale"))? };
+                #[cfg(feature = "cuda")]
+                if opts.device == Device::Cuda {
+                    let method = LinearMethod::gpu_fp8(&q, n_out, n_in, bias.as_ref());
+                    return Ok(Linear::from_method(name, n_in, n_out, method, false));
+                }
                 let weight = Tensor::from_vec(q.dequantize(), &[n_out, n_in]).round(p);
                 LinearMethod::Fp8 { q, input_scale: opt(ckpt, &t("input_scale"))?, weight, bias }
             }
@@ -225,7 +236,8 @@ impl Linear {
             return Err(crate::ModelError::Unsupported("this fp4 was built without the `cuda` feature".into()));
             #[cfg(feature = "cuda")]
             {
-                if stored != DType::BF16 && matches!(method, LinearMethod::Dense { .. }) {
+                // Quantized layers returned above; this is a dense one.
+                if stored != DType::BF16 {
                     tracing::warn!("{name}: {stored:?} weight rounded to bf16 for the GPU");
                 }
                 return Ok(Linear::from_method(name, n_in, n_out, method.to_gpu(), false));
@@ -344,26 +356,50 @@ impl LinearMethod {
     /// The GPU form of this method (W4A16 for NVFP4, W8A16 for FP8, bf16 for dense weights).
     #[cfg(feature = "cuda")]
     pub fn to_gpu(&self) -> LinearMethod {
-        use fp4_kernels::cuda::{gpu, GpuWeight};
-        let g = gpu();
-        let dev = |t: &Option<Tensor>| t.as_ref().map(|t| t.to_device(Device::Cuda));
-        let (weight, pre_quant_scale, bias, format) = match self {
-            LinearMethod::Gpu { .. } => return self.clone(),
+        match self {
+            LinearMethod::Gpu { .. } => self.clone(),
             LinearMethod::Dense { weight, bias } => {
                 let (r, c) = (weight.shape()[0], weight.shape()[1]);
-                (g.upload_bf16(&weight.to_vec(), r, c, 1.0), None, dev(bias), "bf16")
+                let w = fp4_kernels::cuda::gpu().upload_bf16(weight.as_slice(), r, c, 1.0);
+                LinearMethod::gpu(w, None, bias.as_ref(), "bf16")
             }
             LinearMethod::Nvfp4 { q, pre_quant_scale, bias, .. } => {
-                (GpuWeight::Nvfp4(g.upload_nvfp4(q)), dev(pre_quant_scale), dev(bias), "nvfp4")
+                LinearMethod::gpu_nvfp4(q, pre_quant_scale.as_ref(), bias.as_ref())
             }
             LinearMethod::Fp8 { q, bias, weight, .. } => {
-                // E4M3 values are exact in bf16; the per-tensor scale rides along as the GEMM's alpha.
-                let codes: Vec<f32> = q.codes.iter().map(|&c| nvfp4::e4m3_decode(c)).collect();
-                let (r, c) = (weight.shape()[0], weight.shape()[1]);
-                (g.upload_bf16(&codes, r, c, q.scale), None, dev(bias), "fp8")
+                LinearMethod::gpu_fp8(q, weight.shape()[0], weight.shape()[1], bias.as_ref())
             }
-        };
-        LinearMethod::Gpu { weight: std::sync::Arc::new(weight), pre_quant_scale, bias, format }
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn gpu_nvfp4(q: &Nvfp4Weight, pre_quant_scale: Option<&Tensor>, bias: Option<&Tensor>) -> LinearMethod {
+        let w = fp4_kernels::cuda::GpuWeight::Nvfp4(fp4_kernels::cuda::gpu().upload_nvfp4(q));
+        LinearMethod::gpu(w, pre_quant_scale, bias, "nvfp4")
+    }
+
+    /// E4M3 values are exact in bf16; the per-tensor scale rides along as the GEMM's alpha.
+    #[cfg(feature = "cuda")]
+    fn gpu_fp8(q: &Fp8Weight, rows: usize, cols: usize, bias: Option<&Tensor>) -> LinearMethod {
+        let codes: Vec<f32> = q.codes.iter().map(|&c| nvfp4::e4m3_decode(c)).collect();
+        let w = fp4_kernels::cuda::gpu().upload_bf16(&codes, rows, cols, q.scale);
+        LinearMethod::gpu(w, None, bias, "fp8")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn gpu(
+        weight: fp4_kernels::cuda::GpuWeight,
+        pre_quant_scale: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        format: &'static str,
+    ) -> LinearMethod {
+        let dev = |t: Option<&Tensor>| t.map(|t| t.to_device(Device::Cuda));
+        LinearMethod::Gpu {
+            weight: std::sync::Arc::new(weight),
+            pre_quant_scale: dev(pre_quant_scale),
+            bias: dev(bias),
+            format,
+        }
     }
 }
 

@@ -187,7 +187,7 @@ impl LayerCtx {
         LayerCtx {
             precision,
             eps: cfg.rms_norm_eps as f32,
-            inv_freq: Tensor::from_vec(inv_freq, &[n]).to_device(device),
+            inv_freq: Tensor::from_vec(inv_freq, &[n]).into_device(device),
         }
     }
 }
