@@ -16,6 +16,25 @@ __device__ __forceinline__ float e4m3(uint32_t b) {
     return (b & 128u) ? -v : v;
 }
 
+// Nearest E4M3 (fn) code of a finite x ≥ 0, ties to even, saturating at 448 (0x7E): the same
+// rounding as fp4_format::nvfp4::e4m3_encode.
+__device__ __forceinline__ uint32_t e4m3_encode_pos(float x) {
+    if (x < 0x1p-6f) return (uint32_t)rintf(x * 512.0f);  // subnormals (and 0x08, the first normal)
+    uint32_t u = __float_as_uint(x);
+    uint32_t e = (u >> 23) - 127u + 7u, m = u & 0x7fffffu;
+    uint32_t code = (e << 3) + ((m + 0x7ffffu + ((m >> 20) & 1u)) >> 20);  // a mantissa carry bumps e
+    return code > 0x7eu ? 0x7eu : code;
+}
+
+// Nearest E2M1 code of x (|x| ≤ 6 after clamping), ties to even; sign bit for x < 0. As
+// fp4_format::nvfp4::e2m1_encode.
+__device__ __forceinline__ uint32_t e2m1_encode(float x) {
+    float a = fabsf(x);
+    uint32_t c = (a > 0.25f) + (a > 0.75f) + (a > 1.25f) + (a > 1.75f) + (a > 2.5f) + (a > 3.5f) + (a > 5.0f);
+    c += (a == 0.75f) | (a == 1.75f) | (a == 3.5f);
+    return c | (x < 0.f ? 8u : 0u);
+}
+
 // bf16 bits → f32 (exact).
 __device__ __forceinline__ float bf16(uint32_t b) { return __uint_as_float(b << 16); }
 

@@ -88,11 +88,16 @@ struct ComputeArgs {
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     dtype: Dtype,
     /// For NVFP4/FP8 checkpoints: also quantize activations with each layer's input_scale
-    /// (W4A4, what Blackwell kernels compute); default is weight-only (W4A16, as on Hopper).
-    #[arg(long)]
+    /// (W4A4 / W8A8, what Blackwell kernels compute). The default on SM120/SM121 GPUs, whose FP4
+    /// tensor cores run it natively; on other GPUs and the CPU it is emulated, and the default
+    /// is weight-only (W4A16, as on Hopper).
+    #[arg(long, conflicts_with = "w4a16")]
     w4a4: bool,
+    /// Keep activations in f32 (weight-only W4A16) on SM120/SM121 too.
+    #[arg(long)]
+    w4a16: bool,
     /// Where the model runs: `cpu` (the exact reference) or `cuda` (GPU 0; builds with
-    /// `--features cuda`; f32 activations with bf16/NVFP4/FP8 weights, W4A16 on every GPU).
+    /// `--features cuda`; f32 activations with bf16/NVFP4/FP8 weights).
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
     /// GPU only: run prefill GEMMs in f32 on CUDA cores (slow; equal to the CPU reference to
@@ -110,29 +115,33 @@ enum DeviceArg {
 impl ComputeArgs {
     /// The load options, opening the GPU first when `--device cuda` asks for it.
     fn load_options(self) -> anyhow::Result<fp4_model::LoadOptions> {
-        let device = match self.device {
-            DeviceArg::Cpu => fp4_model::Device::Cpu,
+        let (device, quantize_activations) = match self.device {
+            DeviceArg::Cpu => (fp4_model::Device::Cpu, self.w4a4),
             DeviceArg::Cuda => {
-                anyhow::ensure!(!self.w4a4, "--w4a4 is a CPU emulation; the GPU path is W4A16");
-                open_gpu(self.exact_gemm)?;
-                fp4_model::Device::Cuda
+                let native_fp4 = open_gpu(self.exact_gemm)?;
+                let w4a4 = self.w4a4 || (native_fp4 && !self.w4a16);
+                if native_fp4 && w4a4 && !self.w4a4 {
+                    tracing::info!("FP4 tensor cores: NVFP4 layers run W4A4 (activations quantized with input_scale; --w4a16 keeps them in f32)");
+                }
+                (fp4_model::Device::Cuda, w4a4)
             }
         };
-        Ok(fp4_model::LoadOptions { precision: self.dtype.into(), quantize_activations: self.w4a4, device })
+        Ok(fp4_model::LoadOptions { precision: self.dtype.into(), quantize_activations, device })
     }
 }
 
-/// Opens GPU 0 for this process.
+/// Opens GPU 0 for this process; true where its W4A4 GEMM runs on native FP4 tensor cores.
 #[cfg(feature = "cuda")]
-fn open_gpu(exact_gemm: bool) -> anyhow::Result<()> {
+fn open_gpu(exact_gemm: bool) -> anyhow::Result<bool> {
     let gpu = fp4_kernels::cuda::init(0).map_err(|e| anyhow::anyhow!("cannot open the CUDA device: {e}"))?;
     gpu.set_exact_gemm(exact_gemm);
-    tracing::info!(device = %gpu.name().unwrap_or_default(), exact_gemm, "GPU ready");
-    Ok(())
+    let native_fp4 = gpu.w4a4_native().map_err(|e| anyhow::anyhow!("CUDA device: {e}"))?;
+    tracing::info!(device = %gpu.name().unwrap_or_default(), exact_gemm, native_fp4, "GPU ready");
+    Ok(native_fp4)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn open_gpu(_exact_gemm: bool) -> anyhow::Result<()> {
+fn open_gpu(_exact_gemm: bool) -> anyhow::Result<bool> {
     anyhow::bail!("--device cuda: this fp4 was built without CUDA; rebuild with `--features cuda` (scripts/nvcc.sh provides nvcc)")
 }
 

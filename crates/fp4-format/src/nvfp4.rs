@@ -158,23 +158,90 @@ impl Nvfp4Weight {
     }
 }
 
-/// Activation fake-quantization as Blackwell W4A4 kernels compute it (vLLM/TRT-LLM
+/// Activations quantized to NVFP4 as Blackwell W4A4 kernels do it (vLLM/TRT-LLM
 /// `cvt_warp_fp16_to_fp4`, and vLLM's `ref_nvfp4_quant` emulation): with `g = 1/input_scale`,
 /// per 16 elements `sf = e4m3(min(g·(blockmax·(1/6)), 448))`, elements scaled by the reciprocal
-/// `1/(sf·(1/g))`, clamped to ±6 and rounded to E2M1, then dequantized as `code·sf/g`. Kernels
-/// multiply by reciprocals where a plain reference would divide; on bf16 inputs, which often sit
-/// exactly on E2M1 ties, that choice decides how ties round, so this follows the kernels.
+/// `1/(sf·(1/g))`, clamped to ±6 and rounded to E2M1. Kernels multiply by reciprocals where a
+/// plain reference would divide; on bf16 inputs, which often sit exactly on E2M1 ties, that choice
+/// decides how ties round, so this follows the kernels. The layout is the weights' (ModelOpt's):
+/// the GPU's `nvfp4_quantize_act` writes the same bytes and its W4A4 GEMM reads them as they are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nvfp4Activations {
+    pub rows: usize,
+    pub cols: usize,
+    /// `[rows, cols/2]`, element 2i in the low nibble.
+    pub packed: Vec<u8>,
+    /// E4M3 `[rows, cols/16]`.
+    pub scales: Vec<u8>,
+    /// `g = 1/input_scale`: a value is `e2m1(code) · e4m3(scale) / g`.
+    pub g: f32,
+}
+
+impl Nvfp4Activations {
+    /// Quantizes row-major `x [rows, cols]` (`cols` a multiple of 16) under `input_scale`.
+    pub fn quantize(x: &[f32], cols: usize, input_scale: f32) -> Nvfp4Activations {
+        assert!(cols.is_multiple_of(BLOCK) && x.len().is_multiple_of(cols), "NVFP4 activations need cols % 16 == 0");
+        let g = 1.0 / input_scale;
+        let inv_g = 1.0 / g;
+        let mut packed = vec![0u8; x.len() / 2];
+        let mut scales = vec![0u8; x.len() / BLOCK];
+        for (b, block) in x.chunks_exact(BLOCK).enumerate() {
+            let sf = e4m3_encode((g * (amax(block) * (1.0f32 / E2M1_MAX))).min(E4M3_MAX));
+            scales[b] = sf;
+            let sfv = e4m3_decode(sf);
+            let out_scale = if sfv == 0.0 { 0.0 } else { 1.0 / (sfv * inv_g) };
+            let code = |v: f32| e2m1_encode((v * out_scale).clamp(-E2M1_MAX, E2M1_MAX));
+            for (j, pair) in block.chunks_exact(2).enumerate() {
+                packed[b * BLOCK / 2 + j] = code(pair[0]) | (code(pair[1]) << 4);
+            }
+        }
+        Nvfp4Activations { rows: x.len() / cols, cols, packed, scales, g }
+    }
+
+    /// `e2m1(code) · (e4m3(scale) / g)`, row-major `[rows, cols]`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for (b, &sf) in self.scales.iter().enumerate() {
+            let deq = e4m3_decode(sf) / self.g;
+            for &byte in &self.packed[b * BLOCK / 2..(b + 1) * BLOCK / 2] {
+                out.push(e2m1_decode(byte & 0xF) * deq);
+                out.push(e2m1_decode(byte >> 4) * deq);
+            }
+        }
+        out
+    }
+}
+
+/// Activation fake-quantization (W4A4 emulation): `x` replaced by its NVFP4 quantize-dequantize
+/// under `input_scale` (see [`Nvfp4Activations`]).
 pub fn fake_quantize_activations(x: &mut [f32], input_scale: f32) {
-    let g = 1.0 / input_scale;
-    let inv_g = 1.0 / g;
-    for block in x.chunks_mut(BLOCK) {
-        let sf = e4m3_decode(e4m3_encode((g * (amax(block) * (1.0f32 / E2M1_MAX))).min(E4M3_MAX)));
-        let out_scale = if sf == 0.0 { 0.0 } else { 1.0 / (sf * inv_g) };
-        let deq = sf / g;
-        for v in block.iter_mut() {
-            *v = e2m1_decode(e2m1_encode((*v * out_scale).clamp(-E2M1_MAX, E2M1_MAX))) * deq;
+    let q = Nvfp4Activations::quantize(x, BLOCK, input_scale);
+    x.copy_from_slice(&q.dequantize());
+}
+
+/// `y [t, n] = A_q · W_qᵀ` computed as block-scaled FP4 tensor cores do (the CPU emulation of the
+/// GPU's W4A4 GEMM): per 16-element block the exact sum of E2M1 products times the two E4M3
+/// scales, accumulated in f32 in K order, then `· scale_2 / g`.
+pub fn w4a4_matmul<'a>(a: &'a Nvfp4Activations, w: &'a Nvfp4Weight) -> Vec<f32> {
+    assert_eq!(a.cols, w.cols, "w4a4_matmul: K differs");
+    let (blocks, alpha) = (a.cols / BLOCK, w.scale_2 / a.g);
+    let mut y = vec![0f32; a.rows * w.rows];
+    for (r, yr) in y.chunks_mut(w.rows).enumerate() {
+        for (c, out) in yr.iter_mut().enumerate() {
+            let mut acc = 0f32;
+            for b in 0..blocks {
+                let (ab, wb) = (r * blocks + b, c * blocks + b);
+                let codes = |p: &'a [u8], blk: usize| &p[blk * BLOCK / 2..(blk + 1) * BLOCK / 2];
+                let mut s = 0f32; // exact: multiples of 1/4 below 2^10
+                for (x, v) in codes(&a.packed, ab).iter().zip(codes(&w.packed, wb)) {
+                    s += e2m1_decode(x & 0xF) * e2m1_decode(v & 0xF) + e2m1_decode(x >> 4) * e2m1_decode(v >> 4);
+                }
+                acc += s * (e4m3_decode(a.scales[ab]) * e4m3_decode(w.scales[wb]));
+            }
+            *out = acc * alpha;
         }
     }
+    y
 }
 
 /// A weight quantized to FP8 E4M3 with one f32 per-tensor scale (`amax/448`).
@@ -301,6 +368,40 @@ mod tests {
         let mut zeros = vec![0f32; 16];
         fake_quantize_activations(&mut zeros, 1.0);
         assert!(zeros.iter().all(|&v| v == 0.0));
+    }
+
+    /// The tensor-core emulation (block sums × scale pairs) equals the plain product of the two
+    /// dequantized operands, on random non-zero data with a spread of block magnitudes and a K that
+    /// is not a multiple of 64.
+    #[test]
+    fn w4a4_matmul_equals_the_dequantized_product() {
+        let (t, n, k) = (5, 7, 80);
+        let mut state = 0x9e3779b97f4a7c15u64;
+        let mut rnd = |i: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let u = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            u * (1.0 + (i % 7) as f32) // block magnitudes vary by 7x
+        };
+        let x: Vec<f32> = (0..t * k).map(|i| rnd(i / 16)).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| rnd(i / 16) * 0.1).collect();
+        let a = Nvfp4Activations::quantize(&x, k, nvfp4_global_scale(amax(&x)));
+        let q = Nvfp4Weight::quantize(&w, n, k, nvfp4_global_scale(amax(&w)));
+        let mut fq = x.clone();
+        fake_quantize_activations(&mut fq, 1.0 / a.g);
+        assert_eq!(a.dequantize(), fq, "packed activations dequantize to the fake-quantized ones");
+        let (ad, wd) = (a.dequantize(), q.dequantize());
+        let y = w4a4_matmul(&a, &q);
+        let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0);
+        for r in 0..t {
+            for c in 0..n {
+                let want: f64 = (0..k).map(|i| ad[r * k + i] as f64 * wd[c * k + i] as f64).sum();
+                let got = y[r * n + c] as f64;
+                assert!((got - want).abs() <= 1e-6 * scale as f64, "({r},{c}): {got} vs {want}");
+            }
+        }
     }
 
     #[test]

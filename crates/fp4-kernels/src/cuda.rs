@@ -51,6 +51,7 @@ const GDN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gdn.fatbin"));
 const ATTENTION: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/attention.fatbin"));
 const SAMPLING: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sampling.fatbin"));
 const SYNTHETIC: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/synthetic.fatbin"));
+const W4A4: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/w4a4.fatbin"));
 
 /// Threads per block of the row-wise kernels (norms, gathers) and the flat element-wise ones.
 const ROW_THREADS: u32 = 256;
@@ -67,6 +68,10 @@ const ATT_TILE: usize = 64;
 const ATT_MAX_D: usize = 512;
 /// `SAMPLE_THREADS` of the sampling kernels.
 const SAMPLE_THREADS: u32 = 1024;
+/// `W4A4_BM`, `W4A4_BN` and `W4A4_THREADS` of `nvfp4_w4a4_gemm`.
+const W4A4_BM: usize = 64;
+const W4A4_BN: usize = 64;
+const W4A4_THREADS: u32 = 128;
 
 struct Kernels {
     nvfp4_gemv: CudaFunction,
@@ -96,6 +101,10 @@ struct Kernels {
     fill_bytes: CudaFunction,
     fill_e4m3: CudaFunction,
     fill_f32: CudaFunction,
+    quantize_act: CudaFunction,
+    w4a4_gemm: CudaFunction,
+    w4a4_native: CudaFunction,
+    fp8_fake_quant: CudaFunction,
 }
 
 impl Kernels {
@@ -103,6 +112,7 @@ impl Kernels {
         let m = |bin: &[u8]| -> Result<Arc<CudaModule>> { Ok(ctx.load_module(Ptx::from_binary(bin.to_vec()))?) };
         let (gemv, dequant, norm, elem) = (m(GEMV)?, m(DEQUANT)?, m(NORM)?, m(ELEMENTWISE)?);
         let (gdn, attention, sampling, synthetic) = (m(GDN)?, m(ATTENTION)?, m(SAMPLING)?, m(SYNTHETIC)?);
+        let w4a4 = m(W4A4)?;
         Ok(Kernels {
             nvfp4_gemv: gemv.load_function("nvfp4_gemv_f32")?,
             bf16_gemv: gemv.load_function("bf16_gemv_f32")?,
@@ -131,6 +141,10 @@ impl Kernels {
             fill_bytes: synthetic.load_function("fill_bytes")?,
             fill_e4m3: synthetic.load_function("fill_e4m3_scales")?,
             fill_f32: synthetic.load_function("fill_f32_uniform")?,
+            quantize_act: w4a4.load_function("nvfp4_quantize_act")?,
+            w4a4_gemm: w4a4.load_function("nvfp4_w4a4_gemm")?,
+            w4a4_native: w4a4.load_function("w4a4_native")?,
+            fp8_fake_quant: w4a4.load_function("fp8_fake_quant_act")?,
         })
     }
 }
@@ -223,6 +237,16 @@ impl GpuNvfp4 {
     pub fn bytes(&self) -> usize {
         self.rows * self.cols / 2 + self.rows * self.cols / 16
     }
+}
+
+/// Activation quantization a layer applies before its GEMM (`--w4a4`; the default for NVFP4
+/// layers on SM12x, whose FP4 tensor cores need both operands in FP4).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ActQuant {
+    /// NVFP4 per 16 under the layer's `input_scale`: W4A4 on block-scaled FP4 MMA.
+    Nvfp4 { input_scale: f32 },
+    /// FP8 E4M3 under the layer's `input_scale` (W8A8), applied as a fake quantization.
+    Fp8 { input_scale: f32 },
 }
 
 /// Launches kernel `$f` of `$gpu` with `$cfg` and the arguments in order.
@@ -681,6 +705,74 @@ impl Gpu {
         launch!(self, fill_bytes, flat(nb), &mut packed, &nb, &seed);
         launch!(self, fill_e4m3, flat(ns), &mut scales, &ns, &seed2);
         Ok(GpuWeight::Nvfp4(GpuNvfp4 { rows, cols, packed, scales, scale_2 }))
+    }
+
+    /// Compute capability (major, minor) of the device.
+    pub fn compute_capability(&self) -> Result<(i32, i32)> {
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let major = self.ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+        let minor = self.ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        Ok((major, minor))
+    }
+
+    /// Whether the W4A4 GEMM runs on native block-scaled FP4 tensor cores here (the cubin the
+    /// driver picked is SM12x's) rather than its emulation.
+    pub fn w4a4_native(&self) -> Result<bool> {
+        let mut out = self.upload(&[0i32]);
+        let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, w4a4_native, one, &mut out);
+        Ok(self.download(&out)[0] == 1)
+    }
+
+    /// NVFP4 codes `[rows, k/2]` and E4M3 scales `[rows, k/16]` of `x [rows, k]` under
+    /// `input_scale`: the bytes of `fp4_format::nvfp4::Nvfp4Activations::quantize`.
+    pub fn quantize_act_nvfp4(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        k: usize,
+        input_scale: f32,
+    ) -> Result<(CudaSlice<u8>, CudaSlice<u8>)> {
+        assert!(k.is_multiple_of(16) && x.len() >= rows * k, "quantize_act_nvfp4: x [{rows}, {k}], k % 16 == 0");
+        let blocks = rows * k / 16;
+        let (mut codes, mut scales) = (self.alloc::<u8>(rows * k / 2)?, self.alloc::<u8>(blocks)?);
+        launch!(self, quantize_act, flat(blocks), x, &input_scale, &mut codes, &mut scales, &blocks);
+        Ok((codes, scales))
+    }
+
+    /// `y [t, n] = A_q · W_qᵀ · scale_2 / g` from quantized activations (`g = 1/input_scale`).
+    pub fn w4a4_gemm(
+        &self,
+        a_codes: &CudaSlice<u8>,
+        a_scales: &CudaSlice<u8>,
+        t: usize,
+        g: f32,
+        w: &GpuNvfp4,
+    ) -> Result<CudaSlice<f32>> {
+        let (n, k) = (w.rows, w.cols);
+        assert!(a_codes.len() >= t * k / 2 && a_scales.len() >= t * k / 16, "w4a4_gemm: activations [{t}, {k}]");
+        let mut y = self.alloc::<f32>(t * n)?;
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(W4A4_BN) as u32, t.div_ceil(W4A4_BM) as u32, 1),
+            block_dim: (W4A4_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (alpha, ti, ni, ki) = (w.scale_2 / g, t as i32, n as i32, k as i32);
+        launch!(self, w4a4_gemm, cfg, a_codes, a_scales, &w.packed, &w.scales, &alpha, &mut y, &ti, &ni, &ki);
+        Ok(y)
+    }
+
+    /// W4A4 linear: `x [t, k]` quantized under `input_scale`, then the block-scaled FP4 GEMM.
+    pub fn linear_w4a4(&self, x: &CudaSlice<f32>, t: usize, w: &GpuNvfp4, input_scale: f32) -> Result<CudaSlice<f32>> {
+        let (codes, scales) = self.quantize_act_nvfp4(x, t, w.cols, input_scale)?;
+        self.w4a4_gemm(&codes, &scales, t, 1.0 / input_scale, w)
+    }
+
+    /// `x ← e4m3(clamp(x/s, ±448))·s` in place (W8A8 activations).
+    pub fn fake_quant_fp8(&self, x: &mut CudaSlice<f32>, s: f32) -> Result<()> {
+        let n = x.len();
+        launch!(self, fp8_fake_quant, flat(n), x, &s, &n);
+        Ok(())
     }
 
     /// A copy of `a` followed by `b` (the KV cache growing by the new tokens' rows).

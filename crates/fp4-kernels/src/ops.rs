@@ -52,17 +52,37 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Precision) -> Te
 }
 
 /// `x [T, in] · Wᵀ (+ bias)` for a weight held on the GPU (bf16 or NVFP4), the input first
-/// multiplied per channel by AWQ's `pre_quant_scale` when there is one.
+/// multiplied per channel by AWQ's `pre_quant_scale` when there is one, then quantized when the
+/// layer quantizes activations (`act`: W4A4 on FP4 tensor cores, or FP8 W8A8).
 #[cfg(feature = "cuda")]
-pub fn linear_gpu(x: &Tensor, w: &cuda::GpuWeight, bias: Option<&Tensor>, pre_quant_scale: Option<&Tensor>) -> Tensor {
+pub fn linear_gpu(
+    x: &Tensor,
+    w: &cuda::GpuWeight,
+    bias: Option<&Tensor>,
+    pre_quant_scale: Option<&Tensor>,
+    act: Option<cuda::ActQuant>,
+) -> Tensor {
+    use cuda::{ActQuant, GpuWeight};
     check(x.row_len() == w.cols(), "linear", || format!("x {:?} vs w [{}, {}]", x.shape(), w.rows(), w.cols()));
     let g = gpu();
+    let t = x.rows();
     let scaled = pre_quant_scale.map(|s| ok(g.mul_cols(x.cuda(), s.cuda()), "pre_quant_scale"));
-    let mut y = ok(g.linear(scaled.as_ref().unwrap_or(x.cuda()), x.rows(), w), "linear");
+    let input = scaled.as_ref().unwrap_or(x.cuda());
+    let mut y = match (act, w) {
+        (Some(ActQuant::Nvfp4 { input_scale }), GpuWeight::Nvfp4(q)) => {
+            ok(g.linear_w4a4(input, t, q, input_scale), "W4A4 linear")
+        }
+        (Some(ActQuant::Fp8 { input_scale }), _) => {
+            let mut xq = ok(g.copy_range(input, 0, t * w.cols()), "W8A8 activations");
+            ok(g.fake_quant_fp8(&mut xq, input_scale), "W8A8 activations");
+            ok(g.linear(&xq, t, w), "linear")
+        }
+        _ => ok(g.linear(input, t, w), "linear"),
+    };
     if let Some(b) = bias {
         ok(g.add_bias(&mut y, b.cuda()), "linear bias");
     }
-    Tensor::from_cuda(y, &[x.rows(), w.rows()])
+    Tensor::from_cuda(y, &[t, w.rows()])
 }
 
 /// Rows of `x` looked up in `table [vocab, hidden]` (ids already validated against vocab).

@@ -79,13 +79,14 @@ pub enum LinearMethod {
     /// FP8 E4M3 with a per-tensor scale.
     Fp8 { q: Fp8Weight, input_scale: Option<f32>, weight: Tensor, bias: Option<Tensor> },
     /// Any of the above held on the GPU in the form its kernels read (NVFP4 as stored; BF16 and
-    /// FP8 as bf16 with a scale), activations in f32 (W4A16 / W8A16). `format` names the
-    /// checkpoint's format.
+    /// FP8 as bf16 with a scale), activations in f32 (W4A16 / W8A16) unless `act` quantizes them
+    /// (W4A4 / W8A8). `format` names the checkpoint's format.
     #[cfg(feature = "cuda")]
     Gpu {
         weight: std::sync::Arc<fp4_kernels::cuda::GpuWeight>,
         pre_quant_scale: Option<Tensor>,
         bias: Option<Tensor>,
+        act: Option<fp4_kernels::cuda::ActQuant>,
         format: &'static str,
     },
 }
@@ -212,7 +213,10 @@ impl Linear {
                 // The GPU reads the packed weight: no f32 copy is made for it.
                 #[cfg(feature = "cuda")]
                 if opts.device == Device::Cuda {
-                    let method = LinearMethod::gpu_nvfp4(&q, pre_quant_scale.as_ref(), bias.as_ref());
+                    let act = input_scale
+                        .filter(|_| opts.quantize_activations)
+                        .map(|input_scale| fp4_kernels::cuda::ActQuant::Nvfp4 { input_scale });
+                    let method = LinearMethod::gpu_nvfp4(&q, pre_quant_scale.as_ref(), bias.as_ref(), act);
                     return Ok(Linear::from_method(name, n_in, n_out, method, false));
                 }
                 let weight = Tensor::from_vec(q.dequantize(), &[n_out, n_in]).round(p);
@@ -221,13 +225,17 @@ impl Linear {
             DType::F8E4M3 => {
                 let codes = ckpt.load_raw(&t("weight"), DType::F8E4M3, &[n_out, n_in])?.to_vec();
                 let q = Fp8Weight { codes, scale: ckpt.load_scalar(&t("weight_scale"))? };
+                let input_scale = opt(ckpt, &t("input_scale"))?;
                 #[cfg(feature = "cuda")]
                 if opts.device == Device::Cuda {
-                    let method = LinearMethod::gpu_fp8(&q, n_out, n_in, bias.as_ref());
+                    let act = input_scale
+                        .filter(|_| opts.quantize_activations)
+                        .map(|input_scale| fp4_kernels::cuda::ActQuant::Fp8 { input_scale });
+                    let method = LinearMethod::gpu_fp8(&q, n_out, n_in, bias.as_ref(), act);
                     return Ok(Linear::from_method(name, n_in, n_out, method, false));
                 }
                 let weight = Tensor::from_vec(q.dequantize(), &[n_out, n_in]).round(p);
-                LinearMethod::Fp8 { q, input_scale: opt(ckpt, &t("input_scale"))?, weight, bias }
+                LinearMethod::Fp8 { q, input_scale, weight, bias }
             }
             _ => LinearMethod::Dense { weight: load_param(ckpt, &t("weight"), &[n_out, n_in], p)?, bias },
         };
@@ -240,7 +248,7 @@ impl Linear {
                 if stored != DType::BF16 {
                     tracing::warn!("{name}: {stored:?} weight rounded to bf16 for the GPU");
                 }
-                return Ok(Linear::from_method(name, n_in, n_out, method.to_gpu(), false));
+                return Ok(Linear::from_method(name, n_in, n_out, method.to_gpu(false), false));
             }
         }
         Ok(Linear {
@@ -310,8 +318,8 @@ impl Linear {
     /// `x [T, in] → [T, out]`, output rounded to `p`.
     pub fn forward(&self, x: &Tensor, p: Precision) -> Tensor {
         #[cfg(feature = "cuda")]
-        if let LinearMethod::Gpu { weight, pre_quant_scale, bias, .. } = &self.method {
-            return ops::linear_gpu(x, weight, bias.as_ref(), pre_quant_scale.as_ref());
+        if let LinearMethod::Gpu { weight, pre_quant_scale, bias, act, .. } = &self.method {
+            return ops::linear_gpu(x, weight, bias.as_ref(), pre_quant_scale.as_ref(), *act);
         }
         if let Some(o) = &self.observer {
             o.observe(x.as_slice());
@@ -353,37 +361,53 @@ impl Linear {
 }
 
 impl LinearMethod {
-    /// The GPU form of this method (W4A16 for NVFP4, W8A16 for FP8, bf16 for dense weights).
+    /// The GPU form of this method (W4A16 for NVFP4, W8A16 for FP8, bf16 for dense weights;
+    /// W4A4 / W8A8 when `quantize_activations` and the layer has an input_scale).
     #[cfg(feature = "cuda")]
-    pub fn to_gpu(&self) -> LinearMethod {
+    pub fn to_gpu(&self, quantize_activations: bool) -> LinearMethod {
+        use fp4_kernels::cuda::ActQuant;
         match self {
             LinearMethod::Gpu { .. } => self.clone(),
             LinearMethod::Dense { weight, bias } => {
                 let (r, c) = (weight.shape()[0], weight.shape()[1]);
                 let w = fp4_kernels::cuda::gpu().upload_bf16(weight.as_slice(), r, c, 1.0);
-                LinearMethod::gpu(w, None, bias.as_ref(), "bf16")
+                LinearMethod::gpu(w, None, bias.as_ref(), None, "bf16")
             }
-            LinearMethod::Nvfp4 { q, pre_quant_scale, bias, .. } => {
-                LinearMethod::gpu_nvfp4(q, pre_quant_scale.as_ref(), bias.as_ref())
+            LinearMethod::Nvfp4 { q, pre_quant_scale, bias, input_scale, .. } => {
+                let act =
+                    input_scale.filter(|_| quantize_activations).map(|input_scale| ActQuant::Nvfp4 { input_scale });
+                LinearMethod::gpu_nvfp4(q, pre_quant_scale.as_ref(), bias.as_ref(), act)
             }
-            LinearMethod::Fp8 { q, bias, weight, .. } => {
-                LinearMethod::gpu_fp8(q, weight.shape()[0], weight.shape()[1], bias.as_ref())
+            LinearMethod::Fp8 { q, bias, weight, input_scale } => {
+                let act = input_scale.filter(|_| quantize_activations).map(|input_scale| ActQuant::Fp8 { input_scale });
+                LinearMethod::gpu_fp8(q, weight.shape()[0], weight.shape()[1], bias.as_ref(), act)
             }
         }
     }
 
     #[cfg(feature = "cuda")]
-    fn gpu_nvfp4(q: &Nvfp4Weight, pre_quant_scale: Option<&Tensor>, bias: Option<&Tensor>) -> LinearMethod {
+    fn gpu_nvfp4(
+        q: &Nvfp4Weight,
+        pre_quant_scale: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        act: Option<fp4_kernels::cuda::ActQuant>,
+    ) -> LinearMethod {
         let w = fp4_kernels::cuda::GpuWeight::Nvfp4(fp4_kernels::cuda::gpu().upload_nvfp4(q));
-        LinearMethod::gpu(w, pre_quant_scale, bias, "nvfp4")
+        LinearMethod::gpu(w, pre_quant_scale, bias, act, "nvfp4")
     }
 
     /// E4M3 values are exact in bf16; the per-tensor scale rides along as the GEMM's alpha.
     #[cfg(feature = "cuda")]
-    fn gpu_fp8(q: &Fp8Weight, rows: usize, cols: usize, bias: Option<&Tensor>) -> LinearMethod {
+    fn gpu_fp8(
+        q: &Fp8Weight,
+        rows: usize,
+        cols: usize,
+        bias: Option<&Tensor>,
+        act: Option<fp4_kernels::cuda::ActQuant>,
+    ) -> LinearMethod {
         let codes: Vec<f32> = q.codes.iter().map(|&c| nvfp4::e4m3_decode(c)).collect();
         let w = fp4_kernels::cuda::gpu().upload_bf16(&codes, rows, cols, q.scale);
-        LinearMethod::gpu(w, None, bias, "fp8")
+        LinearMethod::gpu(w, None, bias, act, "fp8")
     }
 
     #[cfg(feature = "cuda")]
@@ -391,6 +415,7 @@ impl LinearMethod {
         weight: fp4_kernels::cuda::GpuWeight,
         pre_quant_scale: Option<&Tensor>,
         bias: Option<&Tensor>,
+        act: Option<fp4_kernels::cuda::ActQuant>,
         format: &'static str,
     ) -> LinearMethod {
         let dev = |t: Option<&Tensor>| t.map(|t| t.to_device(Device::Cuda));
@@ -398,6 +423,7 @@ impl LinearMethod {
             weight: std::sync::Arc::new(weight),
             pre_quant_scale: dev(pre_quant_scale),
             bias: dev(bias),
+            act,
             format,
         }
     }

@@ -111,6 +111,10 @@ fn nvfp4(rows: usize, cols: usize, seed: u64, scale_2: f32) -> Nvfp4Weight {
     Nvfp4Weight { rows, cols, packed, scales, scale_2 }
 }
 
+/// `input_scale` of every synthetic NVFP4 layer (used with `quantize_activations`): activations
+/// here are about unit-variance, so a calibrated amax would be near 8.
+const INPUT_SCALE: f32 = 8.0 / (6.0 * 448.0);
+
 impl WeightSource for Synthetic {
     fn config(&self) -> &TextConfig {
         &self.config
@@ -132,7 +136,7 @@ impl WeightSource for Synthetic {
             Device::Cpu if quantized => {
                 let q = nvfp4(n_out, n_in, seed, scale_2);
                 let weight = Tensor::from_vec(q.dequantize(), &[n_out, n_in]);
-                LinearMethod::Nvfp4 { q, input_scale: None, pre_quant_scale: None, weight, bias }
+                LinearMethod::Nvfp4 { q, input_scale: Some(INPUT_SCALE), pre_quant_scale: None, weight, bias }
             }
             Device::Cpu => {
                 let w = uniform(n_out * n_in, seed, 0.0, a).into_iter().map(fp4_format::dtype::round_bf16).collect();
@@ -148,7 +152,9 @@ impl WeightSource for Synthetic {
                 }
                 .map_err(|e| ModelError::Unsupported(format!("{name}: {e}")))?;
                 let format = if quantized { "nvfp4" } else { "bf16" };
-                LinearMethod::Gpu { weight: std::sync::Arc::new(weight), pre_quant_scale: None, bias, format }
+                let act = (quantized && o.quantize_activations)
+                    .then_some(fp4_kernels::cuda::ActQuant::Nvfp4 { input_scale: INPUT_SCALE });
+                LinearMethod::Gpu { weight: std::sync::Arc::new(weight), pre_quant_scale: None, bias, act, format }
             }
             #[cfg(not(feature = "cuda"))]
             Device::Cuda => unreachable!("Qwen35::load refuses the GPU in builds without cuda"),

@@ -95,7 +95,7 @@ fn linear_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) {
                 let modes: &[bool] = if t <= cuda::GEMV_MAX_TOKENS { &[true] } else { &[true, false] };
                 for &exact in modes {
                     g.set_exact_gemm(exact);
-                    let got = ops::linear_gpu(&gpu_t(&x), gw, None, None);
+                    let got = ops::linear_gpu(&gpu_t(&x), gw, None, None, None);
                     let (path, tol) = match (t <= cuda::GEMV_MAX_TOKENS, exact) {
                         (true, _) => ("gemv", 1e-5),
                         (false, true) => ("gemm f32", 1e-5),
@@ -121,13 +121,56 @@ fn linear_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) {
             &[t, cols],
         );
         let want = ops::linear(&xs, &w, Some(&bias), F32);
-        let got = ops::linear_gpu(&gpu_t(&x), &gw, Some(&gpu_t(&bias)), Some(&gpu_t(&pqs)));
+        let got = ops::linear_gpu(&gpu_t(&x), &gw, Some(&gpu_t(&bias)), Some(&gpu_t(&pqs)), None);
         rep.check(&format!("linear nvfp4 + bias + pre_quant_scale {t} tokens"), rel_err(&got, &want), 1e-5);
         let wf = rng.tensor(&[rows, cols], 0.1);
         let want = ops::linear(&x, &wf, Some(&bias), F32);
         let got = ops::linear(&gpu_t(&x), &gpu_t(&wf), Some(&gpu_t(&bias)), F32);
         rep.check(&format!("linear f32 weight + bias {t} tokens"), rel_err(&got, &want), 1e-5);
     }
+}
+
+/// W4A4: activation quantization (bytes equal to the CPU's), the block-scaled FP4 GEMM against
+/// the CPU emulation of the tensor-core instruction, and the model's W4A4 linear against the CPU
+/// fake-quant path, with calibrated and too-small input scales (saturating blocks), K not a
+/// multiple of 64 and partial tiles. On SM12x the GEMM runs the native MMA, elsewhere the emulated
+/// one (same fragment loads), so the same checks cover both.
+fn w4a4_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) -> anyhow::Result<()> {
+    use fp4_format::nvfp4::Nvfp4Activations;
+    let native = g.w4a4_native()?;
+    println!("W4A4 GEMM: {} block-scaled FP4 MMA", if native { "native" } else { "emulated" });
+    for (t, n, k) in [(1, 64, 64), (5, 96, 80), (37, 300, 208), (130, 520, 1024), (70, 1024, 4096)] {
+        let mut x = rng.vec(t * k, 1.0);
+        for (i, v) in x.iter_mut().enumerate() {
+            *v *= 1.0 + (i / 16 % 5) as f32; // block magnitudes vary
+        }
+        let q = random_nvfp4(rng, n, k);
+        let gw = GpuWeight::Nvfp4(g.upload_nvfp4(&q));
+        let GpuWeight::Nvfp4(gq) = &gw else { unreachable!() };
+        let calibrated = nvfp4::nvfp4_global_scale(nvfp4::amax(&x));
+        for (label, input_scale) in [("calibrated", calibrated), ("saturating", calibrated * 0.25)] {
+            let want = Nvfp4Activations::quantize(&x, k, input_scale);
+            let xg = g.upload(&x);
+            let (codes, scales) = g.quantize_act_nvfp4(&xg, t, k, input_scale)?;
+            let (codes, scales) = (g.download(&codes), g.download(&scales));
+            let diff = codes.iter().zip(&want.packed).filter(|(a, b)| a != b).count()
+                + scales.iter().zip(&want.scales).filter(|(a, b)| a != b).count();
+            let what = format!("nvfp4 activation quant {t}x{k} {label}: bytes = CPU");
+            rep.require(&what, diff == 0, json!({"differing_bytes": diff}));
+            let y_cpu = Tensor::from_vec(nvfp4::w4a4_matmul(&want, &q), &[t, n]);
+            let (ac, asc) = (g.upload(&want.packed), g.upload(&want.scales));
+            let y = Tensor::from_cuda(g.w4a4_gemm(&ac, &asc, t, want.g, gq)?, &[t, n]);
+            rep.check(&format!("w4a4 gemm {t}x{k}→{n} {label} vs CPU emulation"), rel_err(&y, &y_cpu), 1e-5);
+            let mut fq = x.clone();
+            nvfp4::fake_quantize_activations(&mut fq, input_scale);
+            let w = Tensor::from_vec(q.dequantize(), &[n, k]);
+            let want = ops::linear(&Tensor::from_vec(fq, &[t, k]), &w, None, F32);
+            let act = Some(cuda::ActQuant::Nvfp4 { input_scale });
+            let got = ops::linear_gpu(&gpu_t(&Tensor::from_vec(x.clone(), &[t, k])), &gw, None, None, act);
+            rep.check(&format!("linear w4a4 {t}x{k}→{n} {label} vs CPU fake quant"), rel_err(&got, &want), 1e-5);
+        }
+    }
+    Ok(())
 }
 
 /// Every other op of the model on shapes of the tiny fixtures and of the 9B.
@@ -300,6 +343,25 @@ fn model_check(g: &Gpu, rep: &mut Report, name: &str, src: &dyn WeightSource) ->
     Ok(())
 }
 
+/// A quantized checkpoint with activations quantized on both devices (`--w4a4`): W4A4 GEMMs on
+/// the GPU, fake quantization on the CPU. An activation within rounding of an E2M1 boundary can
+/// take the other code on the other device, so the bound is 1e-3 rather than 1e-4.
+fn model_check_w4a4(g: &Gpu, rep: &mut Report, name: &str, src: &dyn WeightSource) -> anyhow::Result<()> {
+    let opts = LoadOptions { quantize_activations: true, ..LoadOptions::new(F32) };
+    let cpu_model = Qwen35::load(src, opts).with_context(|| format!("{name} on the CPU"))?;
+    let gpu_model = Qwen35::load(src, opts.on(Device::Cuda)).with_context(|| format!("{name} on the GPU"))?;
+    let vocab = cpu_model.config.vocab_size as u64;
+    let ids: Vec<u32> = (0..40u64).map(|i| ((i * 2654435761 + 17) % vocab) as u32).collect();
+    g.set_exact_gemm(true); // the FP8 layers' GEMMs
+    let want = cpu_model.forward(&ids, &mut cpu_model.new_cache(), Logits::All)?;
+    let got = gpu_model.forward(&ids, &mut gpu_model.new_cache(), Logits::All)?;
+    rep.check(&format!("model {name} W4A4: logits T=40"), rel_err(&got, &want), 1e-3);
+    let (c, d) = (greedy(&cpu_model, &ids, 24)?, greedy(&gpu_model, &ids, 24)?);
+    rep.require(&format!("model {name} W4A4: greedy 24 tokens GPU = CPU"), c == d, json!({"cpu": c, "gpu": d}));
+    g.set_exact_gemm(false);
+    Ok(())
+}
+
 fn model_checks(g: &Gpu, rep: &mut Report, a: &Args) -> anyhow::Result<()> {
     let f = &a.fixtures;
     let mut dirs: Vec<PathBuf> = ["tiny-text", "tiny-vl", "tiny-quant"].iter().map(|d| f.join(d)).collect();
@@ -310,6 +372,9 @@ fn model_checks(g: &Gpu, rep: &mut Report, a: &Args) -> anyhow::Result<()> {
     for dir in &dirs {
         let ckpt = Checkpoint::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
         model_check(g, rep, &short(dir), &ckpt)?;
+        if ckpt.quant.is_some() {
+            model_check_w4a4(g, rep, &short(dir), &ckpt)?;
+        }
     }
     for (label, format) in [("bf16", SyntheticFormat::Bf16), ("nvfp4", SyntheticFormat::Nvfp4 { mlp_only: false })] {
         model_check(g, rep, &format!("synthetic tiny {label}"), &Synthetic::named("tiny", format, 3)?)?;
@@ -342,12 +407,12 @@ fn copy_bandwidth(g: &Gpu) -> anyhow::Result<f64> {
 fn gemv_bandwidth(g: &Gpu, w: &GpuWeight) -> anyhow::Result<(f64, f64)> {
     let x = Tensor::from_cuda(g.random_f32(w.cols(), 9, 0.0, 1.0)?, &[1, w.cols()]);
     for _ in 0..10 {
-        ops::linear_gpu(&x, w, None, None);
+        ops::linear_gpu(&x, w, None, None, None);
     }
     let iters = 200;
     let ms = g.time_ms(|| {
         for _ in 0..iters {
-            ops::linear_gpu(&x, w, None, None);
+            ops::linear_gpu(&x, w, None, None, None);
         }
         Ok(())
     })?;
@@ -379,10 +444,16 @@ fn kernel_benches(g: &Gpu, copy: f64) -> anyhow::Result<Vec<Value>> {
 fn model_benches(g: &Gpu, a: &Args, name: &str, copy: f64) -> anyhow::Result<Vec<Value>> {
     let mut out = Vec::new();
     g.set_exact_gemm(false);
-    for (label, format) in [("nvfp4", SyntheticFormat::Nvfp4 { mlp_only: false }), ("bf16", SyntheticFormat::Bf16)] {
+    let nvfp4 = SyntheticFormat::Nvfp4 { mlp_only: false };
+    let mut variants = vec![("nvfp4", nvfp4, false), ("bf16", SyntheticFormat::Bf16, false)];
+    if g.w4a4_native()? {
+        variants.insert(1, ("nvfp4 w4a4", nvfp4, true)); // FP4 tensor cores (SM12x)
+    }
+    for (label, format, w4a4) in variants {
         let started = Instant::now();
         let src = Synthetic::named(name, format, 1)?;
-        let mut model = Qwen35::load(&src, LoadOptions::new(F32).on(Device::Cuda))?;
+        let opts = LoadOptions { quantize_activations: w4a4, ..LoadOptions::new(F32) };
+        let mut model = Qwen35::load(&src, opts.on(Device::Cuda))?;
         g.synchronize()?;
         let build_s = started.elapsed().as_secs_f64();
         let bytes: usize = model.linears_mut().iter().map(|l| l.gpu_weight_bytes()).sum::<usize>()
@@ -445,6 +516,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut rng = Normal(0x5eed);
     let mut rep = Report::default();
     linear_checks(g, &mut rep, &mut rng);
+    w4a4_checks(g, &mut rep, &mut rng)?;
     op_checks(&mut rep, &mut rng);
     model_checks(g, &mut rep, &a)?;
     let copy = copy_bandwidth(g)?;
