@@ -66,3 +66,166 @@ extern "C" __global__ void gdn_recurrent_f32(const float* __restrict__ q, const 
     if (on)
         for (int i = 0; i < dk; i++) st[(size_t)i * dv + j] = S[i * 32 + lane];
 }
+
+// ---- Chunked prefill (torch_chunk_gated_delta_rule; fp4_kernels::cpu::gdn_chunked is the
+// reference): chunks of GDN_C tokens. Everything that does not depend on the state is computed for
+// all chunks and heads in parallel (gdn_chunk_prep); the state then crosses the chunks in order
+// (gdn_chunk_state), each chunk a few small matrix products instead of GDN_C dependent steps.
+#define GDN_C 64
+#define PREP_THREADS 256
+#define STATE_WARPS 4
+#define STATE_ROWS (GDN_C / STATE_WARPS)  // chunk rows per warp in gdn_chunk_state
+#define STATE_AROWS 8                     // state rows per register group in the state update
+
+// One block per (chunk, value head). Per chunk (padded rows past T are zero and change nothing):
+//   Γ = cumsum(g) (sequential, as the reference), k̂, q̂ = l2norm(k), l2norm(q)·q_scale,
+//   L = strictly_lower((β·k̂)·k̂ᵀ ⊙ e^{Γi−Γj}),  QK = lower((q̂·k̂ᵀ) ⊙ e^{Γi−Γj}),
+//   (I + L)·[nv | kcd] = [β·v | β·k̂·e^Γ] by forward substitution, one thread per column.
+// k̂ of the chunk sits in shared memory (rows padded to dk+1 floats: a warp reading 32 rows at one
+// column hits 32 banks); L goes through global memory (read back as warp-uniform broadcasts).
+// Outputs per (chunk, head), row-major: kn, qn, kcd [C, dk]; nv [C, dv]; qk, lw [C, C]; gam [C].
+#define PREP_MAX_DK 128
+extern "C" __global__ void __launch_bounds__(PREP_THREADS)
+    gdn_chunk_prep(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                   const float* __restrict__ g, const float* __restrict__ beta, int t_len, int hk, int hv, int dk,
+                   int dv, float q_scale, float* __restrict__ kn, float* __restrict__ qn, float* __restrict__ gam,
+                   float* __restrict__ qk, float* __restrict__ lw, float* __restrict__ nv, float* __restrict__ kcd) {
+    __shared__ float ks[GDN_C][PREP_MAX_DK + 1];
+    __shared__ float gs[GDN_C], bs[GDN_C], rk[GDN_C], rq[GDN_C];
+    const int chunk = blockIdx.x, h = blockIdx.y, kh = h / (hv / hk), t0 = chunk * GDN_C;
+    const int n = min(GDN_C, t_len - t0), tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const size_t ch = (size_t)chunk * hv + h;  // (chunk, head) slot of the outputs
+    float *kn_c = kn + ch * GDN_C * dk, *qn_c = qn + ch * GDN_C * dk, *kcd_c = kcd + ch * GDN_C * dk;
+    float *nv_c = nv + ch * GDN_C * dv, *qk_c = qk + ch * GDN_C * GDN_C, *l_c = lw + ch * GDN_C * GDN_C;
+    for (int i = warp; i < GDN_C; i += PREP_THREADS / 32) {
+        float ssk = 0.f, ssq = 0.f;
+        if (i < n) {
+            const float* kt = k + ((size_t)(t0 + i) * hk + kh) * dk;
+            const float* qt = q + ((size_t)(t0 + i) * hk + kh) * dk;
+            for (int a = lane; a < dk; a += 32) ssk += kt[a] * kt[a], ssq += qt[a] * qt[a];
+        }
+        ssk = warp_sum(ssk), ssq = warp_sum(ssq);
+        if (lane == 0) {
+            rk[i] = i < n ? 1.f / sqrtf(ssk + 1e-6f) : 0.f;
+            rq[i] = i < n ? 1.f / sqrtf(ssq + 1e-6f) : 0.f;
+            bs[i] = i < n ? beta[(size_t)(t0 + i) * hv + h] : 0.f;
+        }
+    }
+    if (tid == 0) {
+        float acc = 0.f;
+        for (int i = 0; i < GDN_C; i++) {
+            if (i < n) acc += g[(size_t)(t0 + i) * hv + h];
+            gs[i] = acc;
+        }
+    }
+    __syncthreads();
+    for (int idx = tid; idx < GDN_C * dk; idx += PREP_THREADS) {
+        const int i = idx / dk, a = idx % dk;
+        const size_t src = ((size_t)(t0 + i) * hk + kh) * dk + a;
+        const float kv = i < n ? k[src] * rk[i] : 0.f;
+        ks[i][a] = kv;
+        kn_c[idx] = kv;
+        qn_c[idx] = i < n ? q[src] * rq[i] * q_scale : 0.f;
+    }
+    if (tid < GDN_C) gam[ch * GDN_C + tid] = gs[tid];
+    __syncthreads();  // ks, and qn_c (written by this block, read back below)
+    for (int idx = tid; idx < GDN_C * GDN_C; idx += PREP_THREADS) {
+        const int i = idx / GDN_C, j = idx % GDN_C;  // a warp: one i, 32 j
+        float l = 0.f, s = 0.f;
+        if (i < n && j <= i) {
+            const float* qi = qn_c + i * dk;
+            const float decay = expf(gs[i] - gs[j]);
+            for (int a = 0; a < dk; a++) l += (ks[i][a] * bs[i]) * ks[j][a], s += qi[a] * ks[j][a];
+            l *= decay, s *= decay;
+        }
+        l_c[idx] = j < i ? l : 0.f;
+        qk_c[idx] = s;
+    }
+    __syncthreads();  // l_c complete
+    for (int col = tid; col < dv + dk; col += PREP_THREADS) {
+        const bool is_v = col < dv;
+        float* x = is_v ? nv_c + col : kcd_c + (col - dv);
+        const int stride = is_v ? dv : dk;
+        for (int i = 0; i < GDN_C; i++) {
+            float r = 0.f;
+            if (i < n) {
+                r = is_v ? v[((size_t)(t0 + i) * hv + h) * dv + col] * bs[i] : (ks[i][col - dv] * bs[i]) * expf(gs[i]);
+                for (int j = 0; j < i; j++) r -= l_c[i * GDN_C + j] * x[j * stride];
+            }
+            x[i * stride] = r;
+        }
+    }
+}
+
+// One block of STATE_WARPS warps per (value head, 32 state columns); lane = column j. The state
+// slice S[dk][32] stays in shared memory across the chunks, walked in order:
+//   v_new = nv − kcd·S;  o = (q̂·e^Γ)·S + QK·v_new;  S = S·e^{Γ_last} + (k̂·e^{Γ_last−Γ})ᵀ·v_new
+// Each warp takes STATE_ROWS chunk rows for v_new and o, then state rows for the update.
+extern "C" __global__ void __launch_bounds__(STATE_WARPS * 32)
+    gdn_chunk_state(const float* __restrict__ kn, const float* __restrict__ qn, const float* __restrict__ gam,
+                    const float* __restrict__ qk, const float* __restrict__ nv, const float* __restrict__ kcd,
+                    float* __restrict__ state, float* __restrict__ out, int t_len, int hv, int dk, int dv) {
+    extern __shared__ float sm[];
+    float* S = sm;                        // [dk][32]
+    float(*vn)[32] = reinterpret_cast<float(*)[32]>(sm + dk * 32);  // [GDN_C][32]
+    float* kd = sm + dk * 32 + GDN_C * 32;  // [GDN_C] e^{Γ_last − Γ_l}
+    const int h = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int j = blockIdx.y * 32 + lane;
+    const bool on = j < dv;
+    float* st = state + (size_t)h * dk * dv;
+    for (int a = warp; a < dk; a += STATE_WARPS) S[a * 32 + lane] = on ? st[(size_t)a * dv + j] : 0.f;
+    const int chunks = (t_len + GDN_C - 1) / GDN_C;
+    for (int c = 0; c < chunks; c++) {
+        const size_t ch = (size_t)c * hv + h;
+        const float *kn_c = kn + ch * GDN_C * dk, *qn_c = qn + ch * GDN_C * dk, *kcd_c = kcd + ch * GDN_C * dk;
+        const float *nv_c = nv + ch * GDN_C * dv, *qk_c = qk + ch * GDN_C * GDN_C, *gam_c = gam + ch * GDN_C;
+        const int n = min(GDN_C, t_len - c * GDN_C), r0 = warp * STATE_ROWS;
+        const float last = gam_c[GDN_C - 1];
+        if (threadIdx.x < GDN_C) kd[threadIdx.x] = expf(last - gam_c[threadIdx.x]);
+        __syncthreads();  // S (first chunk) and kd ready
+        float acc[STATE_ROWS];
+#pragma unroll
+        for (int r = 0; r < STATE_ROWS; r++) acc[r] = (on && r0 + r < n) ? nv_c[(r0 + r) * dv + j] : 0.f;
+        for (int a = 0; a < dk; a++) {
+            const float s = S[a * 32 + lane];
+#pragma unroll
+            for (int r = 0; r < STATE_ROWS; r++) acc[r] -= kcd_c[(r0 + r) * dk + a] * s;
+        }
+#pragma unroll
+        for (int r = 0; r < STATE_ROWS; r++) vn[r0 + r][lane] = acc[r];
+        __syncthreads();
+        float eg[STATE_ROWS];
+#pragma unroll
+        for (int r = 0; r < STATE_ROWS; r++) acc[r] = 0.f, eg[r] = expf(gam_c[r0 + r]);
+        for (int a = 0; a < dk; a++) {
+            const float s = S[a * 32 + lane];
+#pragma unroll
+            for (int r = 0; r < STATE_ROWS; r++) acc[r] += (qn_c[(r0 + r) * dk + a] * eg[r]) * s;
+        }
+#pragma unroll
+        for (int r = 0; r < STATE_ROWS; r++) {
+            const int i = r0 + r;
+            for (int l = 0; l <= i; l++) acc[r] += qk_c[i * GDN_C + l] * vn[l][lane];
+            if (on && i < n) out[((size_t)(c * GDN_C + i) * hv + h) * dv + j] = acc[r];
+        }
+        __syncthreads();  // every warp has read S
+        const float chunk_decay = expf(last);
+        for (int a0 = warp * STATE_AROWS; a0 < dk; a0 += STATE_WARPS * STATE_AROWS) {
+            float s[STATE_AROWS];
+#pragma unroll
+            for (int r = 0; r < STATE_AROWS; r++) s[r] = a0 + r < dk ? S[(a0 + r) * 32 + lane] * chunk_decay : 0.f;
+            for (int l = 0; l < n; l++) {
+                const float vv = vn[l][lane], w = kd[l];
+#pragma unroll
+                for (int r = 0; r < STATE_AROWS; r++)
+                    if (a0 + r < dk) s[r] += (kn_c[l * dk + a0 + r] * w) * vv;
+            }
+#pragma unroll
+            for (int r = 0; r < STATE_AROWS; r++)
+                if (a0 + r < dk) S[(a0 + r) * 32 + lane] = s[r];
+        }
+        __syncthreads();  // S updated before the next chunk reads it
+    }
+    if (on)
+        for (int a = warp; a < dk; a += STATE_WARPS) st[(size_t)a * dv + j] = S[a * 32 + lane];
+}

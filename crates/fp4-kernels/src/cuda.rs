@@ -66,6 +66,12 @@ const MAX_CONV_K: usize = 8;
 const ATT_THREADS: u32 = 128;
 const ATT_TILE: usize = 64;
 const ATT_MAX_D: usize = 512;
+/// `GDN_C`, `PREP_THREADS` and `STATE_WARPS` of the chunked delta-rule kernels.
+const GDN_C: usize = 64;
+const GDN_PREP_THREADS: u32 = 256;
+const GDN_STATE_WARPS: u32 = 4;
+/// `PREP_MAX_DK` of `gdn_chunk_prep` (Qwen3.5's key heads are 128 wide).
+pub const GDN_PREP_MAX_DK: usize = 128;
 /// `SAMPLE_THREADS` of the sampling kernels.
 const SAMPLE_THREADS: u32 = 1024;
 /// `W4A4_BM`, `W4A4_BN` and `W4A4_THREADS` of `nvfp4_w4a4_gemm`.
@@ -94,6 +100,8 @@ struct Kernels {
     rope: CudaFunction,
     conv1d: CudaFunction,
     gdn_recurrent: CudaFunction,
+    gdn_chunk_prep: CudaFunction,
+    gdn_chunk_state: CudaFunction,
     attention: CudaFunction,
     argmax: CudaFunction,
     sample: CudaFunction,
@@ -134,6 +142,8 @@ impl Kernels {
             rope: elem.load_function("rope_f32")?,
             conv1d: elem.load_function("causal_conv1d_silu_f32")?,
             gdn_recurrent: gdn.load_function("gdn_recurrent_f32")?,
+            gdn_chunk_prep: gdn.load_function("gdn_chunk_prep")?,
+            gdn_chunk_state: gdn.load_function("gdn_chunk_state")?,
             attention: attention.load_function("attention_f32")?,
             argmax: sampling.load_function("argmax_f32")?,
             sample: sampling.load_function("sample_f32")?,
@@ -636,6 +646,78 @@ impl Gpu {
         };
         let (ti, hki, hvi, dki, dvi) = (t as i32, hk as i32, hv as i32, dk as i32, dv as i32);
         launch!(self, gdn_recurrent, cfg, q, k, v, g, beta, state, &mut out, &ti, &hki, &hvi, &dki, &dvi);
+        Ok(out)
+    }
+
+    /// The delta rule over chunks of 64 tokens (prefill; `cpu::gdn_chunked` is the reference):
+    /// the state-independent part of every chunk in parallel, then the state across the chunks.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gdn_chunked(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        beta: &CudaSlice<f32>,
+        state: &mut CudaSlice<f32>,
+        dims: crate::cpu::GdnDims,
+        t: usize,
+    ) -> Result<CudaSlice<f32>> {
+        let crate::cpu::GdnDims { key_heads: hk, value_heads: hv, key_dim: dk, value_dim: dv } = dims;
+        assert!(
+            q.len() == t * hk * dk
+                && k.len() == q.len()
+                && v.len() == t * hv * dv
+                && g.len() == t * hv
+                && beta.len() == g.len()
+                && state.len() == hv * dk * dv
+                && t > 0
+                && dk <= GDN_PREP_MAX_DK,
+            "gdn_chunked shapes (key_dim ≤ {GDN_PREP_MAX_DK})"
+        );
+        let chunks = t.div_ceil(GDN_C);
+        let slots = chunks * hv * GDN_C;
+        let (mut kn, mut qn, mut kcd) =
+            (self.alloc::<f32>(slots * dk)?, self.alloc::<f32>(slots * dk)?, self.alloc::<f32>(slots * dk)?);
+        let (mut nv, mut gam) = (self.alloc::<f32>(slots * dv)?, self.alloc::<f32>(slots)?);
+        let (mut qk, mut lw) = (self.alloc::<f32>(slots * GDN_C)?, self.alloc::<f32>(slots * GDN_C)?);
+        let (ti, hki, hvi, dki, dvi) = (t as i32, hk as i32, hv as i32, dk as i32, dv as i32);
+        let q_scale = (dk as f32).powf(-0.5);
+        let prep = LaunchConfig {
+            grid_dim: (chunks as u32, hv as u32, 1),
+            block_dim: (GDN_PREP_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(
+            self,
+            gdn_chunk_prep,
+            prep,
+            q,
+            k,
+            v,
+            g,
+            beta,
+            &ti,
+            &hki,
+            &hvi,
+            &dki,
+            &dvi,
+            &q_scale,
+            &mut kn,
+            &mut qn,
+            &mut gam,
+            &mut qk,
+            &mut lw,
+            &mut nv,
+            &mut kcd
+        );
+        let mut out = self.alloc::<f32>(t * hv * dv)?;
+        let cfg = LaunchConfig {
+            grid_dim: (hv as u32, dv.div_ceil(32) as u32, 1),
+            block_dim: (GDN_STATE_WARPS * 32, 1, 1),
+            shared_mem_bytes: ((dk * 32 + GDN_C * 32 + GDN_C) * 4) as u32,
+        };
+        launch!(self, gdn_chunk_state, cfg, &kn, &qn, &gam, &qk, &nv, &kcd, state, &mut out, &ti, &hvi, &dki, &dvi);
         Ok(out)
     }
 

@@ -266,8 +266,7 @@ pub fn causal_conv1d_silu(x: &Tensor, state: &mut Tensor, w: &Tensor, p: Precisi
     }
 }
 
-/// How the delta rule walks the sequence (on the CPU; the GPU kernel always walks token by
-/// token inside one launch).
+/// How the delta rule walks the sequence (on either device).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GdnAlgo {
     /// Chunks of 64 tokens with a triangular solve inside each (prefill).
@@ -311,10 +310,15 @@ pub fn gated_delta_rule(
     );
     #[cfg(feature = "cuda")]
     if let Storage::Cuda(qs) = q.storage() {
-        let o = ok(
-            gpu().gdn_recurrent(qs, k.cuda(), v.cuda(), g.cuda(), beta.cuda(), state.cuda_mut(), d, t),
-            "gated_delta_rule",
-        );
+        let (k, v, g, beta) = (k.cuda(), v.cuda(), g.cuda(), beta.cuda());
+        let o = match algo {
+            // The chunked kernel keeps a chunk's keys in shared memory: up to 128 wide.
+            GdnAlgo::Chunked if d.key_dim <= cuda::GDN_PREP_MAX_DK => {
+                gpu().gdn_chunked(qs, k, v, g, beta, state.cuda_mut(), d, t)
+            }
+            _ => gpu().gdn_recurrent(qs, k, v, g, beta, state.cuda_mut(), d, t),
+        };
+        let o = ok(o, "gated_delta_rule");
         return Tensor::from_cuda(o, &[t, d.value_heads, d.value_dim]);
     }
     let f = match algo {

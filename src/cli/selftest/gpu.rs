@@ -239,6 +239,7 @@ fn op_checks(rep: &mut Report, rng: &mut Normal) {
         (GdnDims { key_heads: 16, value_heads: 32, key_dim: 128, value_dim: 128 }, 1),
         (GdnDims { key_heads: 16, value_heads: 32, key_dim: 128, value_dim: 128 }, 70),
         (GdnDims { key_heads: 2, value_heads: 6, key_dim: 16, value_dim: 40 }, 130),
+        (GdnDims { key_heads: 2, value_heads: 4, key_dim: 64, value_dim: 64 }, 200),
     ] {
         let q = rng.tensor(&[t, d.key_heads * d.key_dim], 1.0);
         let k = rng.tensor(&[t, d.key_heads * d.key_dim], 1.0);
@@ -250,26 +251,20 @@ fn op_checks(rep: &mut Report, rng: &mut Normal) {
             &[t, d.value_heads],
         );
         let init = rng.tensor(&[d.value_heads, d.key_dim, d.value_dim], 0.3);
-        let mut s_gpu = gpu_t(&init);
-        let got = ops::gated_delta_rule(
-            &gpu_t(&q),
-            &gpu_t(&k),
-            &gpu_t(&v),
-            &gpu_t(&g),
-            &gpu_t(&beta),
-            &mut s_gpu,
-            d,
-            GdnAlgo::Chunked,
-        );
-        for algo in [GdnAlgo::Recurrent, GdnAlgo::Chunked] {
-            let mut s_cpu = init.clone();
-            let want = ops::gated_delta_rule(&q, &k, &v, &g, &beta, &mut s_cpu, d, algo);
-            let err = rel_err(&got, &want).max(rel_err(&s_gpu, &s_cpu));
-            let what = format!(
-                "gated_delta_rule {t} tok {}x{}/{}x{} vs {algo:?}",
-                d.key_heads, d.key_dim, d.value_heads, d.value_dim
-            );
-            rep.check(&what, err, 1e-4);
+        let (qg, kg, vg, gg, bg) = (gpu_t(&q), gpu_t(&k), gpu_t(&v), gpu_t(&g), gpu_t(&beta));
+        for gpu_algo in [GdnAlgo::Recurrent, GdnAlgo::Chunked] {
+            let mut s_gpu = gpu_t(&init);
+            let got = ops::gated_delta_rule(&qg, &kg, &vg, &gg, &bg, &mut s_gpu, d, gpu_algo);
+            for algo in [GdnAlgo::Recurrent, GdnAlgo::Chunked] {
+                let mut s_cpu = init.clone();
+                let want = ops::gated_delta_rule(&q, &k, &v, &g, &beta, &mut s_cpu, d, algo);
+                let err = rel_err(&got, &want).max(rel_err(&s_gpu, &s_cpu));
+                let what = format!(
+                    "gated_delta_rule {gpu_algo:?} {t} tok {}x{}/{}x{} vs CPU {algo:?}",
+                    d.key_heads, d.key_dim, d.value_heads, d.value_dim
+                );
+                rep.check(&what, err, 1e-4);
+            }
         }
     }
 
@@ -436,6 +431,30 @@ fn kernel_benches(g: &Gpu, copy: f64) -> anyhow::Result<Vec<Value>> {
             out.push(json!({"kernel": format!("{fmt}_gemv"), "shape": shape, "rows": rows, "cols": cols,
                 "us": us, "gb_per_s": bw / 1e9, "fraction_of_copy": bw / copy}));
         }
+    }
+    // One Gated DeltaNet layer's delta rule over a 1,000-token prompt (9B heads), both walks.
+    let (d, t) = (GdnDims { key_heads: 16, value_heads: 32, key_dim: 128, value_dim: 128 }, 1000);
+    let x = |n: usize, seed: u64, center: f32, scale: f32| g.random_f32(n, seed, center, scale);
+    let (q, k, v) = (x(t * 16 * 128, 1, 0.0, 1.0)?, x(t * 16 * 128, 2, 0.0, 1.0)?, x(t * 32 * 128, 3, 0.0, 1.0)?);
+    let (gates, beta) = (x(t * 32, 4, -0.3, 0.2)?, x(t * 32, 5, 0.5, 0.4)?);
+    for algo in [GdnAlgo::Recurrent, GdnAlgo::Chunked] {
+        let mut state = g.zeros(32 * 128 * 128);
+        let mut run = || -> cuda::Result<()> {
+            match algo {
+                GdnAlgo::Recurrent => g.gdn_recurrent(&q, &k, &v, &gates, &beta, &mut state, d, t)?,
+                GdnAlgo::Chunked => g.gdn_chunked(&q, &k, &v, &gates, &beta, &mut state, d, t)?,
+            };
+            Ok(())
+        };
+        run()?;
+        let mut runs = Vec::new();
+        for _ in 0..5 {
+            runs.push(g.time_ms(&mut run)?);
+        }
+        runs.sort_by(f64::total_cmp);
+        let ms = runs[2];
+        println!("gated delta rule {algo:?} 1000 tokens, 32 heads 128x128: {ms:.3} ms");
+        out.push(json!({"kernel": format!("gdn_{algo:?}").to_lowercase(), "tokens": t, "ms": ms}));
     }
     Ok(out)
 }
