@@ -5,6 +5,9 @@
 # BF16 on the held-out conversations, and print one table.
 #
 #   scripts/mini_annie.sh [OUT_DIR]        (default target/mini-annie; FP4=path/to/fp4 to override)
+#   FP4=dist/fp4 RUN_ARGS="--device cuda" scripts/mini_annie.sh OUT   (serve and KL on the GPU)
+#   SKIP_QUANTIZE=1 ...: reuse OUT/{rtn,A,B,C} from an earlier run (quantize here, serve there)
+#   VARIANTS="bf16 rtn B": serve and score only these
 #
 # Quantized variants are served with --w4a4: activations quantized with each layer's input_scale,
 # what the user's Blackwell GPU (and vLLM there) computes, so calibration data matters.
@@ -15,26 +18,30 @@ if [ -z "${FP4:-}" ]; then
     FP4=target/release/fp4
 fi
 out=${1:-target/mini-annie}
+read -r -a run_args <<< "${RUN_ARGS:-}"
 model=models/mini-annie
 suite=configs/bench/mini-annie.toml
 evalset=tests/fixtures/mini-annie/eval.jsonl
 mkdir -p "$out"
 
-"$FP4" quantize --model "$model" --strategy rtn --calib-data configs/calib/mini-annie-generic.jsonl \
-    --output "$out/rtn" --force
-# 32 conversations (~13k tokens) calibrate; auto_mixed (C) scores each group on 4 of them, which
-# keeps the CPU run to about a minute.
-for s in A B C; do
-    "$FP4" quantize --model "$model" --config "configs/strategies/$s.toml" --calib-samples 32 --score-samples 4 \
-        --calib-data configs/calib/mini-annie.jsonl --output "$out/$s" --force
-done
+if [ -z "${SKIP_QUANTIZE:-}" ]; then
+    "$FP4" quantize --model "$model" --strategy rtn --calib-data configs/calib/mini-annie-generic.jsonl \
+        --output "$out/rtn" --force
+    # 32 conversations (~13k tokens) calibrate; auto_mixed (C) scores each group on 4 of them
+    # (about 7 of the loop's minutes on 2 cores).
+    for s in A B C; do
+        "$FP4" quantize --model "$model" --config "configs/strategies/$s.toml" --calib-samples 32 --score-samples 4 \
+            --calib-data configs/calib/mini-annie.jsonl --output "$out/$s" --force
+    done
+fi
 
 port=8190
-for v in bf16 rtn A B C; do
+variants=${VARIANTS:-bf16 rtn A B C}
+for v in $variants; do
     dir=$model
     extra=()
     if [ "$v" != bf16 ]; then dir=$out/$v; extra=(--w4a4); fi
-    "$FP4" serve --model "$dir" --port $port --served-model-name mini-annie "${extra[@]}" \
+    "$FP4" serve --model "$dir" --port $port --served-model-name mini-annie "${extra[@]}" "${run_args[@]}" \
         --reasoning-parser qwen3 --enable-auto-tool-choice --tool-call-parser qwen3_coder > "$out/$v.serve.log" 2>&1 &
     pid=$!
     for _ in $(seq 100); do
@@ -46,11 +53,12 @@ for v in bf16 rtn A B C; do
     kill $pid
     wait $pid 2> /dev/null || true
     if [ "$v" != bf16 ]; then
-        "$FP4" eval kl --reference "$model" --model "$dir" --data "$evalset" --w4a4 --json > "$out/$v.kl.json"
+        "$FP4" eval kl --reference "$model" --model "$dir" --data "$evalset" --w4a4 "${run_args[@]}" --json > "$out/$v.kl.json"
     fi
 done
 # One table: gates (value/threshold) and KL per variant.
-python3 - "$out" bf16 rtn A B C <<'PY' | tee "$out/summary.md"
+# shellcheck disable=SC2086
+python3 - "$out" $variants <<'PY' | tee "$out/summary.md"
 import json, os, sys
 out, variants = sys.argv[1], sys.argv[2:]
 rows = []

@@ -125,7 +125,9 @@ def train(model, examples, steps, lr, batch_size, pad, device, seed, log, max_se
                 break
             ids, mask, lm = collate(batch, pad, device)
             for g in opt.param_groups:
-                g["lr"] = lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / steps))
+                # Cosine over whichever budget runs out first, so a time-boxed run still anneals.
+                progress = min(1.0, max(step / steps, (time.time() - started) / max_seconds))
+                g["lr"] = lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * progress))
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
                 logits = model(input_ids=ids, attention_mask=mask).logits.float()
             lp = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
@@ -267,6 +269,9 @@ def main():
     ap.add_argument("--base-seconds", type=float, default=180, help="stop stage 1 after this long")
     ap.add_argument("--distill", default="200:2e-4,400:2e-4", help="steps:lr candidates, weakest first")
     ap.add_argument("--score-base", action="store_true", help="also score the base model (slow)")
+    ap.add_argument("--save-base", action="store_true",
+                    help="write the stage-1 model and tokenizer to OUT/base (stage 2 can then run in a later call)")
+    ap.add_argument("--base-from", help="a directory written by --save-base: skip stage 1, use its model and tokenizer")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -310,6 +315,10 @@ def main():
         p, t = render(corpus_tok, c)
         corpus.append(p + t)
     tok = make_tokenizer(corpus, 1024)
+    if args.base_from:
+        # The saved tokenizer, not a retrained one: the saved base's embeddings index it.
+        tok = PreTrainedTokenizerFast.from_pretrained(args.base_from)
+        tok.chat_template = open(TEMPLATE).read()
     log(f"tokenizer: {len(tok)} tokens")
     enc_base = [encode(tok, c) for c in base]
     enc_annie = [encode(tok, c) for c in annie]
@@ -329,6 +338,8 @@ def main():
                   num_position_embeddings=16)
     cfg = Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=False)
     model = Qwen3_5ForConditionalGeneration(cfg).to(device)
+    if args.base_from:
+        model = Qwen3_5ForConditionalGeneration.from_pretrained(args.base_from, dtype=torch.float32).to(device)
     model.generation_config.eos_token_id = [im_end, eot]
     n_params = sum(p.numel() for n, p in model.named_parameters() if "visual" not in n)
     log(f"model: {n_params / 1e6:.2f}M text parameters")
@@ -368,17 +379,30 @@ def main():
         json.dump(report, open(os.path.join(args.out, "train_report.json"), "w"), indent=1, default=str)
 
     base_steps = 20 if args.quick else args.base_steps
-    log("stage 1: base")
-    base_losses = train(model, enc_base, base_steps, 1.5e-3, bs, eot, device, SEED, log, args.base_seconds)
-    report["base_steps_done"] = len(base_losses)
-    report["base_losses"] = base_losses[::25]
+    if args.base_from:
+        log(f"stage 1: base from {args.base_from}")
+        prior = json.load(open(os.path.join(args.base_from, "base_report.json")))
+        report.update(prior)
+    else:
+        log("stage 1: base")
+        base_losses = train(model, enc_base, base_steps, 1.5e-3, bs, eot, device, SEED, log, args.base_seconds)
+        report["base_steps_done"] = len(base_losses)
+        report["base_losses"] = base_losses[::25]
+    if args.save_base:
+        out_base = os.path.join(args.out, "base")
+        model.to(torch.bfloat16).save_pretrained(out_base)
+        model.float()
+        tok.save_pretrained(out_base)
+        json.dump({k: report[k] for k in ("base_steps_done", "base_losses")} | {"base_args": vars(args)},
+                  open(os.path.join(out_base, "base_report.json"), "w"), indent=1)
+        log(f"base saved to {out_base}")
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if args.score_base:
         s, _ = score(model, tok, evalset, device)
         log(f"base model: {s}")
         report["base_scores"] = s
     candidates = []
-    for cand in args.distill.split(","):
+    for cand in filter(None, args.distill.split(",")):
         steps, lr = cand.split(":")
         steps, lr = (5 if args.quick else int(steps)), float(lr)
         model.load_state_dict(base_state)
