@@ -21,34 +21,57 @@
 // code is one and is tested on Hopper against the CPU emulation (fp4_format::nvfp4::w4a4_matmul).
 #include "nvfp4.cuh"
 
-// One thread per 16-element block of x [rows, k]: its E4M3 scale sf = e4m3(min(g·amax/6, 448))
-// with g = 1/input_scale, and 8 bytes of codes of x·(1/(sf/g)) clamped to ±6.
+// One 16-element block: its E4M3 scale sf = e4m3(min(g·amax/6, 448)) with g = 1/input_scale, and
+// the 16 E2M1 codes of x·(1/(sf/g)) clamped to ±6 (element i in bits 4i.. of lo, then hi).
+__device__ __forceinline__ uint32_t quantize_block(const float* __restrict__ x16, float g, float inv_g,
+                                                   uint32_t& lo, uint32_t& hi) {
+    const float4* x4 = reinterpret_cast<const float4*>(x16);
+    float v[16];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float4 f = x4[i];
+        v[4 * i] = f.x, v[4 * i + 1] = f.y, v[4 * i + 2] = f.z, v[4 * i + 3] = f.w;
+    }
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < 16; i++) amax = fmaxf(amax, fabsf(v[i]));
+    const uint32_t sf = e4m3_encode_pos(fminf(g * (amax * (1.0f / 6.0f)), 448.0f));
+    const float sfv = e4m3(sf);
+    const float out_scale = sfv == 0.f ? 0.f : 1.0f / (sfv * inv_g);
+    lo = 0, hi = 0;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        lo |= e2m1_encode(fminf(fmaxf(v[i] * out_scale, -6.f), 6.f)) << (4 * i);
+        hi |= e2m1_encode(fminf(fmaxf(v[8 + i] * out_scale, -6.f), 6.f)) << (4 * i);
+    }
+    return sf;
+}
+
+// One thread per 16-element block of x [rows, k]: codes (8 bytes) and scale byte.
 extern "C" __global__ void nvfp4_quantize_act(const float* __restrict__ x, float input_scale,
                                               uint8_t* __restrict__ codes, uint8_t* __restrict__ scales,
                                               size_t blocks) {
     const float g = 1.0f / input_scale, inv_g = 1.0f / g;
     for (size_t b = blockIdx.x * (size_t)blockDim.x + threadIdx.x; b < blocks; b += (size_t)gridDim.x * blockDim.x) {
-        const float4* x4 = reinterpret_cast<const float4*>(x + 16 * b);
-        float v[16];
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            float4 f = x4[i];
-            v[4 * i] = f.x, v[4 * i + 1] = f.y, v[4 * i + 2] = f.z, v[4 * i + 3] = f.w;
-        }
-        float amax = 0.f;
-#pragma unroll
-        for (int i = 0; i < 16; i++) amax = fmaxf(amax, fabsf(v[i]));
-        uint32_t sf = e4m3_encode_pos(fminf(g * (amax * (1.0f / 6.0f)), 448.0f));
-        float sfv = e4m3(sf);
-        float out_scale = sfv == 0.f ? 0.f : 1.0f / (sfv * inv_g);
-        uint32_t lo = 0, hi = 0;
+        uint32_t lo, hi;
+        scales[b] = (uint8_t)quantize_block(x + 16 * b, g, inv_g, lo, hi);
+        reinterpret_cast<uint2*>(codes)[b] = make_uint2(lo, hi);
+    }
+}
+
+// The same quantization, written back dequantized (e2m1 · (sf/g)) in place: W4A4 decode runs the
+// W4A16 GEMV on these values, which multiplies out to the W4A4 product (the GEMV is bandwidth-bound
+// and a 64-row MMA tile would be 1/64 used for one token).
+extern "C" __global__ void nvfp4_fake_quant_act(float* __restrict__ x, float input_scale, size_t blocks) {
+    const float g = 1.0f / input_scale, inv_g = 1.0f / g;
+    for (size_t b = blockIdx.x * (size_t)blockDim.x + threadIdx.x; b < blocks; b += (size_t)gridDim.x * blockDim.x) {
+        uint32_t lo, hi;
+        const float deq = e4m3(quantize_block(x + 16 * b, g, inv_g, lo, hi)) / g;
 #pragma unroll
         for (int i = 0; i < 8; i++) {
-            lo |= e2m1_encode(fminf(fmaxf(v[i] * out_scale, -6.f), 6.f)) << (4 * i);
-            hi |= e2m1_encode(fminf(fmaxf(v[8 + i] * out_scale, -6.f), 6.f)) << (4 * i);
+            x[16 * b + i] = e2m1(lo >> (4 * i)) * deq;
+            x[16 * b + 8 + i] = e2m1(hi >> (4 * i)) * deq;
         }
-        reinterpret_cast<uint2*>(codes)[b] = make_uint2(lo, hi);
-        scales[b] = (uint8_t)sf;
     }
 }
 

@@ -198,6 +198,8 @@ fn bad_inputs_give_clear_errors() {
         let err = fp4_err(&["generate", "--model", m, "--input-ids", "1", "--device", "cuda"]);
         assert!(err.contains("--device cuda") && err.contains("--features cuda"), "{err}");
     }
+    let err = fp4_err(&["generate", "--model", m, "--input-ids", "1", "--w4a4", "--w4a16"]);
+    assert!(err.contains("--w4a4") && err.contains("--w4a16"), "{err}");
 
     // A model dir without tokenizer.json cannot take --prompt.
     let dir = edited_copy("tiny-text", |_, s, b| Some((s.to_vec(), b.to_vec())));

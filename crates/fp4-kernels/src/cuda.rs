@@ -110,6 +110,7 @@ struct Kernels {
     fill_e4m3: CudaFunction,
     fill_f32: CudaFunction,
     quantize_act: CudaFunction,
+    fake_quant_act: CudaFunction,
     w4a4_gemm: CudaFunction,
     w4a4_native: CudaFunction,
     fp8_fake_quant: CudaFunction,
@@ -152,6 +153,7 @@ impl Kernels {
             fill_e4m3: synthetic.load_function("fill_e4m3_scales")?,
             fill_f32: synthetic.load_function("fill_f32_uniform")?,
             quantize_act: w4a4.load_function("nvfp4_quantize_act")?,
+            fake_quant_act: w4a4.load_function("nvfp4_fake_quant_act")?,
             w4a4_gemm: w4a4.load_function("nvfp4_w4a4_gemm")?,
             w4a4_native: w4a4.load_function("w4a4_native")?,
             fp8_fake_quant: w4a4.load_function("fp8_fake_quant_act")?,
@@ -270,10 +272,27 @@ macro_rules! launch {
     }};
 }
 
+/// The delta rule's buffers `[q, k, v, g, beta, state]` against its dims and `t` tokens.
+fn check_gdn_shapes(b: [&CudaSlice<f32>; 6], d: crate::cpu::GdnDims, t: usize, what: &str) {
+    let crate::cpu::GdnDims { key_heads: hk, value_heads: hv, key_dim: dk, value_dim: dv } = d;
+    let want = [t * hk * dk, t * hk * dk, t * hv * dv, t * hv, t * hv, hv * dk * dv];
+    let got = b.map(|x| x.len());
+    assert_eq!(got, want, "{what}: buffer sizes [q, k, v, g, beta, state] for {t} tokens, {d:?}");
+}
+
 /// Grid-stride launch over `n` elements.
 fn flat(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(ROW_THREADS as usize).clamp(1, 65536) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// The GEMV kernels' grid: `GEMV_ROWS_PER_BLOCK` output rows per block, one token per grid row.
+fn gemv_cfg(n: usize, t: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(GEMV_ROWS_PER_BLOCK), t as u32, 1),
+        block_dim: (32, GEMV_ROWS_PER_BLOCK, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// One block per row.
@@ -356,21 +375,14 @@ impl Gpu {
     pub fn linear(&self, x: &CudaSlice<f32>, t: usize, w: &GpuWeight) -> Result<CudaSlice<f32>> {
         let (n, k) = (w.rows(), w.cols());
         assert!(x.len() >= t * k, "linear: x has {} elements, needs {t}×{k}", x.len());
-        let mut y = self.alloc::<f32>(t * n)?;
         let gemv_ok = t <= GEMV_MAX_TOKENS && k.is_multiple_of(8);
-        if gemv_ok {
-            let cfg = LaunchConfig {
-                grid_dim: ((n as u32).div_ceil(GEMV_ROWS_PER_BLOCK), t as u32, 1),
-                block_dim: (32, GEMV_ROWS_PER_BLOCK, 1),
-                shared_mem_bytes: 0,
-            };
+        if let (true, GpuWeight::Nvfp4(q)) = (gemv_ok, w) {
+            return self.nvfp4_gemv(x, t, q);
+        }
+        let mut y = self.alloc::<f32>(t * n)?;
+        if let (true, GpuWeight::Bf16 { w, scale, .. }) = (gemv_ok, w) {
             let (ni, ki) = (n as i32, k as i32);
-            match w {
-                GpuWeight::Nvfp4(q) => {
-                    launch!(self, nvfp4_gemv, cfg, &q.packed, &q.scales, &q.scale_2, x, &mut y, &ni, &ki)
-                }
-                GpuWeight::Bf16 { w, scale, .. } => launch!(self, bf16_gemv, cfg, w, scale, x, &mut y, &ni, &ki),
-            }
+            launch!(self, bf16_gemv, gemv_cfg(n, t), w, scale, x, &mut y, &ni, &ki);
             return Ok(y);
         }
         let exact = self.exact_gemm.load(Ordering::Relaxed);
@@ -397,6 +409,16 @@ impl Gpu {
                 self.gemm(x, &wd, &mut y, t, n, k, *scale, blas_sys::cudaDataType::CUDA_R_32F)?;
             }
         }
+        Ok(y)
+    }
+
+    /// `y [t, n] = x [t, k] · Wᵀ` by the NVFP4 GEMV (W4A16; a few tokens, `k % 8 == 0`).
+    fn nvfp4_gemv(&self, x: &CudaSlice<f32>, t: usize, q: &GpuNvfp4) -> Result<CudaSlice<f32>> {
+        let (n, k) = (q.rows, q.cols);
+        assert!(x.len() >= t * k && k.is_multiple_of(8), "nvfp4_gemv: x [{t}, {k}]");
+        let mut y = self.alloc::<f32>(t * n)?;
+        let (ni, ki) = (n as i32, k as i32);
+        launch!(self, nvfp4_gemv, gemv_cfg(n, t), &q.packed, &q.scales, &q.scale_2, x, &mut y, &ni, &ki);
         Ok(y)
     }
 
@@ -629,15 +651,7 @@ impl Gpu {
         t: usize,
     ) -> Result<CudaSlice<f32>> {
         let crate::cpu::GdnDims { key_heads: hk, value_heads: hv, key_dim: dk, value_dim: dv } = dims;
-        assert!(
-            q.len() == t * hk * dk
-                && k.len() == q.len()
-                && v.len() == t * hv * dv
-                && g.len() == t * hv
-                && beta.len() == g.len()
-                && state.len() == hv * dk * dv,
-            "gdn_recurrent shapes"
-        );
+        check_gdn_shapes([q, k, v, g, beta, state], dims, t, "gdn_recurrent");
         let mut out = self.alloc::<f32>(t * hv * dv)?;
         let cfg = LaunchConfig {
             grid_dim: (hv as u32, dv.div_ceil(32) as u32, 1),
@@ -664,17 +678,8 @@ impl Gpu {
         t: usize,
     ) -> Result<CudaSlice<f32>> {
         let crate::cpu::GdnDims { key_heads: hk, value_heads: hv, key_dim: dk, value_dim: dv } = dims;
-        assert!(
-            q.len() == t * hk * dk
-                && k.len() == q.len()
-                && v.len() == t * hv * dv
-                && g.len() == t * hv
-                && beta.len() == g.len()
-                && state.len() == hv * dk * dv
-                && t > 0
-                && dk <= GDN_PREP_MAX_DK,
-            "gdn_chunked shapes (key_dim ≤ {GDN_PREP_MAX_DK})"
-        );
+        check_gdn_shapes([q, k, v, g, beta, state], dims, t, "gdn_chunked");
+        assert!(t > 0 && dk <= GDN_PREP_MAX_DK, "gdn_chunked: {t} tokens, key_dim {dk} (≤ {GDN_PREP_MAX_DK})");
         let chunks = t.div_ceil(GDN_C);
         let slots = chunks * hv * GDN_C;
         let (mut kn, mut qn, mut kcd) =
@@ -844,9 +849,19 @@ impl Gpu {
         Ok(y)
     }
 
-    /// W4A4 linear: `x [t, k]` quantized under `input_scale`, then the block-scaled FP4 GEMM.
+    /// W4A4 linear: `x [t, k]` quantized under `input_scale`, then the block-scaled FP4 GEMM; up to
+    /// [`GEMV_MAX_TOKENS`] tokens, the quantized activations dequantized through the W4A16 GEMV
+    /// instead (the same product, and decode is bandwidth-bound).
     pub fn linear_w4a4(&self, x: &CudaSlice<f32>, t: usize, w: &GpuNvfp4, input_scale: f32) -> Result<CudaSlice<f32>> {
-        let (codes, scales) = self.quantize_act_nvfp4(x, t, w.cols, input_scale)?;
+        let k = w.cols;
+        if t <= GEMV_MAX_TOKENS {
+            assert!(k.is_multiple_of(16) && x.len() >= t * k, "linear_w4a4: x [{t}, {k}], k % 16 == 0");
+            let mut xq = self.copy_range(x, 0, t * k)?;
+            let blocks = t * k / 16;
+            launch!(self, fake_quant_act, flat(blocks), &mut xq, &input_scale, &blocks);
+            return self.nvfp4_gemv(&xq, t, w);
+        }
+        let (codes, scales) = self.quantize_act_nvfp4(x, t, k, input_scale)?;
         self.w4a4_gemm(&codes, &scales, t, 1.0 / input_scale, w)
     }
 

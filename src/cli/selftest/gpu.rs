@@ -167,7 +167,9 @@ fn w4a4_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) -> anyhow::Result<()
             let want = ops::linear(&Tensor::from_vec(fq, &[t, k]), &w, None, F32);
             let act = Some(cuda::ActQuant::Nvfp4 { input_scale });
             let got = ops::linear_gpu(&gpu_t(&Tensor::from_vec(x.clone(), &[t, k])), &gw, None, None, act);
-            rep.check(&format!("linear w4a4 {t}x{k}→{n} {label} vs CPU fake quant"), rel_err(&got, &want), 1e-5);
+            let path = if t <= cuda::GEMV_MAX_TOKENS { "fake-quant + gemv" } else { "fp4 mma" };
+            let what = format!("linear w4a4 ({path}) {t}x{k}→{n} {label} vs CPU fake quant");
+            rep.check(&what, rel_err(&got, &want), 1e-5);
         }
     }
     Ok(())
