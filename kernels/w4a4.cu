@@ -59,29 +59,31 @@ extern "C" __global__ void nvfp4_quantize_act(const float* __restrict__ x, float
     }
 }
 
-// The same quantization, written back dequantized (e2m1 · (sf/g)) in place: W4A4 decode runs the
-// W4A16 GEMV on these values, which multiplies out to the W4A4 product (the GEMV is bandwidth-bound
-// and a 64-row MMA tile would be 1/64 used for one token).
-extern "C" __global__ void nvfp4_fake_quant_act(float* __restrict__ x, float input_scale, size_t blocks) {
+// The same quantization, written out dequantized (e2m1 · (sf/g)): W4A4 decode runs the W4A16
+// GEMV on these values, which multiplies out to the W4A4 product (the GEMV is bandwidth-bound and a
+// 64-row MMA tile would be 1/64 used for one token).
+extern "C" __global__ void nvfp4_fake_quant_act(const float* __restrict__ x, float* __restrict__ out,
+                                                float input_scale, size_t blocks) {
     const float g = 1.0f / input_scale, inv_g = 1.0f / g;
     for (size_t b = blockIdx.x * (size_t)blockDim.x + threadIdx.x; b < blocks; b += (size_t)gridDim.x * blockDim.x) {
         uint32_t lo, hi;
         const float deq = e4m3(quantize_block(x + 16 * b, g, inv_g, lo, hi)) / g;
 #pragma unroll
         for (int i = 0; i < 8; i++) {
-            x[16 * b + i] = e2m1(lo >> (4 * i)) * deq;
-            x[16 * b + 8 + i] = e2m1(hi >> (4 * i)) * deq;
+            out[16 * b + i] = e2m1(lo >> (4 * i)) * deq;
+            out[16 * b + 8 + i] = e2m1(hi >> (4 * i)) * deq;
         }
     }
 }
 
-// FP8 layers when activations are quantized (W8A8): x ← e4m3(clamp(x/s, ±448))·s in place, as
-// fp4_model's CPU path computes it; the GEMM then runs on the quantized values.
-extern "C" __global__ void fp8_fake_quant_act(float* __restrict__ x, float s, size_t n) {
+// FP8 layers when activations are quantized (W8A8): out = e4m3(clamp(x/s, ±448))·s, as fp4_model's
+// CPU path computes it; the GEMM then runs on the quantized values.
+extern "C" __global__ void fp8_fake_quant_act(const float* __restrict__ x, float* __restrict__ out, float s,
+                                              size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         const float r = fminf(fmaxf(x[i] / s, -448.0f), 448.0f);
         const float v = e4m3(e4m3_encode_pos(fabsf(r))) * s;
-        x[i] = signbit(r) ? -v : v;
+        out[i] = signbit(r) ? -v : v;
     }
 }
 

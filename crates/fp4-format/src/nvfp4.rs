@@ -177,22 +177,31 @@ pub struct Nvfp4Activations {
     pub g: f32,
 }
 
+/// One 16-element activation block under `g = 1/input_scale`: its E4M3 scale and 16 E2M1 codes.
+fn quantize_act_block(block: &[f32], g: f32) -> (u8, [u8; BLOCK]) {
+    let inv_g = 1.0 / g;
+    let sf = e4m3_encode((g * (amax(block) * (1.0f32 / E2M1_MAX))).min(E4M3_MAX));
+    let sfv = e4m3_decode(sf);
+    let out_scale = if sfv == 0.0 { 0.0 } else { 1.0 / (sfv * inv_g) };
+    let mut codes = [0u8; BLOCK];
+    for (c, &v) in codes.iter_mut().zip(block) {
+        *c = e2m1_encode((v * out_scale).clamp(-E2M1_MAX, E2M1_MAX));
+    }
+    (sf, codes)
+}
+
 impl Nvfp4Activations {
     /// Quantizes row-major `x [rows, cols]` (`cols` a multiple of 16) under `input_scale`.
     pub fn quantize(x: &[f32], cols: usize, input_scale: f32) -> Nvfp4Activations {
         assert!(cols.is_multiple_of(BLOCK) && x.len().is_multiple_of(cols), "NVFP4 activations need cols % 16 == 0");
         let g = 1.0 / input_scale;
-        let inv_g = 1.0 / g;
         let mut packed = vec![0u8; x.len() / 2];
         let mut scales = vec![0u8; x.len() / BLOCK];
         for (b, block) in x.chunks_exact(BLOCK).enumerate() {
-            let sf = e4m3_encode((g * (amax(block) * (1.0f32 / E2M1_MAX))).min(E4M3_MAX));
+            let (sf, codes) = quantize_act_block(block, g);
             scales[b] = sf;
-            let sfv = e4m3_decode(sf);
-            let out_scale = if sfv == 0.0 { 0.0 } else { 1.0 / (sfv * inv_g) };
-            let code = |v: f32| e2m1_encode((v * out_scale).clamp(-E2M1_MAX, E2M1_MAX));
-            for (j, pair) in block.chunks_exact(2).enumerate() {
-                packed[b * BLOCK / 2 + j] = code(pair[0]) | (code(pair[1]) << 4);
+            for (j, pair) in codes.chunks_exact(2).enumerate() {
+                packed[b * BLOCK / 2 + j] = pair[0] | (pair[1] << 4);
             }
         }
         Nvfp4Activations { rows: x.len() / cols, cols, packed, scales, g }
@@ -212,11 +221,19 @@ impl Nvfp4Activations {
     }
 }
 
-/// Activation fake-quantization (W4A4 emulation): `x` replaced by its NVFP4 quantize-dequantize
-/// under `input_scale` (see [`Nvfp4Activations`]).
+/// Activation fake-quantization (W4A4 emulation), in place: `x` (a multiple of 16 long) replaced
+/// by its NVFP4 quantize-dequantize under `input_scale`, value for value what
+/// [`Nvfp4Activations::quantize`] then `dequantize` give.
 pub fn fake_quantize_activations(x: &mut [f32], input_scale: f32) {
-    let q = Nvfp4Activations::quantize(x, BLOCK, input_scale);
-    x.copy_from_slice(&q.dequantize());
+    assert!(x.len().is_multiple_of(BLOCK), "NVFP4 activations need a multiple of 16 elements");
+    let g = 1.0 / input_scale;
+    for block in x.chunks_exact_mut(BLOCK) {
+        let (sf, codes) = quantize_act_block(block, g);
+        let deq = e4m3_decode(sf) / g;
+        for (v, &c) in block.iter_mut().zip(&codes) {
+            *v = e2m1_decode(c) * deq;
+        }
+    }
 }
 
 /// `y [t, n] = A_q · W_qᵀ` computed as block-scaled FP4 tensor cores do (the CPU emulation of the

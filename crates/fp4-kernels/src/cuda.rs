@@ -7,7 +7,7 @@
 //! checks the buffer sizes its kernel indexes, then launches; the geometry is explained next to
 //! each kernel in its `.cu` file.
 
-use crate::ops::Binary;
+use crate::ops::{Binary, GdnAlgo};
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
@@ -71,7 +71,7 @@ const GDN_C: usize = 64;
 const GDN_PREP_THREADS: u32 = 256;
 const GDN_STATE_WARPS: u32 = 4;
 /// `PREP_MAX_DK` of `gdn_chunk_prep` (Qwen3.5's key heads are 128 wide).
-pub const GDN_PREP_MAX_DK: usize = 128;
+const GDN_PREP_MAX_DK: usize = 128;
 /// `SAMPLE_THREADS` of the sampling kernels.
 const SAMPLE_THREADS: u32 = 1024;
 /// `W4A4_BM`, `W4A4_BN` and `W4A4_THREADS` of `nvfp4_w4a4_gemm`.
@@ -273,11 +273,11 @@ macro_rules! launch {
 }
 
 /// The delta rule's buffers `[q, k, v, g, beta, state]` against its dims and `t` tokens.
-fn check_gdn_shapes(b: [&CudaSlice<f32>; 6], d: crate::cpu::GdnDims, t: usize, what: &str) {
+fn check_gdn_shapes(b: [&CudaSlice<f32>; 6], d: crate::cpu::GdnDims, t: usize) {
     let crate::cpu::GdnDims { key_heads: hk, value_heads: hv, key_dim: dk, value_dim: dv } = d;
     let want = [t * hk * dk, t * hk * dk, t * hv * dv, t * hv, t * hv, hv * dk * dv];
     let got = b.map(|x| x.len());
-    assert_eq!(got, want, "{what}: buffer sizes [q, k, v, g, beta, state] for {t} tokens, {d:?}");
+    assert_eq!(got, want, "gated_delta_rule: buffer sizes [q, k, v, g, beta, state] for {t} tokens, {d:?}");
 }
 
 /// Grid-stride launch over `n` elements.
@@ -638,8 +638,32 @@ impl Gpu {
     }
 
     /// The gated delta rule over `t` tokens, updating `state [Hv, dk, dv]`; returns `o [T, Hv, dv]`.
+    /// `Chunked` walks chunks of 64 tokens (prefill; up to 128-wide keys, which a chunk keeps in
+    /// shared memory — wider ones walk token by token), `Recurrent` token by token in one launch.
     #[allow(clippy::too_many_arguments)]
-    pub fn gdn_recurrent(
+    pub fn gated_delta_rule(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        beta: &CudaSlice<f32>,
+        state: &mut CudaSlice<f32>,
+        dims: crate::cpu::GdnDims,
+        t: usize,
+        algo: GdnAlgo,
+    ) -> Result<CudaSlice<f32>> {
+        check_gdn_shapes([q, k, v, g, beta, state], dims, t);
+        match algo {
+            GdnAlgo::Chunked if t > 0 && dims.key_dim <= GDN_PREP_MAX_DK => {
+                self.gdn_chunked(q, k, v, g, beta, state, dims, t)
+            }
+            _ => self.gdn_recurrent(q, k, v, g, beta, state, dims, t),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gdn_recurrent(
         &self,
         q: &CudaSlice<f32>,
         k: &CudaSlice<f32>,
@@ -651,7 +675,6 @@ impl Gpu {
         t: usize,
     ) -> Result<CudaSlice<f32>> {
         let crate::cpu::GdnDims { key_heads: hk, value_heads: hv, key_dim: dk, value_dim: dv } = dims;
-        check_gdn_shapes([q, k, v, g, beta, state], dims, t, "gdn_recurrent");
         let mut out = self.alloc::<f32>(t * hv * dv)?;
         let cfg = LaunchConfig {
             grid_dim: (hv as u32, dv.div_ceil(32) as u32, 1),
@@ -663,10 +686,10 @@ impl Gpu {
         Ok(out)
     }
 
-    /// The delta rule over chunks of 64 tokens (prefill; `cpu::gdn_chunked` is the reference):
-    /// the state-independent part of every chunk in parallel, then the state across the chunks.
+    /// The delta rule over chunks of 64 tokens (`cpu::gdn_chunked` is the reference): the
+    /// state-independent part of every chunk in parallel, then the state across the chunks.
     #[allow(clippy::too_many_arguments)]
-    pub fn gdn_chunked(
+    fn gdn_chunked(
         &self,
         q: &CudaSlice<f32>,
         k: &CudaSlice<f32>,
@@ -678,8 +701,6 @@ impl Gpu {
         t: usize,
     ) -> Result<CudaSlice<f32>> {
         let crate::cpu::GdnDims { key_heads: hk, value_heads: hv, key_dim: dk, value_dim: dv } = dims;
-        check_gdn_shapes([q, k, v, g, beta, state], dims, t, "gdn_chunked");
-        assert!(t > 0 && dk <= GDN_PREP_MAX_DK, "gdn_chunked: {t} tokens, key_dim {dk} (≤ {GDN_PREP_MAX_DK})");
         let chunks = t.div_ceil(GDN_C);
         let slots = chunks * hv * GDN_C;
         let (mut kn, mut qn, mut kcd) =
@@ -856,20 +877,21 @@ impl Gpu {
         let k = w.cols;
         if t <= GEMV_MAX_TOKENS {
             assert!(k.is_multiple_of(16) && x.len() >= t * k, "linear_w4a4: x [{t}, {k}], k % 16 == 0");
-            let mut xq = self.copy_range(x, 0, t * k)?;
+            let mut xq = self.alloc::<f32>(t * k)?;
             let blocks = t * k / 16;
-            launch!(self, fake_quant_act, flat(blocks), &mut xq, &input_scale, &blocks);
+            launch!(self, fake_quant_act, flat(blocks), x, &mut xq, &input_scale, &blocks);
             return self.nvfp4_gemv(&xq, t, w);
         }
         let (codes, scales) = self.quantize_act_nvfp4(x, t, k, input_scale)?;
         self.w4a4_gemm(&codes, &scales, t, 1.0 / input_scale, w)
     }
 
-    /// `x ← e4m3(clamp(x/s, ±448))·s` in place (W8A8 activations).
-    pub fn fake_quant_fp8(&self, x: &mut CudaSlice<f32>, s: f32) -> Result<()> {
-        let n = x.len();
-        launch!(self, fp8_fake_quant, flat(n), x, &s, &n);
-        Ok(())
+    /// `e4m3(clamp(x/s, ±448))·s` for the first `n` elements of `x` (W8A8 activations).
+    pub fn fake_quant_fp8(&self, x: &CudaSlice<f32>, n: usize, s: f32) -> Result<CudaSlice<f32>> {
+        assert!(x.len() >= n, "fake_quant_fp8: x has {} elements, needs {n}", x.len());
+        let mut out = self.alloc::<f32>(n)?;
+        launch!(self, fp8_fake_quant, flat(n), x, &mut out, &s, &n);
+        Ok(out)
     }
 
     /// A copy of `a` followed by `b` (the KV cache growing by the new tokens' rows).

@@ -73,8 +73,7 @@ pub fn linear_gpu(
             ok(g.linear_w4a4(input, t, q, input_scale), "W4A4 linear")
         }
         (Some(ActQuant::Fp8 { input_scale }), _) => {
-            let mut xq = ok(g.copy_range(input, 0, t * w.cols()), "W8A8 activations");
-            ok(g.fake_quant_fp8(&mut xq, input_scale), "W8A8 activations");
+            let xq = ok(g.fake_quant_fp8(input, t * w.cols(), input_scale), "W8A8 activations");
             ok(g.linear(&xq, t, w), "linear")
         }
         _ => ok(g.linear(input, t, w), "linear"),
@@ -310,14 +309,7 @@ pub fn gated_delta_rule(
     );
     #[cfg(feature = "cuda")]
     if let Storage::Cuda(qs) = q.storage() {
-        let (k, v, g, beta) = (k.cuda(), v.cuda(), g.cuda(), beta.cuda());
-        let o = match algo {
-            // The chunked kernel keeps a chunk's keys in shared memory: up to 128 wide.
-            GdnAlgo::Chunked if d.key_dim <= cuda::GDN_PREP_MAX_DK => {
-                gpu().gdn_chunked(qs, k, v, g, beta, state.cuda_mut(), d, t)
-            }
-            _ => gpu().gdn_recurrent(qs, k, v, g, beta, state.cuda_mut(), d, t),
-        };
+        let o = gpu().gated_delta_rule(qs, k.cuda(), v.cuda(), g.cuda(), beta.cuda(), state.cuda_mut(), d, t, algo);
         let o = ok(o, "gated_delta_rule");
         return Tensor::from_cuda(o, &[t, d.value_heads, d.value_dim]);
     }

@@ -442,10 +442,7 @@ fn kernel_benches(g: &Gpu, copy: f64) -> anyhow::Result<Vec<Value>> {
     for algo in [GdnAlgo::Recurrent, GdnAlgo::Chunked] {
         let mut state = g.zeros(32 * 128 * 128);
         let mut run = || -> cuda::Result<()> {
-            match algo {
-                GdnAlgo::Recurrent => g.gdn_recurrent(&q, &k, &v, &gates, &beta, &mut state, d, t)?,
-                GdnAlgo::Chunked => g.gdn_chunked(&q, &k, &v, &gates, &beta, &mut state, d, t)?,
-            };
+            g.gated_delta_rule(&q, &k, &v, &gates, &beta, &mut state, d, t, algo)?;
             Ok(())
         };
         run()?;
