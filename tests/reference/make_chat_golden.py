@@ -116,7 +116,9 @@ def vllm_messages(messages):
     return out
 
 
-def make_tokenizer():
+def bpe_tokenizer(corpus, vocab_size):
+    """Qwen3.5-style byte-level BPE (Qwen's pre-tokenizer regex, NFC) trained on `corpus` to
+    `vocab_size` tokens, then Qwen's added tokens with their `special` flags."""
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -124,11 +126,16 @@ def make_tokenizer():
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([CORPUS] * 4, trainer)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in NOT_SPECIAL])
     return tok
+
+
+def make_tokenizer():
+    return bpe_tokenizer([CORPUS] * 4, 600)
 
 
 def main():

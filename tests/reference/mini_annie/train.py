@@ -32,45 +32,22 @@ import time
 
 import torch
 import transformers
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast, Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, ".."))
 import data  # noqa: E402
+from make_chat_golden import NOT_SPECIAL, SPECIAL, bpe_tokenizer, vllm_messages  # noqa: E402
 
 TEMPLATE = os.path.join(HERE, "..", "..", "..", "crates", "fp4-chat", "templates", "qwen3_5.jinja")
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
-              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-           "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-NOT_SPECIAL = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
 SEED = 20261127
 
 
-def vllm_messages(messages):
-    """Tool-call arguments as objects (vLLM json-loads them before rendering)."""
-    out = copy.deepcopy(messages)
-    for m in out:
-        for c in m.get("tool_calls") or []:
-            if isinstance(c["function"]["arguments"], str):
-                c["function"]["arguments"] = json.loads(c["function"]["arguments"])
-    return out
-
-
 def make_tokenizer(corpus, vocab_size):
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL) - len(NOT_SPECIAL),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in NOT_SPECIAL])
+    """The chat fixtures' tokenizer recipe, `vocab_size` tokens in all, with fp4's template."""
+    tok = bpe_tokenizer(corpus, vocab_size - len(SPECIAL) - len(NOT_SPECIAL))
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     hf.chat_template = open(TEMPLATE).read()
     return hf
