@@ -39,7 +39,10 @@ __device__ float block_max(float v, float* tmp) {
     return r;
 }
 
+// One block per row of x [rows, n] (a batch's logits): out[row] = its argmax.
 extern "C" __global__ void argmax_f32(const float* __restrict__ x, int n, uint32_t* __restrict__ out) {
+    x += (size_t)blockIdx.x * n;
+    out += blockIdx.x;
     __shared__ float vals[SAMPLE_THREADS];
     __shared__ int idxs[SAMPLE_THREADS];
     float best = -INFINITY;

@@ -43,6 +43,9 @@ impl From<cudarc::cublas::result::CublasError> for CudaError {
 
 pub type Result<T> = std::result::Result<T, CudaError>;
 
+/// A captured, instantiated CUDA graph (see [`Gpu::capture`]).
+pub type Graph = cudarc::driver::CudaGraph;
+
 const GEMV: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemv.fatbin"));
 const DEQUANT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/dequant.fatbin"));
 const NORM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/norm.fatbin"));
@@ -52,6 +55,7 @@ const ATTENTION: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/attention.fat
 const SAMPLING: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sampling.fatbin"));
 const SYNTHETIC: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/synthetic.fatbin"));
 const W4A4: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/w4a4.fatbin"));
+const DECODE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/decode.fatbin"));
 
 /// Threads per block of the row-wise kernels (norms, gathers) and the flat element-wise ones.
 const ROW_THREADS: u32 = 256;
@@ -60,6 +64,14 @@ const GEMV_ROWS_PER_BLOCK: u32 = 4;
 /// Up to this many tokens a linear runs as GEMV (weights streamed once per token, L2-resident
 /// after the first); beyond it, as a tensor-core GEMM through cuBLAS.
 pub const GEMV_MAX_TOKENS: usize = 8;
+/// Up to this many tokens an NVFP4 linear runs on the tensor-core GEMV (`nvfp4_mma_gemv_nt*`:
+/// each weight read once for the whole batch, f16 activations); beyond it, dequantize + cuBLAS.
+/// In exact mode (f32, for the golden checks) the CUDA-core GEMV above serves decode instead.
+pub const MMA_GEMV_MAX_TOKENS: usize = 64;
+/// `MMA_WARPS` and `MMA_KSPLIT` of `nvfp4_mma_gemv_nt*`: warps per block, and the k range one
+/// block covers (blocks of further ranges add partial sums through `mma_gemv_reduce`).
+const MMA_WARPS: u32 = 4;
+const MMA_KSPLIT: usize = 2048;
 /// `MAX_CONV_K` of `causal_conv1d_silu_f32`.
 const MAX_CONV_K: usize = 8;
 /// `ATT_THREADS`, `TILE` and `MAX_D` of `attention_f32`.
@@ -78,9 +90,21 @@ const SAMPLE_THREADS: u32 = 1024;
 const W4A4_BM: usize = 64;
 const W4A4_BN: usize = 64;
 const W4A4_THREADS: u32 = 128;
+/// `PA_THREADS` and `PA_MAX_D` of `paged_attention_split`; the number of key ranges (splits) a
+/// decode query is cut into (fixed, so one graph serves every context length).
+const PA_THREADS: u32 = 128;
+const PA_MAX_D: usize = 512;
+pub const ATTENTION_SPLITS: usize = 16;
+/// `GDN_STEP_THREADS` and `GDN_STEP_MAX_DK` of `gdn_step_slots`.
+const GDN_STEP_THREADS: u32 = 128;
+const GDN_STEP_MAX_DK: usize = 128;
 
 struct Kernels {
     nvfp4_gemv: CudaFunction,
+    /// `nvfp4_mma_gemv_nt{1,2,4,8}`: 8, 16, 32, 64 tokens.
+    nvfp4_mma: [CudaFunction; 4],
+    mma_gemv_reduce: CudaFunction,
+    f16_rowscaled: CudaFunction,
     bf16_gemv: CudaFunction,
     nvfp4_dequant_bf16: CudaFunction,
     nvfp4_dequant_f32: CudaFunction,
@@ -114,6 +138,12 @@ struct Kernels {
     w4a4_gemm: CudaFunction,
     w4a4_native: CudaFunction,
     fp8_fake_quant: CudaFunction,
+    rope_at: CudaFunction,
+    kv_write: CudaFunction,
+    attention_split: CudaFunction,
+    attention_merge: CudaFunction,
+    conv1d_step: CudaFunction,
+    gdn_step: CudaFunction,
 }
 
 impl Kernels {
@@ -121,9 +151,17 @@ impl Kernels {
         let m = |bin: &[u8]| -> Result<Arc<CudaModule>> { Ok(ctx.load_module(Ptx::from_binary(bin.to_vec()))?) };
         let (gemv, dequant, norm, elem) = (m(GEMV)?, m(DEQUANT)?, m(NORM)?, m(ELEMENTWISE)?);
         let (gdn, attention, sampling, synthetic) = (m(GDN)?, m(ATTENTION)?, m(SAMPLING)?, m(SYNTHETIC)?);
-        let w4a4 = m(W4A4)?;
+        let (w4a4, decode) = (m(W4A4)?, m(DECODE)?);
         Ok(Kernels {
             nvfp4_gemv: gemv.load_function("nvfp4_gemv_f32")?,
+            nvfp4_mma: [
+                gemv.load_function("nvfp4_mma_gemv_nt1")?,
+                gemv.load_function("nvfp4_mma_gemv_nt2")?,
+                gemv.load_function("nvfp4_mma_gemv_nt4")?,
+                gemv.load_function("nvfp4_mma_gemv_nt8")?,
+            ],
+            mma_gemv_reduce: gemv.load_function("mma_gemv_reduce")?,
+            f16_rowscaled: gemv.load_function("f16_rowscaled")?,
             bf16_gemv: gemv.load_function("bf16_gemv_f32")?,
             nvfp4_dequant_bf16: dequant.load_function("nvfp4_dequant_bf16")?,
             nvfp4_dequant_f32: dequant.load_function("nvfp4_dequant_f32")?,
@@ -157,6 +195,12 @@ impl Kernels {
             w4a4_gemm: w4a4.load_function("nvfp4_w4a4_gemm")?,
             w4a4_native: w4a4.load_function("w4a4_native")?,
             fp8_fake_quant: w4a4.load_function("fp8_fake_quant_act")?,
+            rope_at: decode.load_function("rope_at_f32")?,
+            kv_write: decode.load_function("kv_write_paged")?,
+            attention_split: decode.load_function("paged_attention_split")?,
+            attention_merge: decode.load_function("paged_attention_merge")?,
+            conv1d_step: decode.load_function("conv1d_step_slots")?,
+            gdn_step: decode.load_function("gdn_step_slots")?,
         })
     }
 }
@@ -170,7 +214,13 @@ pub struct Gpu {
     /// GEMMs in f32 on CUDA cores instead of bf16 tensor cores: slow, but equal to the CPU
     /// reference to f32 rounding (golden checks).
     exact_gemm: AtomicBool,
+    /// cuBLAS's workspace, set explicitly so that GEMMs allocate nothing (and can be captured
+    /// into CUDA graphs).
+    _blas_workspace: CudaSlice<u8>,
 }
+
+/// Bytes of the cuBLAS workspace (NVIDIA's recommendation for Hopper is 32 MiB).
+const BLAS_WORKSPACE: usize = 32 << 20;
 
 static GPU: OnceLock<Gpu> = OnceLock::new();
 
@@ -251,6 +301,15 @@ impl GpuNvfp4 {
     }
 }
 
+/// Activations converted for the tensor-core GEMV: f16 `[t, k]` in its pair order, and each
+/// token's power-of-two scale to undo.
+pub struct MmaActivations {
+    xh: CudaSlice<u16>,
+    inv: CudaSlice<f32>,
+    t: usize,
+    k: usize,
+}
+
 /// Activation quantization a layer applies before its GEMM (`--w4a4`; the default for NVFP4
 /// layers on SM12x, whose FP4 tensor cores need both operands in FP4).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -306,9 +365,20 @@ impl Gpu {
         // One stream: cross-stream event tracking would only add work to every launch.
         // SAFETY: nothing here uses a second stream.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A stream of our own: the legacy default stream cannot be captured into graphs.
+        let stream = ctx.new_stream()?;
         let blas = CudaBlas::new(stream.clone())?;
-        Ok(Gpu { k: Kernels::load(&ctx)?, blas, ctx, stream, exact_gemm: AtomicBool::new(false) })
+        let k = Kernels::load(&ctx)?;
+        let ws = stream.alloc_zeros::<u8>(BLAS_WORKSPACE)?;
+        {
+            let (p, _g) = ws.device_ptr(&stream);
+            // SAFETY: the handle and the workspace live as long as this Gpu (same struct).
+            let status = unsafe { blas_sys::cublasSetWorkspace_v2(*blas.handle(), p as *mut _, BLAS_WORKSPACE) };
+            if status != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(CudaError(format!("cuBLAS: cannot set the workspace: {status:?}")));
+            }
+        }
+        Ok(Gpu { k, blas, ctx, stream, exact_gemm: AtomicBool::new(false), _blas_workspace: ws })
     }
 
     pub fn name(&self) -> Result<String> {
@@ -331,6 +401,18 @@ impl Gpu {
         f()?;
         let end = self.stream.record_event(timing)?;
         Ok(start.elapsed_ms(&end)? as f64)
+    }
+
+    /// Captures the work `f` queues on the stream as a CUDA graph (nothing runs until the graph
+    /// is launched). Buffers `f` allocates and drops become the graph's own memory; `f` must not
+    /// synchronise or copy from host memory.
+    pub fn capture(&self, f: impl FnOnce() -> Result<()>) -> Result<cudarc::driver::CudaGraph> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        self.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        let queued = f();
+        let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        queued?;
+        graph?.ok_or_else(|| CudaError("stream capture produced no graph".into()))
     }
 
     /// An uninitialised buffer; every caller's kernel writes all of it.
@@ -375,17 +457,19 @@ impl Gpu {
     pub fn linear(&self, x: &CudaSlice<f32>, t: usize, w: &GpuWeight) -> Result<CudaSlice<f32>> {
         let (n, k) = (w.rows(), w.cols());
         assert!(x.len() >= t * k, "linear: x has {} elements, needs {t}×{k}", x.len());
-        let gemv_ok = t <= GEMV_MAX_TOKENS && k.is_multiple_of(8);
-        if let (true, GpuWeight::Nvfp4(q)) = (gemv_ok, w) {
-            return self.nvfp4_gemv(x, t, q);
+        let exact = self.exact_gemm.load(Ordering::Relaxed);
+        if let GpuWeight::Nvfp4(q) = w {
+            if let Some(y) = self.nvfp4_small_batch(x, t, q, exact)? {
+                return Ok(y);
+            }
         }
+        let gemv_ok = t <= GEMV_MAX_TOKENS && k.is_multiple_of(8);
         let mut y = self.alloc::<f32>(t * n)?;
         if let (true, GpuWeight::Bf16 { w, scale, .. }) = (gemv_ok, w) {
             let (ni, ki) = (n as i32, k as i32);
             launch!(self, bf16_gemv, gemv_cfg(n, t), w, scale, x, &mut y, &ni, &ki);
             return Ok(y);
         }
-        let exact = self.exact_gemm.load(Ordering::Relaxed);
         let (elems, bytes) = (n * k, n * k / 2);
         match (w, exact) {
             (GpuWeight::Nvfp4(q), false) => {
@@ -408,6 +492,86 @@ impl Gpu {
                 launch!(self, bf16_to_f32, flat(elems), w, &mut wd, &elems);
                 self.gemm(x, &wd, &mut y, t, n, k, *scale, blas_sys::cudaDataType::CUDA_R_32F)?;
             }
+        }
+        Ok(y)
+    }
+
+    /// The GEMV paths of an NVFP4 linear, when one applies: the tensor-core GEMV for up to
+    /// [`MMA_GEMV_MAX_TOKENS`] tokens (`k % 32 == 0`), or in exact mode the f32 CUDA-core GEMV
+    /// for up to [`GEMV_MAX_TOKENS`]. `None`: use a GEMM.
+    fn nvfp4_small_batch(
+        &self,
+        x: &CudaSlice<f32>,
+        t: usize,
+        q: &GpuNvfp4,
+        exact: bool,
+    ) -> Result<Option<CudaSlice<f32>>> {
+        let k = q.cols;
+        if !exact && self.mma_gemv_applies(t, q) {
+            return self.nvfp4_mma_gemv(x, t, q).map(Some);
+        }
+        if t <= GEMV_MAX_TOKENS && k.is_multiple_of(8) {
+            return self.nvfp4_gemv(x, t, q).map(Some);
+        }
+        Ok(None)
+    }
+
+    /// `y [t, n] = x [t, k] · Wᵀ` on the tensor cores (`t ≤ 64`, `k % 32 == 0`): x to f16 with a
+    /// power-of-two scale per token (`f16_rowscaled`), then `nvfp4_mma_gemv_nt*` over (16-row
+    /// tiles × 2048-wide k ranges), the ranges' partial sums added in order by `mma_gemv_reduce`
+    /// (see `kernels/gemv.cu`).
+    pub fn nvfp4_mma_gemv(&self, x: &CudaSlice<f32>, t: usize, q: &GpuNvfp4) -> Result<CudaSlice<f32>> {
+        let act = self.mma_activations(x, t, q.cols)?;
+        self.nvfp4_mma_gemv_on(&act, q)
+    }
+
+    /// Whether an NVFP4 linear of `t` tokens runs on the tensor-core GEMV (in the current mode).
+    pub fn mma_gemv_applies(&self, t: usize, q: &GpuNvfp4) -> bool {
+        !self.exact_gemm.load(Ordering::Relaxed) && (1..=MMA_GEMV_MAX_TOKENS).contains(&t) && q.cols.is_multiple_of(32)
+    }
+
+    /// `x [t, k]` as the tensor-core GEMV reads it (`f16_rowscaled`): converted once, it serves
+    /// every linear of that input (q/k/v, gate/up, the GDN input projections).
+    pub fn mma_activations(&self, x: &CudaSlice<f32>, t: usize, k: usize) -> Result<MmaActivations> {
+        assert!(
+            (1..=MMA_GEMV_MAX_TOKENS).contains(&t) && x.len() >= t * k && k.is_multiple_of(32),
+            "nvfp4_mma_gemv: x [{t}, {k}]"
+        );
+        let (mut xh, mut inv) = (self.alloc::<u16>(t * k)?, self.alloc::<f32>(t)?);
+        let ki = k as i32;
+        launch!(self, f16_rowscaled, per_row(t), x, &mut xh, &mut inv, &ki);
+        Ok(MmaActivations { xh, inv, t, k })
+    }
+
+    /// The tensor-core GEMV over converted activations (see [`Gpu::nvfp4_mma_gemv`]).
+    pub fn nvfp4_mma_gemv_on(&self, a: &MmaActivations, q: &GpuNvfp4) -> Result<CudaSlice<f32>> {
+        let (n, k, t) = (q.rows, q.cols, a.t);
+        assert_eq!(a.k, k, "nvfp4_mma_gemv: activations of width {} for a weight of {k} columns", a.k);
+        let (ni, ki, ti) = (n as i32, k as i32, t as i32);
+        let nt = t.div_ceil(8).next_power_of_two();
+        let splits = k.div_ceil(MMA_KSPLIT);
+        let mut y = self.alloc::<f32>(t * n)?;
+        let mut part = if splits > 1 { Some(self.alloc::<f32>(splits * t * n)?) } else { None };
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(16) as u32, splits as u32, 1),
+            block_dim: (MMA_WARPS * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = &self.k.nvfp4_mma[nt.trailing_zeros() as usize];
+        let mut b = self.stream.launch_builder(f);
+        b.arg(&q.packed).arg(&q.scales).arg(&q.scale_2).arg(&a.xh).arg(&a.inv);
+        match part.as_mut() {
+            Some(p) => b.arg(p),
+            None => b.arg(&mut y),
+        };
+        b.arg(&ni).arg(&ki).arg(&ti);
+        // SAFETY: the arguments follow nvfp4_mma_gemv_nt*'s signature; xh and inv hold t rows of
+        // k (checked when converted), the weight is [n, k] with k % 32 == 0, the output
+        // splits·t·n floats.
+        unsafe { b.launch(cfg) }?;
+        if let Some(p) = &part {
+            let (len, si) = (t * n, splits as i32);
+            launch!(self, mma_gemv_reduce, flat(len), p, &a.inv, &mut y, &si, &q.scale_2, &ni, &len);
         }
         Ok(y)
     }
@@ -880,7 +1044,8 @@ impl Gpu {
             let mut xq = self.alloc::<f32>(t * k)?;
             let blocks = t * k / 16;
             launch!(self, fake_quant_act, flat(blocks), x, &mut xq, &input_scale, &blocks);
-            return self.nvfp4_gemv(&xq, t, w);
+            let exact = self.exact_gemm.load(Ordering::Relaxed);
+            return Ok(self.nvfp4_small_batch(&xq, t, w, exact)?.expect("t ≤ GEMV_MAX_TOKENS, k % 16 == 0"));
         }
         let (codes, scales) = self.quantize_act_nvfp4(x, t, k, input_scale)?;
         self.w4a4_gemm(&codes, &scales, t, 1.0 / input_scale, w)
@@ -892,6 +1057,163 @@ impl Gpu {
         let mut out = self.alloc::<f32>(n)?;
         launch!(self, fp8_fake_quant, flat(n), x, &mut out, &s, &n);
         Ok(out)
+    }
+
+    /// Rows `ids` (on the device) of a `[vocab, d]` table.
+    pub fn embedding_ids(&self, table: &CudaSlice<f32>, d: usize, ids: &CudaSlice<u32>) -> Result<CudaSlice<f32>> {
+        assert!(table.len().is_multiple_of(d), "embedding shapes");
+        let mut out = self.alloc::<f32>(ids.len() * d)?;
+        let di = d as i32;
+        launch!(self, embedding, per_row(ids.len()), table, ids, &mut out, &di);
+        Ok(out)
+    }
+
+    /// The argmax of each row of `logits [rows, n]` into `out[..rows]` (stays on the device).
+    pub fn argmax_rows(&self, logits: &CudaSlice<f32>, n: usize, out: &mut CudaSlice<u32>) -> Result<()> {
+        let rows = logits.len() / n;
+        assert!(logits.len() == rows * n && out.len() >= rows, "argmax_rows shapes");
+        let ni = n as i32;
+        let cfg =
+            LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (SAMPLE_THREADS, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, argmax, cfg, logits, &ni, out);
+        Ok(())
+    }
+
+    /// In-place RoPE on `x [B, heads, head_dim]`, token b at position `pos[b]`.
+    pub fn rope_at(
+        &self,
+        x: &mut CudaSlice<f32>,
+        inv_freq: &CudaSlice<f32>,
+        pos: &CudaSlice<u32>,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let half = inv_freq.len();
+        let b = x.len() / (heads * head_dim);
+        assert!(2 * half <= head_dim && x.len() == b * heads * head_dim && pos.len() >= b, "rope_at shapes");
+        let n = b * heads * half;
+        let (h, d, hf) = (heads as i32, head_dim as i32, half as i32);
+        launch!(self, rope_at, flat(n), x, inv_freq, pos, &h, &d, &hf, &n);
+        Ok(())
+    }
+
+    /// `k, v [B, row]` into the paged pools at each token's position (`table [B, max_blocks]`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_write(
+        &self,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        kp: &mut CudaSlice<f32>,
+        vp: &mut CudaSlice<f32>,
+        table: &CudaSlice<u32>,
+        pos: &CudaSlice<u32>,
+        row: usize,
+        max_blocks: usize,
+        block_size: usize,
+    ) -> Result<()> {
+        let b = k.len() / row;
+        assert!(
+            k.len() == b * row && v.len() == k.len() && table.len() >= b * max_blocks && pos.len() >= b,
+            "kv_write shapes"
+        );
+        let (ri, mi, bsi) = (row as i32, max_blocks as i32, block_size as i32);
+        launch!(self, kv_write, per_row(b), k, v, kp, vp, table, pos, &ri, &mi, &bsi);
+        Ok(())
+    }
+
+    /// Decode attention of `q [B, Hq, D]` over each token's paged KV (positions `0..=pos[b]`),
+    /// split into [`ATTENTION_SPLITS`] key ranges and merged.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention(
+        &self,
+        q: &CudaSlice<f32>,
+        kp: &CudaSlice<f32>,
+        vp: &CudaSlice<f32>,
+        table: &CudaSlice<u32>,
+        pos: &CudaSlice<u32>,
+        dims: crate::cpu::AttnDims,
+        max_blocks: usize,
+        block_size: usize,
+        scale: f32,
+    ) -> Result<CudaSlice<f32>> {
+        let crate::cpu::AttnDims { q_heads: hq, kv_heads: hkv, head_dim: d } = dims;
+        let b = q.len() / (hq * d);
+        assert!(d <= PA_MAX_D && q.len() == b * hq * d && table.len() >= b * max_blocks, "paged_attention shapes");
+        let splits = ATTENTION_SPLITS;
+        let mut part = self.alloc::<f32>(b * hq * splits * (d + 2))?;
+        let cfg = LaunchConfig {
+            grid_dim: (b as u32, hq as u32, splits as u32),
+            block_dim: (PA_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (hqi, hkvi, di, mi, bsi) = (hq as i32, hkv as i32, d as i32, max_blocks as i32, block_size as i32);
+        launch!(self, attention_split, cfg, q, kp, vp, table, pos, &mut part, &hqi, &hkvi, &di, &mi, &bsi, &scale);
+        let mut out = self.alloc::<f32>(q.len())?;
+        let si = splits as i32;
+        launch!(self, attention_merge, per_row(b * hq), &part, &mut out, &si, &di);
+        Ok(out)
+    }
+
+    /// One causal-conv step + SiLU per sequence: `x [B, C]` with state `pool [slots, K-1, C]`
+    /// at `slots[b]` (updated).
+    pub fn conv1d_step(
+        &self,
+        x: &CudaSlice<f32>,
+        pool: &mut CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        slots: &CudaSlice<u32>,
+        c: usize,
+    ) -> Result<CudaSlice<f32>> {
+        let k = w.len() / c;
+        let b = x.len() / c;
+        assert!(k <= MAX_CONV_K && x.len() == b * c && slots.len() >= b, "conv1d_step shapes");
+        let mut y = self.alloc::<f32>(x.len())?;
+        let cfg = LaunchConfig {
+            grid_dim: ((c as u32).div_ceil(ROW_THREADS), b as u32, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (ci, ki) = (c as i32, k as i32);
+        launch!(self, conv1d_step, cfg, x, pool, w, slots, &mut y, &ci, &ki);
+        Ok(y)
+    }
+
+    /// One delta-rule step per sequence on the state `pool [slots, Hv, dk, dv]` at `slots[b]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gdn_step(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        beta: &CudaSlice<f32>,
+        pool: &mut CudaSlice<f32>,
+        slots: &CudaSlice<u32>,
+        dims: crate::cpu::GdnDims,
+    ) -> Result<CudaSlice<f32>> {
+        let crate::cpu::GdnDims { key_heads: hk, value_heads: hv, key_dim: dk, value_dim: dv } = dims;
+        let b = g.len() / hv;
+        assert!(
+            dk <= GDN_STEP_MAX_DK && dk.is_multiple_of(4) && q.len() == b * hk * dk && v.len() == b * hv * dv,
+            "gdn_step shapes"
+        );
+        let mut out = self.alloc::<f32>(b * hv * dv)?;
+        let cfg = LaunchConfig {
+            grid_dim: (dv.div_ceil(32) as u32, hv as u32, b as u32),
+            block_dim: (GDN_STEP_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (hki, hvi, dki, dvi) = (hk as i32, hv as i32, dk as i32, dv as i32);
+        launch!(self, gdn_step, cfg, q, k, v, g, beta, pool, slots, &mut out, &hki, &hvi, &dki, &dvi);
+        Ok(out)
+    }
+
+    /// Writes `src` into `dst` starting at element `at` (a prefilled sequence's state moving
+    /// into its pool slot or blocks).
+    pub fn write_at(&self, dst: &mut CudaSlice<f32>, at: usize, src: &CudaSlice<f32>) -> Result<()> {
+        assert!(at + src.len() <= dst.len(), "write_at: {} + {} > {}", at, src.len(), dst.len());
+        self.stream.memcpy_dtod(src, &mut dst.slice_mut(at..at + src.len()))?;
+        Ok(())
     }
 
     /// A copy of `a` followed by `b` (the KV cache growing by the new tokens' rows).

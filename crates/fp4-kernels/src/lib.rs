@@ -11,4 +11,4 @@ pub mod cuda;
 pub mod ops;
 mod tensor;
 
-pub use tensor::{Device, Precision, Storage, Tensor};
+pub use tensor::{Device, Ids, Precision, Storage, Tensor};

@@ -84,6 +84,20 @@ pub fn linear_gpu(
     Tensor::from_cuda(y, &[t, w.rows()])
 }
 
+/// `x [T, in]` through several W4A16 NVFP4 weights held on the GPU (one input: q/k/v, gate/up),
+/// the activations converted once for all of them. `None` when the tensor-core GEMV does not
+/// apply (too many tokens, exact mode, a width it cannot take): run the linears one by one.
+#[cfg(feature = "cuda")]
+pub fn nvfp4_same_input(x: &Tensor, ws: &[&cuda::GpuNvfp4]) -> Option<Vec<Tensor>> {
+    let g = gpu();
+    let t = x.rows();
+    if ws.is_empty() || !ws.iter().all(|w| w.cols == x.row_len() && g.mma_gemv_applies(t, w)) {
+        return None;
+    }
+    let act = ok(g.mma_activations(x.cuda(), t, x.row_len()), "linear activations");
+    Some(ws.iter().map(|w| Tensor::from_cuda(ok(g.nvfp4_mma_gemv_on(&act, w), "linear"), &[t, w.rows])).collect())
+}
+
 /// Rows of `x` looked up in `table [vocab, hidden]` (ids already validated against vocab).
 pub fn embedding(table: &Tensor, ids: &[u32]) -> Tensor {
     let h = table.shape()[1];
@@ -348,5 +362,255 @@ pub fn sample(logits: &Tensor, p: SampleParams, u: f32) -> u32 {
         Storage::Cpu(l) => cpu::sample(l, p, u),
         #[cfg(feature = "cuda")]
         Storage::Cuda(l) => ok(gpu().sample(l, p, u), "sample"),
+    }
+}
+
+// ---- Decode over a batch of sequences (one token each) with state in pools ----
+//
+// The per-step values (positions, pool slots, KV block tables) are `Ids`, so on the GPU they stay
+// in device buffers a captured graph reads on every replay. The CPU branches are the references:
+// each sequence gathered and run through the single-sequence CPU ops above.
+
+/// Where each token of a decode batch keeps its state: `pos[b]` (its position, = tokens cached
+/// before it), `slots[b]` (its GDN state slot), `table[b·max_blocks ..]` (its KV block ids).
+#[derive(Debug, Clone, Copy)]
+pub struct BatchIndex<'a> {
+    pub pos: &'a Ids,
+    pub slots: &'a Ids,
+    pub table: &'a Ids,
+    pub max_blocks: usize,
+    pub block_size: usize,
+}
+
+use crate::Ids;
+
+/// In-place RoPE on `x [B, heads, head_dim]`, token b at position `pos[b]`.
+pub fn rope_at(x: &mut Tensor, inv_freq: &Tensor, pos: &Ids, p: Precision) {
+    let (heads, head_dim) = (x.shape()[1], x.shape()[2]);
+    check(pos.len() >= x.rows(), "rope_at", || format!("{} positions for {} tokens", pos.len(), x.rows()));
+    match x.device() {
+        crate::Device::Cpu => {
+            let row = heads * head_dim;
+            for (b, chunk) in x.as_mut_slice().chunks_mut(row).enumerate() {
+                cpu::rope(chunk, heads, head_dim, inv_freq.as_slice(), pos.as_slice()[b] as usize, p);
+            }
+        }
+        #[cfg(feature = "cuda")]
+        crate::Device::Cuda => ok(gpu().rope_at(x.cuda_mut(), inv_freq.cuda(), pos.cuda(), heads, head_dim), "rope_at"),
+        #[cfg(not(feature = "cuda"))]
+        crate::Device::Cuda => unreachable!("GPU tensors need the cuda feature"),
+    }
+}
+
+/// Row of the paged pool where token position `p` of table row `b` lives.
+fn pool_row(ix: &BatchIndex, b: usize, p: usize) -> usize {
+    ix.table.as_slice()[b * ix.max_blocks + p / ix.block_size] as usize * ix.block_size + p % ix.block_size
+}
+
+/// `k, v [B, Hkv, D]` into the paged pools `[blocks·block_size, Hkv, D]` at each token's position.
+pub fn kv_write(k: &Tensor, v: &Tensor, k_pool: &mut Tensor, v_pool: &mut Tensor, ix: BatchIndex) {
+    let row = k.row_len();
+    check(k.shape() == v.shape() && k_pool.row_len() == row && v_pool.shape() == k_pool.shape(), "kv_write", || {
+        format!("k {:?} v {:?} pools {:?}", k.shape(), v.shape(), k_pool.shape())
+    });
+    match k.storage() {
+        Storage::Cpu(ks) => {
+            for b in 0..k.rows() {
+                let r = pool_row(&ix, b, ix.pos.as_slice()[b] as usize);
+                k_pool.as_mut_slice()[r * row..(r + 1) * row].copy_from_slice(&ks[b * row..(b + 1) * row]);
+                v_pool.as_mut_slice()[r * row..(r + 1) * row].copy_from_slice(&v.as_slice()[b * row..(b + 1) * row]);
+            }
+        }
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(ks) => ok(
+            gpu().kv_write(
+                ks,
+                v.cuda(),
+                k_pool.cuda_mut(),
+                v_pool.cuda_mut(),
+                ix.table.cuda(),
+                ix.pos.cuda(),
+                row,
+                ix.max_blocks,
+                ix.block_size,
+            ),
+            "kv_write",
+        ),
+    }
+}
+
+/// Decode attention: query b of `q [B, Hq, D]` over positions `0..=pos[b]` of its paged KV.
+pub fn paged_attention(
+    q: &Tensor,
+    k_pool: &Tensor,
+    v_pool: &Tensor,
+    ix: BatchIndex,
+    scale: f32,
+    p: Precision,
+) -> Tensor {
+    let (hq, d) = (q.shape()[1], q.shape()[2]);
+    let hkv = k_pool.shape()[1];
+    check(k_pool.shape()[2] == d && hq % hkv == 0, "paged_attention", || {
+        format!("q {:?} pool {:?}", q.shape(), k_pool.shape())
+    });
+    let dims = cpu::AttnDims { q_heads: hq, kv_heads: hkv, head_dim: d };
+    match q.storage() {
+        Storage::Cpu(qs) => {
+            let row = hkv * d;
+            let mut out = Vec::with_capacity(q.elem_count());
+            for b in 0..q.rows() {
+                let len = ix.pos.as_slice()[b] as usize + 1;
+                let (mut ks, mut vs) = (Vec::with_capacity(len * row), Vec::with_capacity(len * row));
+                for j in 0..len {
+                    let r = pool_row(&ix, b, j);
+                    ks.extend_from_slice(&k_pool.as_slice()[r * row..(r + 1) * row]);
+                    vs.extend_from_slice(&v_pool.as_slice()[r * row..(r + 1) * row]);
+                }
+                out.extend(cpu::attention(&qs[b * hq * d..(b + 1) * hq * d], &ks, &vs, dims, scale, p));
+            }
+            Tensor::from_vec(out, q.shape())
+        }
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(qs) => {
+            let o = gpu().paged_attention(
+                qs,
+                k_pool.cuda(),
+                v_pool.cuda(),
+                ix.table.cuda(),
+                ix.pos.cuda(),
+                dims,
+                ix.max_blocks,
+                ix.block_size,
+                scale,
+            );
+            Tensor::from_cuda(ok(o, "paged_attention"), q.shape())
+        }
+    }
+}
+
+/// One causal-conv step + SiLU per sequence: `x [B, C]`, state `pool [slots·(K-1), C]` at
+/// `slots[b]` (updated), conv weight `w [C, K]`.
+pub fn conv1d_step(x: &Tensor, pool: &mut Tensor, w: &Tensor, slots: &Ids, p: Precision) -> Tensor {
+    let (c, k) = (x.shape()[1], w.shape()[1]);
+    check(w.shape()[0] == c && pool.shape()[1] == c && slots.len() >= x.rows(), "conv1d_step", || {
+        format!("x {:?} pool {:?} w {:?}", x.shape(), pool.shape(), w.shape())
+    });
+    match x.storage() {
+        Storage::Cpu(xs) => {
+            let mut y = Vec::with_capacity(xs.len());
+            let per = (k - 1) * c;
+            for b in 0..x.rows() {
+                let s = slots.as_slice()[b] as usize;
+                let state = &mut pool.as_mut_slice()[s * per..(s + 1) * per];
+                y.extend(cpu::causal_conv1d_silu(&xs[b * c..(b + 1) * c], state, w.as_slice(), c, p));
+            }
+            Tensor::from_vec(y, x.shape())
+        }
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(xs) => Tensor::from_cuda(
+            ok(gpu().conv1d_step(xs, pool.cuda_mut(), w.cuda(), slots.cuda(), c), "conv1d_step"),
+            x.shape(),
+        ),
+    }
+}
+
+/// One gated-delta-rule step per sequence: `q, k [B, Hk·dk]`, `v [B, Hv·dv]`, `g, beta [B, Hv]`,
+/// state `pool [slots·Hv, dk, dv]` at `slots[b]` (updated). Returns `o [B, Hv, dv]`.
+#[allow(clippy::too_many_arguments)]
+pub fn gdn_step(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    beta: &Tensor,
+    pool: &mut Tensor,
+    slots: &Ids,
+    d: GdnDims,
+) -> Tensor {
+    let b = q.rows();
+    check(
+        q.elem_count() == b * d.key_heads * d.key_dim
+            && k.elem_count() == q.elem_count()
+            && v.elem_count() == b * d.value_heads * d.value_dim
+            && g.elem_count() == b * d.value_heads
+            && beta.elem_count() == g.elem_count()
+            && slots.len() >= b,
+        "gdn_step",
+        || format!("q {:?} v {:?} g {:?} pool {:?} dims {d:?}", q.shape(), v.shape(), g.shape(), pool.shape()),
+    );
+    let shape = [b, d.value_heads, d.value_dim];
+    #[cfg(feature = "cuda")]
+    if let Storage::Cuda(qs) = q.storage() {
+        let o = gpu().gdn_step(qs, k.cuda(), v.cuda(), g.cuda(), beta.cuda(), pool.cuda_mut(), slots.cuda(), d);
+        return Tensor::from_cuda(ok(o, "gdn_step"), &shape);
+    }
+    let (qk, vw, hv) = (d.key_heads * d.key_dim, d.value_heads * d.value_dim, d.value_heads);
+    let per = hv * d.key_dim * d.value_dim;
+    let mut out = Vec::with_capacity(b * vw);
+    for i in 0..b {
+        let s = slots.as_slice()[i] as usize;
+        let x = cpu::GdnInputs {
+            q: &q.as_slice()[i * qk..(i + 1) * qk],
+            k: &k.as_slice()[i * qk..(i + 1) * qk],
+            v: &v.as_slice()[i * vw..(i + 1) * vw],
+            g: &g.as_slice()[i * hv..(i + 1) * hv],
+            beta: &beta.as_slice()[i * hv..(i + 1) * hv],
+        };
+        out.extend(cpu::gdn_recurrent(x, &mut pool.as_mut_slice()[s * per..(s + 1) * per], d));
+    }
+    Tensor::from_vec(out, &shape)
+}
+
+/// Rows of `table [vocab, hidden]` for ids held on the table's device (validated by the caller).
+pub fn embedding_ids(table: &Tensor, ids: &Ids) -> Tensor {
+    match table.storage() {
+        Storage::Cpu(_) => embedding(table, ids.as_slice()),
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(t) => {
+            let h = table.shape()[1];
+            Tensor::from_cuda(ok(gpu().embedding_ids(t, h, ids.cuda()), "embedding"), &[ids.len(), h])
+        }
+    }
+}
+
+/// The argmax (first maximum) of each row of `logits [B, vocab]` into `out[..B]`, on the logits' device.
+pub fn argmax_rows(logits: &Tensor, out: &mut Ids) {
+    let n = logits.row_len();
+    match logits.storage() {
+        Storage::Cpu(l) => {
+            let ids: Vec<u32> = l.chunks(n).map(|row| cpu::sample(row, greedy(), 0.0)).collect();
+            out.write(&ids);
+        }
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(l) => ok(gpu().argmax_rows(l, n, out.cuda_mut()), "argmax"),
+    }
+}
+
+fn greedy() -> SampleParams {
+    SampleParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0 }
+}
+
+/// Writes `src` into the rows of `dst` starting at row `row0` (same row length, same device).
+pub fn write_rows(dst: &mut Tensor, row0: usize, src: &Tensor) {
+    let n = dst.row_len();
+    check(src.row_len() == n && row0 + src.rows() <= dst.rows(), "write_rows", || {
+        format!("{:?} at row {row0} of {:?}", src.shape(), dst.shape())
+    });
+    match src.storage() {
+        Storage::Cpu(s) => dst.as_mut_slice()[row0 * n..row0 * n + s.len()].copy_from_slice(s),
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(s) => ok(gpu().write_at(dst.cuda_mut(), row0 * n, s), "write_rows"),
+    }
+}
+
+/// Rows `[r0, r1)` of `x` as a new tensor.
+pub fn rows(x: &Tensor, r0: usize, r1: usize) -> Tensor {
+    let n = x.row_len();
+    let mut shape = x.shape().to_vec();
+    shape[0] = r1 - r0;
+    match x.storage() {
+        Storage::Cpu(xs) => Tensor::from_vec(xs[r0 * n..r1 * n].to_vec(), &shape),
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(xs) => Tensor::from_cuda(ok(gpu().copy_range(xs, r0 * n, (r1 - r0) * n), "rows"), &shape),
     }
 }

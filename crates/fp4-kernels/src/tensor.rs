@@ -192,3 +192,84 @@ impl Precision {
         }
     }
 }
+
+/// A buffer of u32 (token ids, positions, slot and block indices) on the CPU or the GPU: the
+/// per-step inputs of a decode batch. On the GPU it keeps its allocation across steps
+/// ([`Ids::write`] copies into it), so a captured CUDA graph can read it on every replay.
+#[derive(Debug, Clone)]
+pub enum Ids {
+    Cpu(Vec<u32>),
+    #[cfg(feature = "cuda")]
+    Cuda(cudarc::driver::CudaSlice<u32>),
+}
+
+impl Ids {
+    pub fn new(v: Vec<u32>, device: Device) -> Ids {
+        match device {
+            Device::Cpu => Ids::Cpu(v),
+            #[cfg(feature = "cuda")]
+            Device::Cuda => Ids::Cuda(crate::cuda::gpu().upload(&v)),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda => panic!("this build has no CUDA support (feature `cuda`)"),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Ids::Cpu(v) => v.len(),
+            #[cfg(feature = "cuda")]
+            Ids::Cuda(s) => s.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Overwrites the first `v.len()` entries (the buffer keeps its size and, on the GPU, its address).
+    pub fn write(&mut self, v: &[u32]) {
+        assert!(v.len() <= self.len(), "Ids::write of {} into {}", v.len(), self.len());
+        match self {
+            Ids::Cpu(d) => d[..v.len()].copy_from_slice(v),
+            #[cfg(feature = "cuda")]
+            Ids::Cuda(d) => {
+                let g = crate::cuda::gpu();
+                g.stream
+                    .memcpy_htod(v, &mut d.slice_mut(..v.len()))
+                    .unwrap_or_else(|e| panic!("upload of {} ids: {e}", v.len()));
+            }
+        }
+    }
+
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            Ids::Cpu(v) => v.clone(),
+            #[cfg(feature = "cuda")]
+            Ids::Cuda(s) => crate::cuda::gpu().download(s),
+        }
+    }
+
+    pub fn as_slice(&self) -> &[u32] {
+        match self {
+            Ids::Cpu(v) => v,
+            #[cfg(feature = "cuda")]
+            Ids::Cuda(_) => panic!("as_slice on GPU ids: copy them with to_vec"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    pub fn cuda(&self) -> &cudarc::driver::CudaSlice<u32> {
+        match self {
+            Ids::Cuda(s) => s,
+            Ids::Cpu(_) => panic!("expected GPU ids, got CPU ids"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    pub fn cuda_mut(&mut self) -> &mut cudarc::driver::CudaSlice<u32> {
+        match self {
+            Ids::Cuda(s) => s,
+            Ids::Cpu(_) => panic!("expected GPU ids, got CPU ids"),
+        }
+    }
+}

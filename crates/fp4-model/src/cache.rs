@@ -42,3 +42,85 @@ impl Cache {
         Cache { layers, seq_len: 0 }
     }
 }
+
+/// The decode state of one layer for every sequence of a batch engine.
+#[derive(Debug)]
+pub enum LayerPool {
+    /// Paged KV: `[blocks · block_size, Hkv, D]` each.
+    Attention { k: Tensor, v: Tensor },
+    /// GDN: conv inputs `[slots · (K−1), conv_dim]` and recurrent state `[slots · Hv, dk, dv]`.
+    Gdn { conv: Tensor, state: Tensor },
+}
+
+/// Decode state of many sequences: per-layer pools of GDN state slots and paged KV blocks, sized
+/// once (from the cache budget) and indexed by the step's slots and block tables.
+#[derive(Debug)]
+pub struct Pools {
+    pub layers: Vec<LayerPool>,
+    pub slots: usize,
+    pub blocks: usize,
+    pub block_size: usize,
+}
+
+impl Pools {
+    pub fn new(cfg: &TextConfig, slots: usize, blocks: usize, block_size: usize, device: Device) -> Pools {
+        let kv_row = [cfg.num_key_value_heads, cfg.head_dim];
+        let layers = cfg
+            .layer_types
+            .iter()
+            .map(|t| match t {
+                LayerType::FullAttention => {
+                    let shape = [blocks * block_size, kv_row[0], kv_row[1]];
+                    LayerPool::Attention { k: Tensor::zeros_on(&shape, device), v: Tensor::zeros_on(&shape, device) }
+                }
+                LayerType::LinearAttention => LayerPool::Gdn {
+                    conv: Tensor::zeros_on(&[slots * (cfg.linear_conv_kernel_dim - 1), cfg.linear_conv_dim()], device),
+                    state: Tensor::zeros_on(
+                        &[slots * cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim],
+                        device,
+                    ),
+                },
+            })
+            .collect();
+        Pools { layers, slots, blocks, block_size }
+    }
+
+    /// Bytes of one GDN state slot (every GDN layer's conv inputs and recurrent state, f32).
+    pub fn slot_bytes(cfg: &TextConfig) -> usize {
+        let per_layer = (cfg.linear_conv_kernel_dim - 1) * cfg.linear_conv_dim()
+            + cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim;
+        cfg.num_layers_of(LayerType::LinearAttention) * per_layer * 4
+    }
+
+    /// Bytes of one KV block of `block_size` tokens over every attention layer (f32 K and V).
+    pub fn block_bytes(cfg: &TextConfig, block_size: usize) -> usize {
+        cfg.num_layers_of(LayerType::FullAttention) * 2 * block_size * cfg.num_key_value_heads * cfg.head_dim * 4
+    }
+
+    /// Moves a prefilled sequence's cache into `slot` and the KV blocks `blocks` (in order; enough
+    /// of them for `cache.seq_len` tokens).
+    pub fn store(&mut self, cache: &Cache, slot: usize, blocks: &[u32]) {
+        assert!(slot < self.slots && blocks.len() * self.block_size >= cache.seq_len, "Pools::store shapes");
+        for (pool, lc) in self.layers.iter_mut().zip(&cache.layers) {
+            match (pool, lc) {
+                (LayerPool::Gdn { conv, state }, LayerCache::Gdn { conv: c, state: s }) => {
+                    fp4_kernels::ops::write_rows(conv, slot * c.rows(), c);
+                    fp4_kernels::ops::write_rows(state, slot * s.rows(), s);
+                }
+                (LayerPool::Attention { k, v }, LayerCache::Attention { k: Some(kc), v: Some(vc) }) => {
+                    let bs = self.block_size;
+                    for (i, &b) in blocks.iter().enumerate() {
+                        let (r0, r1) = (i * bs, ((i + 1) * bs).min(kc.rows()));
+                        if r0 >= r1 {
+                            break;
+                        }
+                        fp4_kernels::ops::write_rows(k, b as usize * bs, &fp4_kernels::ops::rows(kc, r0, r1));
+                        fp4_kernels::ops::write_rows(v, b as usize * bs, &fp4_kernels::ops::rows(vc, r0, r1));
+                    }
+                }
+                (LayerPool::Attention { .. }, LayerCache::Attention { .. }) => {}
+                _ => unreachable!("pool and cache layer kinds come from the same config"),
+            }
+        }
+    }
+}

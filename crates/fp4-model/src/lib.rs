@@ -4,17 +4,19 @@ mod cache;
 mod generate;
 mod linear;
 pub mod qwen35;
+pub mod runner;
 mod sampling;
 pub mod synthetic;
 
-pub use cache::{Cache, LayerCache};
+pub use cache::{Cache, LayerCache, LayerPool, Pools};
 pub use fp4_kernels::ops::GdnAlgo;
 pub use fp4_kernels::{Device, Precision, Tensor};
 pub use generate::{generate, GenerateOptions};
 pub use linear::{
     load_param, AmaxObserver, ChannelRecorder, ChannelStats, Linear, LinearMethod, LoadOptions, WeightSource,
 };
-pub use qwen35::{DecoderLayer, LayerCtx, Logits, Qwen35};
+pub use qwen35::{DecoderLayer, LayerCtx, Logits, MixerState, Qwen35};
+pub use runner::{DecodeRunner, RunnerConfig, SeqState};
 pub use sampling::{Sampler, SamplingParams};
 pub use synthetic::{Synthetic, SyntheticFormat};
 

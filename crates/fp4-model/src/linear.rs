@@ -360,6 +360,30 @@ impl Linear {
     }
 }
 
+/// `x` through several linears of the same input (q/k/v, gate/up, the GDN input projections):
+/// the same as each one's [`Linear::forward`]; on the GPU, W4A16 NVFP4 layers share one
+/// conversion of the activations.
+pub fn forward_many<const N: usize>(x: &Tensor, linears: [&Linear; N], p: Precision) -> [Tensor; N] {
+    #[cfg(feature = "cuda")]
+    {
+        let plain: Option<Vec<&fp4_kernels::cuda::GpuNvfp4>> = linears
+            .iter()
+            .map(|l| match &l.method {
+                LinearMethod::Gpu { weight, pre_quant_scale: None, bias: None, act: None, .. } => match weight.as_ref()
+                {
+                    fp4_kernels::cuda::GpuWeight::Nvfp4(q) => Some(q),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        if let Some(ys) = plain.and_then(|ws| ops::nvfp4_same_input(x, &ws)) {
+            return ys.try_into().unwrap_or_else(|_| unreachable!("one output per linear"));
+        }
+    }
+    linears.map(|l| l.forward(x, p))
+}
+
 impl LinearMethod {
     /// The GPU form of this method (W4A16 for NVFP4, W8A16 for FP8, bf16 for dense weights;
     /// W4A4 / W8A8 when `quantize_activations` and the layer has an input_scale).

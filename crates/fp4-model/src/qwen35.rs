@@ -4,12 +4,12 @@
 //! decoder layer, model. Every numbered step names the HF line it mirrors; rounding points
 //! (bf16 mode) are where HF stores a bf16 tensor.
 
-use crate::cache::{Cache, LayerCache};
-use crate::linear::{Linear, LoadOptions, WeightSource};
+use crate::cache::{Cache, LayerCache, LayerPool, Pools};
+use crate::linear::{forward_many, Linear, LoadOptions, WeightSource};
 use crate::{ModelError, Result};
 use fp4_format::{LayerType, TextConfig};
-use fp4_kernels::ops::{self, GdnAlgo, GdnDims};
-use fp4_kernels::{Device, Precision, Tensor};
+use fp4_kernels::ops::{self, BatchIndex, GdnAlgo, GdnDims};
+use fp4_kernels::{Device, Ids, Precision, Tensor};
 
 /// Which positions get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +18,14 @@ pub enum Logits {
     All,
     /// Only the last position: `[1, vocab]` (generation never builds `[T, vocab]`).
     Last,
+}
+
+/// Where a layer's token mixer reads and writes its state.
+pub enum MixerState<'a> {
+    /// One sequence (any number of tokens) with its own cache, tokens from position `pos0`.
+    Sequence { cache: &'a mut LayerCache, pos0: usize, algo: GdnAlgo },
+    /// A decode batch: one token per sequence, state in the pools at `index`.
+    Batch { pool: &'a mut LayerPool, index: BatchIndex<'a> },
 }
 
 /// SwiGLU MLP: `down(silu(gate(x)) · up(x))`.
@@ -38,7 +46,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, p: Precision) -> Tensor {
-        let act = ops::silu_mul(&self.gate.forward(x, p), &self.up.forward(x, p), p);
+        let [gate, up] = forward_many(x, [&self.gate, &self.up], p);
+        let act = ops::silu_mul(&gate, &up, p);
         self.down.forward(&act, p)
     }
 }
@@ -74,28 +83,47 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, cache: &mut LayerCache, pos0: usize, m: &LayerCtx) -> Tensor {
+    fn forward(&self, x: &Tensor, state: MixerState, m: &LayerCtx) -> Tensor {
         let (t, d, p, eps) = (x.rows(), self.head_dim, m.precision, m.eps);
         // 1. q_proj → [T, Hq, 2D] → query [T, Hq, D] and gate [T, Hq·D].
-        let qg = self.q_proj.forward(x, p).reshape(&[t, self.heads, 2 * d]);
+        let [qg, k, v] = forward_many(x, [&self.q_proj, &self.k_proj, &self.v_proj], p);
+        let qg = qg.reshape(&[t, self.heads, 2 * d]);
         let [q, gate]: [Tensor; 2] = ops::split_last(&qg, &[d, d]).try_into().expect("two halves");
         // 2. Per-head (1+w) RMSNorm on q and k; v unnormalised.
         let mut q = ops::rms_norm(&q, &self.q_norm, eps, 1.0, p);
-        let k = self.k_proj.forward(x, p).reshape(&[t, self.kv_heads, d]);
+        let k = k.reshape(&[t, self.kv_heads, d]);
         let mut k = ops::rms_norm(&k, &self.k_norm, eps, 1.0, p);
-        let v = self.v_proj.forward(x, p).reshape(&[t, self.kv_heads, d]);
-        // 3. Partial rotate-half RoPE on the first rotary_dim dims of each head.
-        ops::rope(&mut q, &m.inv_freq, pos0, p);
-        ops::rope(&mut k, &m.inv_freq, pos0, p);
-        // 4. Append to the KV cache, attend causally over everything cached.
-        let LayerCache::Attention { k: kc, v: vc } = cache else { unreachable!("attention layer with a GDN cache") };
-        let (k_all, v_all) = match (kc.take(), vc.take()) {
-            (Some(kp), Some(vp)) => (ops::cat_rows(&kp, &k), ops::cat_rows(&vp, &v)),
-            _ => (k, v),
+        let v = v.reshape(&[t, self.kv_heads, d]);
+        let scale = (d as f32).powf(-0.5);
+        let o = match state {
+            MixerState::Sequence { cache, pos0, .. } => {
+                // 3. Partial rotate-half RoPE on the first rotary_dim dims of each head.
+                ops::rope(&mut q, &m.inv_freq, pos0, p);
+                ops::rope(&mut k, &m.inv_freq, pos0, p);
+                // 4. Append to the KV cache, attend causally over everything cached.
+                let LayerCache::Attention { k: kc, v: vc } = cache else {
+                    unreachable!("attention layer with a GDN cache")
+                };
+                let (k_all, v_all) = match (kc.take(), vc.take()) {
+                    (Some(kp), Some(vp)) => (ops::cat_rows(&kp, &k), ops::cat_rows(&vp, &v)),
+                    _ => (k, v),
+                };
+                let o = ops::attention(&q, &k_all, &v_all, scale, p);
+                *kc = Some(k_all);
+                *vc = Some(v_all);
+                o
+            }
+            MixerState::Batch { pool, index } => {
+                // 3–4 for a decode batch: each token at its own position, KV in paged blocks.
+                ops::rope_at(&mut q, &m.inv_freq, index.pos, p);
+                ops::rope_at(&mut k, &m.inv_freq, index.pos, p);
+                let LayerPool::Attention { k: kp, v: vp } = pool else {
+                    unreachable!("attention layer with a GDN pool")
+                };
+                ops::kv_write(&k, &v, kp, vp, index);
+                ops::paged_attention(&q, kp, vp, index, scale, p)
+            }
         };
-        let o = ops::attention(&q, &k_all, &v_all, (d as f32).powf(-0.5), p);
-        *kc = Some(k_all);
-        *vc = Some(v_all);
         // 5. Sigmoid output gate, then o_proj.
         let o = ops::sigmoid_gate(&o.reshape(&[t, self.heads * d]), &gate, p);
         self.o_proj.forward(&o, p)
@@ -142,24 +170,34 @@ impl GatedDeltaNet {
         })
     }
 
-    fn forward(&self, x: &Tensor, cache: &mut LayerCache, algo: GdnAlgo, m: &LayerCtx) -> Tensor {
+    fn forward(&self, x: &Tensor, state: MixerState, m: &LayerCtx) -> Tensor {
         let (t, d, p) = (x.rows(), self.dims, m.precision);
-        let LayerCache::Gdn { conv, state } = cache else { unreachable!("GDN layer with an attention cache") };
         // 1. Projections: qkv [T, conv_dim], z [T, Hv·dv], b and a [T, Hv].
-        let mixed = self.in_proj_qkv.forward(x, p);
-        let z = self.in_proj_z.forward(x, p);
-        let b = self.in_proj_b.forward(x, p);
-        let a = self.in_proj_a.forward(x, p);
+        let [mixed, z, b, a] =
+            forward_many(x, [&self.in_proj_qkv, &self.in_proj_z, &self.in_proj_b, &self.in_proj_a], p);
         // 2. Causal depthwise conv + SiLU over q, k and v channels, continuing the cached inputs.
-        let mixed = ops::causal_conv1d_silu(&mixed, conv, &self.conv, p);
         let key_width = d.key_heads * d.key_dim;
-        let [q, k, v]: [Tensor; 3] = ops::split_last(&mixed, &[key_width, key_width, d.value_heads * d.value_dim])
-            .try_into()
-            .expect("three parts");
+        let split = |mixed: Tensor| -> [Tensor; 3] {
+            ops::split_last(&mixed, &[key_width, key_width, d.value_heads * d.value_dim])
+                .try_into()
+                .expect("three parts")
+        };
         // 3. β = sigmoid(b), g = −exp(A_log)·softplus(a + dt_bias).
         let (beta, g) = ops::gdn_gates(&b, &a, &self.a_log, &self.dt_bias, p);
         // 4. Delta rule in f32 (l2norm of q, k and the 1/√dk scale inside), output rounded.
-        let o = ops::gated_delta_rule(&q, &k, &v, &g, &beta, state, d, algo).round(p);
+        let o = match state {
+            MixerState::Sequence { cache, algo, .. } => {
+                let LayerCache::Gdn { conv, state } = cache else { unreachable!("GDN layer with an attention cache") };
+                let [q, k, v] = split(ops::causal_conv1d_silu(&mixed, conv, &self.conv, p));
+                ops::gated_delta_rule(&q, &k, &v, &g, &beta, state, d, algo)
+            }
+            MixerState::Batch { pool, index } => {
+                let LayerPool::Gdn { conv, state } = pool else { unreachable!("GDN layer with an attention pool") };
+                let [q, k, v] = split(ops::conv1d_step(&mixed, conv, &self.conv, index.slots, p));
+                ops::gdn_step(&q, &k, &v, &g, &beta, state, index.slots, d)
+            }
+        }
+        .round(p);
         // 5. Gated RMSNorm per value head, then out_proj.
         let rows = [t * d.value_heads, d.value_dim];
         let o = ops::rms_norm_gated(&o.reshape(&rows), &z.reshape(&rows), &self.norm, m.eps, p);
@@ -222,13 +260,13 @@ impl DecoderLayer {
         })
     }
 
-    /// Runs `h [T, hidden]` (positions from `pos0`) through the layer, updating its cache.
-    pub fn forward(&self, h: &Tensor, cache: &mut LayerCache, pos0: usize, algo: GdnAlgo, ctx: &LayerCtx) -> Tensor {
+    /// Runs `h [T, hidden]` through the layer, reading and updating its mixer's state.
+    pub fn forward(&self, h: &Tensor, state: MixerState, ctx: &LayerCtx) -> Tensor {
         let p = ctx.precision;
         let x = ops::rms_norm(h, &self.input_norm, ctx.eps, 1.0, p);
         let mixed = match &self.mixer {
-            Mixer::Attention(a) => a.forward(&x, cache, pos0, ctx),
-            Mixer::Gdn(g) => g.forward(&x, cache, algo, ctx),
+            Mixer::Attention(a) => a.forward(&x, state, ctx),
+            Mixer::Gdn(g) => g.forward(&x, state, ctx),
         };
         let h = ops::add(h, &mixed, p);
         let x = ops::rms_norm(&h, &self.post_norm, ctx.eps, 1.0, p);
@@ -331,18 +369,35 @@ impl Qwen35 {
         let algo = if ids.len() == 1 { GdnAlgo::Recurrent } else { self.prefill_algo };
         let mut h = ops::embedding(&self.embed_tokens, ids);
         for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            h = layer.forward(&h, lc, pos0, algo, &self.ctx);
+            h = layer.forward(&h, MixerState::Sequence { cache: lc, pos0, algo }, &self.ctx);
         }
         cache.seq_len += ids.len();
         let h = match which {
             Logits::All => h,
             Logits::Last => ops::last_row(&h),
         };
+        Ok(self.logits(&h))
+    }
+
+    /// Final norm and LM head over the rows of `h`.
+    fn logits(&self, h: &Tensor) -> Tensor {
         let p = self.ctx.precision;
-        let h = ops::rms_norm(&h, &self.norm, self.ctx.eps, 1.0, p);
-        Ok(match &self.lm_head {
+        let h = ops::rms_norm(h, &self.norm, self.ctx.eps, 1.0, p);
+        match &self.lm_head {
             Some(head) => head.forward(&h, p),
             None => ops::linear(&h, &self.embed_tokens, None, p),
-        })
+        }
+    }
+
+    /// One decode step of a batch: token `ids[b]` of sequence b at position `index.pos[b]`, its
+    /// state in `pools` at `index`. Returns logits `[B, vocab]`. Ids must be within the
+    /// vocabulary (the runner feeds back sampled ids). Allocation-free in the sense a CUDA graph
+    /// needs: every buffer it creates is dropped before it returns.
+    pub fn decode(&self, ids: &Ids, index: BatchIndex, pools: &mut Pools) -> Tensor {
+        let mut h = ops::embedding_ids(&self.embed_tokens, ids);
+        for (layer, pool) in self.layers.iter().zip(pools.layers.iter_mut()) {
+            h = layer.forward(&h, MixerState::Batch { pool, index }, &self.ctx);
+        }
+        self.logits(&h)
     }
 }

@@ -8,7 +8,7 @@ use fp4_format::nvfp4::{self, Fp8Weight, Nvfp4Weight};
 use fp4_format::Checkpoint;
 use fp4_kernels::Tensor;
 use fp4_kernels::{ops, Precision};
-use fp4_model::{AmaxObserver, ChannelRecorder, DecoderLayer, GdnAlgo, LayerCache, LayerCtx, LoadOptions};
+use fp4_model::{AmaxObserver, ChannelRecorder, DecoderLayer, GdnAlgo, LayerCache, LayerCtx, LoadOptions, MixerState};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -135,7 +135,8 @@ pub fn quantize(
         if !observers.is_empty() || i + 1 < cfg.num_hidden_layers {
             for h in hidden.iter_mut() {
                 let mut cache = LayerCache::new(cfg, cfg.layer_types[i], fp4_kernels::Device::Cpu);
-                *h = layer.forward(h, &mut cache, 0, GdnAlgo::Chunked, &ctx);
+                let state = MixerState::Sequence { cache: &mut cache, pos0: 0, algo: GdnAlgo::Chunked };
+                *h = layer.forward(h, state, &ctx);
             }
         }
         let awq = apply_awq(ckpt, i, &mut layer, &plan, &recorders, &opts.awq, &mut overrides);

@@ -12,56 +12,56 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-const F32: Precision = Precision::F32;
+pub(super) const F32: Precision = Precision::F32;
 
 /// Deterministic normal samples (Box–Muller over a 64-bit LCG): no zeros in practice.
-struct Normal(u64);
+pub(super) struct Normal(pub(super) u64);
 
 impl Normal {
-    fn uniform(&mut self) -> f64 {
+    pub(super) fn uniform(&mut self) -> f64 {
         self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((self.0 >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
-    fn sample(&mut self) -> f32 {
+    pub(super) fn sample(&mut self) -> f32 {
         let (u, v) = (self.uniform(), self.uniform());
         ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
     }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+    pub(super) fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
         (0..n).map(|_| self.sample() * scale).collect()
     }
-    fn tensor(&mut self, shape: &[usize], scale: f32) -> Tensor {
+    pub(super) fn tensor(&mut self, shape: &[usize], scale: f32) -> Tensor {
         Tensor::from_vec(self.vec(shape.iter().product(), scale), shape)
     }
 }
 
 /// Pass/fail table rows and the JSON behind them.
 #[derive(Default)]
-struct Report {
+pub(super) struct Report {
     checks: Vec<Value>,
     failed: usize,
 }
 
 impl Report {
-    fn check(&mut self, what: &str, err: f64, tol: f64) {
+    pub(super) fn check(&mut self, what: &str, err: f64, tol: f64) {
         let pass = err.is_finite() && err <= tol;
         self.failed += usize::from(!pass);
         println!("{what:<52} err {err:.2e} (tol {tol:.0e}) {}", if pass { "ok" } else { "FAIL" });
         self.checks.push(json!({"check": what, "err": err, "tol": tol, "pass": pass}));
     }
 
-    fn require(&mut self, what: &str, pass: bool, detail: Value) {
+    pub(super) fn require(&mut self, what: &str, pass: bool, detail: Value) {
         self.failed += usize::from(!pass);
         println!("{what:<52} {}", if pass { "ok" } else { "FAIL" });
         self.checks.push(json!({"check": what, "pass": pass, "detail": detail}));
     }
 }
 
-fn gpu_t(t: &Tensor) -> Tensor {
+pub(super) fn gpu_t(t: &Tensor) -> Tensor {
     t.to_device(Device::Cuda)
 }
 
 /// max |gpu − cpu| / max |cpu|.
-fn rel_err(gpu: &Tensor, cpu: &Tensor) -> f64 {
+pub(super) fn rel_err(gpu: &Tensor, cpu: &Tensor) -> f64 {
     let (g, c) = (gpu.to_vec(), cpu.to_vec());
     assert_eq!(g.len(), c.len(), "compared tensors differ in size");
     let m = c.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30) as f64;
@@ -80,7 +80,9 @@ fn random_nvfp4(rng: &mut Normal, rows: usize, cols: usize) -> Nvfp4Weight {
 /// Linear layers: NVFP4 and bf16 (scale 1 and an FP8-style per-tensor scale) through the GEMV
 /// (≤ 8 tokens) and the GEMM (exact f32 and bf16 tensor cores), with bias and pre_quant_scale.
 fn linear_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) {
-    for (rows, cols) in [(48, 64), (96, 144), (131, 4096), (4096, 12288)] {
+    // K not a multiple of the MMA GEMV's 128-wide chunk (64, 160) or of 32 (144: CUDA-core GEMV
+    // only), rows not a multiple of its 16-row tile (131, 50), the 9B's down_proj.
+    for (rows, cols) in [(48, 64), (96, 144), (50, 160), (131, 4096), (4096, 12288)] {
         let q = random_nvfp4(rng, rows, cols);
         let w_nv = Tensor::from_vec(q.dequantize(), &[rows, cols]);
         let gw_nv = GpuWeight::Nvfp4(g.upload_nvfp4(&q));
@@ -88,18 +90,24 @@ fn linear_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) {
         let fp8_scale = 0.37;
         let gw_bf = g.upload_bf16(&w_bf, rows, cols, fp8_scale);
         let w_bf = Tensor::from_vec(w_bf.iter().map(|v| v * fp8_scale).collect(), &[rows, cols]);
-        for t in [1, 3, 40] {
-            let x = rng.tensor(&[t, cols], 1.0);
+        let tokens: &[usize] = if rows * cols > 1 << 24 { &[1, 8, 64] } else { &[1, 3, 8, 13, 40, 64, 70] };
+        for &t in tokens {
+            let mut x = rng.tensor(&[t, cols], 1.0);
+            if t == 3 {
+                x.as_mut_slice()[5] = 3.0e5; // far beyond f16's range: the per-token scale absorbs it
+            }
             for (name, gw, w) in [("nvfp4", &gw_nv, &w_nv), ("bf16·scale", &gw_bf, &w_bf)] {
                 let want = ops::linear(&x, w, None, F32);
-                let modes: &[bool] = if t <= cuda::GEMV_MAX_TOKENS { &[true] } else { &[true, false] };
-                for &exact in modes {
+                for exact in [true, false] {
                     g.set_exact_gemm(exact);
                     let got = ops::linear_gpu(&gpu_t(&x), gw, None, None, None);
-                    let (path, tol) = match (t <= cuda::GEMV_MAX_TOKENS, exact) {
-                        (true, _) => ("gemv", 1e-5),
-                        (false, true) => ("gemm f32", 1e-5),
-                        (false, false) => ("gemm bf16", 2e-2),
+                    let mma = name == "nvfp4" && t <= cuda::MMA_GEMV_MAX_TOKENS && cols % 32 == 0;
+                    // f16 activations: 2^-11 relative per element.
+                    let (path, tol) = match (t <= cuda::GEMV_MAX_TOKENS, exact, mma) {
+                        (true, true, _) | (true, false, false) => ("gemv f32", 1e-5),
+                        (false, true, _) => ("gemm f32", 1e-5),
+                        (_, false, true) => ("mma gemv f16", 2e-3),
+                        (false, false, false) => ("gemm bf16", 2e-2),
                     };
                     rep.check(&format!("linear {name} {path} {t}x{cols}→{rows}"), rel_err(&got, &want), tol);
                 }
@@ -166,10 +174,19 @@ fn w4a4_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) -> anyhow::Result<()
             let w = Tensor::from_vec(q.dequantize(), &[n, k]);
             let want = ops::linear(&Tensor::from_vec(fq, &[t, k]), &w, None, F32);
             let act = Some(cuda::ActQuant::Nvfp4 { input_scale });
-            let got = ops::linear_gpu(&gpu_t(&Tensor::from_vec(x.clone(), &[t, k])), &gw, None, None, act);
+            let xg = gpu_t(&Tensor::from_vec(x.clone(), &[t, k]));
+            let got = ops::linear_gpu(&xg, &gw, None, None, act);
             let path = if t <= cuda::GEMV_MAX_TOKENS { "fake-quant + gemv" } else { "fp4 mma" };
             let what = format!("linear w4a4 ({path}) {t}x{k}→{n} {label} vs CPU fake quant");
             rep.check(&what, rel_err(&got, &want), 1e-5);
+            if t <= cuda::GEMV_MAX_TOKENS && k % 32 == 0 {
+                // The serving path: fake-quantized activations through the tensor-core GEMV (f16).
+                g.set_exact_gemm(false);
+                let got = ops::linear_gpu(&xg, &gw, None, None, act);
+                g.set_exact_gemm(true);
+                let what = format!("linear w4a4 (fake-quant + mma gemv f16) {t}x{k}→{n} {label} vs CPU fake quant");
+                rep.check(&what, rel_err(&got, &want), 2e-3);
+            }
         }
     }
     Ok(())
@@ -379,13 +396,13 @@ fn model_checks(g: &Gpu, rep: &mut Report, a: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn short(p: &Path) -> String {
+pub(super) fn short(p: &Path) -> String {
     let parts: Vec<_> = p.components().rev().take(2).map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
     parts.into_iter().rev().collect::<Vec<_>>().join("/")
 }
 
 /// Device-to-device copy bandwidth (read + write bytes per second) over a 1 GiB buffer.
-fn copy_bandwidth(g: &Gpu) -> anyhow::Result<f64> {
+pub(super) fn copy_bandwidth(g: &Gpu) -> anyhow::Result<f64> {
     let n = 1usize << 30;
     let src = g.stream.alloc_zeros::<u8>(n)?;
     let mut dst = g.stream.alloc_zeros::<u8>(n)?;
@@ -400,38 +417,55 @@ fn copy_bandwidth(g: &Gpu) -> anyhow::Result<f64> {
     Ok(2.0 * n as f64 * iters as f64 / (ms / 1e3))
 }
 
-/// A decode-shape GEMV (one token): µs per call and weight bytes read per second.
-fn gemv_bandwidth(g: &Gpu, w: &GpuWeight) -> anyhow::Result<(f64, f64)> {
-    let x = Tensor::from_cuda(g.random_f32(w.cols(), 9, 0.0, 1.0)?, &[1, w.cols()]);
-    for _ in 0..10 {
-        ops::linear_gpu(&x, w, None, None, None);
-    }
-    let iters = 200;
-    let ms = g.time_ms(|| {
-        for _ in 0..iters {
+/// A decode-shape linear of `t` tokens: µs per call (activation conversion included) and weight
+/// bytes read per second. Timed as CUDA-graph replays, so host launch cost is left out (the
+/// engine replays graphs too).
+fn gemv_bandwidth(g: &Gpu, w: &GpuWeight, t: usize) -> anyhow::Result<(f64, f64)> {
+    let x = Tensor::from_cuda(g.random_f32(t * w.cols(), 9, 0.0, 1.0)?, &[t, w.cols()]);
+    let calls = 20;
+    let graph = g.capture(|| {
+        for _ in 0..calls {
             ops::linear_gpu(&x, w, None, None, None);
         }
         Ok(())
     })?;
-    let us = ms * 1e3 / iters as f64;
+    graph.launch()?;
+    let replays = 10;
+    let ms = g.time_ms(|| {
+        for _ in 0..replays {
+            graph.launch()?;
+        }
+        Ok(())
+    })?;
+    let us = ms * 1e3 / (calls * replays) as f64;
     Ok((us, w.bytes() as f64 / (us / 1e6)))
 }
 
 fn kernel_benches(g: &Gpu, copy: f64) -> anyhow::Result<Vec<Value>> {
     let mut out = Vec::new();
-    for (shape, rows, cols) in
-        [("gate_up (fused)", 24576, 4096), ("down_proj", 4096, 12288), ("q_proj+gate", 8192, 4096)]
-    {
+    // The 9B's decode shapes, fused as a serving engine fuses them (q/k/v, qkv/z, gate/up).
+    let shapes = [
+        ("gate_up (fused)", 24576, 4096),
+        ("down_proj", 4096, 12288),
+        ("q_proj+gate", 8192, 4096),
+        ("q/k/v (fused)", 10240, 4096),
+        ("in_proj_qkv+z (fused)", 12288, 4096),
+        ("o_proj / out_proj", 4096, 4096),
+    ];
+    for (shape, rows, cols) in shapes {
         for (fmt, w) in [("nvfp4", g.random_nvfp4(rows, cols, 1, 1e-4)?), ("bf16", g.random_bf16(rows, cols, 1, 0.02)?)]
         {
-            let (us, bw) = gemv_bandwidth(g, &w)?;
-            println!(
-                "{fmt} gemv {shape:<16} {rows}x{cols}: {us:.1} µs, {:.0} GB/s = {:.0} % of copy",
-                bw / 1e9,
-                100.0 * bw / copy
-            );
-            out.push(json!({"kernel": format!("{fmt}_gemv"), "shape": shape, "rows": rows, "cols": cols,
-                "us": us, "gb_per_s": bw / 1e9, "fraction_of_copy": bw / copy}));
+            let tokens: &[usize] = if fmt == "nvfp4" { &[1, 8, 32, 64] } else { &[1] };
+            for &t in tokens {
+                let (us, bw) = gemv_bandwidth(g, &w, t)?;
+                println!(
+                    "{fmt} gemv {shape:<22} {rows}x{cols} {t:>2} tokens: {us:.1} µs, weights at {:.0} GB/s = {:.0} % of copy",
+                    bw / 1e9,
+                    100.0 * bw / copy
+                );
+                out.push(json!({"kernel": format!("{fmt}_gemv"), "shape": shape, "rows": rows, "cols": cols,
+                    "tokens": t, "us": us, "gb_per_s": bw / 1e9, "fraction_of_copy": bw / copy}));
+            }
         }
     }
     // One Gated DeltaNet layer's delta rule over a 1,000-token prompt (9B heads), both walks.
@@ -537,12 +571,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     w4a4_checks(g, &mut rep, &mut rng)?;
     op_checks(&mut rep, &mut rng);
     model_checks(g, &mut rep, &a)?;
+    super::engine::decode_op_checks(&mut rep, &mut rng);
+    super::engine::runner_checks(g, &mut rep, &a)?;
     let copy = copy_bandwidth(g)?;
     println!("copy bandwidth (d2d, read+write): {:.0} GB/s", copy / 1e9);
     let benches = kernel_benches(g, copy)?;
     let models = match &a.synthetic {
         Some(s) => model_benches(g, &a, s, copy)?,
         None => Vec::new(),
+    };
+    let engine = match &a.synthetic {
+        Some(s) => Some(super::engine::engine_benches(g, &a, s, copy)?),
+        None => None,
     };
     let report = json!({
         "schema": "fp4.selftest.v2",
@@ -553,6 +593,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "failed": rep.failed,
         "kernel_benchmarks": benches,
         "model_benchmarks": models,
+        "engine": engine,
         "all_passed": rep.failed == 0,
     });
     if let Some(p) = &a.out {

@@ -1,0 +1,312 @@
+//! The batched decode engine on the GPU (feature `cuda`): its ops against their CPU references,
+//! the model runner against per-sequence CPU generation, and the engine benchmarks on random
+//! weights of a real shape.
+
+use super::gpu::{gpu_t, rel_err, Normal, Report, F32};
+use super::Args;
+use anyhow::Context;
+use fp4_format::Checkpoint;
+use fp4_kernels::cpu;
+use fp4_kernels::cuda::Gpu;
+use fp4_kernels::ops::{self, BatchIndex, GdnDims};
+use fp4_kernels::{Device, Ids, Tensor};
+use fp4_model::{
+    DecodeRunner, LoadOptions, Logits, Qwen35, RunnerConfig, SeqState, Synthetic, SyntheticFormat, WeightSource,
+};
+use serde_json::{json, Value};
+use std::time::Instant;
+
+/// The same u32s on the CPU and on the GPU.
+fn ids_both(v: Vec<u32>) -> (Ids, Ids) {
+    (Ids::new(v.clone(), Device::Cpu), Ids::new(v, Device::Cuda))
+}
+
+/// The decode-batch ops (per-token RoPE, paged KV write and attention, conv and delta-rule steps
+/// on state slots) against their CPU references, on random (never zero) inputs.
+pub(super) fn decode_op_checks(rep: &mut Report, rng: &mut Normal) {
+    // RoPE at per-token positions.
+    let x = rng.tensor(&[5, 16, 256], 1.0);
+    let inv = Tensor::from_vec(ops::rope_inv_freq(64, 1e7), &[32]);
+    let (pc, pg) = ids_both(vec![0, 7, 1234, 4095, 30000]);
+    let (mut want, mut got) = (x.clone(), gpu_t(&x));
+    ops::rope_at(&mut want, &inv, &pc, F32);
+    ops::rope_at(&mut got, &gpu_t(&inv), &pg, F32);
+    rep.check("rope_at 5x16x256 rotary 64, positions 0..30000", rel_err(&got, &want), 1e-5);
+
+    // Paged KV: write each token at its position, then attend over every cached position.
+    // Blocks are handed out shuffled so that tables, not layout, decide what is read.
+    for (lens, block_size, hq, hkv, d) in [
+        (vec![1usize, 17, 60], 8usize, 16usize, 4usize, 256usize),
+        (vec![3000], 32, 16, 4, 256),
+        (vec![5, 9], 4, 6, 2, 40),
+    ] {
+        let max_blocks = lens.iter().max().expect("lengths").div_ceil(block_size);
+        let blocks = lens.iter().map(|l| l.div_ceil(block_size)).sum::<usize>() + 3;
+        let mut order: Vec<u32> = (0..blocks as u32).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, (rng.uniform() * (i + 1) as f64) as usize);
+        }
+        let mut table = vec![0u32; lens.len() * max_blocks];
+        let mut next = order.into_iter();
+        for (b, l) in lens.iter().enumerate() {
+            for j in 0..l.div_ceil(block_size) {
+                table[b * max_blocks + j] = next.next().expect("enough blocks");
+            }
+        }
+        let pool_shape = [blocks * block_size, hkv, d];
+        let (kp, vp) = (rng.tensor(&pool_shape, 1.0), rng.tensor(&pool_shape, 1.0));
+        let b = lens.len();
+        let (kn, vn, q) = (rng.tensor(&[b, hkv, d], 1.0), rng.tensor(&[b, hkv, d], 1.0), rng.tensor(&[b, hq, d], 1.0));
+        let (tc, tg) = ids_both(table);
+        let (pc, pg) = ids_both(lens.iter().map(|l| *l as u32 - 1).collect());
+        let ix_c = BatchIndex { pos: &pc, slots: &pc, table: &tc, max_blocks, block_size };
+        let ix_g = BatchIndex { pos: &pg, slots: &pg, table: &tg, max_blocks, block_size };
+        let (mut kpc, mut vpc, mut kpg, mut vpg) = (kp.clone(), vp.clone(), gpu_t(&kp), gpu_t(&vp));
+        ops::kv_write(&kn, &vn, &mut kpc, &mut vpc, ix_c);
+        ops::kv_write(&gpu_t(&kn), &gpu_t(&vn), &mut kpg, &mut vpg, ix_g);
+        rep.check(
+            &format!("kv_write lens {lens:?} block {block_size}"),
+            rel_err(&kpg, &kpc).max(rel_err(&vpg, &vpc)),
+            0.0,
+        );
+        let scale = (d as f32).powf(-0.5);
+        let want = ops::paged_attention(&q, &kpc, &vpc, ix_c, scale, F32);
+        let got = ops::paged_attention(&gpu_t(&q), &kpg, &vpg, ix_g, scale, F32);
+        rep.check(
+            &format!("paged_attention lens {lens:?} block {block_size} {hq}/{hkv}x{d}"),
+            rel_err(&got, &want),
+            1e-5,
+        );
+    }
+
+    // Conv step on slots 3, 0, 5, 1 of 6.
+    let (c, k, slots) = (96, 4, vec![3u32, 0, 5, 1]);
+    let x = rng.tensor(&[slots.len(), c], 1.0);
+    let w = rng.tensor(&[c, k], 0.5);
+    let pool = rng.tensor(&[6 * (k - 1), c], 1.0);
+    let (sc, sg) = ids_both(slots.clone());
+    let (mut pc, mut pg) = (pool.clone(), gpu_t(&pool));
+    let want = ops::conv1d_step(&x, &mut pc, &w, &sc, F32);
+    let got = ops::conv1d_step(&gpu_t(&x), &mut pg, &gpu_t(&w), &sg, F32);
+    rep.check("conv1d_step 4 seqs on slots of 6, C 96 K 4", rel_err(&got, &want).max(rel_err(&pg, &pc)), 1e-6);
+
+    // Delta-rule step on slots: the 9B's heads and a grouped small geometry.
+    for d in [
+        GdnDims { key_heads: 16, value_heads: 32, key_dim: 128, value_dim: 128 },
+        GdnDims { key_heads: 2, value_heads: 6, key_dim: 16, value_dim: 40 },
+    ] {
+        let b = slots.len();
+        let q = rng.tensor(&[b, d.key_heads * d.key_dim], 1.0);
+        let kk = rng.tensor(&[b, d.key_heads * d.key_dim], 1.0);
+        let v = rng.tensor(&[b, d.value_heads * d.value_dim], 1.0);
+        let g =
+            Tensor::from_vec(rng.vec(b * d.value_heads, 0.5).iter().map(|x| -x.abs()).collect(), &[b, d.value_heads]);
+        let beta = Tensor::from_vec(
+            rng.vec(b * d.value_heads, 1.0).iter().map(|x| cpu::sigmoid(*x)).collect(),
+            &[b, d.value_heads],
+        );
+        let pool = rng.tensor(&[6 * d.value_heads, d.key_dim, d.value_dim], 0.3);
+        let (mut pc, mut pg) = (pool.clone(), gpu_t(&pool));
+        let want = ops::gdn_step(&q, &kk, &v, &g, &beta, &mut pc, &sc, d);
+        let got = ops::gdn_step(&gpu_t(&q), &gpu_t(&kk), &gpu_t(&v), &gpu_t(&g), &gpu_t(&beta), &mut pg, &sg, d);
+        let what = format!("gdn_step 4 seqs on slots, {}x{}/{}x{}", d.key_heads, d.key_dim, d.value_heads, d.value_dim);
+        rep.check(&what, rel_err(&got, &want).max(rel_err(&pg, &pc)), 1e-4);
+    }
+}
+
+/// Prompts of different lengths (1..50 tokens) for `n` sequences.
+fn prompts(n: usize, vocab: u64) -> Vec<Vec<u32>> {
+    (0..n)
+        .map(|i| {
+            let len = 1 + (i * 7 + 3) % 50;
+            (0..len as u64).map(|j| ((j * 2654435761 + 17 + 31 * i as u64) % vocab) as u32).collect()
+        })
+        .collect()
+}
+
+/// Greedy continuations of every prompt by the runner, all sequences decoded together: each
+/// prompt prefilled alone (`Qwen35::forward`), its cache moved into the runner, then `steps - 1`
+/// batched decode steps.
+fn runner_generate(model: &Qwen35, prompts: &[Vec<u32>], steps: usize, graphs: bool) -> anyhow::Result<Vec<Vec<u32>>> {
+    let cfg = RunnerConfig {
+        max_seqs: prompts.len(),
+        max_model_len: 128,
+        kv_blocks: prompts.len() * 8,
+        block_size: 16,
+        graphs,
+    };
+    let mut runner = DecodeRunner::new(model, cfg);
+    let mut sampler = fp4_model::Sampler::new(fp4_model::SamplingParams::default())?;
+    let mut seqs = Vec::new();
+    let mut out: Vec<Vec<u32>> = Vec::new();
+    for p in prompts {
+        let mut cache = model.new_cache();
+        let logits = model.forward(p, &mut cache, Logits::Last)?;
+        out.push(vec![sampler.sample_tensor(&logits)]);
+        seqs.push(runner.admit(&cache)?);
+    }
+    for _ in 1..steps {
+        let inputs: Vec<u32> = out.iter().map(|o| *o.last().expect("first token")).collect();
+        let mut refs: Vec<&mut SeqState> = seqs.iter_mut().collect();
+        let next = runner.step_greedy(model, &mut refs, &inputs)?;
+        for (o, t) in out.iter_mut().zip(next) {
+            o.push(t);
+        }
+    }
+    anyhow::ensure!(!graphs || runner.graph_replays == (steps - 1) as u64, "the runner did not replay graphs");
+    Ok(out)
+}
+
+/// The runner (paged KV, state slots, batched steps, CUDA graphs or eager) against plain
+/// per-sequence generation on the CPU: greedy, token for token, at batch sizes 1 to 64.
+pub(super) fn runner_checks(g: &Gpu, rep: &mut Report, a: &Args) -> anyhow::Result<()> {
+    let f = &a.fixtures;
+    let mut sources: Vec<(String, Box<dyn WeightSource>)> = Vec::new();
+    for dir in [f.join("tiny-text"), f.join("modelopt/tiny-quant/nvfp4_default")] {
+        let ckpt = Checkpoint::open(&dir).with_context(|| format!("cannot open {}", dir.display()))?;
+        sources.push((super::gpu::short(&dir), Box::new(ckpt)));
+    }
+    sources.push((
+        "synthetic tiny nvfp4".into(),
+        Box::new(Synthetic::named("tiny", SyntheticFormat::Nvfp4 { mlp_only: false }, 5)?),
+    ));
+    let steps = 12;
+    for (name, src) in &sources {
+        let cpu_model = Qwen35::load(src.as_ref(), LoadOptions::new(F32))?;
+        let gpu_model = Qwen35::load(src.as_ref(), LoadOptions::new(F32).on(Device::Cuda))?;
+        let all = prompts(64, cpu_model.config.vocab_size as u64);
+        let mut sampler = fp4_model::Sampler::new(fp4_model::SamplingParams::default())?;
+        let opts = fp4_model::GenerateOptions { max_tokens: steps, stop_ids: vec![] };
+        let want: Vec<Vec<u32>> = all
+            .iter()
+            .map(|p| fp4_model::generate(&cpu_model, p, &opts, &mut sampler, |_| {}))
+            .collect::<Result<_, _>>()?;
+        g.set_exact_gemm(true);
+        for n in [1, 3, 8, 64] {
+            for graphs in [true, false] {
+                let got = runner_generate(&gpu_model, &all[..n], steps, graphs)?;
+                let same = got == want[..n];
+                let mode = if graphs { "graph" } else { "eager" };
+                let what = format!("runner {name}: {n} seqs batched ({mode}) = CPU one by one, greedy {steps}");
+                let detail = if same { json!({}) } else { json!({"cpu": &want[..n], "gpu": got}) };
+                rep.require(&what, same, detail);
+            }
+        }
+        // The serving kernels (tensor-core GEMV, bf16 activations): graph replay = eager, bit for bit.
+        g.set_exact_gemm(false);
+        let (eager, graph) = (
+            runner_generate(&gpu_model, &all[..8], steps, false)?,
+            runner_generate(&gpu_model, &all[..8], steps, true)?,
+        );
+        rep.require(&format!("runner {name}: fast kernels, graph = eager (8 seqs)"), eager == graph, json!({}));
+    }
+    Ok(())
+}
+
+/// Tokens per second of `steps` greedy decode steps of every sequence in `seqs`.
+fn decode_rate(
+    runner: &mut DecodeRunner,
+    model: &Qwen35,
+    seqs: &mut [SeqState],
+    warm: usize,
+    steps: usize,
+) -> anyhow::Result<f64> {
+    let mut inputs: Vec<u32> = vec![1; seqs.len()];
+    let run = |runner: &mut DecodeRunner, seqs: &mut [SeqState], inputs: &mut Vec<u32>| -> anyhow::Result<()> {
+        let mut refs: Vec<&mut SeqState> = seqs.iter_mut().collect();
+        *inputs = runner.step_greedy(model, &mut refs, inputs)?;
+        Ok(())
+    };
+    for _ in 0..warm {
+        run(runner, seqs, &mut inputs)?;
+    }
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        run(runner, seqs, &mut inputs)?;
+    }
+    Ok((steps * seqs.len()) as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// Time to first token of a `n`-token prompt: prefill and pick the token; median of 3 after a warm-up.
+fn ttft_ms(model: &Qwen35, n: usize) -> anyhow::Result<f64> {
+    let vocab = model.config.vocab_size as u64;
+    let ids: Vec<u32> = (0..n as u64).map(|i| ((i * 2654435761 + 11) % vocab) as u32).collect();
+    let mut sampler = fp4_model::Sampler::new(fp4_model::SamplingParams::default())?;
+    let mut runs = Vec::new();
+    for i in 0..4 {
+        let t0 = Instant::now();
+        let l = model.forward(&ids, &mut model.new_cache(), Logits::Last)?;
+        sampler.sample_tensor(&l);
+        if i > 0 {
+            runs.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    runs.sort_by(f64::total_cmp);
+    Ok(runs[1])
+}
+
+/// The engine benchmarks (schema `fp4.engine-bench.v1`'s `fp4` part): decode at batch 1 through
+/// the runner (graph and eager), aggregate decode of 1/8/32/64 streams after a 1k prompt, decode
+/// at context depth, TTFT of 1k and 4k prompts.
+pub(super) fn engine_benches(g: &Gpu, _a: &Args, name: &str, copy: f64) -> anyhow::Result<Value> {
+    g.set_exact_gemm(false);
+    let mut out = json!({"copy_gb_per_s": copy / 1e9});
+    for (label, format) in [("nvfp4", SyntheticFormat::Nvfp4 { mlp_only: false }), ("bf16", SyntheticFormat::Bf16)] {
+        let src = Synthetic::named(name, format, 1)?;
+        let mut model = Qwen35::load(&src, LoadOptions::new(F32).on(Device::Cuda))?;
+        let bytes: usize = model.linears_mut().iter().map(|l| l.gpu_weight_bytes()).sum::<usize>()
+            + model.lm_head().map_or(0, |l| l.gpu_weight_bytes());
+        let model = model;
+        let cfg = RunnerConfig::from_budget(&model.config, 64, 33_000, 32, 16 << 30, true)?;
+        let mut runner = DecodeRunner::new(&model, cfg);
+        let vocab = model.config.vocab_size as u64;
+        let prompt: Vec<u32> = (0..1000u64).map(|i| ((i * 2654435761 + 5) % vocab) as u32).collect();
+        let mut cache = model.new_cache();
+        model.forward(&prompt, &mut cache, Logits::Last)?;
+        let roofline = copy / bytes as f64;
+        out[format!("bytes_per_token_{label}")] = json!(bytes);
+
+        let mut one = vec![runner.admit(&cache)?];
+        let bs1 = decode_rate(&mut runner, &model, &mut one, 8, 128)?;
+        out[format!("decode_bs1_{label}")] = json!(bs1);
+        println!("engine {name} {label}: decode bs=1 {bs1:.1} tok/s (graphs; {:.0} % of the {roofline:.0} tok/s copy roofline)", 100.0 * bs1 / roofline);
+        if label == "nvfp4" {
+            let mut eager = DecodeRunner::new(&model, RunnerConfig { graphs: false, ..cfg });
+            let mut e1 = vec![eager.admit(&cache)?];
+            let bs1_eager = decode_rate(&mut eager, &model, &mut e1, 4, 64)?;
+            drop(eager);
+            out["decode_bs1_nvfp4_eager"] = json!(bs1_eager);
+            println!("engine {name} {label}: decode bs=1 eager {bs1_eager:.1} tok/s");
+            let mut depth = serde_json::Map::new();
+            for d in [0usize, 4096, 16384, 32768] {
+                runner.set_len_for_benchmark(&mut one[0], d)?;
+                let r = decode_rate(&mut runner, &model, &mut one, 4, 64)?;
+                println!("engine {name} {label}: decode at depth {d}: {r:.1} tok/s");
+                depth.insert(d.to_string(), json!(r));
+            }
+            out["decode_depth"] = Value::Object(depth);
+        }
+        runner.release(one.pop().expect("one sequence"));
+        let mut agg = serde_json::Map::new();
+        let streams: &[usize] = if label == "nvfp4" { &[1, 8, 32, 64] } else { &[1, 8] };
+        for &n in streams {
+            let mut seqs = (0..n).map(|_| runner.admit(&cache)).collect::<Result<Vec<_>, _>>()?;
+            let r = decode_rate(&mut runner, &model, &mut seqs, 4, 64)?;
+            println!("engine {name} {label}: aggregate decode {n} streams (1k prompt): {r:.0} tok/s");
+            agg.insert(n.to_string(), json!(r));
+            for s in seqs {
+                runner.release(s);
+            }
+        }
+        out[format!("aggregate_decode_{label}")] = Value::Object(agg);
+        if label == "nvfp4" {
+            drop(runner);
+            for n in [1000, 4000] {
+                let ms = ttft_ms(&model, n)?;
+                println!("engine {name} {label}: TTFT {n} tokens {ms:.1} ms");
+                out[format!("ttft_{}k_nvfp4_ms", n / 1000)] = json!(ms);
+            }
+        }
+    }
+    Ok(out)
+}
