@@ -186,6 +186,13 @@ fn concurrency_and_disconnects() {
         let strip = |m: &Value| (m["content"].clone(), m["reasoning_content"].clone());
         assert_eq!(strip(a), strip(b));
     }
+    // Concurrent sequences were decoded together: more than one sequence per decode step.
+    let (_, m) = s.request("GET", "/metrics", None, &[]).unwrap();
+    let metric = |name: &str| -> f64 {
+        m.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or_else(|| panic!("{name} in {m}"))
+    };
+    let (steps, tokens) = (metric("fp4_decode_steps_total "), metric("fp4_decode_step_tokens_total "));
+    assert!(steps > 0.0 && tokens / steps > 1.2, "{tokens} tokens in {steps} decode steps");
     // Disconnect: read the first bytes of a long stream, then hang up.
     let mut c = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
     let req = json!({"messages": user("Tell me a long story"), "max_tokens": 200, "stream": true, "temperature": 0, "ignore_eos": true}).to_string();
@@ -222,19 +229,28 @@ fn a_full_queue_answers_429() {
 #[test]
 fn bad_flags_fail_clearly() {
     let (_d, model) = model_dir();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port().to_string();
     for (flag, val, needle) in [
         ("--reasoning-parser", "deepseek_r1", "qwen3"),
         ("--tool-call-parser", "hermes", "qwen3_coder"),
         ("--quantization", "modelopt", "no quantization config"),
         ("--quantization", "awq", "not supported"),
+        ("--max-num-seqs", "0", "--max-num-seqs must be at least 1"),
+        ("--max-model-len", "100000000", "exceeds the model's max_position_embeddings"),
+        // A port in use is reported before the model loads.
+        ("--port", taken_port.as_str(), "cannot listen on 127.0.0.1"),
     ] {
-        let o = Command::new(env!("CARGO_BIN_EXE_fp4"))
-            .args(["serve", "--model", model.to_str().unwrap(), "--port", "1", flag, val])
-            .output()
-            .unwrap();
+        let mut args = vec!["serve", "--model", model.to_str().unwrap(), "--host", "127.0.0.1"];
+        if flag != "--port" {
+            args.extend(["--port", "0"]);
+        }
+        args.extend([flag, val]);
+        let o = Command::new(env!("CARGO_BIN_EXE_fp4")).args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(needle), "{flag} {val}: {err}");
     }
+    drop(taken);
 }
 
 /// SIGTERM: in-flight streams finish, then the server exits cleanly.
@@ -272,4 +288,136 @@ fn sigterm_drains_in_flight_requests() {
         assert!(started.elapsed() < Duration::from_secs(30), "server did not exit after SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Lengths and ids that would wrap around are refused, naming the field: a max_tokens near 2^64
+/// (prompt + max_tokens overflows), token ids of 2^32 and more (they must not become token 0), and an
+/// oversize text-completion prompt names `prompt`, not `messages`.
+#[test]
+fn lengths_and_ids_never_wrap() {
+    let s = start(&[]);
+    let cases = [
+        (
+            "/v1/completions",
+            json!({"prompt": "hi", "max_tokens": 18446744073709551000u64, "ignore_eos": true}),
+            "max_tokens",
+        ),
+        ("/v1/completions", json!({"prompt": [1, 4294967296u64], "max_tokens": 2}), "prompt"),
+        ("/v1/completions", json!({"prompt": [1, 4294967295u64], "max_tokens": 2}), "prompt"),
+        ("/v1/completions", json!({"prompt": "word ".repeat(3000), "max_tokens": 2}), "prompt"),
+        ("/detokenize", json!({"tokens": [4294967296u64]}), "tokens"),
+        ("/detokenize", json!({"tokens": [1, 4294967297u64]}), "tokens"),
+    ];
+    for (path, body, param) in cases {
+        let (status, v) = s.post(path, &body);
+        assert_eq!(status, 400, "{path} {body}: {v}");
+        assert_eq!(v["error"]["param"], param, "{path} {body}: {v}");
+    }
+    // A max_tokens that fits is still served within the context limit.
+    let (status, v) = s.post("/v1/completions", &json!({"prompt": "hi", "max_tokens": 8, "ignore_eos": true}));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 8);
+}
+
+/// `--max-waiting-requests` bounds the requests waiting for a slot however they arrive (not only
+/// bursts): staggered streams beyond one running and one waiting get 429.
+#[test]
+fn waiting_bound_holds_for_staggered_requests() {
+    let s = start(&["--max-num-seqs", "1", "--max-waiting-requests", "1"]);
+    let body = json!({"prompt": "hello", "max_tokens": 2000, "ignore_eos": true, "stream": true}).to_string();
+    let mut open = Vec::new();
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let mut c = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        write!(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut line = String::new();
+        BufReader::new(&c).read_line(&mut line).unwrap();
+        statuses.push(line.split_whitespace().nth(1).unwrap_or("").to_string());
+        open.push(c);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let accepted = statuses.iter().filter(|s| *s == "200").count();
+    assert_eq!(accepted, 2, "one running, one waiting, the rest refused: {statuses:?}");
+    assert!(statuses.iter().all(|s| s == "200" || s == "429"), "{statuses:?}");
+}
+
+/// A request whose reservation cannot fit the whole cache budget is a 400 naming the budget (not a
+/// 500, and not a 200 stream that then fails).
+#[test]
+fn requests_beyond_the_cache_budget_are_400() {
+    let s = start(&["--cache-budget", "2MiB", "--max-num-seqs", "2"]);
+    for stream in [false, true] {
+        let body = json!({"prompt": "hello", "max_tokens": 2000, "stream": stream});
+        let (status, text) = s.request("POST", "/v1/completions", Some(&body.to_string()), &[]).unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
+        assert_eq!(status, 400, "stream {stream}: {text}");
+        assert_eq!(v["error"]["param"], "max_tokens", "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("--cache-budget"), "{v}");
+    }
+    let (status, v) = s.post("/v1/completions", &json!({"prompt": "hello", "max_tokens": 4}));
+    assert_eq!(status, 200, "a request that fits is served: {v}");
+    // Once all work has ended the gauges say so (they are not left at the last step's values).
+    let started = Instant::now();
+    loop {
+        let (_, m) = s.request("GET", "/metrics", None, &[]).unwrap();
+        let idle = ["fp4_num_requests_running ", "fp4_cache_bytes_used "]
+            .iter()
+            .all(|g| m.lines().any(|l| l.strip_prefix(g).is_some_and(|v| v.trim() == "0")));
+        if idle {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "gauges stale after all work ended:\n{m}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The router's own errors are OpenAI JSON too, and the API key is checked before the body is read.
+#[test]
+fn router_errors_are_openai_json() {
+    let s = start(&["--api-key", "k"]);
+    let auth = [("Authorization", "Bearer k")];
+    let big = "x".repeat(3 << 20);
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, &'a [(&'a str, &'a str)], u16);
+    let cases: [Case; 5] = [
+        ("GET", "/v1/chat/completions", None, &auth, 405),
+        ("GET", "/no/such/route", None, &auth, 404),
+        ("POST", "/v1/completions", Some(big.as_str()), &auth, 413),
+        ("POST", "/v1/completions", Some(big.as_str()), &[], 401),
+        ("POST", "/v1/completions", Some("{}"), &[], 401),
+    ];
+    for (method, path, body, headers, code) in cases {
+        let (status, text) = s.request(method, path, body, headers).unwrap();
+        assert_eq!(status, code, "{method} {path}: {text}");
+        let v: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text}"));
+        assert_eq!(v["error"]["code"], code, "{v}");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    }
+}
+
+/// Parsing, rendering and tokenizing run off the async runtime: while large requests are being
+/// tokenized, /health still answers at once.
+#[test]
+fn large_requests_do_not_stall_health() {
+    let s = start(&[]);
+    let body = json!({"prompt": "word and more words, ".repeat(90_000)}).to_string();
+    assert!(body.len() > 1_800_000 && body.len() < 2 << 20);
+    let server = &s;
+    std::thread::scope(|sc| {
+        let workers: Vec<_> =
+            (0..8).map(|_| sc.spawn(|| server.request("POST", "/tokenize", Some(&body), &[]).unwrap().0)).collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let mut worst = Duration::ZERO;
+        for _ in 0..5 {
+            let t0 = Instant::now();
+            let (status, _) = server.request("GET", "/health", None, &[]).unwrap();
+            assert_eq!(status, 200);
+            worst = worst.max(t0.elapsed());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for w in workers {
+            assert_eq!(w.join().unwrap(), 200);
+        }
+        assert!(worst < Duration::from_secs(2), "/health took {worst:?} while large requests were tokenized");
+    });
 }

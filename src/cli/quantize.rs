@@ -92,7 +92,7 @@ pub struct Args {
     /// Precision of the calibration forward pass.
     #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
     calib_dtype: Dtype,
-    /// Replace the output directory if it exists.
+    /// Replace the output directory if it is an earlier fp4 output (holds quant_report.json).
     #[arg(long)]
     force: bool,
 }
@@ -184,6 +184,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let (strategy, algorithm) = (a.strategy.expect("merged"), a.algorithm.expect("merged"));
     let ckpt = Checkpoint::open(&a.model).with_context(|| format!("cannot open model {}", a.model.display()))?;
     export::check_output(&ckpt, &a.output, a.force)?;
+    export::remove_stale_temps(&a.output)?;
     anyhow::ensure!(
         a.calib_samples != Some(0) && a.calib_seq_len != Some(0),
         "--calib-samples and --calib-seq-len must be positive"

@@ -35,7 +35,8 @@ pub struct Args {
     /// Requests allowed to wait for a slot; more get HTTP 429.
     #[arg(long, default_value_t = 64)]
     max_waiting_requests: usize,
-    /// Bytes for all sequences' caches (KV + GDN state), e.g. 2GiB or 512MiB.
+    /// Bytes for all sequences' caches (KV + GDN state), e.g. 2GiB or 512MiB: GDN state slots
+    /// for --max-num-seqs sequences, the rest paged KV blocks.
     #[arg(long, default_value = "2GiB")]
     cache_budget: String,
     /// Require `Authorization: Bearer KEY` on /v1 routes.
@@ -58,7 +59,8 @@ pub struct Args {
     /// Checked against the checkpoint (modelopt or compressed-tensors NVFP4).
     #[arg(long)]
     quantization: Option<String>,
-    /// Accepted for vLLM compatibility (fp4 serves the text model only, without CUDA graphs on CPU).
+    /// Run every decode step eagerly instead of replaying CUDA graphs (vLLM's flag; graphs are
+    /// on by default on the GPU and never used on the CPU).
     #[arg(long)]
     enforce_eager: bool,
     #[arg(long)]
@@ -103,7 +105,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         bail!("--enable-auto-tool-choice needs --tool-call-parser qwen3_coder");
     }
     for (set, flag) in [
-        (a.enforce_eager, "--enforce-eager"),
         (a.language_model_only, "--language-model-only"),
         (a.gpu_memory_utilization.is_some(), "--gpu-memory-utilization"),
         (a.trust_remote_code, "--trust-remote-code"),
@@ -112,6 +113,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             tracing::info!("{flag} accepted; it does not change anything for fp4's CPU engine (text model only, explicit --cache-budget)");
         }
     }
+    anyhow::ensure!(a.max_num_seqs >= 1, "--max-num-seqs must be at least 1");
+    anyhow::ensure!(a.max_waiting_requests >= 1, "--max-waiting-requests must be at least 1");
+    // Listen first: a port in use is reported before minutes of model loading.
+    let listener = std::net::TcpListener::bind((a.host.as_str(), a.port))
+        .with_context(|| format!("cannot listen on {}:{}", a.host, a.port))?;
+    listener.set_nonblocking(true)?;
     let ckpt = Checkpoint::open(&model_path).with_context(|| format!("cannot open model {}", model_path.display()))?;
     if let Some(q) = &a.quantization {
         match (q.as_str(), &ckpt.quant) {
@@ -141,7 +148,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Some(s) => serde_json::from_str(s).context("--default-chat-template-kwargs must be a JSON object")?,
         None => Map::new(),
     };
-    let max_model_len = a.max_model_len.unwrap_or(ckpt.config.max_position_embeddings);
+    let positions = ckpt.config.max_position_embeddings;
+    if let Some(n) = a.max_model_len {
+        anyhow::ensure!(
+            n <= positions,
+            "--max-model-len {n} exceeds the model's max_position_embeddings ({positions})"
+        );
+    }
+    let max_model_len = a.max_model_len.unwrap_or(positions);
     anyhow::ensure!(max_model_len >= 2, "--max-model-len must be at least 2");
     let cache_budget = parse_bytes(&a.cache_budget)?;
     let started = std::time::Instant::now();
@@ -159,12 +173,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let engine = engine::start(
         model,
         EngineConfig {
-            max_num_seqs: a.max_num_seqs.max(1),
+            max_num_seqs: a.max_num_seqs,
             max_model_len,
-            max_waiting: a.max_waiting_requests.max(1),
+            max_waiting: a.max_waiting_requests,
             cache_budget_bytes: cache_budget,
+            cuda_graphs: !a.enforce_eager,
         },
-    );
+    )
+    .with_context(|| format!("--cache-budget {} with --max-num-seqs {}", a.cache_budget, a.max_num_seqs))?;
     let state = Arc::new(AppState {
         engine,
         tokenizer: Arc::new(tokenizer),
@@ -184,12 +200,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         vocab_size,
     });
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(serve(state, &a.host, a.port, a.shutdown_timeout))
+    rt.block_on(serve(state, listener, a.shutdown_timeout))
 }
 
-async fn serve(state: Arc<AppState>, host: &str, port: u16, shutdown_timeout: u64) -> anyhow::Result<()> {
-    let listener =
-        tokio::net::TcpListener::bind((host, port)).await.with_context(|| format!("cannot listen on {host}:{port}"))?;
+async fn serve(state: Arc<AppState>, listener: std::net::TcpListener, shutdown_timeout: u64) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
     let addr = listener.local_addr()?;
     // Warm up: one token through the engine before /health says ready.
     let warm = GenRequest {

@@ -15,8 +15,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Files of the source directory that the export regenerates instead of copying.
-const REGENERATED: [&str; 4] =
-    ["config.json", "hf_quant_config.json", "model.safetensors.index.json", "quant_report.json"];
+const REGENERATED: [&str; 4] = ["config.json", "hf_quant_config.json", "model.safetensors.index.json", REPORT];
 
 pub struct ExportOptions {
     pub force: bool,
@@ -32,52 +31,102 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> QuantError + '_ {
     move |e| out_err(path, e.to_string())
 }
 
-/// Checks that `out` can be written (before any long work starts).
+/// The file that marks a directory as an fp4 output (`--force` replaces only such directories).
+pub const REPORT: &str = "quant_report.json";
+
+/// Checks that `out` can be written (before any long work starts): it must not exist, or, with
+/// `force`, be a previous fp4 output (it holds `quant_report.json`) that neither is nor contains
+/// the source. Nothing fp4 did not write is ever replaced.
 pub fn check_output(ckpt: &Checkpoint, out: &Path, force: bool) -> Result<()> {
-    if out.exists() {
-        if !force {
-            return Err(out_err(out, "already exists; pass --force to replace it"));
+    if !out.exists() {
+        return Ok(());
+    }
+    if !out.is_dir() {
+        return Err(out_err(out, "exists and is not a directory; choose a directory to write the checkpoint to"));
+    }
+    if !force {
+        return Err(out_err(out, "already exists; pass --force to replace it (only an earlier fp4 output)"));
+    }
+    let (src, dst) = (ckpt.dir.canonicalize().ok(), out.canonicalize().ok());
+    if let (Some(src), Some(dst)) = (&src, &dst) {
+        if src.starts_with(dst) {
+            return Err(out_err(out, "is or contains the source checkpoint; choose another output directory"));
         }
-        if out.canonicalize().ok() == ckpt.dir.canonicalize().ok() {
-            return Err(out_err(out, "is the source checkpoint; choose another output directory"));
+    }
+    if !out.join(REPORT).is_file() {
+        return Err(out_err(
+            out,
+            format!("is not an fp4 output (no {REPORT}): --force replaces only directories fp4 wrote; remove it yourself or choose another"),
+        ));
+    }
+    Ok(())
+}
+
+/// The directory `out` is written in, and the prefix of fp4's temporary directories there.
+fn temp_stem(out: &Path) -> Result<(PathBuf, String)> {
+    let name = out.file_name().and_then(|n| n.to_str()).ok_or_else(|| out_err(out, "needs a directory name"))?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok((parent, format!(".{name}.fp4-tmp-")))
+}
+
+/// Removes temporary directories of earlier runs for `out` whose process is gone (killed runs).
+pub fn remove_stale_temps(out: &Path) -> Result<()> {
+    let (parent, stem) = temp_stem(out)?;
+    let Ok(entries) = std::fs::read_dir(&parent) else { return Ok(()) };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix(&stem).and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let alive = pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists();
+        if !alive && e.path().is_dir() {
+            let _ = std::fs::remove_dir_all(e.path());
         }
     }
     Ok(())
 }
 
 fn temp_dir_for(out: &Path) -> Result<(PathBuf, String)> {
-    let name = out.file_name().and_then(|n| n.to_str()).ok_or_else(|| out_err(out, "needs a directory name"))?;
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let (parent, stem) = temp_stem(out)?;
     std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-    let stem = format!(".{name}.fp4-tmp-");
-    // Leftovers of killed runs.
-    if let Ok(entries) = std::fs::read_dir(&parent) {
-        for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&stem) {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
+    remove_stale_temps(out)?;
     Ok((parent.join(format!("{stem}{}", std::process::id())), stem))
 }
 
-/// Writes the quantized checkpoint to `out`.
+/// Writes the quantized checkpoint to `out`: into a temporary directory beside it, renamed into
+/// place last. An earlier output being replaced is moved aside first and removed only once the
+/// new one is in place; on any failure the temporary directory is removed and the earlier output
+/// stays.
 pub fn write(ckpt: &Checkpoint, result: &QuantResult, out: &Path, opts: &ExportOptions) -> Result<()> {
     check_output(ckpt, out, opts.force)?;
-    let (tmp, _) = temp_dir_for(out)?;
+    let (tmp, stem) = temp_dir_for(out)?;
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    let written = write_contents(ckpt, result, &tmp, opts);
-    if let Err(e) = written {
+    let fail = |e: QuantError| {
         let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
+        Err(e)
+    };
+    if let Err(e) = write_contents(ckpt, result, &tmp, opts) {
+        return fail(e);
     }
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(io(out))?;
+    // Not named like a temporary directory: a crash right here must not let a later run delete it.
+    let old = out
+        .exists()
+        .then(|| tmp.with_file_name(format!("{}-replaced-{}", stem.trim_end_matches("-tmp-"), std::process::id())));
+    if let Some(old) = &old {
+        if let Err(e) = std::fs::rename(out, old) {
+            return fail(out_err(out, format!("cannot move the earlier output aside: {e}")));
+        }
     }
-    std::fs::rename(&tmp, out).map_err(io(out))?;
+    if let Err(e) = std::fs::rename(&tmp, out) {
+        if let Some(old) = &old {
+            let _ = std::fs::rename(old, out);
+        }
+        return fail(out_err(out, e.to_string()));
+    }
+    if let Some(old) = &old {
+        let _ = std::fs::remove_dir_all(old);
+    }
     Ok(())
 }
 
@@ -185,7 +234,13 @@ fn write_contents(ckpt: &Checkpoint, result: &QuantResult, dir: &Path, opts: &Ex
     if config.get("vision_config").is_some() && !dir.join("preprocessor_config.json").exists() {
         write_json(&dir.join("preprocessor_config.json"), &preprocessor_stub(&config))?;
     }
-    write_json(&dir.join("quant_report.json"), &report(result, opts))?;
+    write_json(&dir.join(REPORT), &report(result, opts))?;
+    // safetensors writes its files owner-only; give them the mode every other file got.
+    let mode = std::fs::metadata(dir.join(REPORT)).map_err(io(dir))?.permissions();
+    for file in files.keys() {
+        let path = dir.join(file);
+        std::fs::set_permissions(&path, mode.clone()).map_err(io(&path))?;
+    }
     Ok(())
 }
 

@@ -1,13 +1,16 @@
-//! The engine: one scheduler thread that owns the model and every sequence's cache.
+//! The engine: one scheduler thread that owns the model and every sequence's state.
 //!
-//! Each step it admits waiting requests while slots and cache budget allow, advances every
-//! prefilling sequence by one chunk of its prompt, and decodes one token for every running
-//! sequence, so long prompts never stall other streams (continuous batching at the scheduler
-//! level; the CPU model computes sequences one after another within a step). A request whose
-//! receiver is gone (client disconnected, stop string seen) is cancelled and its slot freed at the
-//! next step. Requests beyond the waiting-queue bound are refused at once (HTTP 429).
+//! Each step it admits waiting requests while slots and KV blocks allow, advances every
+//! prefilling sequence by one chunk of its prompt (on its own contiguous cache), and then decodes
+//! one token for every running sequence in one batched forward of the model runner
+//! ([`DecodeRunner`]: GDN state slots and paged KV from the cache budget; on the GPU a CUDA graph
+//! per batch-size bucket). Greedy sequences without penalties or logprobs pick their token on the
+//! device; the others get their logits row and sample on the host. A request whose receiver is
+//! gone (client disconnected, stop string seen) is cancelled and its slot freed at the next step.
+//! Requests beyond the waiting-queue bound are refused at once (HTTP 429).
 
-use fp4_model::{Cache, Logits, Qwen35, Sampler, SamplingParams};
+use fp4_model::runner::RunnerError;
+use fp4_model::{Cache, DecodeRunner, Logits, Qwen35, RunnerConfig, Sampler, SamplingParams, SeqState};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -16,6 +19,8 @@ use tokio::sync::mpsc as tmpsc;
 
 /// Tokens of a prompt processed per scheduler step while other sequences wait.
 const PREFILL_CHUNK: usize = 256;
+/// Tokens per KV block of the runner's paged cache.
+const KV_BLOCK: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -23,8 +28,11 @@ pub struct EngineConfig {
     pub max_model_len: usize,
     /// Requests that may wait for a slot before new ones are refused.
     pub max_waiting: usize,
-    /// Bytes all sequences' caches may use together.
+    /// Bytes all sequences' caches may use together (the runner's pools: GDN state slots for
+    /// `max_num_seqs` sequences, the rest KV blocks).
     pub cache_budget_bytes: usize,
+    /// Replay decode steps from CUDA graphs (GPU); `false` = `--enforce-eager`.
+    pub cuda_graphs: bool,
 }
 
 /// Penalties applied to logits before sampling (vLLM semantics).
@@ -80,6 +88,10 @@ pub enum SubmitError {
     Overloaded(usize),
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error(
+        "the request needs cache for {need} tokens (prompt + max_tokens) but the whole --cache-budget of {budget} bytes holds {capacity}; lower max_tokens or raise --cache-budget"
+    )]
+    TooLarge { need: usize, capacity: usize, budget: usize },
 }
 
 /// Counters for /metrics.
@@ -92,6 +104,12 @@ pub struct Stats {
     pub requests_cancelled: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
+    /// Batched decode steps, the sequences they decoded, those replayed from a CUDA graph, and
+    /// their summed wall time in microseconds.
+    pub decode_steps: AtomicU64,
+    pub decode_batch_tokens: AtomicU64,
+    pub graph_replays: AtomicU64,
+    pub decode_step_micros: AtomicU64,
 }
 
 struct Submission {
@@ -105,6 +123,10 @@ pub struct EngineHandle {
     pub stats: Arc<Stats>,
     shutting_down: Arc<AtomicBool>,
     max_waiting: usize,
+    max_model_len: usize,
+    budget: usize,
+    /// Tokens the KV pool holds in all (one sequence's reservation must fit in it).
+    kv_tokens: usize,
 }
 
 impl EngineHandle {
@@ -113,14 +135,27 @@ impl EngineHandle {
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err(SubmitError::ShuttingDown);
         }
+        // The KV blocks reserved at admission: prompt + max_tokens and the next position.
+        let need = req.prompt.len().saturating_add(req.max_tokens).min(self.max_model_len) + 1;
+        if need > self.kv_tokens {
+            return Err(SubmitError::TooLarge { need, capacity: self.kv_tokens, budget: self.budget });
+        }
+        // Waiting requests are counted from submission to admission (the engine drains the
+        // channel into its own queue, so the channel's capacity alone would bound only bursts).
+        if self.stats.waiting.fetch_add(1, Ordering::SeqCst) >= self.max_waiting {
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::Overloaded(self.max_waiting));
+        }
         let (events, rx) = tmpsc::unbounded_channel();
         match self.tx.try_send(Submission { req, events }) {
-            Ok(()) => {
-                self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-                Ok(rx)
+            Ok(()) => Ok(rx),
+            Err(e) => {
+                self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+                Err(match e {
+                    mpsc::TrySendError::Full(_) => SubmitError::Overloaded(self.max_waiting),
+                    mpsc::TrySendError::Disconnected(_) => SubmitError::ShuttingDown,
+                })
             }
-            Err(mpsc::TrySendError::Full(_)) => Err(SubmitError::Overloaded(self.max_waiting)),
-            Err(mpsc::TrySendError::Disconnected(_)) => Err(SubmitError::ShuttingDown),
         }
     }
 
@@ -130,49 +165,124 @@ impl EngineHandle {
     }
 }
 
-/// Cache bytes one sequence of `tokens` tokens needs (f32 CPU caches).
+/// Cache bytes one sequence of `tokens` tokens needs (f32 KV and GDN state).
 pub fn cache_bytes(model: &Qwen35, tokens: usize) -> usize {
     let c = &model.config;
-    let attn = c.num_layers_of(fp4_format::LayerType::FullAttention);
-    let gdn = c.num_layers_of(fp4_format::LayerType::LinearAttention);
-    let kv = attn * 2 * c.num_key_value_heads * c.head_dim * tokens;
-    let state = gdn
-        * (c.linear_num_value_heads * c.linear_key_head_dim * c.linear_value_head_dim
-            + (c.linear_conv_kernel_dim - 1) * c.linear_conv_dim());
-    (kv + state) * 4
+    fp4_model::Pools::slot_bytes(c) + tokens.div_ceil(KV_BLOCK) * fp4_model::Pools::block_bytes(c, KV_BLOCK)
+}
+
+/// Where a sequence's state lives: its own cache while the prompt is prefilled, then the runner.
+enum SeqCache {
+    Prefill(Cache),
+    Decode(SeqState),
 }
 
 struct Sequence {
     req: GenRequest,
     events: tmpsc::UnboundedSender<Event>,
-    cache: Cache,
+    cache: SeqCache,
     /// Prompt tokens processed so far.
     prefilled: usize,
     generated: Vec<u32>,
     counts: HashMap<u32, u32>,
     sampler: Sampler,
-    /// Last logits row (after prefill or the last decode).
+    /// Last logits row (after prefill or the last host-sampled decode).
     logits: Vec<f32>,
-    reserved: usize,
+    /// KV blocks set aside for the whole sequence (prompt + max_tokens) at admission.
+    reserved_blocks: usize,
 }
 
-/// Starts the engine thread.
-pub fn start(model: Qwen35, cfg: EngineConfig) -> EngineHandle {
+impl Sequence {
+    /// Greedy with nothing that needs the logits on the host: the device picks the token.
+    fn device_greedy(&self) -> bool {
+        let p = self.req.penalties;
+        self.req.sampling.temperature == 0.0
+            && self.req.logprobs.is_none()
+            && p.presence == 0.0
+            && p.frequency == 0.0
+            && (p.repetition == 1.0 || p.repetition <= 0.0)
+    }
+
+    fn finish(&self, reason: FinishReason, stats: &Stats) {
+        stats.requests_finished.fetch_add(1, Ordering::Relaxed);
+        let _ = self.events.send(Event::Finished {
+            reason,
+            prompt_tokens: self.req.prompt.len(),
+            completion_tokens: self.generated.len(),
+        });
+    }
+
+    /// Records token `id`; returns true when the sequence is finished.
+    fn emit(&mut self, id: u32, logprob: Option<(f32, Vec<(u32, f32)>)>, stats: &Stats) -> bool {
+        self.generated.push(id);
+        *self.counts.entry(id).or_default() += 1;
+        stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        let _ = self.events.send(Event::Token { id, logprob });
+        let reason = if self.req.stop_ids.contains(&id) {
+            Some(FinishReason::Stop)
+        } else if self.generated.len() >= self.req.max_tokens {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            self.finish(reason, stats);
+            return true;
+        }
+        false
+    }
+
+    /// Penalties, then the sampler (and logprobs) on the host over `logits`.
+    fn sample_host(&mut self, mut logits: Vec<f32>, stats: &Stats) -> bool {
+        apply_penalties(&mut logits, &self.req, &self.counts);
+        let id = self.sampler.sample(&logits);
+        let logprob = self.req.logprobs.map(|k| logprobs(&logits, id, k));
+        self.emit(id, logprob, stats)
+    }
+}
+
+/// Starts the engine thread. Fails when the cache budget cannot hold `max_num_seqs` sequences'
+/// state and a KV block.
+pub fn start(model: Qwen35, cfg: EngineConfig) -> Result<EngineHandle, RunnerError> {
+    let runner_cfg = RunnerConfig::from_budget(
+        &model.config,
+        cfg.max_num_seqs,
+        cfg.max_model_len,
+        KV_BLOCK,
+        cfg.cache_budget_bytes,
+        cfg.cuda_graphs,
+    )?;
     let (tx, rx) = mpsc::sync_channel::<Submission>(cfg.max_waiting);
     let stats = Arc::new(Stats::default());
     let shutting_down = Arc::new(AtomicBool::new(false));
-    let handle = EngineHandle { tx, stats: stats.clone(), shutting_down, max_waiting: cfg.max_waiting };
+    let handle = EngineHandle {
+        tx,
+        stats: stats.clone(),
+        shutting_down,
+        max_waiting: cfg.max_waiting,
+        max_model_len: cfg.max_model_len,
+        budget: cfg.cache_budget_bytes,
+        kv_tokens: runner_cfg.kv_blocks * runner_cfg.block_size,
+    };
     std::thread::Builder::new()
         .name("fp4-engine".into())
-        .spawn(move || run(model, cfg, rx, stats))
+        .spawn(move || {
+            // The runner (device buffers, captured graphs) lives on this thread.
+            let runner = DecodeRunner::new(&model, runner_cfg);
+            run(model, runner, cfg, rx, stats)
+        })
         .expect("spawn engine thread");
-    handle
+    Ok(handle)
 }
 
-fn run(model: Qwen35, cfg: EngineConfig, rx: mpsc::Receiver<Submission>, stats: Arc<Stats>) {
+fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Receiver<Submission>, stats: Arc<Stats>) {
     let mut waiting: VecDeque<Submission> = VecDeque::new();
     let mut running: Vec<Sequence> = Vec::new();
-    let mut used = 0usize;
+    let rc = runner.config();
+    let total_blocks = rc.kv_blocks;
+    let mut reserved = 0usize;
+    let (slot_bytes, block_bytes) =
+        (fp4_model::Pools::slot_bytes(&model.config), fp4_model::Pools::block_bytes(&model.config, rc.block_size));
     loop {
         // Take new submissions; block only when there is nothing to do.
         if running.is_empty() && waiting.is_empty() {
@@ -184,8 +294,9 @@ fn run(model: Qwen35, cfg: EngineConfig, rx: mpsc::Receiver<Submission>, stats: 
         while let Ok(s) = rx.try_recv() {
             waiting.push_back(s);
         }
-        // Admit while slots and cache budget allow (reserving the sequence's whole length).
-        while running.len() < cfg.max_num_seqs {
+        // Admit while slots and KV blocks allow (reserving the sequence's whole length, so that a
+        // running sequence never waits for a block).
+        while running.len() < rc.max_seqs {
             let Some(s) = waiting.front() else { break };
             if s.events.is_closed() {
                 waiting.pop_front();
@@ -193,31 +304,33 @@ fn run(model: Qwen35, cfg: EngineConfig, rx: mpsc::Receiver<Submission>, stats: 
                 stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let need = cache_bytes(&model, (s.req.prompt.len() + s.req.max_tokens).min(cfg.max_model_len));
-            if used + need > cfg.cache_budget_bytes && !running.is_empty() {
+            let tokens = s.req.prompt.len().saturating_add(s.req.max_tokens).min(cfg.max_model_len);
+            let need = runner.blocks_for(tokens + 1);
+            if reserved + need > total_blocks && !running.is_empty() {
                 break;
             }
             let s = waiting.pop_front().expect("front exists");
             stats.waiting.fetch_sub(1, Ordering::Relaxed);
-            if need > cfg.cache_budget_bytes {
+            if need > total_blocks {
                 let _ = s.events.send(Event::Failed(format!(
-                    "the request needs {need} bytes of cache but the whole budget is {} bytes",
+                    "the request needs {} bytes of cache but the whole budget is {} bytes",
+                    slot_bytes + need * block_bytes,
                     cfg.cache_budget_bytes
                 )));
                 continue;
             }
             match Sampler::new(s.req.sampling) {
                 Ok(sampler) => {
-                    used += need;
+                    reserved += need;
                     stats.prompt_tokens.fetch_add(s.req.prompt.len() as u64, Ordering::Relaxed);
                     running.push(Sequence {
-                        cache: model.new_cache(),
+                        cache: SeqCache::Prefill(model.new_cache()),
                         prefilled: 0,
                         generated: Vec::new(),
                         counts: HashMap::new(),
                         sampler,
                         logits: Vec::new(),
-                        reserved: need,
+                        reserved_blocks: need,
                         req: s.req,
                         events: s.events,
                     });
@@ -228,90 +341,142 @@ fn run(model: Qwen35, cfg: EngineConfig, rx: mpsc::Receiver<Submission>, stats: 
             }
         }
         stats.running.store(running.len(), Ordering::Relaxed);
-        stats.cache_bytes.store(used, Ordering::Relaxed);
+        stats.cache_bytes.store(running.len() * slot_bytes + reserved * block_bytes, Ordering::Relaxed);
 
-        // One step for every running sequence.
+        // Prefill chunks (one sequence at a time), first tokens, hand-over to the runner.
         let step_started = Instant::now();
-        let mut i = 0;
-        while i < running.len() {
-            let done = step(&model, &mut running[i], &stats);
-            if done {
-                let seq = running.swap_remove(i);
-                used -= seq.reserved;
-            } else {
-                i += 1;
+        let mut done = vec![false; running.len()];
+        for (i, seq) in running.iter_mut().enumerate() {
+            if seq.events.is_closed() {
+                stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+                done[i] = true;
+            } else if matches!(seq.cache, SeqCache::Prefill(_)) {
+                done[i] = prefill_step(&model, &mut runner, seq, &stats);
             }
         }
+        // One batched decode step for every sequence in the runner.
+        let decoding: Vec<usize> =
+            (0..running.len()).filter(|&i| !done[i] && matches!(running[i].cache, SeqCache::Decode(_))).collect();
+        if !decoding.is_empty() {
+            let t0 = Instant::now();
+            let replays = runner.graph_replays;
+            let (fast, host): (Vec<usize>, Vec<usize>) = decoding.iter().partition(|&&i| running[i].device_greedy());
+            for (group, on_device) in [(fast, true), (host, false)] {
+                if !group.is_empty() {
+                    decode_step(&model, &mut runner, &mut running, &group, on_device, &mut done, &stats);
+                }
+            }
+            stats.decode_steps.fetch_add(1, Ordering::Relaxed);
+            stats.decode_batch_tokens.fetch_add(decoding.len() as u64, Ordering::Relaxed);
+            stats.graph_replays.fetch_add(runner.graph_replays - replays, Ordering::Relaxed);
+            stats.decode_step_micros.fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+        // Finished and cancelled sequences give their slot, blocks and reservation back.
+        for i in (0..running.len()).rev() {
+            if done[i] {
+                let seq = running.swap_remove(i);
+                reserved -= seq.reserved_blocks;
+                if let SeqCache::Decode(state) = seq.cache {
+                    runner.release(state);
+                }
+            }
+        }
+        stats.running.store(running.len(), Ordering::Relaxed);
+        stats.cache_bytes.store(running.len() * slot_bytes + reserved * block_bytes, Ordering::Relaxed);
         tracing::trace!(secs = step_started.elapsed().as_secs_f64(), running = running.len(), "step");
     }
 }
 
-/// Advances one sequence; returns true when it is finished or cancelled.
-fn step(model: &Qwen35, seq: &mut Sequence, stats: &Stats) -> bool {
-    if seq.events.is_closed() {
-        stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
-        return true;
-    }
+/// One prefill chunk of `seq`; after the last one, its first token (choices, penalties and the
+/// sampler on the host) and the move of its cache into the runner. Returns true when finished.
+fn prefill_step(model: &Qwen35, runner: &mut DecodeRunner, seq: &mut Sequence, stats: &Stats) -> bool {
     let fail = |seq: &Sequence, e: String| {
         let _ = seq.events.send(Event::Failed(e));
         true
     };
-    if seq.prefilled < seq.req.prompt.len() {
-        let end = (seq.prefilled + PREFILL_CHUNK).min(seq.req.prompt.len());
-        match model.forward(&seq.req.prompt[seq.prefilled..end], &mut seq.cache, Logits::Last) {
-            Ok(l) => seq.logits = l.into_vec(),
-            Err(e) => return fail(seq, e.to_string()),
-        }
-        seq.prefilled = end;
-        if seq.prefilled < seq.req.prompt.len() {
-            return false;
-        }
-    } else {
-        let last = *seq.generated.last().expect("decode follows a sampled token");
-        match model.forward(&[last], &mut seq.cache, Logits::Last) {
-            Ok(l) => seq.logits = l.into_vec(),
-            Err(e) => return fail(seq, e.to_string()),
-        }
+    let SeqCache::Prefill(cache) = &mut seq.cache else { unreachable!("prefill of a decoding sequence") };
+    let end = (seq.prefilled + PREFILL_CHUNK).min(seq.req.prompt.len());
+    match model.forward(&seq.req.prompt[seq.prefilled..end], cache, Logits::Last) {
+        Ok(l) => seq.logits = l.into_vec(),
+        Err(e) => return fail(seq, e.to_string()),
     }
-    if seq.generated.is_empty() && !seq.req.choices.is_empty() {
+    seq.prefilled = end;
+    if seq.prefilled < seq.req.prompt.len() {
+        return false;
+    }
+    if !seq.req.choices.is_empty() {
         if let Err(e) = force_best_choice(model, seq, stats) {
             return fail(seq, e);
         }
         if seq.generated.len() >= seq.req.max_tokens {
-            stats.requests_finished.fetch_add(1, Ordering::Relaxed);
-            let _ = seq.events.send(Event::Finished {
-                reason: FinishReason::Length,
-                prompt_tokens: seq.req.prompt.len(),
-                completion_tokens: seq.generated.len(),
-            });
+            seq.finish(FinishReason::Length, stats);
             return true;
         }
     }
-    let mut logits = std::mem::take(&mut seq.logits);
-    apply_penalties(&mut logits, &seq.req, &seq.counts);
-    let id = seq.sampler.sample(&logits);
-    let logprob = seq.req.logprobs.map(|k| logprobs(&logits, id, k));
-    seq.generated.push(id);
-    *seq.counts.entry(id).or_default() += 1;
-    stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-    let _ = seq.events.send(Event::Token { id, logprob });
-    let reason = if seq.req.stop_ids.contains(&id) {
-        Some(FinishReason::Stop)
-    } else if seq.generated.len() >= seq.req.max_tokens {
-        Some(FinishReason::Length)
-    } else {
-        None
-    };
-    if let Some(reason) = reason {
-        stats.requests_finished.fetch_add(1, Ordering::Relaxed);
-        let _ = seq.events.send(Event::Finished {
-            reason,
-            prompt_tokens: seq.req.prompt.len(),
-            completion_tokens: seq.generated.len(),
-        });
+    let logits = std::mem::take(&mut seq.logits);
+    if seq.sample_host(logits, stats) {
         return true;
     }
-    false
+    let SeqCache::Prefill(cache) = &seq.cache else { unreachable!("still prefilling") };
+    match runner.admit(cache) {
+        Ok(state) => {
+            seq.cache = SeqCache::Decode(state);
+            false
+        }
+        Err(e) => fail(seq, format!("cannot continue the sequence: {e}")),
+    }
+}
+
+/// One batched decode step of the sequences `group` (all decoding): on the device (greedy) or
+/// with their logits sampled on the host.
+fn decode_step(
+    model: &Qwen35,
+    runner: &mut DecodeRunner,
+    running: &mut [Sequence],
+    group: &[usize],
+    on_device: bool,
+    done: &mut [bool],
+    stats: &Stats,
+) {
+    let inputs: Vec<u32> =
+        group.iter().map(|&i| *running[i].generated.last().expect("decode follows a token")).collect();
+    // The group's runner states in group order (`group` is sorted).
+    let mut states: Vec<&mut SeqState> = running
+        .iter_mut()
+        .enumerate()
+        .filter(|(i, _)| group.contains(i))
+        .map(|(_, seq)| match &mut seq.cache {
+            SeqCache::Decode(state) => state,
+            SeqCache::Prefill(_) => unreachable!("only decoding sequences are grouped"),
+        })
+        .collect();
+    let fail_all = |running: &mut [Sequence], done: &mut [bool], e: RunnerError| {
+        for &i in group {
+            let _ = running[i].events.send(Event::Failed(format!("decode step failed: {e}")));
+            done[i] = true;
+        }
+    };
+    if on_device {
+        match runner.step_greedy(model, &mut states, &inputs) {
+            Ok(ids) => {
+                for (&i, id) in group.iter().zip(ids) {
+                    done[i] = running[i].emit(id, None, stats);
+                }
+            }
+            Err(e) => fail_all(running, done, e),
+        }
+    } else {
+        match runner.step_logits(model, &mut states, &inputs) {
+            Ok(logits) => {
+                let vocab = logits.row_len();
+                let rows = logits.into_vec();
+                for (&i, row) in group.iter().zip(rows.chunks(vocab)) {
+                    done[i] = running[i].sample_host(row.to_vec(), stats);
+                }
+            }
+            Err(e) => fail_all(running, done, e),
+        }
+    }
 }
 
 /// Scores every allowed start (teacher-forced on a copy of the cache), then emits the likeliest
@@ -321,9 +486,10 @@ fn force_best_choice(model: &Qwen35, seq: &mut Sequence, stats: &Stats) -> Resul
         let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         m + l.iter().map(|x| (x - m).exp()).sum::<f32>().ln()
     };
+    let SeqCache::Prefill(seq_cache) = &mut seq.cache else { unreachable!("choices are scored after the prompt") };
     let mut best: Option<(f32, usize)> = None;
     for (ci, choice) in seq.req.choices.iter().enumerate() {
-        let mut cache = seq.cache.clone();
+        let mut cache = seq_cache.clone();
         let mut logits = seq.logits.clone();
         let mut score = 0f32;
         for &t in choice {
@@ -343,7 +509,7 @@ fn force_best_choice(model: &Qwen35, seq: &mut Sequence, stats: &Stats) -> Resul
         *seq.counts.entry(t).or_default() += 1;
         stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
         let _ = seq.events.send(Event::Token { id: t, logprob: None });
-        seq.logits = model.forward(&[t], &mut seq.cache, Logits::Last).map_err(|e| e.to_string())?.into_vec();
+        seq.logits = model.forward(&[t], seq_cache, Logits::Last).map_err(|e| e.to_string())?.into_vec();
     }
     Ok(())
 }

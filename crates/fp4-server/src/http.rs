@@ -56,7 +56,41 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), openai_errors))
         .with_state(state)
+}
+
+/// Every response is OpenAI-shaped: the API key is checked before a `/v1` body is read (so an
+/// unauthenticated client gets 401, not 413), and the router's own plain or empty error
+/// responses (unknown route, wrong method, body over the limit) become OpenAI error JSON.
+async fn openai_errors(
+    State(s): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (path, method) = (req.uri().path().to_string(), req.method().clone());
+    if path.starts_with("/v1/") {
+        if let Err(e) = check_auth(&s, req.headers()) {
+            return error_response(&e);
+        }
+    }
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let json = resp.headers().get(axum::http::header::CONTENT_TYPE).is_some_and(|v| {
+        v.as_bytes().starts_with(b"application/json") || v.as_bytes().starts_with(b"text/event-stream")
+    });
+    if !(status.is_client_error() || status.is_server_error()) || json {
+        return resp;
+    }
+    let e = match status.as_u16() {
+        404 => ApiError::new(404, "not_found_error", format!("no route {path}")),
+        405 => ApiError::new(405, "invalid_request_error", format!("{path} does not take {method}")),
+        413 => {
+            ApiError::new(413, "invalid_request_error", "the request body is larger than the server accepts (2 MiB)")
+        }
+        code => ApiError::new(code, "invalid_request_error", status.canonical_reason().unwrap_or("request failed")),
+    };
+    error_response(&e)
 }
 
 fn error_response(e: &ApiError) -> Response {
@@ -131,11 +165,13 @@ struct Prepared {
     output: OutputConfig,
 }
 
-fn gen_request(s: &AppState, prompt: Vec<u32>, opts: &GenOptions) -> ApiResult<GenRequest> {
+/// The engine request for `prompt` (from the request field `prompt_param`) and its options,
+/// checked against the context length and the vocabulary.
+fn gen_request(s: &AppState, prompt: Vec<u32>, prompt_param: &str, opts: &GenOptions) -> ApiResult<GenRequest> {
     let max_len = s.cfg.max_model_len;
     if prompt.len() >= max_len {
         return Err(ApiError::bad(
-            "messages",
+            prompt_param,
             format!(
                 "this model's maximum context length is {max_len} tokens, but the prompt has {} tokens",
                 prompt.len()
@@ -143,7 +179,7 @@ fn gen_request(s: &AppState, prompt: Vec<u32>, opts: &GenOptions) -> ApiResult<G
         ));
     }
     let max_tokens = match opts.max_tokens {
-        Some(n) if prompt.len() + n > max_len => {
+        Some(n) if n > max_len - prompt.len() => {
             return Err(ApiError::bad(
                 "max_tokens",
                 format!(
@@ -157,7 +193,7 @@ fn gen_request(s: &AppState, prompt: Vec<u32>, opts: &GenOptions) -> ApiResult<G
     };
     let vocab = s.vocab_size;
     if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
-        return Err(ApiError::bad("prompt", format!("token id {id} is outside the vocabulary (size {vocab})")));
+        return Err(ApiError::bad(prompt_param, format!("token id {id} is outside the vocabulary (size {vocab})")));
     }
     Ok(GenRequest {
         prompt,
@@ -212,7 +248,7 @@ fn prepare_chat(s: &AppState, req: &protocol::ChatRequest) -> ApiResult<Prepared
         .tokenizer
         .encode(&format!("{prompt}{forced}"))
         .map_err(|e| ApiError::new(500, "server_error", e.to_string()))?;
-    let mut gen = gen_request(s, ids.clone(), &req.opts)?;
+    let mut gen = gen_request(s, ids.clone(), "messages", &req.opts)?;
     if req.tool_choice == ToolChoice::Required {
         // The model must name one of the tools: the engine picks the likeliest `NAME>\n`.
         for t in req.tools.iter().flatten() {
@@ -383,16 +419,30 @@ fn submit(s: &AppState, gen: GenRequest) -> ApiResult<UnboundedReceiver<Event>> 
     s.engine.submit(gen).map_err(|e| match e {
         SubmitError::Overloaded(_) => ApiError::new(429, "rate_limit_error", e.to_string()),
         SubmitError::ShuttingDown => ApiError::new(503, "server_error", e.to_string()),
+        SubmitError::TooLarge { .. } => ApiError::bad("max_tokens", e.to_string()),
     })
+}
+
+/// Runs a request's CPU-heavy preparation (JSON parsing, template rendering, tokenizing) on the
+/// blocking pool, so that large requests never stall the async runtime (health checks, streams).
+async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + 'static) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(ApiError::new(500, "server_error", format!("request preparation failed: {e}"))))
 }
 
 async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
     s.metrics.requests.fetch_add(1, Ordering::Relaxed);
     let result = async {
         check_auth(&s, &headers)?;
-        let req = protocol::chat_request(&protocol::parse_body(&body)?)?;
-        check_model(&s, &req.model)?;
-        let prep = prepare_chat(&s, &req)?;
+        let st = s.clone();
+        let (req, prep) = off_runtime(move || {
+            let req = protocol::chat_request(&protocol::parse_body(&body)?)?;
+            check_model(&st, &req.model)?;
+            let prep = prepare_chat(&st, &req)?;
+            Ok((req, prep))
+        })
+        .await?;
         let rx = submit(&s, prep.gen.clone())?;
         Ok::<_, ApiError>((req, prep, rx))
     }
@@ -517,18 +567,23 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: B
     s.metrics.requests.fetch_add(1, Ordering::Relaxed);
     let result = async {
         check_auth(&s, &headers)?;
-        let req = protocol::completion_request(&protocol::parse_body(&body)?)?;
-        check_model(&s, &req.model)?;
-        let (ids, prompt_text) = match &req.prompt {
-            Prompt::Text(t) => {
-                (s.tokenizer.encode(t).map_err(|e| ApiError::new(500, "server_error", e.to_string()))?, t.clone())
+        let st = s.clone();
+        let (req, prompt_text, gen) = off_runtime(move || {
+            let req = protocol::completion_request(&protocol::parse_body(&body)?)?;
+            check_model(&st, &req.model)?;
+            let (ids, prompt_text) = match &req.prompt {
+                Prompt::Text(t) => {
+                    (st.tokenizer.encode(t).map_err(|e| ApiError::new(500, "server_error", e.to_string()))?, t.clone())
+                }
+                Prompt::Ids(ids) => (ids.clone(), st.tokenizer.decode(ids, false).unwrap_or_default()),
+            };
+            if ids.is_empty() {
+                return Err(ApiError::bad("prompt", "`prompt` must not be empty"));
             }
-            Prompt::Ids(ids) => (ids.clone(), s.tokenizer.decode(ids, false).unwrap_or_default()),
-        };
-        if ids.is_empty() {
-            return Err(ApiError::bad("prompt", "`prompt` must not be empty"));
-        }
-        let gen = gen_request(&s, ids, &req.opts)?;
+            let gen = gen_request(&st, ids, "prompt", &req.opts)?;
+            Ok((req, prompt_text, gen))
+        })
+        .await?;
         let prompt_tokens = gen.prompt.len();
         let rx = submit(&s, gen)?;
         Ok::<_, ApiError>((req, prompt_text, prompt_tokens, rx))
@@ -596,7 +651,7 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: B
 }
 
 async fn tokenize(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    let result = (|| {
+    let result = off_runtime(move || {
         check_auth(&s, &headers)?;
         let m = protocol::parse_body(&body)?;
         let text = if let Some(Value::Array(messages)) = m.get("messages") {
@@ -613,7 +668,8 @@ async fn tokenize(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Byte
         };
         let tokens = s.tokenizer.encode(&text).map_err(|e| ApiError::new(500, "server_error", e.to_string()))?;
         Ok(json!({"count": tokens.len(), "max_model_len": s.cfg.max_model_len, "tokens": tokens}))
-    })();
+    })
+    .await;
     match result {
         Ok(v) => Json(v).into_response(),
         Err(e) => error_response(&e),
@@ -624,14 +680,12 @@ async fn detokenize(State(s): State<Arc<AppState>>, headers: HeaderMap, body: By
     let result = (|| {
         check_auth(&s, &headers)?;
         let m = protocol::parse_body(&body)?;
-        let tokens: Vec<u32> = m
+        let ids: Vec<u64> = m
             .get("tokens")
             .and_then(Value::as_array)
-            .and_then(|a| a.iter().map(|v| v.as_u64().map(|x| x as u32)).collect())
+            .and_then(|a| a.iter().map(Value::as_u64).collect())
             .ok_or_else(|| ApiError::bad("tokens", "`tokens` must be a list of token ids"))?;
-        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= s.vocab_size) {
-            return Err(ApiError::bad("tokens", format!("token id {id} is outside the vocabulary")));
-        }
+        let tokens = protocol::token_ids(&ids, "tokens", s.vocab_size)?;
         let prompt =
             s.tokenizer.decode(&tokens, false).map_err(|e| ApiError::new(500, "server_error", e.to_string()))?;
         Ok(json!({"prompt": prompt}))

@@ -100,6 +100,25 @@ impl Metrics {
             "Cache bytes reserved by running sequences.",
             stats.cache_bytes.load(Ordering::Relaxed) as u64,
         );
+        counter(&mut out, "fp4_decode_steps_total", "Batched decode steps.", r(&stats.decode_steps));
+        counter(
+            &mut out,
+            "fp4_decode_step_tokens_total",
+            "Sequences decoded by batched decode steps (over fp4_decode_steps_total: the mean batch size).",
+            r(&stats.decode_batch_tokens),
+        );
+        counter(
+            &mut out,
+            "fp4_decode_graph_replays_total",
+            "Decode steps replayed from a captured CUDA graph.",
+            r(&stats.graph_replays),
+        );
+        counter(
+            &mut out,
+            "fp4_decode_step_microseconds_total",
+            "Wall time of the batched decode steps.",
+            r(&stats.decode_step_micros),
+        );
         self.ttft.render(&mut out, "fp4_time_to_first_token_seconds", "Time from request to first generated token.");
         self.itl.render(&mut out, "fp4_inter_token_latency_seconds", "Time between generated tokens.");
         out

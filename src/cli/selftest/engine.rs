@@ -227,8 +227,9 @@ fn decode_rate(
     Ok((steps * seqs.len()) as f64 / t0.elapsed().as_secs_f64())
 }
 
-/// Time to first token of a `n`-token prompt: prefill and pick the token; median of 3 after a warm-up.
-fn ttft_ms(model: &Qwen35, n: usize) -> anyhow::Result<f64> {
+/// Times to first token of an `n`-token prompt (prefill, pick the token), sorted: three runs
+/// after a warm-up.
+pub(super) fn ttft_runs_ms(model: &Qwen35, n: usize) -> anyhow::Result<Vec<f64>> {
     let vocab = model.config.vocab_size as u64;
     let ids: Vec<u32> = (0..n as u64).map(|i| ((i * 2654435761 + 11) % vocab) as u32).collect();
     let mut sampler = fp4_model::Sampler::new(fp4_model::SamplingParams::default())?;
@@ -242,7 +243,7 @@ fn ttft_ms(model: &Qwen35, n: usize) -> anyhow::Result<f64> {
         }
     }
     runs.sort_by(f64::total_cmp);
-    Ok(runs[1])
+    Ok(runs)
 }
 
 /// The engine benchmarks (schema `fp4.engine-bench.v1`'s `fp4` part): decode at batch 1 through
@@ -302,7 +303,7 @@ pub(super) fn engine_benches(g: &Gpu, _a: &Args, name: &str, copy: f64) -> anyho
         if label == "nvfp4" {
             drop(runner);
             for n in [1000, 4000] {
-                let ms = ttft_ms(&model, n)?;
+                let ms = ttft_runs_ms(&model, n)?[1];
                 println!("engine {name} {label}: TTFT {n} tokens {ms:.1} ms");
                 out[format!("ttft_{}k_nvfp4_ms", n / 1000)] = json!(ms);
             }

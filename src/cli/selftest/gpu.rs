@@ -535,18 +535,7 @@ fn model_benches(g: &Gpu, a: &Args, name: &str, copy: f64) -> anyhow::Result<Vec
         let tok_s = a.decode_tokens as f64 / decode_s;
         let roofline = copy / bytes as f64;
 
-        // TTFT: prefill the whole prompt and pick the first token; one warm-up, median of 3.
-        let ids = prompt(a.ttft_tokens as u64);
-        let mut ttft = Vec::new();
-        for i in 0..4 {
-            let t0 = Instant::now();
-            let l = model.forward(&ids, &mut model.new_cache(), Logits::Last)?;
-            sampler.sample_tensor(&l);
-            if i > 0 {
-                ttft.push(t0.elapsed().as_secs_f64() * 1e3);
-            }
-        }
-        ttft.sort_by(f64::total_cmp);
+        let ttft = super::engine::ttft_runs_ms(&model, a.ttft_tokens)?;
         let ttft_ms = ttft[ttft.len() / 2];
         println!(
             "{name} {label}: decode {tok_s:.1} tok/s ({:.0} % of the {roofline:.0} tok/s copy roofline over {:.2} GB/token); TTFT {} tokens {ttft_ms:.1} ms; built in {build_s:.1} s",
