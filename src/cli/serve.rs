@@ -206,12 +206,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 async fn serve(state: Arc<AppState>, listener: std::net::TcpListener, shutdown_timeout: u64) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let addr = listener.local_addr()?;
-    // Warm up: one token through the engine before /health says ready.
+    // Warm up before /health says ready: a prefill and one batched decode step (on the GPU this
+    // captures the batch-1 CUDA graph, so the first request does not pay for it).
     let warm = GenRequest {
         prompt: vec![0],
         sampling: Default::default(),
         penalties: Penalties { repetition: 1.0, ..Default::default() },
-        max_tokens: 1,
+        max_tokens: 2,
         stop_ids: vec![],
         logprobs: None,
         choices: vec![],

@@ -115,7 +115,9 @@ impl DecodeRunner {
     pub fn new(model: &Qwen35, cfg: RunnerConfig) -> DecodeRunner {
         let device = model.device;
         let pools = Pools::new(&model.config, cfg.max_seqs + 1, cfg.kv_blocks + 1, cfg.block_size, device);
-        let max_blocks = cfg.max_model_len.div_ceil(cfg.block_size);
+        // A table row never needs more entries than the pool has blocks (a long --max-model-len
+        // with a small budget would otherwise upload mostly padding every step).
+        let max_blocks = cfg.max_model_len.div_ceil(cfg.block_size).min(cfg.kv_blocks).max(1);
         let top = BUCKETS.iter().copied().find(|&b| b >= cfg.max_seqs).unwrap_or(BUCKETS[BUCKETS.len() - 1]);
         let buckets = BUCKETS
             .iter()
