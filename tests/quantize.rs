@@ -305,6 +305,37 @@ fn quantize_refuses_to_overwrite_and_names_bad_calibration_lines() {
         err.contains("1 samples, 2 bad lines skipped") && err.contains("bad.jsonl:2") && err.contains("99999"),
         "{err}"
     );
+    // Samples longer than --calib-seq-len are cut, and the run says so; a length beyond the model's
+    // positions is refused.
+    let long: Vec<u32> = (0..40).map(|i| 1 + i % 50).collect();
+    std::fs::write(&bad, format!("{}\n", serde_json::json!({"input_ids": long}))).unwrap();
+    let (m, c) = (model.to_str().unwrap(), bad.to_str().unwrap());
+    let o = fp4(&[
+        "quantize",
+        "--model",
+        m,
+        "--output",
+        dir.path().join("q5").to_str().unwrap(),
+        "--calib-data",
+        c,
+        "--calib-seq-len",
+        "16",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("1 of 1 samples cut to 16 tokens (the longest had 40)"), "{err}");
+    let o = fp4(&[
+        "quantize",
+        "--model",
+        m,
+        "--output",
+        dir.path().join("q6").to_str().unwrap(),
+        "--calib-data",
+        c,
+        "--calib-seq-len",
+        "40000",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("exceeds the model's max_position_embeddings (32768)"), "{err}");
     std::fs::write(&bad, "{\"input_ids\": [1, 99999]}\n").unwrap();
     let err = fails(&model, &dir.path().join("q2"), &bad);
     assert!(

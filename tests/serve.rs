@@ -237,6 +237,7 @@ fn bad_flags_fail_clearly() {
         ("--quantization", "modelopt", "no quantization config"),
         ("--quantization", "awq", "not supported"),
         ("--max-num-seqs", "0", "--max-num-seqs must be at least 1"),
+        ("--max-connections", "0", "--max-connections must be at least 1"),
         ("--max-model-len", "100000000", "exceeds the model's max_position_embeddings"),
         // A port in use is reported before the model loads.
         ("--port", taken_port.as_str(), "cannot listen on 127.0.0.1"),
@@ -420,4 +421,46 @@ fn large_requests_do_not_stall_health() {
         }
         assert!(worst < Duration::from_secs(2), "/health took {worst:?} while large requests were tokenized");
     });
+}
+
+/// Slow and idle clients cannot hold the server: a connection whose request headers do not arrive
+/// in time is closed, also an idle kept-alive one; connections beyond the cap are refused at once;
+/// the server keeps answering.
+#[test]
+fn slow_and_idle_clients_are_cut_off() {
+    let s = start(&["--header-read-timeout", "1", "--max-connections", "16"]);
+    let closed_by_server = |c: &mut TcpStream| -> bool {
+        c.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
+        let mut buf = Vec::new();
+        match c.read_to_end(&mut buf) {
+            Ok(_) => true,
+            Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+        }
+    };
+    // Half a request line on 40 connections: 16 take every slot, the others are refused.
+    let mut slow: Vec<TcpStream> = (0..40)
+        .map(|_| {
+            let mut c = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+            let _ = c.write_all(b"POST /v1/chat/compl");
+            c
+        })
+        .collect();
+    let started = Instant::now();
+    for c in &mut slow {
+        assert!(closed_by_server(c), "a slow connection stayed open");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "slow connections were closed only after {:?}",
+        started.elapsed()
+    );
+    let (status, _) = s.request("GET", "/health", None, &[]).unwrap();
+    assert_eq!(status, 200);
+    // A kept-alive connection that goes idle after its request is closed too.
+    let mut c = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&c).read_line(&mut line).unwrap();
+    assert!(line.contains("200"), "{line}");
+    assert!(closed_by_server(&mut c), "an idle kept-alive connection stayed open");
 }

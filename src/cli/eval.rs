@@ -50,7 +50,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         &a.data,
         &a.reference,
         a.samples.unwrap_or(usize::MAX),
-        a.seq_len.unwrap_or(usize::MAX),
+        a.seq_len.unwrap_or(ref_ckpt.config.max_position_embeddings).min(ref_ckpt.config.max_position_embeddings),
         ref_ckpt.config.vocab_size,
     )
     .context("cannot read the evaluation data")?

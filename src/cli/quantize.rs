@@ -189,11 +189,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.calib_samples != Some(0) && a.calib_seq_len != Some(0),
         "--calib-samples and --calib-seq-len must be positive"
     );
+    let positions = ckpt.config.max_position_embeddings;
+    if let Some(n) = a.calib_seq_len {
+        anyhow::ensure!(
+            n <= positions,
+            "--calib-seq-len {n} exceeds the model's max_position_embeddings ({positions})"
+        );
+    }
     let samples = fp4_quant::calib::load(
         &a.calib_data,
         &a.model,
         a.calib_samples.unwrap_or(usize::MAX),
-        a.calib_seq_len.unwrap_or(usize::MAX),
+        a.calib_seq_len.unwrap_or(positions),
         ckpt.config.vocab_size,
     )?
     .report("calibration data");

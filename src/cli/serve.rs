@@ -69,6 +69,13 @@ pub struct Args {
     gpu_memory_utilization: Option<f32>,
     #[arg(long)]
     trust_remote_code: bool,
+    /// Seconds a client has to send a request's headers (also the longest a kept-alive connection
+    /// may sit idle); slower connections are closed.
+    #[arg(long, default_value_t = 10)]
+    header_read_timeout: u64,
+    /// Open connections served at once; further ones are closed on accept until one ends.
+    #[arg(long, default_value_t = 512)]
+    max_connections: usize,
     /// Seconds to let in-flight requests finish after SIGTERM/Ctrl-C.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
@@ -115,6 +122,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     anyhow::ensure!(a.max_num_seqs >= 1, "--max-num-seqs must be at least 1");
     anyhow::ensure!(a.max_waiting_requests >= 1, "--max-waiting-requests must be at least 1");
+    anyhow::ensure!(a.header_read_timeout >= 1, "--header-read-timeout must be at least 1 second");
+    anyhow::ensure!(a.max_connections >= 1, "--max-connections must be at least 1");
     // Listen first: a port in use is reported before minutes of model loading.
     let listener = std::net::TcpListener::bind((a.host.as_str(), a.port))
         .with_context(|| format!("cannot listen on {}:{}", a.host, a.port))?;
@@ -200,10 +209,68 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         vocab_size,
     });
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(serve(state, listener, a.shutdown_timeout))
+    let limits = ConnLimits {
+        header_read_timeout: std::time::Duration::from_secs(a.header_read_timeout),
+        max_connections: a.max_connections,
+    };
+    rt.block_on(serve(state, listener, limits, a.shutdown_timeout))
 }
 
-async fn serve(state: Arc<AppState>, listener: std::net::TcpListener, shutdown_timeout: u64) -> anyhow::Result<()> {
+/// What keeps slow or idle clients from holding the server.
+#[derive(Debug, Clone, Copy)]
+struct ConnLimits {
+    header_read_timeout: std::time::Duration,
+    max_connections: usize,
+}
+
+/// Accepts connections and serves `app` on each (HTTP/1.1), closing a connection whose request
+/// headers do not arrive within the timeout and refusing connections beyond the cap, until
+/// `shutdown` resolves; then waits for the open connections to finish their requests.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    limits: ConnLimits,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!("accept error: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!(max = limits.max_connections, "connection refused: at the connection cap");
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    graceful.shutdown().await;
+}
+
+async fn serve(
+    state: Arc<AppState>,
+    listener: std::net::TcpListener,
+    limits: ConnLimits,
+    shutdown_timeout: u64,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let addr = listener.local_addr()?;
     // Warm up before /health says ready: a prefill and one batched decode step (on the GPU this
@@ -250,6 +317,6 @@ async fn serve(state: Arc<AppState>, listener: std::net::TcpListener, shutdown_t
             std::process::exit(1);
         });
     };
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    serve_http(listener, app, limits, shutdown).await;
     Ok(())
 }

@@ -12,6 +12,10 @@ use std::path::Path;
 pub struct Loaded {
     pub samples: Vec<Vec<u32>>,
     pub skipped: Vec<QuantError>,
+    /// Samples cut to the sequence length (longest original length).
+    pub truncated: usize,
+    pub longest: usize,
+    pub seq_len: usize,
 }
 
 impl Loaded {
@@ -19,6 +23,15 @@ impl Loaded {
     pub fn report(self, what: &str) -> Vec<Vec<u32>> {
         for e in self.skipped.iter().take(20) {
             tracing::warn!("skipped {what} line: {e}");
+        }
+        if self.truncated > 0 {
+            eprintln!(
+                "{what}: {} of {} samples cut to {} tokens (the longest had {})",
+                self.truncated,
+                self.samples.len(),
+                self.seq_len,
+                self.longest
+            );
         }
         if !self.skipped.is_empty() {
             eprintln!(
@@ -32,7 +45,8 @@ impl Loaded {
     }
 }
 
-/// Reads up to `max_samples` samples of at most `seq_len` tokens from `path`. Conversations need
+/// Reads up to `max_samples` samples of at most `seq_len` tokens from `path` (longer ones are cut
+/// and counted). Conversations need
 /// the model directory's tokenizer and chat template. A bad line is skipped and reported; no
 /// usable line at all is an error.
 pub fn load(path: &Path, model_dir: &Path, max_samples: usize, seq_len: usize, vocab: usize) -> Result<Loaded> {
@@ -45,6 +59,7 @@ pub fn load(path: &Path, model_dir: &Path, max_samples: usize, seq_len: usize, v
     let mut chat: Option<(Tokenizer, ChatTemplate)> = None;
     let mut samples = Vec::new();
     let mut skipped = Vec::new();
+    let (mut truncated, mut longest) = (0, 0);
     for (i, line) in text.lines().enumerate() {
         let lineno = i + 1;
         if line.trim().is_empty() {
@@ -64,8 +79,15 @@ pub fn load(path: &Path, model_dir: &Path, max_samples: usize, seq_len: usize, v
             // Every conversation needs the tokenizer and template: a missing one stops the run.
             chat = Some(load_chat(model_dir).map_err(|msg| bad(lineno, msg))?);
         }
-        match sample_ids(&v, chat.as_ref(), seq_len, vocab) {
-            Ok(ids) => samples.push(ids),
+        match sample_ids(&v, chat.as_ref(), vocab) {
+            Ok(mut ids) => {
+                if ids.len() > seq_len {
+                    truncated += 1;
+                    longest = longest.max(ids.len());
+                    ids.truncate(seq_len);
+                }
+                samples.push(ids)
+            }
             Err(msg) => skipped.push(bad(lineno, msg)),
         }
     }
@@ -75,7 +97,7 @@ pub fn load(path: &Path, model_dir: &Path, max_samples: usize, seq_len: usize, v
             None => bad(0, "no calibration samples".into()),
         });
     }
-    Ok(Loaded { samples, skipped })
+    Ok(Loaded { samples, skipped, truncated, longest, seq_len })
 }
 
 fn load_chat(model_dir: &Path) -> std::result::Result<(Tokenizer, ChatTemplate), String> {
@@ -90,10 +112,9 @@ fn load_chat(model_dir: &Path) -> std::result::Result<(Tokenizer, ChatTemplate),
 fn sample_ids(
     v: &Value,
     chat: Option<&(Tokenizer, ChatTemplate)>,
-    seq_len: usize,
     vocab: usize,
 ) -> std::result::Result<Vec<u32>, String> {
-    let mut ids: Vec<u32> = if let Some(ids) = v.get("input_ids") {
+    let ids: Vec<u32> = if let Some(ids) = v.get("input_ids") {
         let arr = ids.as_array().ok_or("`input_ids` must be a list of token ids")?;
         arr.iter()
             .map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok()))
@@ -116,7 +137,6 @@ fn sample_ids(
     if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
         return Err(format!("token id {id} is outside the vocabulary (size {vocab})"));
     }
-    ids.truncate(seq_len);
     if ids.is_empty() {
         return Err("empty sample".into());
     }
