@@ -379,12 +379,14 @@ fn router_errors_are_openai_json() {
     let auth = [("Authorization", "Bearer k")];
     let big = "x".repeat(3 << 20);
     type Case<'a> = (&'a str, &'a str, Option<&'a str>, &'a [(&'a str, &'a str)], u16);
-    let cases: [Case; 5] = [
+    let cases: [Case; 7] = [
         ("GET", "/v1/chat/completions", None, &auth, 405),
         ("GET", "/no/such/route", None, &auth, 404),
         ("POST", "/v1/completions", Some(big.as_str()), &auth, 413),
         ("POST", "/v1/completions", Some(big.as_str()), &[], 401),
         ("POST", "/v1/completions", Some("{}"), &[], 401),
+        ("POST", "/tokenize", Some(r#"{"prompt": "hi"}"#), &[], 401),
+        ("GET", "/v1/models", None, &[], 401),
     ];
     for (method, path, body, headers, code) in cases {
         let (status, text) = s.request(method, path, body, headers).unwrap();

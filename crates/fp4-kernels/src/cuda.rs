@@ -459,7 +459,7 @@ impl Gpu {
         assert!(x.len() >= t * k, "linear: x has {} elements, needs {t}×{k}", x.len());
         let exact = self.exact_gemm.load(Ordering::Relaxed);
         if let GpuWeight::Nvfp4(q) = w {
-            if let Some(y) = self.nvfp4_small_batch(x, t, q, exact)? {
+            if let Some(y) = self.nvfp4_small_batch(x, t, q)? {
                 return Ok(y);
             }
         }
@@ -499,15 +499,9 @@ impl Gpu {
     /// The GEMV paths of an NVFP4 linear, when one applies: the tensor-core GEMV for up to
     /// [`MMA_GEMV_MAX_TOKENS`] tokens (`k % 32 == 0`), or in exact mode the f32 CUDA-core GEMV
     /// for up to [`GEMV_MAX_TOKENS`]. `None`: use a GEMM.
-    fn nvfp4_small_batch(
-        &self,
-        x: &CudaSlice<f32>,
-        t: usize,
-        q: &GpuNvfp4,
-        exact: bool,
-    ) -> Result<Option<CudaSlice<f32>>> {
+    fn nvfp4_small_batch(&self, x: &CudaSlice<f32>, t: usize, q: &GpuNvfp4) -> Result<Option<CudaSlice<f32>>> {
         let k = q.cols;
-        if !exact && self.mma_gemv_applies(t, q) {
+        if self.mma_gemv_applies(t, q) {
             return self.nvfp4_mma_gemv(x, t, q).map(Some);
         }
         if t <= GEMV_MAX_TOKENS && k.is_multiple_of(8) {
@@ -1044,8 +1038,7 @@ impl Gpu {
             let mut xq = self.alloc::<f32>(t * k)?;
             let blocks = t * k / 16;
             launch!(self, fake_quant_act, flat(blocks), x, &mut xq, &input_scale, &blocks);
-            let exact = self.exact_gemm.load(Ordering::Relaxed);
-            return Ok(self.nvfp4_small_batch(&xq, t, w, exact)?.expect("t ≤ GEMV_MAX_TOKENS, k % 16 == 0"));
+            return Ok(self.nvfp4_small_batch(&xq, t, w)?.expect("t ≤ GEMV_MAX_TOKENS, k % 16 == 0"));
         }
         let (codes, scales) = self.quantize_act_nvfp4(x, t, k, input_scale)?;
         self.w4a4_gemm(&codes, &scales, t, 1.0 / input_scale, w)

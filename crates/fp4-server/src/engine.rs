@@ -212,12 +212,17 @@ impl Sequence {
         });
     }
 
-    /// Records token `id`; returns true when the sequence is finished.
-    fn emit(&mut self, id: u32, logprob: Option<(f32, Vec<(u32, f32)>)>, stats: &Stats) -> bool {
+    /// Appends token `id` to the output and streams it.
+    fn record(&mut self, id: u32, logprob: Option<(f32, Vec<(u32, f32)>)>, stats: &Stats) {
         self.generated.push(id);
         *self.counts.entry(id).or_default() += 1;
         stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
         let _ = self.events.send(Event::Token { id, logprob });
+    }
+
+    /// Records token `id`; returns true when the sequence is finished.
+    fn emit(&mut self, id: u32, logprob: Option<(f32, Vec<(u32, f32)>)>, stats: &Stats) -> bool {
+        self.record(id, logprob, stats);
         let reason = if self.req.stop_ids.contains(&id) {
             Some(FinishReason::Stop)
         } else if self.generated.len() >= self.req.max_tokens {
@@ -505,11 +510,9 @@ fn force_best_choice(model: &Qwen35, seq: &mut Sequence, stats: &Stats) -> Resul
         if seq.generated.len() >= seq.req.max_tokens {
             break;
         }
-        seq.generated.push(t);
-        *seq.counts.entry(t).or_default() += 1;
-        stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-        let _ = seq.events.send(Event::Token { id: t, logprob: None });
-        seq.logits = model.forward(&[t], seq_cache, Logits::Last).map_err(|e| e.to_string())?.into_vec();
+        seq.record(t, None, stats);
+        let SeqCache::Prefill(cache) = &mut seq.cache else { unreachable!("still prefilling") };
+        seq.logits = model.forward(&[t], cache, Logits::Last).map_err(|e| e.to_string())?.into_vec();
     }
     Ok(())
 }

@@ -60,16 +60,22 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Every response is OpenAI-shaped: the API key is checked before a `/v1` body is read (so an
-/// unauthenticated client gets 401, not 413), and the router's own plain or empty error
-/// responses (unknown route, wrong method, body over the limit) become OpenAI error JSON.
+/// Routes behind `--api-key`: the OpenAI API and tokenize/detokenize (not health or metrics).
+fn needs_auth(path: &str) -> bool {
+    path.starts_with("/v1/") || path == "/tokenize" || path == "/detokenize"
+}
+
+/// Every response is OpenAI-shaped: the API key is checked here, for every route that needs it,
+/// before a body is read (so an unauthenticated client gets 401, not 413), and the router's own
+/// plain or empty error responses (unknown route, wrong method, body over the limit) become
+/// OpenAI error JSON.
 async fn openai_errors(
     State(s): State<Arc<AppState>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     let (path, method) = (req.uri().path().to_string(), req.method().clone());
-    if path.starts_with("/v1/") {
+    if needs_auth(&path) {
         if let Err(e) = check_auth(&s, req.headers()) {
             return error_response(&e);
         }
@@ -136,10 +142,7 @@ async fn metrics(State(s): State<Arc<AppState>>) -> impl IntoResponse {
     ([("content-type", "text/plain; version=0.0.4")], s.metrics.render(&s.engine.stats))
 }
 
-async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(e) = check_auth(&s, &headers) {
-        return error_response(&e);
-    }
+async fn models(State(s): State<Arc<AppState>>) -> Response {
     Json(json!({"object": "list", "data": [{
         "id": s.cfg.served_model_name, "object": "model", "created": s.created, "owned_by": "fp4",
         "root": s.cfg.served_model_name, "max_model_len": s.cfg.max_model_len
@@ -431,10 +434,9 @@ async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send 
         .unwrap_or_else(|e| Err(ApiError::new(500, "server_error", format!("request preparation failed: {e}"))))
 }
 
-async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
     s.metrics.requests.fetch_add(1, Ordering::Relaxed);
     let result = async {
-        check_auth(&s, &headers)?;
         let st = s.clone();
         let (req, prep) = off_runtime(move || {
             let req = protocol::chat_request(&protocol::parse_body(&body)?)?;
@@ -563,10 +565,9 @@ fn chat_stream(
     }
 }
 
-async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
     s.metrics.requests.fetch_add(1, Ordering::Relaxed);
     let result = async {
-        check_auth(&s, &headers)?;
         let st = s.clone();
         let (req, prompt_text, gen) = off_runtime(move || {
             let req = protocol::completion_request(&protocol::parse_body(&body)?)?;
@@ -650,9 +651,8 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: B
     .into_response()
 }
 
-async fn tokenize(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn tokenize(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
     let result = off_runtime(move || {
-        check_auth(&s, &headers)?;
         let m = protocol::parse_body(&body)?;
         let text = if let Some(Value::Array(messages)) = m.get("messages") {
             let gen = m.get("add_generation_prompt").and_then(Value::as_bool).unwrap_or(true);
@@ -676,9 +676,8 @@ async fn tokenize(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Byte
     }
 }
 
-async fn detokenize(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn detokenize(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
     let result = (|| {
-        check_auth(&s, &headers)?;
         let m = protocol::parse_body(&body)?;
         let ids: Vec<u64> = m
             .get("tokens")
