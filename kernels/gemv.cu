@@ -64,6 +64,36 @@ extern "C" __global__ void bf16_gemv_f32(const uint16_t* __restrict__ w, float s
     if (lane == 0) y[(size_t)blockIdx.y * n + row] = acc * scale;
 }
 
+// The same product for few rows (the GDN's [32, 4096] in_proj_b/a): one block of
+// ROWBLOCK_THREADS per (row, token), the row's chunks spread over all its warps and their sums
+// added in warp order, so a handful of rows still keeps many loads in flight.
+#define ROWBLOCK_THREADS 256
+extern "C" __global__ void __launch_bounds__(ROWBLOCK_THREADS)
+    bf16_gemv_rowblock_f32(const uint16_t* __restrict__ w, float scale, const float* __restrict__ x,
+                           float* __restrict__ y, int n, int k) {
+    __shared__ float part[ROWBLOCK_THREADS / 32];
+    int row = blockIdx.x;
+    const uint4* wrow = reinterpret_cast<const uint4*>(w + (size_t)row * k);
+    const float4* x4 = reinterpret_cast<const float4*>(x + (size_t)blockIdx.y * k);
+    float acc = 0.f;
+    for (int c = threadIdx.x; c < k / 8; c += ROWBLOCK_THREADS) {
+        uint4 q = __ldg(wrow + c);
+        float4 a = __ldg(x4 + 2 * c), b = __ldg(x4 + 2 * c + 1);
+        acc += bf16(q.x & 0xffffu) * a.x + bf16(q.x >> 16) * a.y + bf16(q.y & 0xffffu) * a.z +
+               bf16(q.y >> 16) * a.w + bf16(q.z & 0xffffu) * b.x + bf16(q.z >> 16) * b.y +
+               bf16(q.w & 0xffffu) * b.z + bf16(q.w >> 16) * b.w;
+    }
+    acc = warp_sum(acc);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float sum = 0.f;
+#pragma unroll
+        for (int i = 0; i < ROWBLOCK_THREADS / 32; i++) sum += part[i];
+        y[(size_t)blockIdx.y * n + row] = sum * scale;
+    }
+}
+
 // ---- NVFP4 × f16 activations on tensor cores: decode and batches of up to 64 tokens ----
 //
 // Decode is bandwidth-bound, and what limits a GEMV over E2M1 codes is the work per weight
@@ -83,21 +113,18 @@ extern "C" __global__ void bf16_gemv_f32(const uint16_t* __restrict__ w, float s
 // epilogue), stored in the order the decode yields pairs: in each group of 8, words
 // (x3,x7) (x2,x6) (x1,x5) (x0,x4).
 //
-// Geometry: a block of MMA_WARPS warps owns 16 output rows (one MMA m-tile) and MMA_KSPLIT
-// consecutive k (blockIdx.y selects the k range; partial sums of the ranges are added by
-// mma_gemv_reduce, in a fixed order). Each warp takes MMA_UNROLL chunks of 128 k, loaded before
-// any is used. In a chunk, thread (g = lane/4, q = lane%4) holds 16 bytes (32 k) of rows g and g+8
-// at k = 128c + 32q and the same 32 k of each token's activations. MMA step s (0..7) takes
-// word s/2 of the 16 bytes (8 codes, 4 pairs): pairs 2(s%2) and 2(s%2)+1 as the MMA's k
-// {2q, 2q+1} and {2q+8, 2q+9}, with the activation words 2s and 2s+1; A and B share that
+// Geometry: a block of MMA_WARPS warps owns 16 output rows (one MMA m-tile) and the whole of K,
+// cut into chunks of 128 k. In a chunk, thread (g = lane/4, q = lane%4) holds 16 bytes (32 k) of
+// rows g and g+8 at k = 128c + 32q and the same 32 k of each token's activations. MMA step s
+// (0..7) takes word s/2 of the 16 bytes (8 codes, 4 pairs): pairs 2(s%2) and 2(s%2)+1 as the
+// MMA's k {2q, 2q+1} and {2q+8, 2q+9}, with the activation words 2s and 2s+1; A and B share that
 // mapping, so the sum over k is unchanged. Step s lies in scale block 2q + s/4. The warps'
-// partial sums meet in shared memory.
+// partial sums meet in shared memory and are added in warp order.
 #include <cuda_fp16.h>
 
-#define MMA_WARPS 4
-#define MMA_UNROLL 4
+#define MMA_WARPS 8
+#define MMA_DEPTH 2
 #define MMA_CHUNK 128
-#define MMA_KSPLIT (MMA_WARPS * MMA_UNROLL * MMA_CHUNK)
 
 // The 4 f16x2 pairs of a word of 8 codes, in the order (3,7) (2,6) (1,5) (0,4), as e2m1 · 2^-14.
 __device__ __forceinline__ void e2m1x8_to_f16x2(uint32_t q, uint32_t* p) {
@@ -139,156 +166,266 @@ __device__ __forceinline__ void block_scales(uint32_t two, uint32_t* s) {
     s[1] = __byte_perm(f, 0, 0x3232);
 }
 
-// NT n-tiles of 8 tokens. `part` is y itself (already scaled) when gridDim.y == 1, else
-// [gridDim.y, t, n] partial sums for mma_gemv_reduce.
-template <int NT>
-__device__ __forceinline__ void nvfp4_mma_gemv(const uint8_t* __restrict__ w, const uint8_t* __restrict__ scales,
-                                               float scale_2, const uint16_t* __restrict__ xh,
-                                               const float* __restrict__ xinv, float* __restrict__ part, int n,
-                                               int k, int t) {
-    __shared__ float red[MMA_WARPS][16][8 * NT];
+// Up to GROUP_MAX weights of the same input (q/k/v, gate/up, the GDN input projections) in one
+// launch: blockIdx.x runs over the 16-row tiles of all of them, weight after weight.
+#define GROUP_MAX 4
+struct GemvGroup {
+    const uint8_t* w[GROUP_MAX];
+    const uint8_t* s[GROUP_MAX];
+    float* y[GROUP_MAX];
+    float scale_2[GROUP_MAX];
+    int n[GROUP_MAX];
+    int tiles_end[GROUP_MAX];  // cumulative tile counts
+    int count;
+};
+
+// One chunk (128 k) of rows r0 and r0 + 8 for thread (g, q): 16 code bytes and 2 scale bytes
+// each, zero past n or k.
+struct Chunk {
+    uint4 w0, w1;
+    uint32_t s0, s1;
+};
+
+__device__ __forceinline__ Chunk load_chunk(const uint8_t* __restrict__ w, const uint8_t* __restrict__ scales,
+                                            int r0, int n, int k, int k0) {
+    Chunk c = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), 0, 0};
+    int r1 = r0 + 8;
+    if (k0 < k) {
+        if (r0 < n) {
+            c.w0 = __ldg(reinterpret_cast<const uint4*>(w + (size_t)r0 * (k / 2) + k0 / 2));
+            c.s0 = __ldg(reinterpret_cast<const uint16_t*>(scales + (size_t)r0 * (k / 16) + k0 / 16));
+        }
+        if (r1 < n) {
+            c.w1 = __ldg(reinterpret_cast<const uint4*>(w + (size_t)r1 * (k / 2) + k0 / 2));
+            c.s1 = __ldg(reinterpret_cast<const uint16_t*>(scales + (size_t)r1 * (k / 16) + k0 / 16));
+        }
+    }
+    return c;
+}
+
+// A token's 32 k of a chunk (4 × 16 bytes) of the activations, zero past t or k.
+struct Xs {
+    uint4 v[4];
+};
+
+__device__ __forceinline__ Xs load_x(const uint16_t* __restrict__ xh, int tok, int k, int t, int k0) {
+    Xs x = {{make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)}};
+    if (tok < t && k0 < k) {
+        const uint4* xp = reinterpret_cast<const uint4*>(xh + (size_t)tok * k + k0);
+#pragma unroll
+        for (int v = 0; v < 4; v++) x.v[v] = __ldg(xp + v);
+    }
+    return x;
+}
+
+// The tiled layout (`nvfp4_tile`): for tile T and chunk c, 1024 code bytes at (T·C + c)·1024 —
+// row g's 16 bytes for lane (g, q) at 16·lane, row g+8's at 512 + 16·lane — and 128 scale bytes
+// at (T·C + c)·128, lane's 4 at 4·lane (row g's two, then row g+8's). A warp's loads are 512
+// and 128 contiguous bytes, a tile's whole weight one contiguous stream, padding zero.
+__device__ __forceinline__ Chunk load_chunk_tiled(const uint8_t* __restrict__ w, const uint8_t* __restrict__ scales,
+                                                  int tile, int chunks, int c, int lane) {
+    size_t at = (size_t)tile * chunks + c;
+    const uint4* wp = reinterpret_cast<const uint4*>(w + at * 1024) + lane;
+    uint32_t s = __ldg(reinterpret_cast<const uint32_t*>(scales + at * 128) + lane);
+    return Chunk{__ldg(wp), __ldg(wp + 32), s & 0xffffu, s >> 16};
+}
+
+// ModelOpt layout [n, k/2] codes, [n, k/16] scales → the tiled layout, one thread per (tile,
+// chunk, lane); rows past n and k past k are zero.
+extern "C" __global__ void nvfp4_tile(const uint8_t* __restrict__ w, const uint8_t* __restrict__ scales,
+                                      uint8_t* __restrict__ wt, uint8_t* __restrict__ st, int n, int k) {
+    int chunks = (k + MMA_CHUNK - 1) / MMA_CHUNK, tiles = (n + 15) / 16;
+    size_t total = (size_t)tiles * chunks * 32;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        int lane = i & 31;
+        size_t at = i >> 5;
+        int c = at % chunks, tile = at / chunks;
+        Chunk ch = load_chunk(w, scales, tile * 16 + (lane >> 2), n, k, c * MMA_CHUNK + 32 * (lane & 3));
+        uint4* wp = reinterpret_cast<uint4*>(wt + at * 1024) + lane;
+        wp[0] = ch.w0;
+        wp[32] = ch.w1;
+        reinterpret_cast<uint32_t*>(st + at * 128)[lane] = (ch.s0 & 0xffffu) | (ch.s1 << 16);
+    }
+}
+
+// The chunk's weights as MMA A fragments (e2m1 · scale · 2^-7 in f16, see above).
+__device__ __forceinline__ void decode_chunk(const Chunk& ch, uint32_t* a0, uint32_t* a1) {
+    uint32_t sa[2], sb[2];
+    block_scales(ch.s0, sa);
+    block_scales(ch.s1, sb);
+    const uint32_t wa[4] = {ch.w0.x, ch.w0.y, ch.w0.z, ch.w0.w}, wb[4] = {ch.w1.x, ch.w1.y, ch.w1.z, ch.w1.w};
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        e2m1x8_to_f16x2(wa[j], a0 + 4 * j);
+        e2m1x8_to_f16x2(wb[j], a1 + 4 * j);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            a0[4 * j + i] = hmul2(a0[4 * j + i], sa[j >> 1]);
+            a1[4 * j + i] = hmul2(a1[4 * j + i], sb[j >> 1]);
+        }
+    }
+}
+
+// The chunk's 8 MMA steps of one n-tile (see the mapping above), into c.
+__device__ __forceinline__ void mma_steps(const uint32_t* a0, const uint32_t* a1, const Xs& x, float* c) {
+    const uint32_t* xw = reinterpret_cast<const uint32_t*>(x.v);
+#pragma unroll
+    for (int s = 0; s < 8; s++) mma_f16(c, a0[2 * s], a1[2 * s], a0[2 * s + 1], a1[2 * s + 1], xw[2 * s], xw[2 * s + 1]);
+}
+
+// NT n-tiles of 8 tokens (t ≤ 8·NT). A block of W warps owns one 16-row tile of one weight of
+// the group and the whole of K: warp w takes chunks w, w + W, … and keeps D of them in flight
+// (the next loads are issued before a chunk's MMAs), so the weight stream never waits on the
+// arithmetic. With XP (one n-tile only) the chunk's activations ride in the same pipeline.
+// Each n-tile has one accumulator chain walking the chunks in the same order whatever NT is,
+// so a token's result does not depend on the batch it is in.
+template <int NT, int W, int D, bool XP, bool TILED>
+__device__ __forceinline__ void nvfp4_mma_gemv(const GemvGroup& grp, const uint16_t* __restrict__ xh,
+                                               const float* __restrict__ xinv, int k, int t) {
+    static_assert(!XP || NT == 1, "activations ride in the pipeline for one n-tile only");
+    __shared__ float red[W][16][8 * NT];
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     int g = lane >> 2, q = lane & 3;
-    int r0 = blockIdx.x * 16 + g, r1 = r0 + 8;
-    // Load every chunk of this warp first: MMA_UNROLL × 32 bytes per thread in flight.
-    uint4 w0[MMA_UNROLL], w1[MMA_UNROLL];
-    uint32_t s0[MMA_UNROLL], s1[MMA_UNROLL];
-    int kbase = blockIdx.y * MMA_KSPLIT + warp * MMA_UNROLL * MMA_CHUNK + 32 * q;
+    int bid = blockIdx.x, gi = 0;
 #pragma unroll
-    for (int u = 0; u < MMA_UNROLL; u++) {
-        int k0 = kbase + u * MMA_CHUNK;
-        w0[u] = w1[u] = make_uint4(0, 0, 0, 0);
-        s0[u] = s1[u] = 0;
-        if (k0 < k) {
-            if (r0 < n) {
-                w0[u] = __ldg(reinterpret_cast<const uint4*>(w + (size_t)r0 * (k / 2) + k0 / 2));
-                s0[u] = __ldg(reinterpret_cast<const uint16_t*>(scales + (size_t)r0 * (k / 16) + k0 / 16));
+    for (int i = 1; i < GROUP_MAX; i++) gi += (i < grp.count && bid >= grp.tiles_end[i - 1]);
+    const uint8_t* w = grp.w[gi];
+    const uint8_t* scales = grp.s[gi];
+    const int n = grp.n[gi];
+    const int tile = bid - (gi ? grp.tiles_end[gi - 1] : 0);
+    const int r0 = tile * 16 + g;
+    const int chunks = (k + MMA_CHUNK - 1) / MMA_CHUNK;
+    const int mine = chunks > warp ? (chunks - warp + W - 1) / W : 0;
+    auto k_of = [&](int i) { return (warp + i * W) * MMA_CHUNK + 32 * q; };
+    auto load = [&](int i) {
+        return TILED ? load_chunk_tiled(w, scales, tile, chunks, warp + i * W, lane) : load_chunk(w, scales, r0, n, k, k_of(i));
+    };
+    Chunk buf[D];
+    Xs xbuf[XP ? D : 1];
+#pragma unroll
+    for (int d = 0; d < D; d++) {
+        buf[d] = d < mine ? load(d) : Chunk{};
+        if (XP) xbuf[XP ? d : 0] = load_x(xh, g, k, d < mine ? t : 0, k_of(d));
+    }
+    float c[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; j++) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
+    for (int base = 0; base < mine; base += D) {
+#pragma unroll
+        for (int d = 0; d < D; d++) {
+            int i = base + d;
+            if (i >= mine) break;  // uniform across the warp: mma.sync needs every lane
+            Chunk cur = buf[d];
+            Xs xcur = xbuf[XP ? d : 0];
+            if (i + D < mine) {
+                buf[d] = load(i + D);
+                if (XP) xbuf[XP ? d : 0] = load_x(xh, g, k, t, k_of(i + D));
             }
-            if (r1 < n) {
-                w1[u] = __ldg(reinterpret_cast<const uint4*>(w + (size_t)r1 * (k / 2) + k0 / 2));
-                s1[u] = __ldg(reinterpret_cast<const uint16_t*>(scales + (size_t)r1 * (k / 16) + k0 / 16));
-            }
+            uint32_t a0[16], a1[16];
+            decode_chunk(cur, a0, a1);
+#pragma unroll
+            for (int j = 0; j < NT; j++) mma_steps(a0, a1, XP ? xcur : load_x(xh, 8 * j + g, k, t, k_of(i)), c[j]);
         }
     }
-    // One accumulator chain per chunk for a single n-tile (MMA latency), else per n-tile.
-    constexpr int CH = NT == 1 ? MMA_UNROLL : 1;
-    float c[CH][NT][4];
-#pragma unroll
-    for (int a = 0; a < CH; a++)
-#pragma unroll
-        for (int j = 0; j < NT; j++) c[a][j][0] = c[a][j][1] = c[a][j][2] = c[a][j][3] = 0.f;
-#pragma unroll
-    for (int u = 0; u < MMA_UNROLL; u++) {
-        int k0 = kbase + u * MMA_CHUNK;
-        if (k0 - 32 * q >= k) break;  // the warp's whole chunk is past K (uniform: mma.sync needs all lanes)
-        uint32_t sa[2], sb[2];
-        block_scales(s0[u], sa);
-        block_scales(s1[u], sb);
-        uint32_t a0[16], a1[16];
-        const uint32_t wa[4] = {w0[u].x, w0[u].y, w0[u].z, w0[u].w}, wb[4] = {w1[u].x, w1[u].y, w1[u].z, w1[u].w};
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            e2m1x8_to_f16x2(wa[j], a0 + 4 * j);
-            e2m1x8_to_f16x2(wb[j], a1 + 4 * j);
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                a0[4 * j + i] = hmul2(a0[4 * j + i], sa[j >> 1]);
-                a1[4 * j + i] = hmul2(a1[4 * j + i], sb[j >> 1]);
-            }
-        }
-#pragma unroll
-        for (int j = 0; j < NT; j++) {
-            int tok = 8 * j + g;
-            uint4 xv[4] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0),
-                           make_uint4(0, 0, 0, 0)};
-            if (tok < t && k0 < k) {
-                const uint4* xp = reinterpret_cast<const uint4*>(xh + (size_t)tok * k + k0);
-#pragma unroll
-                for (int v = 0; v < 4; v++) xv[v] = __ldg(xp + v);
-            }
-            const uint32_t* xw = reinterpret_cast<const uint32_t*>(xv);
-            float* acc = c[CH == 1 ? 0 : u][j];
-#pragma unroll
-            for (int s = 0; s < 8; s++)
-                mma_f16(acc, a0[2 * s], a1[2 * s], a0[2 * s + 1], a1[2 * s + 1], xw[2 * s], xw[2 * s + 1]);
-        }
-    }
-    // c[.][j]: (row g, tokens 8j+2q, +1) and (row g+8, the same tokens).
+    // c[j]: (row g, tokens 8j+2q, +1) and (row g+8, the same tokens).
     constexpr int COLS = 8 * NT;
 #pragma unroll
     for (int j = 0; j < NT; j++) {
-        float v[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int a = 0; a < CH; a++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) v[e] += c[a][j][e];
         int col = 8 * j + 2 * q;
-        red[warp][g][col] = v[0];
-        red[warp][g][col + 1] = v[1];
-        red[warp][g + 8][col] = v[2];
-        red[warp][g + 8][col + 1] = v[3];
+        red[warp][g][col] = c[j][0];
+        red[warp][g][col + 1] = c[j][1];
+        red[warp][g + 8][col] = c[j][2];
+        red[warp][g + 8][col + 1] = c[j][3];
     }
     __syncthreads();
-    bool direct = gridDim.y == 1;
+    float* y = grp.y[gi];
+    // The decode's 2^-7 (e2m1 · 2^-14 times scale · 2^7) and the activation's 2^e_t.
+    const float alpha = grp.scale_2[gi] * 128.f;
     for (int i = tid; i < 16 * COLS; i += blockDim.x) {
         int row = i & 15, tok = i >> 4;
         float acc = 0.f;
 #pragma unroll
-        for (int wi = 0; wi < MMA_WARPS; wi++) acc += red[wi][row][tok];
-        int gr = blockIdx.x * 16 + row;
-        if (gr < n && tok < t) {
-            // The decode's 2^-7 (e2m1 · 2^-14 times scale · 2^7) and the activation's 2^e_t.
-            if (direct)
-                part[(size_t)tok * n + gr] = acc * (scale_2 * 128.f) * xinv[tok];
-            else
-                part[((size_t)blockIdx.y * t + tok) * n + gr] = acc;
-        }
+        for (int wi = 0; wi < W; wi++) acc += red[wi][row][tok];
+        int gr = tile * 16 + row;
+        if (gr < n && tok < t) y[(size_t)tok * n + gr] = acc * alpha * xinv[tok];
     }
 }
 
-#define NVFP4_MMA_GEMV(NT)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32) nvfp4_mma_gemv_nt##NT(                       \
-        const uint8_t* __restrict__ w, const uint8_t* __restrict__ scales, float scale_2,                    \
-        const uint16_t* __restrict__ xh, const float* __restrict__ xinv, float* __restrict__ part, int n,    \
-        int k, int t) {                                                                                        \
-        nvfp4_mma_gemv<NT>(w, scales, scale_2, xh, xinv, part, n, k, t);                                     \
+#define GEMV_ENTRY(NAME, NT, W, D, XP, TILED, MINB)                                                         \
+    extern "C" __global__ void __launch_bounds__(W * 32, MINB)                                             \
+        NAME(const GemvGroup grp, const uint16_t* __restrict__ xh, const float* __restrict__ xinv, int k,  \
+             int t) {                                                                                       \
+        nvfp4_mma_gemv<NT, W, D, XP, TILED>(grp, xh, xinv, k, t);                                           \
     }
-NVFP4_MMA_GEMV(1)
-NVFP4_MMA_GEMV(2)
-NVFP4_MMA_GEMV(4)
-NVFP4_MMA_GEMV(8)
+// Three blocks per SM (≤ 85 registers) for one n-tile, two (≤ 128) for two, else one (no
+// spills). Measured on the 9B's shapes (selftest --gemv-sweep): deeper pipelines, activations in
+// the pipeline, 2/4/16 warps or a tile-contiguous weight layout were no faster or ≤ 6 % faster.
+GEMV_ENTRY(nvfp4_mma_gemv_nt1, 1, MMA_WARPS, MMA_DEPTH, false, false, 3)
+GEMV_ENTRY(nvfp4_mma_gemv_nt2, 2, MMA_WARPS, MMA_DEPTH, false, false, 2)
+GEMV_ENTRY(nvfp4_mma_gemv_nt4, 4, MMA_WARPS, MMA_DEPTH, false, false, 1)
+GEMV_ENTRY(nvfp4_mma_gemv_nt8, 8, MMA_WARPS, MMA_DEPTH, false, false, 1)
+// Geometry sweep (selftest --gemv-sweep): name = warps, depth, x: activations in the pipeline,
+// t: tiled layout.
+GEMV_ENTRY(gemv_sweep_w8d4, 1, 8, 4, false, false, 2)
+GEMV_ENTRY(gemv_sweep_w8d2t, 1, 8, 2, false, true, 3)
+GEMV_ENTRY(gemv_sweep_w4d2xt, 1, 4, 2, true, true, 4)
+GEMV_ENTRY(gemv_sweep_w2d4t, 1, 2, 4, false, true, 8)
 
-// y[tok, i] = scale_2 · 2^7 · xinv[tok] · Σ_s part[s][tok, i] over the k ranges, in order.
-extern "C" __global__ void mma_gemv_reduce(const float* __restrict__ part, const float* __restrict__ xinv,
-                                           float* __restrict__ y, int splits, float scale_2, int n, size_t len) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < len; i += (size_t)gridDim.x * blockDim.x) {
-        float acc = 0.f;
-        for (int s = 0; s < splits; s++) acc += part[(size_t)s * len + i];
-        y[i] = acc * (scale_2 * 128.f) * xinv[i / n];
-    }
+// x [T, K] f32 → f16 · 2^e_t per row (one block of ROWSCALE_THREADS per row; K % 8 == 0), e_t
+// putting the row's amax in [2^14, 2^15), in the GEMV's pair order: within each 8, (x3,x7)
+// (x2,x6) (x1,x5) (x0,x4). inv[t] = 2^-e_t. An all-zero row keeps e_t = 0. Each thread holds
+// up to ROWSCALE_HELD groups of 8 in registers (K ≤ 32768 is read once), beyond that re-reads.
+#define ROWSCALE_THREADS 1024
+#define ROWSCALE_HELD 4
+__device__ __forceinline__ uint32_t f16x2_of(float lo, float hi) {
+    return (uint32_t)__half_as_ushort(__float2half_rn(lo)) | ((uint32_t)__half_as_ushort(__float2half_rn(hi)) << 16);
 }
 
-// x [T, K] f32 → f16 · 2^e_t per row (one block per row; K % 8 == 0), e_t putting the row's amax
-// in [2^14, 2^15), in the GEMV's pair order: within each 8, (x3,x7) (x2,x6) (x1,x5) (x0,x4).
-// inv[t] = 2^-e_t. An all-zero row keeps e_t = 0.
-extern "C" __global__ void f16_rowscaled(const float* __restrict__ x, uint16_t* __restrict__ out,
-                                         float* __restrict__ inv, int k) {
-    __shared__ float part[32];
-    const float* row = x + (size_t)blockIdx.x * k;
+extern "C" __global__ void __launch_bounds__(ROWSCALE_THREADS) f16_rowscaled(const float* __restrict__ x,
+                                                                               uint16_t* __restrict__ out,
+                                                                               float* __restrict__ inv, int k) {
+    __shared__ float part[ROWSCALE_THREADS / 32];
+    const float4* row = reinterpret_cast<const float4*>(x + (size_t)blockIdx.x * k);
+    const int groups = k / 8;
+    float4 held[ROWSCALE_HELD][2];
     float m = 0.f;
-    for (int i = threadIdx.x; i < k; i += blockDim.x) m = fmaxf(m, fabsf(row[i]));
+#pragma unroll
+    for (int j = 0; j < ROWSCALE_HELD; j++) {
+        int gidx = threadIdx.x + j * ROWSCALE_THREADS;
+        held[j][0] = held[j][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (gidx < groups) {
+            held[j][0] = __ldg(row + 2 * gidx);
+            held[j][1] = __ldg(row + 2 * gidx + 1);
+        }
+        const float4 a = held[j][0], b = held[j][1];
+        m = fmaxf(m, fmaxf(fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(a.z), fabsf(a.w))),
+                           fmaxf(fmaxf(fabsf(b.x), fabsf(b.y)), fmaxf(fabsf(b.z), fabsf(b.w)))));
+    }
+    for (int gidx = threadIdx.x + ROWSCALE_HELD * ROWSCALE_THREADS; gidx < groups; gidx += ROWSCALE_THREADS) {
+        const float4 a = __ldg(row + 2 * gidx), b = __ldg(row + 2 * gidx + 1);
+        m = fmaxf(m, fmaxf(fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(a.z), fabsf(a.w))),
+                           fmaxf(fmaxf(fabsf(b.x), fabsf(b.y)), fmaxf(fabsf(b.z), fabsf(b.w)))));
+    }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = m;
     __syncthreads();
     m = 0.f;
-    for (int i = 0; i < (int)(blockDim.x >> 5); i++) m = fmaxf(m, part[i]);
+#pragma unroll
+    for (int i = 0; i < ROWSCALE_THREADS / 32; i++) m = fmaxf(m, part[i]);
     int e = m > 0.f ? min(14 - ilogbf(m), 100) : 0;
     float s = ldexpf(1.f, e);
     if (threadIdx.x == 0) inv[blockIdx.x] = ldexpf(1.f, -e);
-    uint16_t* o = out + (size_t)blockIdx.x * k;
-    for (int i = threadIdx.x; i < k; i += blockDim.x) {
-        int r = i & 7;
-        o[(i & ~7) + 2 * (3 - (r & 3)) + (r >> 2)] = __half_as_ushort(__float2half_rn(row[i] * s));
+    uint4* o = reinterpret_cast<uint4*>(out + (size_t)blockIdx.x * k);
+    auto put = [&](int gidx, float4 a, float4 b) {
+        o[gidx] = make_uint4(f16x2_of(a.w * s, b.w * s), f16x2_of(a.z * s, b.z * s), f16x2_of(a.y * s, b.y * s),
+                             f16x2_of(a.x * s, b.x * s));
+    };
+#pragma unroll
+    for (int j = 0; j < ROWSCALE_HELD; j++) {
+        int gidx = threadIdx.x + j * ROWSCALE_THREADS;
+        if (gidx < groups) put(gidx, held[j][0], held[j][1]);
     }
+    for (int gidx = threadIdx.x + ROWSCALE_HELD * ROWSCALE_THREADS; gidx < groups; gidx += ROWSCALE_THREADS)
+        put(gidx, __ldg(row + 2 * gidx), __ldg(row + 2 * gidx + 1));
 }

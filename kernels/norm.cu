@@ -1,6 +1,6 @@
 // RMSNorm over rows of d (f32): y = x · rsqrt(mean(x²) + eps) · (offset + w). offset = 1 for
-// Qwen3.5's zero-centred (1+w) norms. `add_rms_norm` first adds the residual branch in place
-// (h += delta), the fusion every decoder layer does twice. One block per row.
+// Qwen3.5's zero-centred (1+w) norms. `add_rms_norm` first adds the residual branch
+// (h_out = h + delta), the fusion of every decoder layer's middle. One block per row.
 #include <stdint.h>
 
 __device__ __forceinline__ float block_sum(float v, float* shared) {
@@ -28,18 +28,70 @@ __device__ __forceinline__ void norm_row(const float* x, const float* w, float* 
     for (int i = threadIdx.x; i < d; i += blockDim.x) y[i] = x[i] * r * (offset + w[i]);
 }
 
+// Rows with d % 4 == 0 (every norm of the model): blockDim.x threads (d/4 rounded up to a warp,
+// at most 1024) hold up to NORM_HELD float4 each in registers, so the row is read once with all
+// loads in flight (a one-row decode norm is latency-bound, not bandwidth-bound). With ADD the
+// residual branch is added first (h_out = h + delta).
+#define NORM_HELD 4
+template <bool ADD>
+__device__ __forceinline__ void norm_row_v4(const float* h, const float* delta, float* h_out, const float* w, float* y,
+                                            int d, float eps, float offset) {
+    __shared__ float shared[32];
+    const int n4 = d / 4;
+    float4 v[NORM_HELD];
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < NORM_HELD; j++) {
+        int i = threadIdx.x + j * blockDim.x;
+        v[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (i < n4) {
+            v[j] = reinterpret_cast<const float4*>(h)[i];
+            if (ADD) {
+                float4 e = reinterpret_cast<const float4*>(delta)[i];
+                v[j].x += e.x, v[j].y += e.y, v[j].z += e.z, v[j].w += e.w;
+                reinterpret_cast<float4*>(h_out)[i] = v[j];
+            }
+        }
+        ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
+    }
+    float r = rsqrtf(block_sum(ss, shared) / d + eps);
+#pragma unroll
+    for (int j = 0; j < NORM_HELD; j++) {
+        int i = threadIdx.x + j * blockDim.x;
+        if (i < n4) {
+            float4 g = reinterpret_cast<const float4*>(w)[i];
+            reinterpret_cast<float4*>(y)[i] = make_float4(v[j].x * r * (offset + g.x), v[j].y * r * (offset + g.y),
+                                                          v[j].z * r * (offset + g.z), v[j].w * r * (offset + g.w));
+        }
+    }
+}
+
+extern "C" __global__ void rms_norm_v4(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
+                                       int d, float eps, float offset) {
+    size_t row = blockIdx.x;
+    norm_row_v4<false>(x + row * d, nullptr, nullptr, w, y + row * d, d, eps, offset);
+}
+
+// h_out = h + delta, y = rms_norm(h_out): the residual add fused with the next norm.
+extern "C" __global__ void add_rms_norm_v4(const float* __restrict__ h, const float* __restrict__ delta,
+                                           float* __restrict__ h_out, const float* __restrict__ w,
+                                           float* __restrict__ y, int d, float eps, float offset) {
+    size_t row = blockIdx.x;
+    norm_row_v4<true>(h + row * d, delta + row * d, h_out + row * d, w, y + row * d, d, eps, offset);
+}
+
 extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float* __restrict__ w,
                                         float* __restrict__ y, int d, float eps, float offset) {
     size_t row = blockIdx.x;
     norm_row(x + row * d, w, y + row * d, d, eps, offset);
 }
 
-extern "C" __global__ void add_rms_norm_f32(float* __restrict__ h, const float* __restrict__ delta,
-                                            const float* __restrict__ w, float* __restrict__ y, int d, float eps,
-                                            float offset) {
+extern "C" __global__ void add_rms_norm_f32(const float* __restrict__ h, const float* __restrict__ delta,
+                                            float* __restrict__ h_out, const float* __restrict__ w,
+                                            float* __restrict__ y, int d, float eps, float offset) {
     size_t row = blockIdx.x;
-    float* hr = h + row * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) hr[i] += delta[row * d + i];
+    float* hr = h_out + row * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) hr[i] = h[row * d + i] + delta[row * d + i];
     __syncthreads();
     norm_row(hr, w, y + row * d, d, eps, offset);
 }

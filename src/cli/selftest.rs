@@ -32,6 +32,20 @@ pub struct Args {
     /// Decode steps timed per format.
     #[arg(long, default_value_t = 128)]
     decode_tokens: usize,
+    /// Kernel iteration: only the linear and runner checks, then the benchmarks (no op, W4A4 or
+    /// whole-model checks, no per-model decode loop). The report says so; it is not a full run.
+    #[arg(long)]
+    quick: bool,
+    /// Profiling: no checks at all, only the benchmarks (kernels first).
+    #[arg(long, hide = true)]
+    bench_only: bool,
+    /// Kernel development: time the GEMV geometry-sweep kernels against the shipped one and stop.
+    #[arg(long, hide = true)]
+    gemv_sweep: bool,
+    /// Profiling (nsys): only `--decode-tokens` graph-replayed batch-1 decode steps of the
+    /// `--synthetic` NVFP4 model after a 1k-token prompt, then stop.
+    #[arg(long, hide = true)]
+    profile_decode: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {

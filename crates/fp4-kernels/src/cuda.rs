@@ -61,6 +61,10 @@ const DECODE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/decode.fatbin"))
 const ROW_THREADS: u32 = 256;
 /// Rows of the output per thread block in the GEMV kernels (`ROWS_PER_BLOCK` there).
 const GEMV_ROWS_PER_BLOCK: u32 = 4;
+/// Below this many rows a bf16 GEMV gives each row a block of `ROWBLOCK_THREADS` (of
+/// `bf16_gemv_rowblock_f32`) instead of a warp: a warp per row would leave the GPU nearly idle.
+const ROWBLOCK_MAX_ROWS: usize = 1024;
+const ROWBLOCK_THREADS: u32 = 256;
 /// Up to this many tokens a linear runs as GEMV (weights streamed once per token, L2-resident
 /// after the first); beyond it, as a tensor-core GEMM through cuBLAS.
 pub const GEMV_MAX_TOKENS: usize = 8;
@@ -68,10 +72,19 @@ pub const GEMV_MAX_TOKENS: usize = 8;
 /// each weight read once for the whole batch, f16 activations); beyond it, dequantize + cuBLAS.
 /// In exact mode (f32, for the golden checks) the CUDA-core GEMV above serves decode instead.
 pub const MMA_GEMV_MAX_TOKENS: usize = 64;
-/// `MMA_WARPS` and `MMA_KSPLIT` of `nvfp4_mma_gemv_nt*`: warps per block, and the k range one
-/// block covers (blocks of further ranges add partial sums through `mma_gemv_reduce`).
-const MMA_WARPS: u32 = 4;
-const MMA_KSPLIT: usize = 2048;
+/// `MMA_WARPS` and `GROUP_MAX` of `nvfp4_mma_gemv_nt*`: warps per block (one 16-row tile each,
+/// the whole of K), and how many weights of one input a launch takes.
+const MMA_WARPS: u32 = 8;
+const MMA_GROUP_MAX: usize = 4;
+/// `ROWSCALE_THREADS` of `f16_rowscaled`.
+const ROWSCALE_THREADS: u32 = 1024;
+/// The `gemv_sweep_*` kernels (name, warps per block, reads the tiled layout).
+const GEMV_SWEEP: [(&str, u32, bool); 4] = [
+    ("gemv_sweep_w8d4", 8, false),
+    ("gemv_sweep_w8d2t", 8, true),
+    ("gemv_sweep_w4d2xt", 4, true),
+    ("gemv_sweep_w2d4t", 2, true),
+];
 /// `MAX_CONV_K` of `causal_conv1d_silu_f32`.
 const MAX_CONV_K: usize = 8;
 /// `ATT_THREADS`, `TILE` and `MAX_D` of `attention_f32`.
@@ -103,15 +116,20 @@ struct Kernels {
     nvfp4_gemv: CudaFunction,
     /// `nvfp4_mma_gemv_nt{1,2,4,8}`: 8, 16, 32, 64 tokens.
     nvfp4_mma: [CudaFunction; 4],
-    mma_gemv_reduce: CudaFunction,
+    /// `gemv_sweep_*`: the one-n-tile GEMV in other geometries, with their warps per block.
+    gemv_sweep: Vec<(&'static str, u32, bool, CudaFunction)>,
+    nvfp4_tile: CudaFunction,
     f16_rowscaled: CudaFunction,
     bf16_gemv: CudaFunction,
+    bf16_gemv_rowblock: CudaFunction,
     nvfp4_dequant_bf16: CudaFunction,
     nvfp4_dequant_f32: CudaFunction,
     bf16_to_f32: CudaFunction,
     f32_to_bf16: CudaFunction,
     rms_norm: CudaFunction,
     add_rms_norm: CudaFunction,
+    rms_norm_v4: CudaFunction,
+    add_rms_norm_v4: CudaFunction,
     rms_norm_gated: CudaFunction,
     silu_mul: CudaFunction,
     sigmoid_gate: CudaFunction,
@@ -160,15 +178,22 @@ impl Kernels {
                 gemv.load_function("nvfp4_mma_gemv_nt4")?,
                 gemv.load_function("nvfp4_mma_gemv_nt8")?,
             ],
-            mma_gemv_reduce: gemv.load_function("mma_gemv_reduce")?,
             f16_rowscaled: gemv.load_function("f16_rowscaled")?,
+            gemv_sweep: GEMV_SWEEP
+                .iter()
+                .map(|&(name, warps, tiled)| Ok((name, warps, tiled, gemv.load_function(name)?)))
+                .collect::<Result<_>>()?,
+            nvfp4_tile: gemv.load_function("nvfp4_tile")?,
             bf16_gemv: gemv.load_function("bf16_gemv_f32")?,
+            bf16_gemv_rowblock: gemv.load_function("bf16_gemv_rowblock_f32")?,
             nvfp4_dequant_bf16: dequant.load_function("nvfp4_dequant_bf16")?,
             nvfp4_dequant_f32: dequant.load_function("nvfp4_dequant_f32")?,
             bf16_to_f32: dequant.load_function("bf16_to_f32")?,
             f32_to_bf16: dequant.load_function("f32_to_bf16")?,
             rms_norm: norm.load_function("rms_norm_f32")?,
             add_rms_norm: norm.load_function("add_rms_norm_f32")?,
+            rms_norm_v4: norm.load_function("rms_norm_v4")?,
+            add_rms_norm_v4: norm.load_function("add_rms_norm_v4")?,
             rms_norm_gated: norm.load_function("rms_norm_gated_f32")?,
             silu_mul: elem.load_function("silu_mul_f32")?,
             sigmoid_gate: elem.load_function("sigmoid_gate_f32")?,
@@ -301,6 +326,22 @@ impl GpuNvfp4 {
     }
 }
 
+/// `GemvGroup` of `kernels/gemv.cu`: the weights of one launch of `nvfp4_mma_gemv_nt*`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct GemvGroup {
+    w: [u64; MMA_GROUP_MAX],
+    s: [u64; MMA_GROUP_MAX],
+    y: [u64; MMA_GROUP_MAX],
+    scale_2: [f32; MMA_GROUP_MAX],
+    n: [i32; MMA_GROUP_MAX],
+    tiles_end: [i32; MMA_GROUP_MAX],
+    count: i32,
+}
+
+// SAFETY: plain-old-data with the C layout of the kernel's struct (device pointers as u64).
+unsafe impl cudarc::driver::DeviceRepr for GemvGroup {}
+
 /// Activations converted for the tensor-core GEMV: f16 `[t, k]` in its pair order, and each
 /// token's power-of-two scale to undo.
 pub struct MmaActivations {
@@ -352,6 +393,18 @@ fn gemv_cfg(n: usize, t: usize) -> LaunchConfig {
         block_dim: (32, GEMV_ROWS_PER_BLOCK, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// `rms_norm_v4` / `add_rms_norm_v4` over `rows` of `d`: d/4 threads rounded up to a warp (at
+/// most 1024), when `d % 4 == 0` and the row fits in their registers (`NORM_HELD` float4 each).
+fn norm_v4(rows: usize, d: usize) -> Option<LaunchConfig> {
+    const NORM_HELD: usize = 4;
+    let threads = (d / 4).div_ceil(32).clamp(1, 32) * 32;
+    (d.is_multiple_of(4) && d / 4 <= NORM_HELD * threads).then_some(LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    })
 }
 
 /// One block per row.
@@ -467,7 +520,16 @@ impl Gpu {
         let mut y = self.alloc::<f32>(t * n)?;
         if let (true, GpuWeight::Bf16 { w, scale, .. }) = (gemv_ok, w) {
             let (ni, ki) = (n as i32, k as i32);
-            launch!(self, bf16_gemv, gemv_cfg(n, t), w, scale, x, &mut y, &ni, &ki);
+            if n < ROWBLOCK_MAX_ROWS {
+                let cfg = LaunchConfig {
+                    grid_dim: (n as u32, t as u32, 1),
+                    block_dim: (ROWBLOCK_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                launch!(self, bf16_gemv_rowblock, cfg, w, scale, x, &mut y, &ni, &ki);
+            } else {
+                launch!(self, bf16_gemv, gemv_cfg(n, t), w, scale, x, &mut y, &ni, &ki);
+            }
             return Ok(y);
         }
         let (elems, bytes) = (n * k, n * k / 2);
@@ -511,9 +573,8 @@ impl Gpu {
     }
 
     /// `y [t, n] = x [t, k] · Wᵀ` on the tensor cores (`t ≤ 64`, `k % 32 == 0`): x to f16 with a
-    /// power-of-two scale per token (`f16_rowscaled`), then `nvfp4_mma_gemv_nt*` over (16-row
-    /// tiles × 2048-wide k ranges), the ranges' partial sums added in order by `mma_gemv_reduce`
-    /// (see `kernels/gemv.cu`).
+    /// power-of-two scale per token (`f16_rowscaled`), then `nvfp4_mma_gemv_nt*`, one block per
+    /// 16-row tile over the whole of K (see `kernels/gemv.cu`).
     pub fn nvfp4_mma_gemv(&self, x: &CudaSlice<f32>, t: usize, q: &GpuNvfp4) -> Result<CudaSlice<f32>> {
         let act = self.mma_activations(x, t, q.cols)?;
         self.nvfp4_mma_gemv_on(&act, q)
@@ -533,41 +594,101 @@ impl Gpu {
         );
         let (mut xh, mut inv) = (self.alloc::<u16>(t * k)?, self.alloc::<f32>(t)?);
         let ki = k as i32;
-        launch!(self, f16_rowscaled, per_row(t), x, &mut xh, &mut inv, &ki);
+        let cfg = LaunchConfig { grid_dim: (t as u32, 1, 1), block_dim: (ROWSCALE_THREADS, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, f16_rowscaled, cfg, x, &mut xh, &mut inv, &ki);
         Ok(MmaActivations { xh, inv, t, k })
     }
 
     /// The tensor-core GEMV over converted activations (see [`Gpu::nvfp4_mma_gemv`]).
     pub fn nvfp4_mma_gemv_on(&self, a: &MmaActivations, q: &GpuNvfp4) -> Result<CudaSlice<f32>> {
-        let (n, k, t) = (q.rows, q.cols, a.t);
-        assert_eq!(a.k, k, "nvfp4_mma_gemv: activations of width {} for a weight of {k} columns", a.k);
-        let (ni, ki, ti) = (n as i32, k as i32, t as i32);
-        let nt = t.div_ceil(8).next_power_of_two();
-        let splits = k.div_ceil(MMA_KSPLIT);
-        let mut y = self.alloc::<f32>(t * n)?;
-        let mut part = if splits > 1 { Some(self.alloc::<f32>(splits * t * n)?) } else { None };
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(16) as u32, splits as u32, 1),
-            block_dim: (MMA_WARPS * 32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let f = &self.k.nvfp4_mma[nt.trailing_zeros() as usize];
-        let mut b = self.stream.launch_builder(f);
-        b.arg(&q.packed).arg(&q.scales).arg(&q.scale_2).arg(&a.xh).arg(&a.inv);
-        match part.as_mut() {
-            Some(p) => b.arg(p),
-            None => b.arg(&mut y),
-        };
-        b.arg(&ni).arg(&ki).arg(&ti);
-        // SAFETY: the arguments follow nvfp4_mma_gemv_nt*'s signature; xh and inv hold t rows of
-        // k (checked when converted), the weight is [n, k] with k % 32 == 0, the output
-        // splits·t·n floats.
-        unsafe { b.launch(cfg) }?;
-        if let Some(p) = &part {
-            let (len, si) = (t * n, splits as i32);
-            launch!(self, mma_gemv_reduce, flat(len), p, &a.inv, &mut y, &si, &q.scale_2, &ni, &len);
+        Ok(self.nvfp4_mma_gemv_group(a, &[q])?.pop().expect("one output per weight"))
+    }
+
+    /// `y_i [t, n_i] = x · W_iᵀ` for weights of one input, up to [`MMA_GROUP_MAX`] per launch
+    /// (the kernel's grid runs over the 16-row tiles of all of them).
+    pub fn nvfp4_mma_gemv_group(&self, a: &MmaActivations, ws: &[&GpuNvfp4]) -> Result<Vec<CudaSlice<f32>>> {
+        let nt = a.t.div_ceil(8).next_power_of_two();
+        self.gemv_group_on(&self.k.nvfp4_mma[nt.trailing_zeros() as usize], MMA_WARPS, a, ws)
+    }
+
+    /// Names of the GEMV geometry-sweep kernels (one n-tile: up to 8 tokens).
+    pub fn gemv_sweep_names(&self) -> Vec<&'static str> {
+        self.k.gemv_sweep.iter().map(|v| v.0).collect()
+    }
+
+    /// [`Gpu::nvfp4_mma_gemv_group`] through sweep kernel `i` (`a.t ≤ 8`); `tiled` holds each
+    /// weight in the tiled layout (`nvfp4_tile`) for the kernels that read it.
+    pub fn nvfp4_mma_gemv_sweep(
+        &self,
+        i: usize,
+        a: &MmaActivations,
+        ws: &[&GpuNvfp4],
+        tiled: &[GpuNvfp4],
+    ) -> Result<Vec<CudaSlice<f32>>> {
+        assert!(a.t <= 8, "the sweep kernels take one n-tile");
+        let (_, warps, is_tiled, f) = &self.k.gemv_sweep[i];
+        if *is_tiled {
+            let refs: Vec<&GpuNvfp4> = tiled.iter().collect();
+            return self.gemv_group_on(f, *warps, a, &refs);
         }
-        Ok(y)
+        self.gemv_group_on(f, *warps, a, ws)
+    }
+
+    /// `q` in the tiled layout of `kernels/gemv.cu` (same rows, cols, scale_2).
+    pub fn nvfp4_tiled(&self, q: &GpuNvfp4) -> Result<GpuNvfp4> {
+        let (tiles, chunks) = (q.rows.div_ceil(16), q.cols.div_ceil(128));
+        let (mut wt, mut st) = (self.alloc::<u8>(tiles * chunks * 1024)?, self.alloc::<u8>(tiles * chunks * 128)?);
+        let (ni, ki) = (q.rows as i32, q.cols as i32);
+        launch!(self, nvfp4_tile, flat(tiles * chunks * 32), &q.packed, &q.scales, &mut wt, &mut st, &ni, &ki);
+        Ok(GpuNvfp4 { rows: q.rows, cols: q.cols, packed: wt, scales: st, scale_2: q.scale_2 })
+    }
+
+    /// Converts `x [t, k]` for the tensor-core GEMV (timing the conversion alone).
+    pub fn mma_activations_only(&self, x: &CudaSlice<f32>, t: usize, k: usize) -> Result<()> {
+        self.mma_activations(x, t, k).map(drop)
+    }
+
+    fn gemv_group_on(
+        &self,
+        f: &CudaFunction,
+        warps: u32,
+        a: &MmaActivations,
+        ws: &[&GpuNvfp4],
+    ) -> Result<Vec<CudaSlice<f32>>> {
+        let (k, t) = (a.k, a.t);
+        let mut ys = Vec::with_capacity(ws.len());
+        for group in ws.chunks(MMA_GROUP_MAX) {
+            let mut args = GemvGroup::default();
+            let mut outs: Vec<CudaSlice<f32>> = Vec::with_capacity(group.len());
+            for q in group {
+                assert_eq!(q.cols, k, "nvfp4_mma_gemv: activations of width {k} for a weight of {} columns", q.cols);
+                outs.push(self.alloc::<f32>(t * q.rows)?);
+            }
+            let mut guards = Vec::new();
+            let mut tiles = 0;
+            for (i, (q, y)) in group.iter().zip(outs.iter_mut()).enumerate() {
+                let (w, gw) = q.packed.device_ptr(&self.stream);
+                let (s, gs) = q.scales.device_ptr(&self.stream);
+                let (yp, gy) = y.device_ptr_mut(&self.stream);
+                guards.push((gw, gs, gy));
+                tiles += q.rows.div_ceil(16) as i32;
+                (args.w[i], args.s[i], args.y[i]) = (w, s, yp);
+                (args.scale_2[i], args.n[i], args.tiles_end[i]) = (q.scale_2, q.rows as i32, tiles);
+            }
+            args.count = group.len() as i32;
+            let cfg =
+                LaunchConfig { grid_dim: (tiles as u32, 1, 1), block_dim: (warps * 32, 1, 1), shared_mem_bytes: 0 };
+            let (ki, ti) = (k as i32, t as i32);
+            let mut b = self.stream.launch_builder(f);
+            b.arg(&args).arg(&a.xh).arg(&a.inv).arg(&ki).arg(&ti);
+            // SAFETY: the arguments follow nvfp4_mma_gemv_nt*'s signature; xh and inv hold t rows of
+            // k (checked when converted), each weight is [n_i, k] with k % 32 == 0 (the pointers
+            // stay valid: the weights outlive the launch), each output t·n_i floats.
+            unsafe { b.launch(cfg) }?;
+            drop(guards);
+            ys.extend(outs);
+        }
+        Ok(ys)
     }
 
     /// `y [t, n] = x [t, k] · Wᵀ` by the NVFP4 GEMV (W4A16; a few tokens, `k % 8 == 0`).
@@ -653,26 +774,32 @@ impl Gpu {
         assert!(x.len().is_multiple_of(d), "rms_norm shapes");
         let mut y = self.alloc::<f32>(x.len())?;
         let di = d as i32;
-        launch!(self, rms_norm, per_row(x.len() / d), x, w, &mut y, &di, &eps, &offset);
+        match norm_v4(x.len() / d, d) {
+            Some(cfg) => launch!(self, rms_norm_v4, cfg, x, w, &mut y, &di, &eps, &offset),
+            None => launch!(self, rms_norm, per_row(x.len() / d), x, w, &mut y, &di, &eps, &offset),
+        }
         Ok(y)
     }
 
-    /// `h += delta`, then `y = rms_norm(h)` (the residual add fused with the next norm).
+    /// `h' = h + delta` and `y = rms_norm(h')` in one kernel: `(h', y)`.
     pub fn add_rms_norm(
         &self,
-        h: &mut CudaSlice<f32>,
+        h: &CudaSlice<f32>,
         delta: &CudaSlice<f32>,
         w: &CudaSlice<f32>,
         eps: f32,
         offset: f32,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
         let d = w.len();
         assert!(h.len().is_multiple_of(d) && delta.len() == h.len(), "add_rms_norm shapes");
         let rows = h.len() / d;
-        let mut y = self.alloc::<f32>(h.len())?;
+        let (mut sum, mut y) = (self.alloc::<f32>(h.len())?, self.alloc::<f32>(h.len())?);
         let di = d as i32;
-        launch!(self, add_rms_norm, per_row(rows), h, delta, w, &mut y, &di, &eps, &offset);
-        Ok(y)
+        match norm_v4(rows, d) {
+            Some(cfg) => launch!(self, add_rms_norm_v4, cfg, h, delta, &mut sum, w, &mut y, &di, &eps, &offset),
+            None => launch!(self, add_rms_norm, per_row(rows), h, delta, &mut sum, w, &mut y, &di, &eps, &offset),
+        }
+        Ok((sum, y))
     }
 
     /// Gated RMSNorm per row of `w.len()`: `w · x·rsqrt(mean(x²)+eps) · silu(z)`.

@@ -95,7 +95,8 @@ pub fn nvfp4_same_input(x: &Tensor, ws: &[&cuda::GpuNvfp4]) -> Option<Vec<Tensor
         return None;
     }
     let act = ok(g.mma_activations(x.cuda(), t, x.row_len()), "linear activations");
-    Some(ws.iter().map(|w| Tensor::from_cuda(ok(g.nvfp4_mma_gemv_on(&act, w), "linear"), &[t, w.rows])).collect())
+    let ys = ok(g.nvfp4_mma_gemv_group(&act, ws), "linear");
+    Some(ys.into_iter().zip(ws).map(|(y, w)| Tensor::from_cuda(y, &[t, w.rows])).collect())
 }
 
 /// Rows of `x` looked up in `table [vocab, hidden]` (ids already validated against vocab).
@@ -165,6 +166,24 @@ pub fn sigmoid_gate(x: &Tensor, gate: &Tensor, p: Precision) -> Tensor {
 pub fn add(a: &Tensor, b: &Tensor, p: Precision) -> Tensor {
     check(a.shape() == b.shape(), "add", || format!("{:?} vs {:?}", a.shape(), b.shape()));
     binary(a, b, Binary::Add, p)
+}
+
+/// `(h + delta, rms_norm(h + delta))`: a decoder layer's residual add and the norm after it,
+/// one kernel on the GPU. The same values as [`add`] then [`rms_norm`].
+pub fn add_rms_norm(h: &Tensor, delta: &Tensor, w: &Tensor, eps: f32, offset: f32, p: Precision) -> (Tensor, Tensor) {
+    check(h.shape() == delta.shape(), "add_rms_norm", || format!("{:?} vs {:?}", h.shape(), delta.shape()));
+    match (h.storage(), delta.storage()) {
+        #[cfg(feature = "cuda")]
+        (Storage::Cuda(hs), Storage::Cuda(ds)) => {
+            let (sum, y) = ok(gpu().add_rms_norm(hs, ds, w.cuda(), eps, offset), "add_rms_norm");
+            (Tensor::from_cuda(sum, h.shape()), Tensor::from_cuda(y, h.shape()))
+        }
+        _ => {
+            let sum = add(h, delta, p);
+            let y = rms_norm(&sum, w, eps, offset, p);
+            (sum, y)
+        }
+    }
 }
 
 /// Splits the last dimension into consecutive pieces of the given widths (e.g. `[q | k | v]`).

@@ -361,12 +361,12 @@ impl Linear {
 }
 
 /// `x` through several linears of the same input (q/k/v, gate/up, the GDN input projections):
-/// the same as each one's [`Linear::forward`]; on the GPU, W4A16 NVFP4 layers share one
-/// conversion of the activations.
+/// the same as each one's [`Linear::forward`]; on the GPU, the W4A16 NVFP4 ones among them share
+/// one conversion of the activations and one launch, the others run one by one.
 pub fn forward_many<const N: usize>(x: &Tensor, linears: [&Linear; N], p: Precision) -> [Tensor; N] {
     #[cfg(feature = "cuda")]
     {
-        let plain: Option<Vec<&fp4_kernels::cuda::GpuNvfp4>> = linears
+        let plain: Vec<Option<&fp4_kernels::cuda::GpuNvfp4>> = linears
             .iter()
             .map(|l| match &l.method {
                 LinearMethod::Gpu { weight, pre_quant_scale: None, bias: None, act: None, .. } => match weight.as_ref()
@@ -377,8 +377,19 @@ pub fn forward_many<const N: usize>(x: &Tensor, linears: [&Linear; N], p: Precis
                 _ => None,
             })
             .collect();
-        if let Some(ys) = plain.and_then(|ws| ops::nvfp4_same_input(x, &ws)) {
-            return ys.try_into().unwrap_or_else(|_| unreachable!("one output per linear"));
+        let grouped: Vec<&fp4_kernels::cuda::GpuNvfp4> = plain.iter().flatten().copied().collect();
+        if grouped.len() > 1 {
+            if let Some(ys) = ops::nvfp4_same_input(x, &grouped) {
+                let mut ys = ys.into_iter();
+                let mut i = 0;
+                return linears.map(|l| {
+                    i += 1;
+                    match plain[i - 1] {
+                        Some(_) => ys.next().expect("one output per grouped linear"),
+                        None => l.forward(x, p),
+                    }
+                });
+            }
         }
     }
     linears.map(|l| l.forward(x, p))

@@ -268,8 +268,7 @@ impl DecoderLayer {
             Mixer::Attention(a) => a.forward(&x, state, ctx),
             Mixer::Gdn(g) => g.forward(&x, state, ctx),
         };
-        let h = ops::add(h, &mixed, p);
-        let x = ops::rms_norm(&h, &self.post_norm, ctx.eps, 1.0, p);
+        let (h, x) = ops::add_rms_norm(h, &mixed, &self.post_norm, ctx.eps, 1.0, p);
         ops::add(&h, &self.mlp.forward(&x, p), p)
     }
 

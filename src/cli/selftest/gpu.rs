@@ -77,6 +77,36 @@ fn random_nvfp4(rng: &mut Normal, rows: usize, cols: usize) -> Nvfp4Weight {
     Nvfp4Weight::quantize(&w, rows, cols, nvfp4::nvfp4_global_scale(nvfp4::amax(&w)))
 }
 
+/// Several NVFP4 weights of one input in one tensor-core GEMV launch (as q/k/v, gate/up and the
+/// GDN input projections run), each against the CPU; and a token's result is the same bits
+/// whatever batch it is in (1, 13 or 64 tokens: each n-tile walks K in the same order).
+fn mma_group_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) {
+    g.set_exact_gemm(false);
+    for cols in [160, 4096] {
+        // More weights than one launch takes (4), rows not multiples of the 16-row tile.
+        let rows = [131, 16, 7, 64, 50];
+        let qs: Vec<Nvfp4Weight> = rows.iter().map(|&r| random_nvfp4(rng, r, cols)).collect();
+        let gq: Vec<cuda::GpuNvfp4> = qs.iter().map(|q| g.upload_nvfp4(q)).collect();
+        let refs: Vec<&cuda::GpuNvfp4> = gq.iter().collect();
+        let x = rng.tensor(&[64, cols], 1.0);
+        let mut first_token: Vec<Vec<f32>> = Vec::new();
+        for t in [1, 13, 64] {
+            let xt = Tensor::from_vec(x.as_slice()[..t * cols].to_vec(), &[t, cols]);
+            let ys = ops::nvfp4_same_input(&gpu_t(&xt), &refs).expect("the tensor-core GEMV applies");
+            let mut err = 0f64;
+            for (y, q) in ys.iter().zip(&qs) {
+                let w = Tensor::from_vec(q.dequantize(), &[q.rows, q.cols]);
+                err = err.max(rel_err(y, &ops::linear(&xt, &w, None, F32)));
+            }
+            rep.check(&format!("mma gemv group of {} weights {t}x{cols}", rows.len()), err, 2e-3);
+            let row0: Vec<f32> = ys.iter().flat_map(|y| y.to_vec()[..y.shape()[1]].to_vec()).collect();
+            first_token.push(row0);
+        }
+        let same = first_token.iter().all(|r| r.iter().zip(&first_token[0]).all(|(a, b)| a.to_bits() == b.to_bits()));
+        rep.require(&format!("mma gemv token 0 bit-identical at batch 1/13/64 (k={cols})"), same, json!({}));
+    }
+}
+
 /// Linear layers: NVFP4 and bf16 (scale 1 and an FP8-style per-tensor scale) through the GEMV
 /// (≤ 8 tokens) and the GEMM (exact f32 and bf16 tensor cores), with bias and pre_quant_scale.
 fn linear_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) {
@@ -114,6 +144,7 @@ fn linear_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) {
             }
         }
     }
+    mma_group_checks(g, rep, rng);
     g.set_exact_gemm(true);
     // Bias and AWQ pre_quant_scale on both paths; an f32 weight (tied LM head) through cuBLAS.
     let (rows, cols) = (80, 256);
@@ -194,7 +225,8 @@ fn w4a4_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) -> anyhow::Result<()
 
 /// Every other op of the model on shapes of the tiny fixtures and of the 9B.
 fn op_checks(rep: &mut Report, rng: &mut Normal) {
-    for (rows, d) in [(1, 4096), (7, 64), (3, 1000)] {
+    // Vectorised norms (d % 4 == 0, up to 16384) and the scalar ones (1002; 20000).
+    for (rows, d) in [(1, 4096), (7, 64), (3, 1000), (2, 1002), (1, 20000)] {
         let x = rng.tensor(&[rows, d], 2.0);
         let y = rng.tensor(&[rows, d], 1.0);
         let w = rng.tensor(&[d], 0.3);
@@ -203,6 +235,13 @@ fn op_checks(rep: &mut Report, rng: &mut Normal) {
             let got = ops::rms_norm(&gpu_t(&x), &gpu_t(&w), 1e-6, offset, F32);
             rep.check(&format!("rms_norm {rows}x{d} offset {offset}"), rel_err(&got, &want), 1e-5);
         }
+        let (want_h, want) = ops::add_rms_norm(&x, &y, &w, 1e-6, 1.0, F32);
+        let (got_h, got) = ops::add_rms_norm(&gpu_t(&x), &gpu_t(&y), &gpu_t(&w), 1e-6, 1.0, F32);
+        rep.check(
+            &format!("add_rms_norm {rows}x{d} (sum, norm)"),
+            rel_err(&got_h, &want_h).max(rel_err(&got, &want)),
+            1e-5,
+        );
         let want = ops::rms_norm_gated(&x, &y, &w, 1e-6, F32);
         let got = ops::rms_norm_gated(&gpu_t(&x), &gpu_t(&y), &gpu_t(&w), 1e-6, F32);
         rep.check(&format!("rms_norm_gated {rows}x{d}"), rel_err(&got, &want), 1e-5);
@@ -422,10 +461,17 @@ pub(super) fn copy_bandwidth(g: &Gpu) -> anyhow::Result<f64> {
 /// engine replays graphs too).
 fn gemv_bandwidth(g: &Gpu, w: &GpuWeight, t: usize) -> anyhow::Result<(f64, f64)> {
     let x = Tensor::from_cuda(g.random_f32(t * w.cols(), 9, 0.0, 1.0)?, &[t, w.cols()]);
-    let calls = 20;
+    let us = graph_us(g, 20, || {
+        ops::linear_gpu(&x, w, None, None, None);
+    })?;
+    Ok((us, w.bytes() as f64 / (us / 1e6)))
+}
+
+/// Microseconds per call of `f`: `calls` calls captured in one CUDA graph, replayed 10 times.
+fn graph_us(g: &Gpu, calls: usize, mut f: impl FnMut()) -> anyhow::Result<f64> {
     let graph = g.capture(|| {
         for _ in 0..calls {
-            ops::linear_gpu(&x, w, None, None, None);
+            f();
         }
         Ok(())
     })?;
@@ -437,8 +483,73 @@ fn gemv_bandwidth(g: &Gpu, w: &GpuWeight, t: usize) -> anyhow::Result<(f64, f64)
         }
         Ok(())
     })?;
-    let us = ms * 1e3 / (calls * replays) as f64;
-    Ok((us, w.bytes() as f64 / (us / 1e6)))
+    Ok(ms * 1e3 / (calls * replays) as f64)
+}
+
+/// Each GEMV sweep geometry on the 9B's decode groups (1 and 8 tokens): µs, bandwidth, and the
+/// largest difference from the shipped kernel's output (0 when the k order matches).
+fn gemv_sweep(g: &Gpu, out: Option<&Path>) -> anyhow::Result<()> {
+    let copy = copy_bandwidth(g)?;
+    let groups: [(&str, &[(usize, usize)]); 4] = [
+        ("gate, up", &[(12288, 4096), (12288, 4096)]),
+        ("qkv, z, b, a", &[(8192, 4096), (4096, 4096), (32, 4096), (32, 4096)]),
+        ("down", &[(4096, 12288)]),
+        ("o_proj", &[(4096, 4096)]),
+    ];
+    let mut rows = Vec::new();
+    for (shape, dims) in groups {
+        let ws = dims
+            .iter()
+            .enumerate()
+            .map(|(i, &(r, c))| match g.random_nvfp4(r, c, 3 + i as u64, 1e-4)? {
+                GpuWeight::Nvfp4(q) => Ok(q),
+                GpuWeight::Bf16 { .. } => unreachable!("random_nvfp4 makes NVFP4"),
+            })
+            .collect::<cuda::Result<Vec<_>>>()?;
+        let refs: Vec<&cuda::GpuNvfp4> = ws.iter().collect();
+        let tiled = ws.iter().map(|w| g.nvfp4_tiled(w)).collect::<cuda::Result<Vec<_>>>()?;
+        let bytes: usize = ws.iter().map(|w| w.bytes()).sum();
+        let k = dims[0].1;
+        for t in [1, 8] {
+            let x = g.random_f32(t * k, 9, 0.0, 1.0)?;
+            let act = g.mma_activations(&x, t, k)?;
+            let want: Vec<f32> = g.nvfp4_mma_gemv_group(&act, &refs)?.iter().flat_map(|y| g.download(y)).collect();
+            let names = g.gemv_sweep_names();
+            for v in 0..=names.len() {
+                let name = names.get(v).copied().unwrap_or("shipped (nt1)");
+                let run = || {
+                    if v < names.len() {
+                        g.nvfp4_mma_gemv_sweep(v, &act, &refs, &tiled)
+                    } else {
+                        g.nvfp4_mma_gemv_group(&act, &refs)
+                    }
+                };
+                let got: Vec<f32> = run()?.iter().flat_map(|y| g.download(y)).collect();
+                let m = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+                let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / m;
+                let us = graph_us(g, 20, || {
+                    run().expect("sweep launch");
+                })?;
+                let bw = bytes as f64 / (us / 1e6);
+                println!(
+                    "sweep {shape:<14} t={t} {name:<18} {us:7.1} µs {:5.0} GB/s {:3.0} % diff {diff:.1e}",
+                    bw / 1e9,
+                    100.0 * bw / copy
+                );
+                rows.push(json!({"shape": shape, "tokens": t, "kernel": name, "us": us, "fraction_of_copy": bw / copy, "rel_diff": diff}));
+            }
+            let us = graph_us(g, 20, || g.mma_activations_only(&x, t, k).expect("conversion"))?;
+            println!("sweep {shape:<14} t={t} f16_rowscaled      {us:7.1} µs");
+            rows.push(json!({"shape": shape, "tokens": t, "kernel": "f16_rowscaled", "us": us}));
+        }
+    }
+    if let Some(p) = out {
+        std::fs::write(
+            p,
+            serde_json::to_string_pretty(&json!({"gemv_sweep": rows, "copy_gb_per_s": copy / 1e9}))? + "\n",
+        )?;
+    }
+    Ok(())
 }
 
 fn kernel_benches(g: &Gpu, copy: f64) -> anyhow::Result<Vec<Value>> {
@@ -466,6 +577,38 @@ fn kernel_benches(g: &Gpu, copy: f64) -> anyhow::Result<Vec<Value>> {
                 out.push(json!({"kernel": format!("{fmt}_gemv"), "shape": shape, "rows": rows, "cols": cols,
                     "tokens": t, "us": us, "gb_per_s": bw / 1e9, "fraction_of_copy": bw / copy}));
             }
+        }
+    }
+    // The same weights as separate linears of one input in one launch (what the model runs).
+    let groups: [(&str, &[(usize, usize)]); 3] = [
+        ("gate, up (grouped)", &[(12288, 4096), (12288, 4096)]),
+        ("qkv, z, b, a (grouped)", &[(8192, 4096), (4096, 4096), (32, 4096), (32, 4096)]),
+        ("q, k, v (grouped)", &[(8192, 4096), (1024, 4096), (1024, 4096)]),
+    ];
+    for (shape, dims) in groups {
+        let ws = dims
+            .iter()
+            .enumerate()
+            .map(|(i, &(r, c))| match g.random_nvfp4(r, c, 3 + i as u64, 1e-4)? {
+                GpuWeight::Nvfp4(q) => Ok(q),
+                GpuWeight::Bf16 { .. } => unreachable!("random_nvfp4 makes NVFP4"),
+            })
+            .collect::<cuda::Result<Vec<_>>>()?;
+        let refs: Vec<&cuda::GpuNvfp4> = ws.iter().collect();
+        let bytes: usize = ws.iter().map(|w| w.bytes()).sum();
+        for t in [1, 8, 32, 64] {
+            let x = Tensor::from_cuda(g.random_f32(t * dims[0].1, 9, 0.0, 1.0)?, &[t, dims[0].1]);
+            let us = graph_us(g, 20, || {
+                ops::nvfp4_same_input(&x, &refs);
+            })?;
+            let bw = bytes as f64 / (us / 1e6);
+            println!(
+                "nvfp4 gemv {shape:<22} {t:>2} tokens: {us:.1} µs, weights at {:.0} GB/s = {:.0} % of copy",
+                bw / 1e9,
+                100.0 * bw / copy
+            );
+            out.push(json!({"kernel": "nvfp4_gemv_group", "shape": shape, "weights": dims, "tokens": t, "us": us,
+                "gb_per_s": bw / 1e9, "fraction_of_copy": bw / copy}));
         }
     }
     // One Gated DeltaNet layer's delta rule over a 1,000-token prompt (9B heads), both walks.
@@ -550,24 +693,39 @@ fn model_benches(g: &Gpu, a: &Args, name: &str, copy: f64) -> anyhow::Result<Vec
     Ok(out)
 }
 
+fn checks(g: &Gpu, rep: &mut Report, rng: &mut Normal, a: &Args) -> anyhow::Result<()> {
+    linear_checks(g, rep, rng);
+    if !a.quick {
+        w4a4_checks(g, rep, rng)?;
+        op_checks(rep, rng);
+        model_checks(g, rep, a)?;
+        super::engine::decode_op_checks(rep, rng);
+    }
+    super::engine::runner_checks(g, rep, a)
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
     let g = cuda::init(a.device).map_err(|e| anyhow::anyhow!("cannot open the CUDA device: {e}"))?;
     let name = g.name()?;
     println!("device: {name}");
     let mut rng = Normal(0x5eed);
     let mut rep = Report::default();
-    linear_checks(g, &mut rep, &mut rng);
-    w4a4_checks(g, &mut rep, &mut rng)?;
-    op_checks(&mut rep, &mut rng);
-    model_checks(g, &mut rep, &a)?;
-    super::engine::decode_op_checks(&mut rep, &mut rng);
-    super::engine::runner_checks(g, &mut rep, &a)?;
+    if a.gemv_sweep {
+        return gemv_sweep(g, a.out.as_deref());
+    }
+    if a.profile_decode {
+        let name = a.synthetic.as_deref().context("--profile-decode needs --synthetic")?;
+        return super::engine::profile_decode(g, name, a.decode_tokens);
+    }
+    if !a.bench_only {
+        checks(g, &mut rep, &mut rng, &a)?;
+    }
     let copy = copy_bandwidth(g)?;
     println!("copy bandwidth (d2d, read+write): {:.0} GB/s", copy / 1e9);
     let benches = kernel_benches(g, copy)?;
     let models = match &a.synthetic {
-        Some(s) => model_benches(g, &a, s, copy)?,
-        None => Vec::new(),
+        Some(s) if !a.quick => model_benches(g, &a, s, copy)?,
+        _ => Vec::new(),
     };
     let engine = match &a.synthetic {
         Some(s) => Some(super::engine::engine_benches(g, &a, s, copy)?),
@@ -584,6 +742,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "model_benchmarks": models,
         "engine": engine,
         "all_passed": rep.failed == 0,
+        "quick": a.quick || a.bench_only,
     });
     if let Some(p) = &a.out {
         std::fs::write(p, serde_json::to_string_pretty(&report)? + "\n")
