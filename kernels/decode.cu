@@ -41,83 +41,143 @@ extern "C" __global__ void kv_write_paged(const float* __restrict__ k, const flo
     }
 }
 
-// Split-K decode attention (flash-decoding): grid (B, Hq, splits), ATT_THREADS threads. Split s of
-// token b takes keys [s·c, min((s+1)·c, L)) with L = pos[b] + 1 and c = ceil(L / splits), and
-// writes its running max, sum and unnormalised output to part [B, Hq, splits, D + 2];
-// paged_attention_merge combines the splits. Keys are scored one warp per key (lanes split D).
+// Split-K decode attention (flash-decoding) with the query heads of one KV head together
+// (GQA): grid (B, Hkv, splits), PA_THREADS threads, G = Hq/Hkv ≤ PA_MAX_G heads per block, so
+// each K and V row is read once for all of them. Split s of token b takes keys
+// [s·c, min((s+1)·c, L)) with L = pos[b] + 1 and c = ceil(L / splits), and writes each head's
+// running max, sum and unnormalised output to part [B, Hq, splits, D + 2];
+// paged_attention_merge combines the splits. A warp scores PA_GROUP keys at once (lanes split
+// D, the K rows in registers, one dot per head); the V sum walks the keys in order, PA_GROUP
+// loads ahead. Per head the arithmetic is in the order of the one-head-per-block version.
 #define PA_THREADS 128
 #define PA_TILE 32
 #define PA_MAX_D 512
-extern "C" __global__ void paged_attention_split(const float* __restrict__ q, const float* __restrict__ kp,
-                                                 const float* __restrict__ vp, const uint32_t* __restrict__ table,
-                                                 const uint32_t* __restrict__ pos, float* __restrict__ part, int hq,
-                                                 int hkv, int d, int max_blocks, int block_size, float scale) {
-    __shared__ float qs[PA_MAX_D];
-    __shared__ float sc[PA_TILE];
-    int b = blockIdx.x, h = blockIdx.y, s = blockIdx.z, splits = gridDim.z, tid = threadIdx.x;
+#define PA_MAX_G 8
+#define PA_GROUP 4
+extern "C" __global__ void __launch_bounds__(PA_THREADS)
+    paged_attention_split(const float* __restrict__ q, const float* __restrict__ kp, const float* __restrict__ vp,
+                          const uint32_t* __restrict__ table, const uint32_t* __restrict__ pos,
+                          float* __restrict__ part, int hq, int hkv, int d, int max_blocks, int block_size,
+                          float scale) {
+    __shared__ float qs[PA_MAX_G][PA_MAX_D];
+    __shared__ float sc[PA_MAX_G][PA_TILE];
+    __shared__ size_t off[PA_TILE];
+    int b = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z, splits = gridDim.z, tid = threadIdx.x;
     int lane = tid % 32, warp = tid / 32, warps = PA_THREADS / 32;
-    int kvh = h / (hq / hkv);
+    const int G = hq / hkv;
     int len = pos[b] + 1;
     int per = (len + splits - 1) / splits;
     int j_begin = s * per, j_end = min(len, j_begin + per);
-    const float* qr = q + ((size_t)b * hq + h) * d;
-    for (int i = tid; i < d; i += PA_THREADS) qs[i] = qr[i];
+    for (int g = 0; g < G; g++) {
+        const float* qr = q + ((size_t)b * hq + kvh * G + g) * d;
+        for (int i = tid; i < d; i += PA_THREADS) qs[g][i] = qr[i];
+    }
     __syncthreads();
     const uint32_t* tb = table + (size_t)b * max_blocks;
-    float acc[PA_MAX_D / PA_THREADS];
+    constexpr int R = PA_MAX_D / PA_THREADS;
+    float acc[PA_MAX_G][R];
+    float m[PA_MAX_G], sum[PA_MAX_G];
 #pragma unroll
-    for (int r = 0; r < PA_MAX_D / PA_THREADS; r++) acc[r] = 0.f;
-    float m = -INFINITY, sum = 0.f;
+    for (int g = 0; g < PA_MAX_G; g++) {
+        m[g] = -INFINITY, sum[g] = 0.f;
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[g][r] = 0.f;
+    }
     for (int j0 = j_begin; j0 < j_end; j0 += PA_TILE) {
         int n = min(PA_TILE, j_end - j0);
-        for (int jj = warp; jj < n; jj += warps) {
-            int j = j0 + jj;
-            const float* kr = kp + (((size_t)tb[j / block_size] * block_size + j % block_size) * hkv + kvh) * d;
-            float dot = 0.f;
-            for (int i = lane; i < d; i += 32) dot += qs[i] * kr[i];
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-            if (lane == 0) sc[jj] = dot * scale;
+        // The tile's key rows, looked up once: every K/V load below depends on shared memory only.
+        if (tid < n) {
+            int j = j0 + tid;
+            off[tid] = (((size_t)tb[j / block_size] * block_size + j % block_size) * hkv + kvh) * d;
         }
         __syncthreads();
-        float tile_max = -INFINITY;
-        for (int jj = 0; jj < n; jj++) tile_max = fmaxf(tile_max, sc[jj]);
-        float new_m = fmaxf(m, tile_max);
-        float corr = expf(m - new_m);
-        __syncthreads();
-        if (tid < n) sc[tid] = expf(sc[tid] - new_m);
-        __syncthreads();
-        float tile_sum = 0.f;
-        for (int jj = 0; jj < n; jj++) tile_sum += sc[jj];
-        sum = sum * corr + tile_sum;
+        for (int jj0 = warp; jj0 < n; jj0 += warps * PA_GROUP) {
+            float kr[PA_GROUP][PA_MAX_D / 32];
 #pragma unroll
-        for (int r = 0; r < PA_MAX_D / PA_THREADS; r++) {
-            int i = tid + r * PA_THREADS;
-            if (i < d) {
-                float a = acc[r] * corr;
-                for (int jj = 0; jj < n; jj++) {
-                    int j = j0 + jj;
-                    a += sc[jj] * vp[(((size_t)tb[j / block_size] * block_size + j % block_size) * hkv + kvh) * d + i];
+            for (int u = 0; u < PA_GROUP; u++) {
+                int jj = jj0 + u * warps;
+#pragma unroll
+                for (int r = 0; r < PA_MAX_D / 32; r++) {
+                    int i = lane + 32 * r;
+                    kr[u][r] = jj < n && i < d ? kp[off[jj] + i] : 0.f;
                 }
-                acc[r] = a;
+            }
+#pragma unroll
+            for (int g = 0; g < PA_MAX_G; g++) {
+#pragma unroll
+                for (int u = 0; u < PA_GROUP; u++) {
+                    if (g >= G) continue;
+                    float dot = 0.f;
+#pragma unroll
+                    for (int r = 0; r < PA_MAX_D / 32; r++)
+                        if (lane + 32 * r < d) dot += qs[g][lane + 32 * r] * kr[u][r];
+#pragma unroll
+                    for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+                    int jj = jj0 + u * warps;
+                    if (lane == 0 && jj < n) sc[g][jj] = dot * scale;
+                }
             }
         }
-        m = new_m;
+        __syncthreads();
+        float corr[PA_MAX_G];
+#pragma unroll
+        for (int g = 0; g < PA_MAX_G; g++) {
+            corr[g] = 1.f;
+            if (g >= G) continue;
+            float tile_max = -INFINITY;
+            for (int jj = 0; jj < n; jj++) tile_max = fmaxf(tile_max, sc[g][jj]);
+            float new_m = fmaxf(m[g], tile_max);
+            corr[g] = expf(m[g] - new_m);
+            m[g] = new_m;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int g = 0; g < PA_MAX_G; g++)
+            if (g < G && tid < n) sc[g][tid] = expf(sc[g][tid] - m[g]);
+        __syncthreads();
+#pragma unroll
+        for (int g = 0; g < PA_MAX_G; g++) {
+            if (g >= G) continue;
+            float tile_sum = 0.f;
+            for (int jj = 0; jj < n; jj++) tile_sum += sc[g][jj];
+            sum[g] = sum[g] * corr[g] + tile_sum;
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            int i = tid + r * PA_THREADS;
+            if (i < d) {
+#pragma unroll
+                for (int g = 0; g < PA_MAX_G; g++) acc[g][r] *= corr[g];
+                for (int jj0 = 0; jj0 < n; jj0 += PA_GROUP) {
+                    float vv[PA_GROUP];
+#pragma unroll
+                    for (int u = 0; u < PA_GROUP; u++) vv[u] = jj0 + u < n ? vp[off[jj0 + u] + i] : 0.f;
+#pragma unroll
+                    for (int g = 0; g < PA_MAX_G; g++)
+#pragma unroll
+                        for (int u = 0; u < PA_GROUP; u++)
+                            if (g < G && jj0 + u < n) acc[g][r] += sc[g][jj0 + u] * vv[u];
+                }
+            }
+        }
         __syncthreads();
     }
-    float* o = part + (((size_t)b * hq + h) * splits + s) * (d + 2);
 #pragma unroll
-    for (int r = 0; r < PA_MAX_D / PA_THREADS; r++) {
-        int i = tid + r * PA_THREADS;
-        if (i < d) o[i] = acc[r];
-    }
-    if (tid == 0) {
-        o[d] = m;
-        o[d + 1] = sum;
+    for (int g = 0; g < PA_MAX_G; g++) {
+        if (g >= G) continue;
+        float* o = part + (((size_t)b * hq + kvh * G + g) * splits + s) * (d + 2);
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            int i = tid + r * PA_THREADS;
+            if (i < d) o[i] = acc[g][r];
+        }
+        if (tid == 0) {
+            o[d] = m[g];
+            o[d + 1] = sum[g];
+        }
     }
 }
 
-// out [B, Hq, D] = Σ_s e^{m_s − M} acc_s / Σ_s e^{m_s − M} sum_s (empty splits have m = −inf).
 extern "C" __global__ void paged_attention_merge(const float* __restrict__ part, float* __restrict__ out, int splits,
                                                  int d) {
     size_t bh = blockIdx.x;
@@ -206,11 +266,19 @@ extern "C" __global__ void gdn_step_slots(const float* __restrict__ q, const flo
     float* st = pool + ((size_t)slots[b] * hv + h) * dk * dv;
     int rows = dk / 4, i0 = r * rows;
     float s[GDN_STEP_MAX_DK / 4];
+    // Every load issued before the first use (predicated, no branch between them): the state
+    // is one DRAM round trip, not one per row.
+#pragma unroll
+    for (int i = 0; i < GDN_STEP_MAX_DK / 4; i++) {
+        float x = 0.f;
+        if (on && i < rows) x = st[(size_t)(i0 + i) * dv + j];
+        s[i] = x;
+    }
     float kv = 0.f;
 #pragma unroll
     for (int i = 0; i < GDN_STEP_MAX_DK / 4; i++)
         if (i < rows) {
-            s[i] = on ? st[(size_t)(i0 + i) * dv + j] * decay : 0.f;
+            s[i] *= decay;
             kv += s[i] * ks[i0 + i];
         }
     red[r][lane] = kv;

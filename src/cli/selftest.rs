@@ -32,7 +32,7 @@ pub struct Args {
     /// Decode steps timed per format.
     #[arg(long, default_value_t = 128)]
     decode_tokens: usize,
-    /// Kernel iteration: only the linear and runner checks, then the benchmarks (no op, W4A4 or
+    /// Kernel iteration: only the linear, decode-op and runner checks, then the benchmarks (no op, W4A4 or
     /// whole-model checks, no per-model decode loop). The report says so; it is not a full run.
     #[arg(long)]
     quick: bool,

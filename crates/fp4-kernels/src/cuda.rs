@@ -103,11 +103,14 @@ const SAMPLE_THREADS: u32 = 1024;
 const W4A4_BM: usize = 64;
 const W4A4_BN: usize = 64;
 const W4A4_THREADS: u32 = 128;
+/// `PA_MAX_G`: query heads per KV head one block of `paged_attention_split` serves.
+const PA_MAX_G: usize = 8;
 /// `PA_THREADS` and `PA_MAX_D` of `paged_attention_split`; the number of key ranges (splits) a
-/// decode query is cut into (fixed, so one graph serves every context length).
+/// decode query is cut into (fixed, so one graph serves every context length; a block per KV
+/// head and range, so 32 ranges keep a batch of one on 128 blocks for the 9B's 4 KV heads).
 const PA_THREADS: u32 = 128;
 const PA_MAX_D: usize = 512;
-pub const ATTENTION_SPLITS: usize = 16;
+pub const ATTENTION_SPLITS: usize = 32;
 /// `GDN_STEP_THREADS` and `GDN_STEP_MAX_DK` of `gdn_step_slots`.
 const GDN_STEP_THREADS: u32 = 128;
 const GDN_STEP_MAX_DK: usize = 128;
@@ -1259,10 +1262,14 @@ impl Gpu {
         let crate::cpu::AttnDims { q_heads: hq, kv_heads: hkv, head_dim: d } = dims;
         let b = q.len() / (hq * d);
         assert!(d <= PA_MAX_D && q.len() == b * hq * d && table.len() >= b * max_blocks, "paged_attention shapes");
+        assert!(
+            hq.is_multiple_of(hkv) && hq / hkv <= PA_MAX_G,
+            "paged_attention: {hq} query heads over {hkv} KV heads"
+        );
         let splits = ATTENTION_SPLITS;
         let mut part = self.alloc::<f32>(b * hq * splits * (d + 2))?;
         let cfg = LaunchConfig {
-            grid_dim: (b as u32, hq as u32, splits as u32),
+            grid_dim: (b as u32, hkv as u32, splits as u32),
             block_dim: (PA_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };

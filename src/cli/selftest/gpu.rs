@@ -695,11 +695,11 @@ fn model_benches(g: &Gpu, a: &Args, name: &str, copy: f64) -> anyhow::Result<Vec
 
 fn checks(g: &Gpu, rep: &mut Report, rng: &mut Normal, a: &Args) -> anyhow::Result<()> {
     linear_checks(g, rep, rng);
+    super::engine::decode_op_checks(rep, rng);
     if !a.quick {
         w4a4_checks(g, rep, rng)?;
         op_checks(rep, rng);
         model_checks(g, rep, a)?;
-        super::engine::decode_op_checks(rep, rng);
     }
     super::engine::runner_checks(g, rep, a)
 }
