@@ -41,6 +41,12 @@ extern "C" __global__ void nvfp4_gemv_f32(const uint8_t* __restrict__ w, const u
     if (lane == 0) y[(size_t)blockIdx.y * n + row] = acc * scale_2;
 }
 
+// Eight bf16 weights (one uint4) times eight activations, in order.
+__device__ __forceinline__ float bf16x8_dot(uint4 q, float4 a, float4 b) {
+    return bf16(q.x & 0xffffu) * a.x + bf16(q.x >> 16) * a.y + bf16(q.y & 0xffffu) * a.z + bf16(q.y >> 16) * a.w +
+           bf16(q.z & 0xffffu) * b.x + bf16(q.z >> 16) * b.y + bf16(q.w & 0xffffu) * b.z + bf16(q.w >> 16) * b.w;
+}
+
 // scale · BF16 weights [N, K] (K % 8 == 0; scale is FP8's per-tensor scale, else 1): lane l takes
 // 8-weight (16-byte) chunks l, l+32, … so a warp reads 512 contiguous bytes per step; its
 // activations are the matching two float4s.
@@ -56,9 +62,7 @@ extern "C" __global__ void bf16_gemv_f32(const uint16_t* __restrict__ w, float s
     for (int c = lane; c < k / 8; c += 32) {
         uint4 q = __ldg(wrow + c);
         float4 a = __ldg(x4 + 2 * c), b = __ldg(x4 + 2 * c + 1);
-        acc += bf16(q.x & 0xffffu) * a.x + bf16(q.x >> 16) * a.y + bf16(q.y & 0xffffu) * a.z +
-               bf16(q.y >> 16) * a.w + bf16(q.z & 0xffffu) * b.x + bf16(q.z >> 16) * b.y +
-               bf16(q.w & 0xffffu) * b.z + bf16(q.w >> 16) * b.w;
+        acc += bf16x8_dot(q, a, b);
     }
     acc = warp_sum(acc);
     if (lane == 0) y[(size_t)blockIdx.y * n + row] = acc * scale;
@@ -79,9 +83,7 @@ extern "C" __global__ void __launch_bounds__(ROWBLOCK_THREADS)
     for (int c = threadIdx.x; c < k / 8; c += ROWBLOCK_THREADS) {
         uint4 q = __ldg(wrow + c);
         float4 a = __ldg(x4 + 2 * c), b = __ldg(x4 + 2 * c + 1);
-        acc += bf16(q.x & 0xffffu) * a.x + bf16(q.x >> 16) * a.y + bf16(q.y & 0xffffu) * a.z +
-               bf16(q.y >> 16) * a.w + bf16(q.z & 0xffffu) * b.x + bf16(q.z >> 16) * b.y +
-               bf16(q.w & 0xffffu) * b.z + bf16(q.w >> 16) * b.w;
+        acc += bf16x8_dot(q, a, b);
     }
     acc = warp_sum(acc);
     if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = acc;

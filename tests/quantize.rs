@@ -476,3 +476,38 @@ fn force_replaces_only_fp4_outputs() {
     assert_eq!(mode("model.safetensors"), mode("config.json"), "weights readable like every other file");
     assert!(leftovers(dir.path()).is_empty() && leftovers(&parent).is_empty(), "{:?}", leftovers(dir.path()));
 }
+
+/// An `--exclude-layers` item that names nothing is an error naming it (`--allow-unmatched`:
+/// a warning), `layers.last` names the last layer, and asking for more calibration samples than
+/// the file holds says so with both counts.
+#[test]
+fn unmatched_exclusions_refused_and_short_calibration_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("tiny-quant");
+    let calib = fixtures().join("modelopt/tiny-quant/calib.jsonl");
+    let run = |out: &str, extra: &[&str]| {
+        let out = dir.path().join(out);
+        let mut args = vec!["quantize", "--model", model.to_str().unwrap(), "--calib-data", calib.to_str().unwrap()];
+        args.extend(["--output", out.to_str().unwrap()]);
+        args.extend(extra);
+        (fp4(&args), out)
+    };
+    let (o, out) = run("a", &["--exclude-layers", "layers.0,layers.31"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("layers.31") && err.contains("--allow-unmatched"), "{err}");
+    assert!(!err.contains("layers.0,"), "only the unmatched item is named: {err}");
+    assert!(!out.exists(), "nothing written");
+    let (o, out) =
+        run("b", &["--exclude-layers", "layers.31,layers.last", "--allow-unmatched", "--calib-samples", "1000"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("warning") && err.contains("layers.31"), "{err}");
+    let available = std::fs::read_to_string(&calib).unwrap().lines().filter(|l| !l.trim().is_empty()).count();
+    assert!(
+        err.contains("--calib-samples 1000") && err.contains(&format!("holds {available} usable samples")),
+        "{err}"
+    );
+    let last = Checkpoint::open(&model).unwrap().config.num_hidden_layers - 1;
+    let q = quantized_modules(&Checkpoint::open(&out).unwrap());
+    assert!(!q.is_empty() && !q.iter().any(|m| m.contains(&format!("layers.{last}."))), "{q:?}");
+}

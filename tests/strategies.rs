@@ -17,6 +17,31 @@ use std::process::Command;
 
 const OUTLIER_CHANNELS: [usize; 3] = [5, 22, 47];
 
+/// Copies safetensors `src` to `dst` with `edit(name, values, last_dim)` applied to each tensor
+/// (values as f32, re-encoded in the tensor's dtype when `edit` returns true).
+fn rewrite_safetensors(src: &Path, dst: &Path, edit: impl Fn(&str, &mut [f32], usize) -> bool) {
+    let bytes = std::fs::read(src).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (n, t) in st.tensors() {
+        let mut data = t.data().to_vec();
+        if let Some(dt) = DType::from_safetensors(t.dtype()) {
+            if let Some(mut v) = to_f32(dt, &data) {
+                if edit(&n, &mut v, *t.shape().last().unwrap_or(&1)) {
+                    data = from_f32(dt, &v).unwrap();
+                }
+            }
+        }
+        out.push((n.clone(), t.dtype(), t.shape().to_vec(), data));
+    }
+    let views: Vec<_> = out
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(meta), dst).unwrap();
+}
+
 /// tiny-quant with (1+w) = 16 at a few hidden channels of every decoder norm, and the columns
 /// of the linears reading them divided by 8: outlier activations, a tame function.
 fn outlier_model(dir: &Path) {
@@ -33,33 +58,77 @@ fn outlier_model(dir: &Path) {
             std::fs::copy(e.path(), dir.join(&name)).unwrap();
             continue;
         }
-        let bytes = std::fs::read(e.path()).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let mut out: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-        for (n, t) in st.tensors() {
-            let mut data = t.data().to_vec();
+        rewrite_safetensors(&e.path(), &dir.join(&name), |n, v, cols| {
             let in_layer = n.contains(".layers.") && !n.starts_with("mtp.");
             let is_norm = n.ends_with("input_layernorm.weight") || n.ends_with("post_attention_layernorm.weight");
             let is_reader = readers.iter().any(|r| n.ends_with(&format!("{r}.weight")));
-            if in_layer && (is_norm || is_reader) {
-                let d = DType::from_safetensors(t.dtype()).unwrap();
-                let mut v = to_f32(d, &data).unwrap();
-                let cols = *t.shape().last().unwrap();
-                for row in v.chunks_exact_mut(cols) {
-                    for &c in &OUTLIER_CHANNELS {
-                        row[c] = if is_norm { 15.0 } else { row[c] / 8.0 };
+            if !(in_layer && (is_norm || is_reader)) {
+                return false;
+            }
+            for row in v.chunks_exact_mut(cols) {
+                for &c in &OUTLIER_CHANNELS {
+                    row[c] = if is_norm { 15.0 } else { row[c] / 8.0 };
+                }
+            }
+            true
+        });
+    }
+}
+
+/// The outlier model with outliers in the inputs of the linears after the mixers and the MLP
+/// too: a few `up_proj` rows, V channels (for every query head of their KV head) and GDN
+/// gated-norm dimensions (for every value head) × 16, the columns of `down_proj`, `o_proj` and
+/// `out_proj` reading them ÷ 16. Powers of two: the bf16 function is unchanged.
+fn output_outlier_model(dir: &Path) {
+    outlier_model(dir);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let c = cfg.get("text_config").unwrap_or(&cfg);
+    let u = |k: &str| c[k].as_u64().unwrap() as usize;
+    let (hq, hkv, d, hv, dv) = (
+        u("num_attention_heads"),
+        u("num_key_value_heads"),
+        u("head_dim"),
+        u("linear_num_value_heads"),
+        u("linear_value_head_dim"),
+    );
+    let (mlp_ch, v_dims, gdn_dims) = ([3usize, 17, 40], [2usize, 9], [1usize, 7]);
+    let v_rows: Vec<usize> = (0..hkv).flat_map(|g| v_dims.map(|e| g * d + e)).collect();
+    let o_cols: Vec<usize> = (0..hq).flat_map(|h| v_dims.map(|e| h * d + e)).collect();
+    let out_cols: Vec<usize> = (0..hv).flat_map(|h| gdn_dims.map(|e| h * dv + e)).collect();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = e.path();
+        if path.extension().is_none_or(|x| x != "safetensors") {
+            continue;
+        }
+        rewrite_safetensors(&path, &path, |n, v, cols| {
+            let edit: Option<(bool, &[usize], f32)> = if !n.contains(".layers.") || n.starts_with("mtp.") {
+                None
+            } else if n.ends_with("mlp.up_proj.weight") {
+                Some((true, &mlp_ch, 16.0))
+            } else if n.ends_with("mlp.down_proj.weight") {
+                Some((false, &mlp_ch, 0.0625))
+            } else if n.ends_with("self_attn.v_proj.weight") {
+                Some((true, &v_rows, 16.0))
+            } else if n.ends_with("self_attn.o_proj.weight") {
+                Some((false, &o_cols, 0.0625))
+            } else if n.ends_with("linear_attn.norm.weight") {
+                Some((false, &gdn_dims, 16.0))
+            } else if n.ends_with("linear_attn.out_proj.weight") {
+                Some((false, &out_cols, 0.0625))
+            } else {
+                None
+            };
+            let Some((rows, which, k)) = edit else { return false };
+            for (r, row) in v.chunks_exact_mut(cols).enumerate() {
+                for (c, x) in row.iter_mut().enumerate() {
+                    if (rows && which.contains(&r)) || (!rows && which.contains(&c)) {
+                        *x *= k;
                     }
                 }
-                data = from_f32(d, &v).unwrap();
             }
-            out.push((n.clone(), t.dtype(), t.shape().to_vec(), data));
-        }
-        let views: Vec<_> = out
-            .iter()
-            .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
-            .collect();
-        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        safetensors::serialize_to_file(views, Some(meta), &dir.join(&name)).unwrap();
+            true
+        });
     }
 }
 
@@ -97,8 +166,11 @@ fn awq_fold_into_one_plus_w_norms_is_exact() {
     let model = tmp.path().join("outliers");
     outlier_model(&model);
     let (folded, unfolded) = (tmp.path().join("folded"), tmp.path().join("unfolded"));
-    let rf = quantize_to(&model, &folded, Algorithm::AwqLite, AwqOptions::default());
-    let ru = quantize_to(&model, &unfolded, Algorithm::AwqLite, AwqOptions { fold: false, ..AwqOptions::default() });
+    // The output-side folds change up_proj/v_proj (and so their groups' shared scales): off here,
+    // they have their own test.
+    let norms_only = AwqOptions { output_folds: false, ..AwqOptions::default() };
+    let rf = quantize_to(&model, &folded, Algorithm::AwqLite, norms_only.clone());
+    let ru = quantize_to(&model, &unfolded, Algorithm::AwqLite, AwqOptions { fold: false, ..norms_only });
     assert_eq!(rf["quant_algo"], "NVFP4");
     assert_eq!(ru["quant_algo"], "NVFP4_AWQ");
     let (cf, cu) = (Checkpoint::open(&folded).unwrap(), Checkpoint::open(&unfolded).unwrap());
@@ -147,7 +219,53 @@ fn awq_lite_beats_rtn_on_activation_outliers() {
     assert!(mlp["awq"]["alpha"].is_number(), "{mlp}");
     assert!(mlp["awq"]["output_mse_awq"].as_f64() < mlp["awq"]["output_mse_rtn"].as_f64());
     let down = layers.iter().find(|(k, _)| k.ends_with("layers.1.mlp.down_proj")).unwrap().1;
-    assert!(down["awq"].is_null(), "no exact fold for down_proj: s = 1 ({down})");
+    if down["awq"]["alpha"].is_number() {
+        let into = down["awq"]["folded_into"].as_str().unwrap();
+        assert!(into.ends_with("layers.1.mlp.up_proj.weight"), "down_proj folds into up_proj's rows ({down})");
+    }
+}
+
+/// With outliers in the inputs of o_proj, down_proj and out_proj, folding their AWQ scales into
+/// V's rows, up_proj's rows and the GDN gated norm (plain NVFP4 still) beats leaving them at
+/// s = 1 under W4A4 and comes close to keeping every scale as a pre_quant_scale (NVFP4_AWQ);
+/// with the W4A4-aware search loss too.
+#[test]
+fn awq_output_folds_help_when_mixer_and_mlp_outputs_carry_outliers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("outliers");
+    output_outlier_model(&model);
+    let dirs = ["rtn", "no_output_folds", "awq", "pqs", "awq_w4a4_loss"].map(|d| tmp.path().join(d));
+    quantize_to(&model, &dirs[0], Algorithm::Max, AwqOptions::default());
+    quantize_to(&model, &dirs[1], Algorithm::AwqLite, AwqOptions { output_folds: false, ..AwqOptions::default() });
+    let report = quantize_to(&model, &dirs[2], Algorithm::AwqLite, AwqOptions::default());
+    let pqs = AwqOptions { fold: false, allow_pre_quant_scale: true, ..AwqOptions::default() };
+    quantize_to(&model, &dirs[3], Algorithm::AwqLite, pqs);
+    quantize_to(&model, &dirs[4], Algorithm::AwqLite, AwqOptions { w4a4: true, ..AwqOptions::default() });
+    assert_eq!(report["quant_algo"], "NVFP4");
+    let w4a4 = LoadOptions { quantize_activations: true, ..LoadOptions::new(Precision::Bf16) };
+    let kl = dirs.clone().map(|d| kl_mean(&model, &d, w4a4));
+    eprintln!(
+        "W4A4 KL rtn {:.3e}  awq without output folds {:.3e}  awq {:.3e}  awq pre_quant_scale {:.3e}  awq w4a4 loss {:.3e}",
+        kl[0], kl[1], kl[2], kl[3], kl[4]
+    );
+    assert!(kl[2] < 0.75 * kl[1], "output folds: {:.3e} vs {:.3e} without", kl[2], kl[1]);
+    assert!(kl[2] < kl[0] && kl[2] < 1.5 * kl[3], "{kl:?}");
+    // The W4A4-aware loss (what `fp4 quantize` uses by default) keeps the gain.
+    assert!(kl[4] < 0.75 * kl[1], "{kl:?}");
+    let layers = report["layers"].as_object().unwrap();
+    for (consumer, producer) in [
+        ("mlp.down_proj", "mlp.up_proj.weight"),
+        ("self_attn.o_proj", "self_attn.v_proj.weight"),
+        ("linear_attn.out_proj", "linear_attn.norm.weight"),
+    ] {
+        let folded = layers
+            .iter()
+            .filter(|(k, _)| k.ends_with(consumer))
+            .filter_map(|(_, v)| v["awq"]["folded_into"].as_str())
+            .filter(|into| into.ends_with(producer))
+            .count();
+        assert!(folded > 0, "no {consumer} folded into {producer}");
+    }
 }
 
 /// auto_mixed stays within its bit budget, measures no worse than all-NVFP4 (the only
@@ -231,7 +349,10 @@ fn seed_strategy_configs_run_end_to_end() {
         }
         assert_eq!(report["algorithm"], "awq_lite", "{name}");
         assert_eq!(report["quant_algo"], "NVFP4", "{name}");
-        assert_eq!(fmt("layers.0.mlp.up_proj"), if name == "A" { "BF16" } else { "NVFP4" }, "{name}");
+        // The seed's exclusions in both: the first and the last decoder layer stay BF16.
+        let last = Checkpoint::open(&fixtures().join("tiny-quant")).unwrap().config.num_hidden_layers - 1;
+        assert_eq!(fmt("layers.0.mlp.up_proj"), "BF16", "{name}");
+        assert_eq!(fmt(&format!("layers.{last}.mlp.up_proj")), "BF16", "{name}");
         assert_eq!(fmt("layers.2.linear_attn.in_proj_qkv"), "BF16", "{name}");
         assert_eq!(fmt("layers.1.self_attn.q_proj"), if quantized_attn { "NVFP4" } else { "BF16" }, "{name}");
         assert_eq!(fmt("layers.2.mlp.up_proj"), "NVFP4", "{name}");

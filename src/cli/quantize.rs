@@ -33,6 +33,16 @@ enum DeviceArg {
     Cuda,
 }
 
+/// How the checkpoint will be served, which AWQ-lite's loss follows.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+enum ServeMode {
+    /// Activations quantized to NVFP4 under each layer's input_scale (vLLM and fp4 on SM12x).
+    W4a4,
+    /// Weight-only (Hopper kernels).
+    W4a16,
+}
+
 #[derive(ValueEnum, Clone, Copy, Debug, serde::Deserialize, PartialEq)]
 #[serde(rename_all = "snake_case")]
 enum AlgorithmArg {
@@ -59,9 +69,10 @@ pub struct Args {
     /// allow_pre_quant_scale); flags given on the command line win.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// AWQ: also scale linears whose input has no exact fold (o_proj, down_proj, out_proj) and
-    /// write their `pre_quant_scale`. The checkpoint becomes NVFP4_AWQ, which fp4 serves but
-    /// vLLM and SGLang do not load.
+    /// AWQ: also scale linears whose input has no exact fold and write their `pre_quant_scale`
+    /// (in Qwen3.5 every searched linear folds — into a norm, up_proj's or V's rows, or the GDN
+    /// gated norm — except o_proj when attention has biases). The checkpoint becomes NVFP4_AWQ,
+    /// which fp4 serves but vLLM and SGLang do not load.
     #[arg(long)]
     allow_pre_quant_scale: bool,
     /// auto_mixed: average bits per weight of the candidate layers (NVFP4 counts 4.5, FP8 8,
@@ -82,9 +93,18 @@ pub struct Args {
     #[arg(long)]
     calib_seq_len: Option<usize>,
     /// Extra layers to keep in BF16: comma list of names (matched at dot boundaries, e.g.
-    /// `linear_attn,layers.0,layers.31`) or globs (`*layers.3[01].*`).
+    /// `linear_attn,layers.0,layers.last`; `layers.last` / `layers.-1` is the last decoder layer,
+    /// `layers.-2` the one before) or globs (`*layers.3[01].*`). An item that names nothing in
+    /// the model is an error (`embed_tokens` and `lm_head` count: they are never quantized).
     #[arg(long, value_delimiter = ',')]
     exclude_layers: Vec<String>,
+    /// Warn instead of failing when an `--exclude-layers` item names nothing in the model.
+    #[arg(long)]
+    allow_unmatched: bool,
+    /// How the checkpoint will be served: AWQ-lite's search loss quantizes the activations as a
+    /// W4A4 server does (the default: vLLM and `fp4 serve` on the user's SM12x), or not (W4A16).
+    #[arg(long, value_enum, default_value_t = ServeMode::W4a4)]
+    serve_mode: ServeMode,
     /// Where calibration runs. Only `cpu` exists so far: the CUDA calibration path comes with the
     /// CUDA kernels.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
@@ -111,6 +131,8 @@ struct StrategyFile {
     calib_seq_len: Option<usize>,
     #[serde(default)]
     allow_pre_quant_scale: bool,
+    #[serde(default)]
+    allow_unmatched: bool,
     effective_bits: Option<f64>,
     /// auto_mixed scoring; only `kl_div` (ModelOpt's forward-only method) exists.
     score: Option<String>,
@@ -145,6 +167,7 @@ fn merge(mut a: Args) -> anyhow::Result<Args> {
     a.calib_samples = a.calib_samples.or(file.calib_samples);
     a.calib_seq_len = a.calib_seq_len.or(file.calib_seq_len);
     a.allow_pre_quant_scale |= file.allow_pre_quant_scale;
+    a.allow_unmatched |= file.allow_unmatched;
     a.effective_bits = a.effective_bits.or(file.effective_bits);
     if let Some(score) = file.score.as_deref().filter(|s| *s != "kl_div") {
         anyhow::bail!(
@@ -204,8 +227,31 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ckpt.config.vocab_size,
     )?
     .report("calibration data");
+    if let Some(asked) = a.calib_samples.filter(|&n| n > samples.len()) {
+        let msg = format!(
+            "--calib-samples {asked} asked for, but {} holds {} usable samples: calibrating on {}",
+            a.calib_data.display(),
+            samples.len(),
+            samples.len()
+        );
+        tracing::warn!("{msg}");
+        eprintln!("warning: {msg}");
+    }
     let exclude: Vec<String> =
         a.exclude_layers.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    let unmatched = fp4_quant::plan::unmatched_patterns(&ckpt, &exclude);
+    if !unmatched.is_empty() {
+        let layers = ckpt.config.num_hidden_layers;
+        let msg = format!(
+            "--exclude-layers {}: matches no layer of {} ({layers} decoder layers, 0..{}; `layers.last` names the last)",
+            unmatched.join(","),
+            a.model.display(),
+            layers - 1
+        );
+        anyhow::ensure!(a.allow_unmatched, "{msg}; pass --allow-unmatched to go on without it");
+        tracing::warn!("{msg}");
+        eprintln!("warning: {msg}");
+    }
     let opts = QuantizeOptions {
         strategy: match strategy {
             StrategyArg::Rtn => Strategy::Rtn,
@@ -219,7 +265,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         },
         exclude: exclude.clone(),
         precision: a.calib_dtype.into(),
-        awq: AwqOptions { allow_pre_quant_scale: a.allow_pre_quant_scale, ..AwqOptions::default() },
+        awq: AwqOptions {
+            allow_pre_quant_scale: a.allow_pre_quant_scale,
+            w4a4: a.serve_mode == ServeMode::W4a4,
+            ..AwqOptions::default()
+        },
     };
     tracing::info!(
         samples = samples.len(),
@@ -267,6 +317,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "allow_pre_quant_scale": a.allow_pre_quant_scale, "effective_bits": a.effective_bits,
         }),
     );
+    extra.insert("serve_mode".into(), json!(a.serve_mode));
     extra.insert("seconds_total".into(), json!(started.elapsed().as_secs_f64()));
     export::write(&ckpt, &result, &a.output, &ExportOptions { force: a.force, report_extra: extra })?;
     if export::quant_algo(&result) == "NVFP4_AWQ" {

@@ -277,6 +277,15 @@ impl DecoderLayer {
         (&mut self.input_norm, &mut self.post_norm)
     }
 
+    /// The GDN mixer's gated-norm weight `[dv]` (plain w, shared by all value heads); `None` for
+    /// an attention layer.
+    pub fn gdn_norm_mut(&mut self) -> Option<&mut Tensor> {
+        match &mut self.mixer {
+            Mixer::Gdn(g) => Some(&mut g.norm),
+            Mixer::Attention(_) => None,
+        }
+    }
+
     /// Every linear layer, in checkpoint order (mixer projections, then MLP).
     pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
         let mut out: Vec<&mut Linear> = match &mut self.mixer {

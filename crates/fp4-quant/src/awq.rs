@@ -4,9 +4,16 @@
 //! per-input-channel scales `s` so that `(x/s) · Q(W·s)ᵀ` best matches `x · Wᵀ`, where `Q` is
 //! NVFP4 weight fake-quant. The winning `1/s` is folded into the norm that produces `x`:
 //! the norm computes `x̂·(1+w)`, so `(1+w') = (1+w)/s`, i.e. `w' = (1+w)/s − 1`. ModelOpt 0.47
-//! folds `w' = w/s` there, which computes a different function. Linears whose input has no exact
-//! fold (o_proj, down_proj, out_proj after the gated norm) keep `s = 1` unless pre-quant scales
-//! are allowed (`NVFP4_AWQ`, which vLLM does not load).
+//! folds `w' = w/s` there, which computes a different function.
+//!
+//! The linears after the mixers and the MLP have exact folds too (nvfp4.md §4.1b), which
+//! ModelOpt cannot export for Qwen3.5: `down_proj` reads `silu(gate)·up`, so `1/s` scales
+//! `up_proj`'s output rows; `o_proj` reads `softmax(QKᵀ)·V ⊙ σ(gate)` per head, so `1/s` scales
+//! V's output rows — one V channel feeds every query head of its GQA group, so those heads share
+//! one scale ([`Tie`]); GDN `out_proj` reads `RMSNorm(o)·w ⊙ silu(z)` with one `w[dv]` for all
+//! value heads, so a scale per dimension shared across heads divides `w`. The search runs on the
+//! shared scales directly (better than averaging per-channel ones, as ModelOpt's
+//! `fuse_grouped_heads` does).
 
 use fp4_format::nvfp4::{self, Nvfp4Weight};
 use fp4_kernels::{ops, Precision, Tensor};
@@ -21,13 +28,61 @@ pub struct AwqOptions {
     pub fold: bool,
     /// Also search linears without an exact fold and write their `pre_quant_scale` (`NVFP4_AWQ`).
     pub allow_pre_quant_scale: bool,
+    /// Search and fold the linears after the mixers and the MLP (o_proj, out_proj, down_proj)
+    /// into their producers; off leaves them at s = 1 (the fold's measured baseline).
+    pub output_folds: bool,
+    /// The loss sees the activations as a W4A4 server computes them: `x/s` fake-quantized to
+    /// NVFP4 under the input_scale the export writes for that `s` (from the per-channel amax).
+    /// Off: weight fake-quant only (W4A16, ModelOpt's search).
+    pub w4a4: bool,
     /// Calibration input rows kept per group for the search loss.
     pub max_rows: usize,
 }
 
 impl Default for AwqOptions {
     fn default() -> Self {
-        AwqOptions { alpha_step: 0.1, fold: true, allow_pre_quant_scale: false, max_rows: 4096 }
+        AwqOptions {
+            alpha_step: 0.1,
+            fold: true,
+            allow_pre_quant_scale: false,
+            output_folds: true,
+            w4a4: false,
+            max_rows: 4096,
+        }
+    }
+}
+
+/// Input channels that must share one scale: channel `c` uses shared scale `of[c]` (< `n`).
+#[derive(Debug, Clone)]
+pub struct Tie {
+    pub of: Vec<usize>,
+    pub n: usize,
+}
+
+impl Tie {
+    /// Every channel its own scale.
+    pub fn identity(channels: usize) -> Tie {
+        Tie { of: (0..channels).collect(), n: channels }
+    }
+
+    /// Channels `h·d + e` of `heads` heads of `d` sharing the scale of `group(h)·d + e`.
+    pub fn heads(heads: usize, d: usize, groups: usize, group: impl Fn(usize) -> usize) -> Tie {
+        Tie { of: (0..heads * d).map(|c| group(c / d) * d + c % d).collect(), n: groups * d }
+    }
+
+    /// Mean of `v` over the channels of each shared scale.
+    fn reduce(&self, v: &[f32]) -> Vec<f32> {
+        let (mut sum, mut count) = (vec![0f64; self.n], vec![0usize; self.n]);
+        for (&i, &x) in self.of.iter().zip(v) {
+            sum[i] += x as f64;
+            count[i] += 1;
+        }
+        sum.iter().zip(&count).map(|(s, &c)| (s / c.max(1) as f64) as f32).collect()
+    }
+
+    /// The per-channel scales of shared scales `s`.
+    pub fn expand(&self, s: &[f32]) -> Vec<f32> {
+        self.of.iter().map(|&i| s[i]).collect()
     }
 }
 
@@ -38,6 +93,8 @@ pub struct Search {
     pub alpha: Option<f32>,
     /// Per-input-channel scale `s` (weights carry `W·s`, inputs `x/s`).
     pub scale: Vec<f32>,
+    /// The shared scales `scale` expands ([`Tie`]; equal to `scale` without one).
+    pub shared: Vec<f32>,
     /// Output MSE of plain RTN (s = 1) and of the chosen scales.
     pub mse_rtn: f64,
     pub mse_best: f64,
@@ -84,10 +141,17 @@ pub fn scale_columns(w: &Tensor, s: &[f32]) -> Tensor {
 }
 
 /// Sum of squared output errors of the group under scales `s` (weights fake-quantized with the
-/// group's shared amax, as they will be exported).
-fn group_sse(x: &Tensor, refs: &[Tensor], weights: &[&Tensor], s: &[f32]) -> f64 {
+/// group's shared amax, as they will be exported; with `input_amax`, the per-channel input
+/// amax, the inputs `x/s` too, under the input_scale `max_c(amax[c]/s[c])` gives).
+fn group_sse(x: &Tensor, refs: &[Tensor], weights: &[&Tensor], s: &[f32], input_amax: Option<&[f32]>) -> f64 {
     let inv: Vec<f32> = s.iter().map(|v| 1.0 / v).collect();
-    let xs = scale_columns(x, &inv);
+    let mut xs = scale_columns(x, &inv);
+    if let Some(amax) = input_amax {
+        let a = amax.iter().zip(s).fold(0f32, |m, (a, k)| m.max(a / k));
+        if a > 0.0 && xs.row_len().is_multiple_of(nvfp4::BLOCK) {
+            nvfp4::fake_quantize_activations(xs.as_mut_slice(), nvfp4::nvfp4_global_scale(a));
+        }
+    }
     let scaled: Vec<Tensor> = weights.iter().map(|w| scale_columns(w, s)).collect();
     let amax = scaled.iter().map(|w| nvfp4::amax(w.as_slice())).fold(0f32, f32::max);
     let gs = nvfp4::nvfp4_global_scale(amax);
@@ -105,23 +169,49 @@ fn group_sse(x: &Tensor, refs: &[Tensor], weights: &[&Tensor], s: &[f32]) -> f64
 /// `act`. The identity scale (plain RTN) is a candidate too, so the search never loses to RTN
 /// on its own objective.
 pub fn search(x: &Tensor, act: &[f32], weights: &[&Tensor], opts: &AwqOptions) -> Search {
+    search_tied(x, act, None, weights, opts, &Tie::identity(act.len()))
+}
+
+/// [`search`] with scales shared across the channels `tie` groups: the statistics are averaged
+/// per shared scale, the candidates computed there and expanded for the loss. `amax` (the
+/// per-channel input amax) is what a W4A4 loss ([`AwqOptions::w4a4`]) quantizes the inputs by.
+pub fn search_tied(
+    x: &Tensor,
+    act: &[f32],
+    amax: Option<&[f32]>,
+    weights: &[&Tensor],
+    opts: &AwqOptions,
+    tie: &Tie,
+) -> Search {
     let refs: Vec<Tensor> = weights.iter().map(|w| ops::linear(x, w, None, Precision::F32)).collect();
     let n_out: usize = refs.iter().map(Tensor::elem_count).sum();
-    let mse = |s: &[f32]| group_sse(x, &refs, weights, s) / n_out.max(1) as f64;
+    let input_amax = amax.filter(|_| opts.w4a4);
+    let mse = |s: &[f32]| group_sse(x, &refs, weights, s, input_amax) / n_out.max(1) as f64;
     let ones = vec![1f32; act.len()];
     let mse_rtn = mse(&ones);
-    let mut best = Search { alpha: None, scale: ones, mse_rtn, mse_best: mse_rtn };
-    let wstat = weight_stat(weights);
+    let mut best = Search { alpha: None, scale: ones, shared: vec![1f32; tie.n], mse_rtn, mse_best: mse_rtn };
+    let (act, wstat) = (tie.reduce(act), tie.reduce(&weight_stat(weights)));
     let steps = (1.0 / opts.alpha_step).round() as usize;
     for k in 0..=steps {
         let alpha = k as f32 * opts.alpha_step;
-        let s = scale_for(act, &wstat, alpha);
+        let shared = scale_for(&act, &wstat, alpha);
+        let s = tie.expand(&shared);
         let m = mse(&s);
         if m < best.mse_best {
-            best = Search { alpha: Some(alpha), scale: s, mse_rtn, mse_best: m };
+            best = Search { alpha: Some(alpha), scale: s, shared, mse_rtn, mse_best: m };
         }
     }
     best
+}
+
+/// Rows of `w [out, in]` divided by `s[row]` (the producer side of an output-row fold).
+pub fn divide_rows(w: &Tensor, s: &[f32]) -> Tensor {
+    let mut out = w.clone();
+    let cols = w.row_len();
+    for (row, k) in out.as_mut_slice().chunks_exact_mut(cols).zip(s) {
+        row.iter_mut().for_each(|v| *v /= k);
+    }
+    out
 }
 
 /// Folds `1/s` into a (1+w) norm weight: `w' = (1+w)/s − 1`.
@@ -168,6 +258,25 @@ mod tests {
         let s0 = scale_for(&act, &wstat, 0.0);
         let s0b = scale_for(&[7.0; 32], &wstat, 0.0);
         assert_eq!(s0, s0b);
+    }
+
+    #[test]
+    fn tied_scales_are_shared_and_identity_tie_changes_nothing() {
+        let tie = Tie::heads(4, 3, 2, |h| h / 2);
+        assert_eq!(tie.of, vec![0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5]);
+        assert_eq!(tie.reduce(&[1., 2., 3., 3., 4., 5., 0., 0., 0., 2., 2., 2.]), vec![2., 3., 4., 1., 1., 1.]);
+        let tie = Tie::heads(4, 8, 2, |h| h / 2);
+        let (n, cin, cout) = (32, 32, 8);
+        let x = Tensor::from_vec(lcg(7, n * cin).iter().map(|v| v * 3.0).collect(), &[n, cin]);
+        let w = Tensor::from_vec(lcg(8, cout * cin), &[cout, cin]);
+        let act: Vec<f32> = (0..cin).map(|c| 0.5 + c as f32).collect();
+        let r = search_tied(&x, &act, None, &[&w], &AwqOptions::default(), &tie);
+        for c in 0..cin {
+            assert_eq!(r.scale[c], r.shared[tie.of[c]], "channel {c} uses its shared scale");
+        }
+        let plain = search(&x, &act, &[&w], &AwqOptions::default());
+        let ident = search_tied(&x, &act, None, &[&w], &AwqOptions::default(), &Tie::identity(cin));
+        assert_eq!((plain.alpha, plain.scale, plain.mse_best), (ident.alpha, ident.scale, ident.mse_best));
     }
 
     #[test]

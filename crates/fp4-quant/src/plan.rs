@@ -80,9 +80,60 @@ pub fn user_pattern_matches(pattern: &str, module: &str) -> bool {
     false
 }
 
+/// `--exclude-layers` items with the last layers named by position resolved against a model
+/// of `layers` decoder layers: `layers.last` and `layers.-1` are `layers.{layers-1}`,
+/// `layers.-k` is `layers.{layers-k}` (a `-k` beyond the model stays as written, and matches
+/// nothing).
+pub fn resolve_patterns(patterns: &[String], layers: usize) -> Vec<String> {
+    patterns
+        .iter()
+        .map(|p| {
+            let mut out = String::new();
+            for (i, part) in p.split('.').enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                let after_layers = out.ends_with("layers.");
+                let back = match part {
+                    "last" if after_layers => Some(1),
+                    _ if after_layers && part.starts_with('-') => part[1..].parse::<usize>().ok(),
+                    _ => None,
+                };
+                match back.filter(|&k| (1..=layers).contains(&k)) {
+                    Some(k) => out.push_str(&(layers - k).to_string()),
+                    None => out.push_str(part),
+                }
+            }
+            out
+        })
+        .collect()
+}
+
+/// The `--exclude-layers` items that name nothing in the model: no linear of any decoder layer
+/// and not the embeddings or the LM head (which are never quantized, so naming them is fine).
+pub fn unmatched_patterns(ckpt: &Checkpoint, patterns: &[String]) -> Vec<String> {
+    let plan = Plan::new(ckpt, Strategy::Rtn, &[]);
+    let always_kept = [ckpt.text_name("embed_tokens"), "lm_head".to_string()];
+    let resolved = resolve_patterns(patterns, ckpt.config.num_hidden_layers);
+    patterns
+        .iter()
+        .zip(&resolved)
+        .filter(|(_, r)| {
+            !plan
+                .modules
+                .iter()
+                .map(|m| m.name.as_str())
+                .chain(always_kept.iter().map(String::as_str))
+                .any(|name| user_pattern_matches(r, name))
+        })
+        .map(|(p, _)| p.clone())
+        .collect()
+}
+
 impl Plan {
     pub fn new(ckpt: &Checkpoint, strategy: Strategy, user_excludes: &[String]) -> Plan {
         let cfg = &ckpt.config;
+        let user_excludes = resolve_patterns(user_excludes, cfg.num_hidden_layers);
         let mut modules = Vec::new();
         let mut group = 0;
         for (i, t) in cfg.layer_types.iter().enumerate() {
@@ -206,5 +257,34 @@ mod tests {
         assert!(!m("layers.1", "model.language_model.layers.10.mlp.up_proj"));
         assert!(!m("in_proj", n), "partial names do not match");
         assert!(m("*layers.1[0-9].*", "model.layers.12.mlp.up_proj"));
+    }
+
+    #[test]
+    fn last_layers_resolve_by_position() {
+        let p = |v: &[&str]| super::resolve_patterns(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>(), 32);
+        assert_eq!(
+            p(&["layers.last", "layers.-1", "layers.-2.mlp", "*layers.last.*"]),
+            vec!["layers.31", "layers.31", "layers.30.mlp", "*layers.31.*"]
+        );
+        // Beyond the model, or not after `layers.`: as written.
+        assert_eq!(p(&["layers.-33", "last", "mlp.-1", "layers.0"]), vec!["layers.-33", "last", "mlp.-1", "layers.0"]);
+    }
+
+    #[test]
+    fn unmatched_patterns_are_named() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-quant");
+        let ckpt = fp4_format::Checkpoint::open(&dir).unwrap();
+        let n = ckpt.config.num_hidden_layers;
+        let pats: Vec<String> =
+            ["linear_attn", "layers.0", "layers.last", "embed_tokens", "lm_head", "layers.31", "mlp.up"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        assert!(n < 31, "the fixture is small");
+        assert_eq!(super::unmatched_patterns(&ckpt, &pats), vec!["layers.31".to_string(), "mlp.up".to_string()]);
+        let plan = super::Plan::new(&ckpt, super::Strategy::Rtn, &["layers.last".to_string()]);
+        let last = ckpt.text_name(&format!("layers.{}.", n - 1));
+        assert!(plan.modules.iter().filter(|m| m.name.starts_with(&last)).all(|m| !m.quantize));
+        assert!(plan.modules.iter().any(|m| m.quantize));
     }
 }

@@ -155,11 +155,26 @@ pub fn quantize(
     })
 }
 
-/// Which norm produces a group's input, if the group's AWQ scales can be folded into it.
+/// Where a group's `1/s` folds exactly (see [`awq`]): the (1+w) norm that produces its input,
+/// or the producer of a mixer's / the MLP's output.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum FoldTarget {
     InputNorm,
     PostAttentionNorm,
+    /// down_proj: `up_proj`'s output rows.
+    UpRows,
+    /// o_proj: `v_proj`'s output rows, shared by the query heads of a KV head.
+    ValueRows,
+    /// GDN out_proj: the gated norm's weight, shared by the value heads.
+    GdnNorm,
+}
+
+impl FoldTarget {
+    /// Output-side folds change another linear's weight, so they run before the input-side
+    /// searches that read it.
+    fn changes_a_producer(self) -> bool {
+        matches!(self, FoldTarget::UpRows | FoldTarget::ValueRows | FoldTarget::GdnNorm)
+    }
 }
 
 fn fold_target(module: &str) -> Option<FoldTarget> {
@@ -168,13 +183,30 @@ fn fold_target(module: &str) -> Option<FoldTarget> {
         ("self_attn", "q_proj" | "k_proj" | "v_proj") => Some(FoldTarget::InputNorm),
         ("linear_attn", "in_proj_qkv" | "in_proj_z") => Some(FoldTarget::InputNorm),
         ("mlp", "gate_proj" | "up_proj") => Some(FoldTarget::PostAttentionNorm),
+        ("mlp", "down_proj") => Some(FoldTarget::UpRows),
+        ("self_attn", "o_proj") => Some(FoldTarget::ValueRows),
+        ("linear_attn", "out_proj") => Some(FoldTarget::GdnNorm),
         _ => None,
     }
 }
 
+/// The channels of a group's input that must share a scale for its fold to be exact.
+fn tie_for(target: Option<FoldTarget>, cfg: &fp4_format::TextConfig, channels: usize) -> awq::Tie {
+    match target {
+        Some(FoldTarget::ValueRows) => {
+            let (hq, hkv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+            awq::Tie::heads(hq, d, hkv, |h| h / (hq / hkv))
+        }
+        Some(FoldTarget::GdnNorm) => awq::Tie::heads(cfg.linear_num_value_heads, cfg.linear_value_head_dim, 1, |_| 0),
+        _ => awq::Tie::identity(channels),
+    }
+}
+
 /// Searches AWQ-lite scales for each recorded group of layer `index`, scales the group's
-/// weights by `s`, and folds `1/s` into the producing norm (plus the norm's other, unquantized
-/// readers: GDN `in_proj_a`/`in_proj_b`) or keeps it as a pre-quant scale.
+/// weights by `s`, and folds `1/s` where it goes exactly ([`FoldTarget`]: a norm, plus the
+/// norm's other, unquantized readers GDN `in_proj_a`/`in_proj_b`; or a producer's rows / the GDN
+/// gated norm) or keeps it as a pre-quant scale. Output-side groups go first: their folds change
+/// `up_proj` and `v_proj`, which the input-side searches then see as they will be quantized.
 fn apply_awq(
     ckpt: &Checkpoint,
     index: usize,
@@ -185,10 +217,22 @@ fn apply_awq(
     overrides: &mut BTreeMap<String, Vec<f32>>,
 ) -> BTreeMap<usize, GroupAwq> {
     let mut out = BTreeMap::new();
-    for (&group, rec) in recorders {
-        let members: Vec<String> =
-            plan.modules.iter().filter(|m| m.group == group && m.quantize).map(|m| m.name.clone()).collect();
-        let target = fold_target(&members[0]);
+    let members_of = |group: usize| -> Vec<String> {
+        plan.modules.iter().filter(|m| m.group == group && m.quantize).map(|m| m.name.clone()).collect()
+    };
+    let target_of = |group: usize| fold_target(&members_of(group)[0]);
+    let mut order: Vec<usize> = recorders.keys().copied().collect();
+    order.sort_by_key(|&g| !target_of(g).is_some_and(FoldTarget::changes_a_producer));
+    for group in order {
+        let rec = &recorders[&group];
+        let members = members_of(group);
+        let mut target = fold_target(&members[0]);
+        if target == Some(FoldTarget::ValueRows) && ckpt.config.attention_bias {
+            target = None; // V's bias would need the scale too: left unscaled.
+        }
+        if target.is_some_and(FoldTarget::changes_a_producer) && !opts.output_folds {
+            target = None;
+        }
         if target.is_none() && !opts.allow_pre_quant_scale {
             continue; // No exact fold: s = 1 keeps the checkpoint plain NVFP4.
         }
@@ -199,7 +243,8 @@ fn apply_awq(
         let x = Tensor::from_vec(std::mem::take(&mut stats.rows), &[n, cin]);
         let mut lins: Vec<_> = layer.linears_mut().into_iter().filter(|l| members.contains(&l.name)).collect();
         let weights: Vec<Tensor> = lins.iter().map(|l| l.weight().clone()).collect();
-        let r = awq::search(&x, &act, &weights.iter().collect::<Vec<_>>(), opts);
+        let tie = tie_for(target, &ckpt.config, cin);
+        let r = awq::search_tied(&x, &act, Some(&stats.amax), &weights.iter().collect::<Vec<_>>(), opts, &tie);
         let mut info = GroupAwq {
             alpha: r.alpha,
             mse_rtn: r.mse_rtn,
@@ -215,34 +260,70 @@ fn apply_awq(
             }
             info.input_amax = stats.amax.iter().zip(s).fold(0f32, |m, (a, k)| m.max(a / k));
             match target.filter(|_| opts.fold) {
-                Some(t) => {
-                    let (input_norm, post_norm) = layer.norms_mut();
-                    let (norm, file_name) = match t {
-                        FoldTarget::InputNorm => (input_norm, "input_layernorm"),
-                        FoldTarget::PostAttentionNorm => (post_norm, "post_attention_layernorm"),
-                    };
-                    awq::fold_into_one_plus_norm(norm.as_mut_slice(), s);
-                    let name = ckpt.text_name(&format!("layers.{index}.{file_name}.weight"));
-                    overrides.insert(name.clone(), norm.as_slice().to_vec());
-                    info.folded_into = Some(name);
-                    if t == FoldTarget::InputNorm {
-                        // The GDN gate projections read the same normed input.
-                        for l in layer.linears_mut() {
-                            if l.name.ends_with("in_proj_a") || l.name.ends_with("in_proj_b") {
-                                let name = format!("{}.weight", l.name);
-                                let w = l.dense_weight_mut().expect("GDN gate projections stay dense");
-                                *w = awq::scale_columns(w, s);
-                                overrides.insert(name, w.as_slice().to_vec());
-                            }
-                        }
-                    }
-                }
+                Some(t) => info.folded_into = Some(fold(ckpt, index, layer, plan, t, &r.shared, overrides)),
                 None => info.pre_quant_scale = Some(s.iter().map(|v| 1.0 / v).collect()),
             }
         }
         out.insert(group, info);
     }
     out
+}
+
+/// Folds `1/s` (the shared scales of `t`'s tie) into `t` and returns the tensor it went into.
+/// Changed tensors that will not be quantized are recorded in `overrides`.
+fn fold(
+    ckpt: &Checkpoint,
+    index: usize,
+    layer: &mut DecoderLayer,
+    plan: &Plan,
+    t: FoldTarget,
+    s: &[f32],
+    overrides: &mut BTreeMap<String, Vec<f32>>,
+) -> String {
+    let text = |suffix: &str| ckpt.text_name(&format!("layers.{index}.{suffix}"));
+    match t {
+        FoldTarget::InputNorm | FoldTarget::PostAttentionNorm => {
+            let (input_norm, post_norm) = layer.norms_mut();
+            let (norm, file_name) = match t {
+                FoldTarget::InputNorm => (input_norm, "input_layernorm"),
+                _ => (post_norm, "post_attention_layernorm"),
+            };
+            awq::fold_into_one_plus_norm(norm.as_mut_slice(), s);
+            let name = text(&format!("{file_name}.weight"));
+            overrides.insert(name.clone(), norm.as_slice().to_vec());
+            if t == FoldTarget::InputNorm {
+                // The GDN gate projections read the same normed input.
+                for l in layer.linears_mut() {
+                    if l.name.ends_with("in_proj_a") || l.name.ends_with("in_proj_b") {
+                        let name = format!("{}.weight", l.name);
+                        let w = l.dense_weight_mut().expect("GDN gate projections stay dense");
+                        *w = awq::scale_columns(w, s);
+                        overrides.insert(name, w.as_slice().to_vec());
+                    }
+                }
+            }
+            name
+        }
+        FoldTarget::UpRows | FoldTarget::ValueRows => {
+            let producer = if t == FoldTarget::UpRows { "mlp.up_proj" } else { "self_attn.v_proj" };
+            let module = text(producer);
+            let l = layer.linears_mut().into_iter().find(|l| l.name == module).expect("the layer has its producer");
+            let w = l.dense_weight_mut().expect("calibration loads dense weights");
+            *w = awq::divide_rows(w, s);
+            let name = format!("{module}.weight");
+            if !plan.module(&module).is_some_and(|m| m.quantize) {
+                overrides.insert(name.clone(), w.as_slice().to_vec());
+            }
+            name
+        }
+        FoldTarget::GdnNorm => {
+            let norm = layer.gdn_norm_mut().expect("a GDN layer has its gated norm");
+            norm.as_mut_slice().iter_mut().zip(s).for_each(|(w, k)| *w /= k);
+            let name = text("linear_attn.norm.weight");
+            overrides.insert(name.clone(), norm.as_slice().to_vec());
+            name
+        }
+    }
 }
 
 /// Quantizes one layer's planned linears: fused groups share the max weight amax and input amax.
@@ -285,5 +366,61 @@ fn quantize_layer(
                 fp8: None,
             },
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fp4_format::LayerType;
+
+    /// Scaling a consumer's input columns by `s` and folding `1/s` into its producer leaves
+    /// every layer of the tiny-quant fixture computing what it computed (f32, random inputs).
+    #[test]
+    fn output_folds_keep_each_layer_function() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-quant");
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let cfg = &ckpt.config;
+        let ctx = LayerCtx::new(cfg, Precision::F32, fp4_kernels::Device::Cpu);
+        let plan = Plan::new(&ckpt, Strategy::Rtn, &[]);
+        let mut seed = 11u64;
+        let h: Vec<f32> = (0..5 * cfg.hidden_size)
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            })
+            .collect();
+        let h = Tensor::from_vec(h, &[5, cfg.hidden_size]);
+        for i in 0..cfg.num_hidden_layers {
+            let run = |layer: &DecoderLayer| {
+                let mut cache = LayerCache::new(cfg, cfg.layer_types[i], fp4_kernels::Device::Cpu);
+                let state = MixerState::Sequence { cache: &mut cache, pos0: 0, algo: GdnAlgo::Chunked };
+                layer.forward(&h, state, &ctx)
+            };
+            let mut layer = DecoderLayer::load(&ckpt, i, LoadOptions::new(Precision::F32)).unwrap();
+            let want = run(&layer);
+            let mixer = match cfg.layer_types[i] {
+                LayerType::FullAttention => (FoldTarget::ValueRows, "self_attn.o_proj"),
+                LayerType::LinearAttention => (FoldTarget::GdnNorm, "linear_attn.out_proj"),
+            };
+            let mut overrides = BTreeMap::new();
+            for (t, consumer) in [(FoldTarget::UpRows, "mlp.down_proj"), mixer] {
+                let name = ckpt.text_name(&format!("layers.{i}.{consumer}"));
+                let l = layer.linears_mut().into_iter().find(|l| l.name == name).unwrap();
+                let tie = tie_for(Some(t), cfg, l.in_features);
+                let shared: Vec<f32> = (0..tie.n).map(|j| 0.5 + (j % 7) as f32 * 0.25).collect();
+                let w = l.dense_weight_mut().unwrap();
+                *w = awq::scale_columns(w, &tie.expand(&shared));
+                let into = fold(&ckpt, i, &mut layer, &plan, t, &shared, &mut overrides);
+                assert!(into.starts_with(&ckpt.text_name(&format!("layers.{i}."))), "{into}");
+            }
+            let got = run(&layer);
+            let m = want.as_slice().iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = got.as_slice().iter().zip(want.as_slice()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / m;
+            assert!(err < 1e-5, "layer {i} ({:?}): rel err {err:.2e}", cfg.layer_types[i]);
+            // The GDN norm is not quantized, so it must reach the export; up/v_proj are quantized.
+            let gdn_norm = ckpt.text_name(&format!("layers.{i}.linear_attn.norm.weight"));
+            assert_eq!(overrides.contains_key(&gdn_norm), cfg.layer_types[i] == LayerType::LinearAttention);
+        }
     }
 }

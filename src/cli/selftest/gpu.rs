@@ -486,6 +486,17 @@ fn graph_us(g: &Gpu, calls: usize, mut f: impl FnMut()) -> anyhow::Result<f64> {
     Ok(ms * 1e3 / (calls * replays) as f64)
 }
 
+/// Random NVFP4 weights of the given `(rows, cols)`.
+fn random_group(g: &Gpu, dims: &[(usize, usize)]) -> cuda::Result<Vec<cuda::GpuNvfp4>> {
+    dims.iter()
+        .enumerate()
+        .map(|(i, &(r, c))| match g.random_nvfp4(r, c, 3 + i as u64, 1e-4)? {
+            GpuWeight::Nvfp4(q) => Ok(q),
+            GpuWeight::Bf16 { .. } => unreachable!("random_nvfp4 makes NVFP4"),
+        })
+        .collect()
+}
+
 /// Each GEMV sweep geometry on the 9B's decode groups (1 and 8 tokens): µs, bandwidth, and the
 /// largest difference from the shipped kernel's output (0 when the k order matches).
 fn gemv_sweep(g: &Gpu, out: Option<&Path>) -> anyhow::Result<()> {
@@ -498,14 +509,7 @@ fn gemv_sweep(g: &Gpu, out: Option<&Path>) -> anyhow::Result<()> {
     ];
     let mut rows = Vec::new();
     for (shape, dims) in groups {
-        let ws = dims
-            .iter()
-            .enumerate()
-            .map(|(i, &(r, c))| match g.random_nvfp4(r, c, 3 + i as u64, 1e-4)? {
-                GpuWeight::Nvfp4(q) => Ok(q),
-                GpuWeight::Bf16 { .. } => unreachable!("random_nvfp4 makes NVFP4"),
-            })
-            .collect::<cuda::Result<Vec<_>>>()?;
+        let ws = random_group(g, dims)?;
         let refs: Vec<&cuda::GpuNvfp4> = ws.iter().collect();
         let tiled = ws.iter().map(|w| g.nvfp4_tiled(w)).collect::<cuda::Result<Vec<_>>>()?;
         let bytes: usize = ws.iter().map(|w| w.bytes()).sum();
@@ -586,14 +590,7 @@ fn kernel_benches(g: &Gpu, copy: f64) -> anyhow::Result<Vec<Value>> {
         ("q, k, v (grouped)", &[(8192, 4096), (1024, 4096), (1024, 4096)]),
     ];
     for (shape, dims) in groups {
-        let ws = dims
-            .iter()
-            .enumerate()
-            .map(|(i, &(r, c))| match g.random_nvfp4(r, c, 3 + i as u64, 1e-4)? {
-                GpuWeight::Nvfp4(q) => Ok(q),
-                GpuWeight::Bf16 { .. } => unreachable!("random_nvfp4 makes NVFP4"),
-            })
-            .collect::<cuda::Result<Vec<_>>>()?;
+        let ws = random_group(g, dims)?;
         let refs: Vec<&cuda::GpuNvfp4> = ws.iter().collect();
         let bytes: usize = ws.iter().map(|w| w.bytes()).sum();
         for t in [1, 8, 32, 64] {
