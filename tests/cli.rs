@@ -300,3 +300,30 @@ fn chat_parse_whole_and_streamed_agree() {
     let o = fp4_stdin(&["chat", "parse", "--stream", "--chunks", bad.to_str().unwrap()], output);
     assert!(!o.status.success() && stderr(&o).contains("bad.json"), "{}", stderr(&o));
 }
+
+/// A safetensors header whose sizes do not add up names the tensor at fault (the crate's own
+/// error does not), and NaN/Inf weights load with a warning naming the tensor.
+#[test]
+fn broken_headers_and_nonfinite_weights_are_named() {
+    let dir = edited_copy("tiny-text", |_, s, b| Some((s.to_vec(), b.to_vec())));
+    let header = br#"{"model.norm.weight":{"dtype":"F32","shape":[2,2],"data_offsets":[0,12]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.extend_from_slice(&[0u8; 12]);
+    std::fs::write(dir.path().join("model.safetensors"), bytes).unwrap();
+    let err = fp4_err(&["inspect", dir.path().to_str().unwrap()]);
+    assert!(err.contains("model.safetensors") && err.contains("`model.norm.weight`"), "{err}");
+    assert!(err.contains("needs 16 bytes") && err.contains("hold 12"), "{err}");
+
+    const T: &str = "model.norm.weight";
+    let dir = edited_copy("tiny-text", |n, s, b| {
+        let mut b = b.to_vec();
+        if n == T {
+            b[..2].copy_from_slice(&0x7fc0u16.to_le_bytes()); // a bf16 NaN
+        }
+        Some((s.to_vec(), b))
+    });
+    let o = fp4(&["generate", "--model", dir.path().to_str().unwrap(), "--input-ids", "1,2", "--max-tokens", "1"]);
+    let err = stderr(&o);
+    assert!(err.contains(T) && err.contains("1 of") && err.contains("NaN or infinite"), "{err}");
+}

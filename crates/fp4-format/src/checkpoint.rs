@@ -181,12 +181,14 @@ impl Checkpoint {
     pub fn load_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let t = self.tensor(name)?;
         t.expect_shape(shape)?;
-        dtype::to_f32(t.dtype, t.bytes).ok_or_else(|| FormatError::DType {
+        let v = dtype::to_f32(t.dtype, t.bytes).ok_or_else(|| FormatError::DType {
             path: t.path.to_path_buf(),
             tensor: name.to_string(),
             dtype: t.dtype.name().into(),
             expected: "BF16, F16 or F32".into(),
-        })
+        })?;
+        warn_nonfinite(&t, v.iter().filter(|x| !x.is_finite()).count(), v.len());
+        Ok(v)
     }
 }
 
@@ -221,6 +223,7 @@ impl Checkpoint {
             dtype: t.dtype.name().into(),
             expected: "F32, BF16 or F16".into(),
         })?;
+        warn_nonfinite(&t, usize::from(!v[0].is_finite()), 1);
         Ok(v[0])
     }
 
@@ -236,7 +239,19 @@ impl Checkpoint {
                 expected: dtype.name().into(),
             });
         }
+        if dtype == DType::F8E4M3 {
+            // E4M3 has no infinities; S.1111.111 is NaN.
+            warn_nonfinite(&t, t.bytes.iter().filter(|&&b| b & 0x7f == 0x7f).count(), t.bytes.len());
+        }
         Ok(t.bytes)
+    }
+}
+
+/// A checkpoint with NaN/Inf weights loads (the user may be inspecting a broken export), but
+/// says so, naming the tensor: such a model computes NaNs.
+fn warn_nonfinite(t: &TensorView<'_>, bad: usize, total: usize) {
+    if bad > 0 {
+        tracing::warn!(tensor = t.name, file = %t.path.display(), "{bad} of {total} values are NaN or infinite");
     }
 }
 
@@ -317,13 +332,57 @@ fn weight_files(dir: &Path) -> Result<Vec<String>> {
     Ok(files)
 }
 
+/// Which tensor of a safetensors header the crate's validation refused, and why: its errors for
+/// a size that does not match the shape, an overflow or a misaligned slice name no tensor.
+fn bad_tensor_in_header(bytes: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
+    let bits = |d: &str| -> Option<u128> {
+        Some(match d {
+            "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" | "F8_E8M0" => 8,
+            "U16" | "I16" | "F16" | "BF16" => 16,
+            "U32" | "I32" | "F32" => 32,
+            "U64" | "I64" | "F64" => 64,
+            "F4" => 4,
+            "F6_E2M3" | "F6_E3M2" => 6,
+            _ => return None,
+        })
+    };
+    for (name, info) in header.iter().filter(|(k, _)| *k != "__metadata__") {
+        let dtype = info["dtype"].as_str().unwrap_or("?");
+        let shape: Option<Vec<u128>> = info["shape"].as_array()?.iter().map(|v| v.as_u64().map(u128::from)).collect();
+        let offsets: Option<Vec<u128>> =
+            info["data_offsets"].as_array()?.iter().map(|v| v.as_u64().map(u128::from)).collect();
+        let (Some(shape), Some(offsets), Some(b)) = (shape, offsets, bits(dtype)) else {
+            return Some(format!("tensor `{name}`: unreadable dtype, shape or data_offsets ({info})"));
+        };
+        let elems = shape.iter().try_fold(1u128, |a, &d| a.checked_mul(d));
+        let held = offsets.get(1).zip(offsets.first()).and_then(|(e, s)| e.checked_sub(*s));
+        let need = elems.and_then(|e| e.checked_mul(b)).filter(|bits| bits % 8 == 0).map(|bits| bits / 8);
+        if need.is_none() || need != held {
+            let need = need.map_or("an impossible number of".to_string(), |v| v.to_string());
+            let held = held.map_or("no".to_string(), |v| v.to_string());
+            return Some(format!(
+                "tensor `{name}`: shape {shape:?} of {dtype} needs {need} bytes, its data_offsets {offsets:?} hold {held}"
+            ));
+        }
+    }
+    None
+}
+
 /// Maps one safetensors file and indexes its header.
 fn map_safetensors(path: &Path, file_idx: usize) -> Result<(Mmap, Vec<(String, TensorEntry)>)> {
     let file = std::fs::File::open(path).map_err(|source| FormatError::Io { path: path.to_path_buf(), source })?;
     // SAFETY: the mapping is read-only; a checkpoint rewritten while fp4 runs is outside its contract.
     let mmap = unsafe { Mmap::map(&file) }.map_err(|source| FormatError::Io { path: path.to_path_buf(), source })?;
-    let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap)
-        .map_err(|e| FormatError::Safetensors { path: path.to_path_buf(), msg: e.to_string() })?;
+    let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+        let msg = match bad_tensor_in_header(&mmap) {
+            Some(why) => format!("{e}: {why}"),
+            None => e.to_string(),
+        };
+        FormatError::Safetensors { path: path.to_path_buf(), msg }
+    })?;
     let data_start = 8 + header_len;
     let mut entries = Vec::new();
     for (name, info) in metadata.tensors() {
