@@ -47,6 +47,12 @@ pub struct Args {
     reasoning_parser: Option<String>,
     #[arg(long)]
     enable_auto_tool_choice: bool,
+    /// Let special-token strings typed inside chat messages (`<|im_start|>`, `<|endoftext|>`)
+    /// act as the special tokens. Off (the default), they are tokenized as ordinary text, so a
+    /// user cannot open or close turns through the content; raw `/v1/completions` prompts are
+    /// tokenized as given either way.
+    #[arg(long)]
+    special_tokens_in_content: bool,
     /// Only `qwen3_coder` exists.
     #[arg(long)]
     tool_call_parser: Option<String>,
@@ -201,6 +207,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             default_chat_template_kwargs: default_kwargs,
             reasoning_parser: a.reasoning_parser.is_some(),
             tool_parser: a.enable_auto_tool_choice,
+            special_tokens_in_content: a.special_tokens_in_content,
             eos_ids,
         },
         metrics: Default::default(),

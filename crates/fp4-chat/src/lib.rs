@@ -16,4 +16,4 @@ pub use message::{
 };
 pub use output::{new_tool_call_id, parse, OutputConfig, StreamParser};
 pub use template::{ChatTemplate, RenderRequest, TemplateError, QWEN35_TEMPLATE};
-pub use tokenizer::{Tokenizer, TokenizerError};
+pub use tokenizer::{Literals, Tokenizer, TokenizerError};

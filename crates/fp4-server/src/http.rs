@@ -34,6 +34,9 @@ pub struct ServerConfig {
     pub tool_parser: bool,
     /// Stop ids (generation_config + config).
     pub eos_ids: Vec<u32>,
+    /// `--special-tokens-in-content`: special-token strings inside chat messages act as special
+    /// tokens (off: tokenized as text).
+    pub special_tokens_in_content: bool,
 }
 
 pub struct AppState {
@@ -219,22 +222,51 @@ fn gen_request(s: &AppState, prompt: Vec<u32>, prompt_param: &str, opts: &GenOpt
     })
 }
 
+/// Renders chat messages (and tools) with the template; unless `--special-tokens-in-content`,
+/// special-token strings inside them are marked to be tokenized as text
+/// ([`Tokenizer::protect`]). A template error names the message at fault.
+fn render_protected(
+    s: &AppState,
+    messages: &[Value],
+    tools: Option<&[Value]>,
+    add_generation_prompt: bool,
+    kwargs: Map<String, Value>,
+) -> ApiResult<(String, Option<fp4_chat::Literals>)> {
+    let mut lit = fp4_chat::Literals::default();
+    let protected = (!s.cfg.special_tokens_in_content).then(|| {
+        let m: Vec<Value> = messages.iter().map(|m| s.tokenizer.protect(m, &mut lit)).collect();
+        let t: Option<Vec<Value>> = tools.map(|t| t.iter().map(|v| s.tokenizer.protect(v, &mut lit)).collect());
+        (m, t)
+    });
+    let (messages, tools) = match &protected {
+        Some((m, t)) => (m.as_slice(), t.as_deref()),
+        None => (messages, tools),
+    };
+    let prompt =
+        s.template.render(&RenderRequest { messages, tools, add_generation_prompt, kwargs }).map_err(|e| match e {
+            fp4_chat::TemplateError::Message { index, msg } => {
+                ApiError::bad(&format!("messages[{index}]"), lit.restore(&msg))
+            }
+            other => ApiError::bad("messages", lit.restore(&other.to_string())),
+        })?;
+    Ok((prompt, protected.map(|_| lit)))
+}
+
+/// Tokenizes a rendered chat prompt: marked literals as text when [`render_protected`] marked
+/// them, else as given.
+fn encode_chat(s: &AppState, text: &str, lit: Option<&fp4_chat::Literals>) -> ApiResult<Vec<u32>> {
+    match lit {
+        Some(l) => s.tokenizer.encode_protected(text, l),
+        None => s.tokenizer.encode(text),
+    }
+    .map_err(|e| ApiError::new(500, "server_error", e.to_string()))
+}
+
 fn prepare_chat(s: &AppState, req: &protocol::ChatRequest) -> ApiResult<Prepared> {
     let mut kwargs = s.cfg.default_chat_template_kwargs.clone();
     kwargs.extend(req.chat_template_kwargs.clone());
     let thinking = kwargs.get("enable_thinking").and_then(Value::as_bool) != Some(false);
-    let prompt = s
-        .template
-        .render(&RenderRequest {
-            messages: &req.messages,
-            tools: req.tools.as_deref(),
-            add_generation_prompt: true,
-            kwargs,
-        })
-        .map_err(|e| match e {
-            fp4_chat::TemplateError::Message { index, msg } => ApiError::bad(&format!("messages[{index}]"), msg),
-            other => ApiError::bad("messages", other.to_string()),
-        })?;
+    let (prompt, lit) = render_protected(s, &req.messages, req.tools.as_deref(), true, kwargs)?;
     // tool_choice required/named: start the answer with the call (closing an open think block).
     let mut forced = String::new();
     if matches!(req.tool_choice, ToolChoice::Required | ToolChoice::Named(_)) {
@@ -247,10 +279,7 @@ fn prepare_chat(s: &AppState, req: &protocol::ChatRequest) -> ApiResult<Prepared
             forced.push_str(">\n");
         }
     }
-    let ids = s
-        .tokenizer
-        .encode(&format!("{prompt}{forced}"))
-        .map_err(|e| ApiError::new(500, "server_error", e.to_string()))?;
+    let ids = encode_chat(s, &format!("{prompt}{forced}"), lit.as_ref())?;
     let mut gen = gen_request(s, ids.clone(), "messages", &req.opts)?;
     if req.tool_choice == ToolChoice::Required {
         // The model must name one of the tools: the engine picks the likeliest `NAME>\n`.
@@ -654,19 +683,17 @@ async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
 async fn tokenize(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
     let result = off_runtime(move || {
         let m = protocol::parse_body(&body)?;
-        let text = if let Some(Value::Array(messages)) = m.get("messages") {
+        let (text, lit) = if let Some(Value::Array(messages)) = m.get("messages") {
             let gen = m.get("add_generation_prompt").and_then(Value::as_bool).unwrap_or(true);
             let kwargs = m.get("chat_template_kwargs").and_then(Value::as_object).cloned().unwrap_or_default();
             let tools = m.get("tools").and_then(Value::as_array).cloned();
-            s.template
-                .render(&RenderRequest { messages, tools: tools.as_deref(), add_generation_prompt: gen, kwargs })
-                .map_err(|e| ApiError::bad("messages", e.to_string()))?
+            render_protected(&s, messages, tools.as_deref(), gen, kwargs)?
         } else if let Some(Value::String(p)) = m.get("prompt") {
-            p.clone()
+            (p.clone(), None)
         } else {
             return Err(ApiError::bad("prompt", "give `prompt` (a string) or `messages`"));
         };
-        let tokens = s.tokenizer.encode(&text).map_err(|e| ApiError::new(500, "server_error", e.to_string()))?;
+        let tokens = encode_chat(&s, &text, lit.as_ref())?;
         Ok(json!({"count": tokens.len(), "max_model_len": s.cfg.max_model_len, "tokens": tokens}))
     })
     .await;
