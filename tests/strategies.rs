@@ -102,23 +102,17 @@ fn output_outlier_model(dir: &Path) {
             continue;
         }
         rewrite_safetensors(&path, &path, |n, v, cols| {
-            let edit: Option<(bool, &[usize], f32)> = if !n.contains(".layers.") || n.starts_with("mtp.") {
-                None
-            } else if n.ends_with("mlp.up_proj.weight") {
-                Some((true, &mlp_ch, 16.0))
-            } else if n.ends_with("mlp.down_proj.weight") {
-                Some((false, &mlp_ch, 0.0625))
-            } else if n.ends_with("self_attn.v_proj.weight") {
-                Some((true, &v_rows, 16.0))
-            } else if n.ends_with("self_attn.o_proj.weight") {
-                Some((false, &o_cols, 0.0625))
-            } else if n.ends_with("linear_attn.norm.weight") {
-                Some((false, &gdn_dims, 16.0))
-            } else if n.ends_with("linear_attn.out_proj.weight") {
-                Some((false, &out_cols, 0.0625))
-            } else {
-                None
-            };
+            // (tensor suffix, rows (else columns), which, factor)
+            let edits: [(&str, bool, &[usize], f32); 6] = [
+                ("mlp.up_proj.weight", true, &mlp_ch, 16.0),
+                ("mlp.down_proj.weight", false, &mlp_ch, 0.0625),
+                ("self_attn.v_proj.weight", true, &v_rows, 16.0),
+                ("self_attn.o_proj.weight", false, &o_cols, 0.0625),
+                ("linear_attn.norm.weight", false, &gdn_dims, 16.0),
+                ("linear_attn.out_proj.weight", false, &out_cols, 0.0625),
+            ];
+            let in_layer = n.contains(".layers.") && !n.starts_with("mtp.");
+            let edit = edits.iter().find(|e| in_layer && n.ends_with(e.0)).map(|e| (e.1, e.2, e.3));
             let Some((rows, which, k)) = edit else { return false };
             for (r, row) in v.chunks_exact_mut(cols).enumerate() {
                 for (c, x) in row.iter_mut().enumerate() {

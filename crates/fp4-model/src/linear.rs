@@ -381,13 +381,9 @@ pub fn forward_many<const N: usize>(x: &Tensor, linears: [&Linear; N], p: Precis
         if grouped.len() > 1 {
             if let Some(ys) = ops::nvfp4_same_input(x, &grouped) {
                 let mut ys = ys.into_iter();
-                let mut i = 0;
-                return linears.map(|l| {
-                    i += 1;
-                    match plain[i - 1] {
-                        Some(_) => ys.next().expect("one output per grouped linear"),
-                        None => l.forward(x, p),
-                    }
+                return std::array::from_fn(|i| match plain[i] {
+                    Some(_) => ys.next().expect("one output per grouped linear"),
+                    None => linears[i].forward(x, p),
                 });
             }
         }
