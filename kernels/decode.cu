@@ -178,23 +178,41 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS)
     }
 }
 
-extern "C" __global__ void paged_attention_merge(const float* __restrict__ part, float* __restrict__ out, int splits,
-                                                 int d) {
+// Combines the splits of each (token, head): block bh, PA_MERGE_THREADS threads; thread s < splits
+// (≤ PA_MAX_SPLITS) takes split s's max and sum, the block reduces them, then each output dim
+// sums the splits' unnormalised outputs with their weights (walking the splits in order).
+#define PA_MAX_SPLITS 128
+#define PA_MERGE_THREADS 256
+extern "C" __global__ void __launch_bounds__(PA_MERGE_THREADS)
+    paged_attention_merge(const float* __restrict__ part, float* __restrict__ out, int splits, int d) {
+    __shared__ float wsh[PA_MAX_SPLITS], red[PA_MERGE_THREADS / 32];
     size_t bh = blockIdx.x;
     const float* p = part + bh * splits * (d + 2);
-    float mx = -INFINITY;
-    for (int s = 0; s < splits; s++) mx = fmaxf(mx, p[s * (d + 2) + d]);
-    float den = 0.f;
-    for (int s = 0; s < splits; s++) {
-        float ms = p[s * (d + 2) + d];
-        if (ms != -INFINITY) den += expf(ms - mx) * p[s * (d + 2) + d + 1];
-    }
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    float ms = tid < splits ? p[tid * (d + 2) + d] : -INFINITY;
+    float mx = ms;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    if (lane == 0) red[warp] = mx;
+    __syncthreads();
+    mx = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < PA_MERGE_THREADS / 32; i++) mx = fmaxf(mx, red[i]);
+    __syncthreads();
+    float w = tid < splits && ms != -INFINITY ? expf(ms - mx) : 0.f;
+    if (tid < splits) wsh[tid] = w;
+    float den = tid < splits && w != 0.f ? w * p[tid * (d + 2) + d + 1] : 0.f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
+    if (lane == 0) red[warp] = den;
+    __syncthreads();
+    den = 0.f;
+#pragma unroll
+    for (int i = 0; i < PA_MERGE_THREADS / 32; i++) den += red[i];
+    for (int i = tid; i < d; i += PA_MERGE_THREADS) {
         float num = 0.f;
-        for (int s = 0; s < splits; s++) {
-            float ms = p[s * (d + 2) + d];
-            if (ms != -INFINITY) num += expf(ms - mx) * p[s * (d + 2) + i];
-        }
+#pragma unroll 8
+        for (int s = 0; s < splits; s++) num += wsh[s] * p[s * (d + 2) + i];
         out[bh * d + i] = num / den;
     }
 }
@@ -297,4 +315,153 @@ extern "C" __global__ void gdn_step_slots(const float* __restrict__ q, const flo
     red[r][lane] = o;
     __syncthreads();
     if (r == 0 && on) out[th * dv + j] = red[0][lane] + red[1][lane] + red[2][lane] + red[3][lane];
+}
+
+// The GDN decode step fused after the conv: gates, l2norm of q and k, the delta rule and the
+// gated RMSNorm, for one (value head, sequence) per block. `mixed` is the conv output [B,
+// 2·Hk·dk + Hv·dv] (q | k | v), b and a [B, Hv] the gate projections, z [B, Hv·dv]; out [B, Hv·dv]
+// is the normed, gated output out_proj reads. The same arithmetic as gdn_gates_f32,
+// gdn_step_slots and rms_norm_gated_f32 in a row, minus the launches and copies between them.
+// GDN_FUSED_THREADS = 4 column groups of 32 × 4 row groups (dk, dv ≤ 128, dk % 4 == 0): thread
+// (cg, r, lane) owns column 32·cg + lane for rows r·dk/4 … in registers, as in gdn_step_slots.
+#define GDN_FUSED_THREADS 512
+extern "C" __global__ void __launch_bounds__(GDN_FUSED_THREADS)
+    gdn_decode_fused(const float* __restrict__ mixed, const float* __restrict__ b_proj,
+                     const float* __restrict__ a_proj, const float* __restrict__ a_log,
+                     const float* __restrict__ dt_bias, const float* __restrict__ z, const float* __restrict__ norm_w,
+                     float* __restrict__ pool, const uint32_t* __restrict__ slots, float* __restrict__ out, int hk,
+                     int hv, int dk, int dv, float eps) {
+    __shared__ float ks[GDN_STEP_MAX_DK], qs[GDN_STEP_MAX_DK], os[128], red[4][4][32], part[2][4], nsum[4];
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, cg = warp >> 2, r = warp & 3;
+    int h = blockIdx.x, b = blockIdx.y, j = cg * 32 + lane;
+    int kh = h / (hv / hk);
+    const size_t row = (size_t)2 * hk * dk + (size_t)hv * dv;
+    const float* qt = mixed + (size_t)b * row + (size_t)kh * dk;
+    const float* kt = qt + (size_t)hk * dk;
+    const float* vt = mixed + (size_t)b * row + (size_t)2 * hk * dk + (size_t)h * dv;
+    // l2norm of q and k (the first 4 warps, as gdn_step_slots does).
+    if (warp < 4) {
+        float ssk = 0.f, ssq = 0.f;
+        for (int i = tid; i < dk; i += 128) {
+            ssk += kt[i] * kt[i];
+            ssq += qt[i] * qt[i];
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            ssk += __shfl_xor_sync(0xffffffffu, ssk, o);
+            ssq += __shfl_xor_sync(0xffffffffu, ssq, o);
+        }
+        if (lane == 0) part[0][warp] = ssk, part[1][warp] = ssq;
+    }
+    __syncthreads();
+    float rk = 1.f / sqrtf(part[0][0] + part[0][1] + part[0][2] + part[0][3] + 1e-6f);
+    float rq = 1.f / sqrtf(part[1][0] + part[1][1] + part[1][2] + part[1][3] + 1e-6f);
+    for (int i = tid; i < dk; i += GDN_FUSED_THREADS) {
+        ks[i] = kt[i] * rk;
+        qs[i] = qt[i] * rq / sqrtf((float)dk);
+    }
+    // Gates (gdn_gates_f32): beta = sigmoid(b), g = -exp(A_log) · softplus(a + dt_bias).
+    size_t th = (size_t)b * hv + h;
+    float x = a_proj[th] + dt_bias[h];
+    float sp = x > 20.f ? x : log1pf(expf(x));
+    float bt = 1.f / (1.f + expf(-b_proj[th]));
+    float decay = expf(-expf(a_log[h]) * sp);
+    __syncthreads();
+    bool on = j < dv;
+    float* st = pool + ((size_t)slots[b] * hv + h) * dk * dv;
+    int rows = dk / 4, i0 = r * rows;
+    float s[GDN_STEP_MAX_DK / 4];
+#pragma unroll
+    for (int i = 0; i < GDN_STEP_MAX_DK / 4; i++) {
+        float v = 0.f;
+        if (on && i < rows) v = st[(size_t)(i0 + i) * dv + j];
+        s[i] = v;
+    }
+    float kv = 0.f;
+#pragma unroll
+    for (int i = 0; i < GDN_STEP_MAX_DK / 4; i++)
+        if (i < rows) {
+            s[i] *= decay;
+            kv += s[i] * ks[i0 + i];
+        }
+    red[cg][r][lane] = kv;
+    __syncthreads();
+    kv = red[cg][0][lane] + red[cg][1][lane] + red[cg][2][lane] + red[cg][3][lane];
+    float delta = on ? (vt[j] - kv) * bt : 0.f;
+    float o = 0.f;
+#pragma unroll
+    for (int i = 0; i < GDN_STEP_MAX_DK / 4; i++)
+        if (i < rows) {
+            s[i] += ks[i0 + i] * delta;
+            o += s[i] * qs[i0 + i];
+            if (on) st[(size_t)(i0 + i) * dv + j] = s[i];
+        }
+    __syncthreads();
+    red[cg][r][lane] = o;
+    __syncthreads();
+    if (r == 0 && on) os[j] = red[cg][0][lane] + red[cg][1][lane] + red[cg][2][lane] + red[cg][3][lane];
+    __syncthreads();
+    // Gated RMSNorm over the head's dv outputs (rms_norm_gated_f32), the first 4 warps.
+    if (warp < 4) {
+        float ss = 0.f;
+        for (int i = tid; i < dv; i += 128) ss += os[i] * os[i];
+#pragma unroll
+        for (int o2 = 16; o2 > 0; o2 >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o2);
+        if (lane == 0) nsum[warp] = ss;
+    }
+    __syncthreads();
+    float rn = rsqrtf((nsum[0] + nsum[1] + nsum[2] + nsum[3]) / dv + eps);
+    for (int i = tid; i < dv; i += GDN_FUSED_THREADS) {
+        float g = z[th * dv + i];
+        out[th * dv + i] = norm_w[i] * (os[i] * rn) * (g / (1.f + expf(-g)));
+    }
+}
+
+// Attention decode prologue fused: per head of one token (grid (Hq + Hkv, B), one thread per
+// dim, D ≤ 512): the (1+w) RMSNorm of q or k, partial rotate-half RoPE at pos[b] (the first
+// 2·half dims), then q to q_out [B, Hq, D] and the gate half of qg to gate [B, Hq·D], or k and v
+// into their paged pools. qg is q_proj's output [B, Hq, 2D] (per head [query | gate]).
+extern "C" __global__ void attn_decode_prep(const float* __restrict__ qg, const float* __restrict__ k,
+                                            const float* __restrict__ v, const float* __restrict__ q_norm,
+                                            const float* __restrict__ k_norm, const float* __restrict__ inv_freq,
+                                            const uint32_t* __restrict__ pos, const uint32_t* __restrict__ table,
+                                            float* __restrict__ q_out, float* __restrict__ gate,
+                                            float* __restrict__ kp, float* __restrict__ vp, int hq, int hkv, int d,
+                                            int half, int max_blocks, int block_size, float eps) {
+    __shared__ float y[512], sums[16];
+    int h = blockIdx.x, b = blockIdx.y, i = threadIdx.x, lane = i & 31, warp = i >> 5;
+    bool is_q = h < hq;
+    int kvh = h - hq;
+    const float* x = is_q ? qg + ((size_t)b * hq + h) * 2 * d : k + ((size_t)b * hkv + kvh) * d;
+    const float* w = is_q ? q_norm : k_norm;
+    float xi = i < d ? x[i] : 0.f;
+    float ss = xi * xi;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (lane == 0) sums[warp] = ss;
+    __syncthreads();
+    float tot = 0.f;
+    for (int wi = 0; wi < (int)(blockDim.x + 31) / 32; wi++) tot += sums[wi];
+    float rn = rsqrtf(tot / d + eps);
+    if (i < d) y[i] = xi * rn * (1.f + w[i]);
+    __syncthreads();
+    float outv = i < d ? y[i] : 0.f;
+    uint32_t p = pos[b];
+    if (i < 2 * half) {
+        int jj = i < half ? i : i - half;
+        float ang = (float)p * inv_freq[jj];
+        float c = cosf(ang), sn = sinf(ang);
+        float x1 = y[jj], x2 = y[jj + half];
+        outv = i < half ? x1 * c + (-x2 * sn) : x2 * c + x1 * sn;
+    }
+    if (i >= d) return;
+    if (is_q) {
+        size_t at = ((size_t)b * hq + h) * d + i;
+        q_out[at] = outv;
+        gate[at] = x[d + i];
+    } else {
+        size_t dst = ((size_t)table[(size_t)b * max_blocks + p / block_size] * block_size + p % block_size) * hkv;
+        kp[(dst + kvh) * d + i] = outv;
+        vp[(dst + kvh) * d + i] = v[((size_t)b * hkv + kvh) * d + i];
+    }
 }

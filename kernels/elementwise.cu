@@ -1,6 +1,7 @@
 // Element-wise and gather ops of the Qwen3.5 layer (f32 activations). Flat kernels use one
 // thread per element with a grid-stride loop; row kernels one block per row.
 #include <stdint.h>
+#include "rowscale.cuh"
 
 #define FOR_EACH(i, n) \
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (size_t)(n); i += (size_t)gridDim.x * blockDim.x)
@@ -18,6 +19,48 @@ extern "C" __global__ void silu_mul_f32(const float* __restrict__ gate, const fl
 extern "C" __global__ void sigmoid_gate_f32(const float* __restrict__ x, const float* __restrict__ gate,
                                             float* __restrict__ out, size_t n) {
     FOR_EACH(i, n) out[i] = x[i] * sigmoid(gate[i]);
+}
+
+// The same two a row per block (d % 32 == 0, d/4 ≤ ROWS_HELD · blockDim.x), the output also in
+// the tensor-core GEMV's format (rowscale.cuh): SwiGLU's result is down_proj's input and the
+// gated attention output o_proj's, converted here instead of by a launch of their own.
+#define ROWS_HELD 4
+template <bool SILU_MUL>
+__device__ __forceinline__ void binary_row_f16(const float* __restrict__ a, const float* __restrict__ b,
+                                               float* __restrict__ out, uint16_t* __restrict__ oh,
+                                               float* __restrict__ inv, int d) {
+    __shared__ float shared_max[32];
+    size_t row = blockIdx.x;
+    const int n4 = d / 4;
+    const float4* a4 = reinterpret_cast<const float4*>(a + row * d);
+    const float4* b4 = reinterpret_cast<const float4*>(b + row * d);
+    float4 v[ROWS_HELD];
+    float m = 0.f;
+#pragma unroll
+    for (int j = 0; j < ROWS_HELD; j++) {
+        int i = threadIdx.x + j * blockDim.x;
+        v[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (i < n4) {
+            float4 x = a4[i], y = b4[i];
+            v[j] = SILU_MUL ? make_float4(silu(x.x) * y.x, silu(x.y) * y.y, silu(x.z) * y.z, silu(x.w) * y.w)
+                            : make_float4(x.x * sigmoid(y.x), x.y * sigmoid(y.y), x.z * sigmoid(y.z), x.w * sigmoid(y.w));
+            reinterpret_cast<float4*>(out + row * d)[i] = v[j];
+            m = fmaxf(m, absmax4(v[j]));
+        }
+    }
+    store_rowscaled<ROWS_HELD>(v, n4, block_max(m, shared_max), oh + row * d, inv + row);
+}
+
+extern "C" __global__ void silu_mul_f16(const float* __restrict__ gate, const float* __restrict__ up,
+                                        float* __restrict__ out, uint16_t* __restrict__ oh, float* __restrict__ inv,
+                                        int d) {
+    binary_row_f16<true>(gate, up, out, oh, inv, d);
+}
+
+extern "C" __global__ void sigmoid_gate_f16(const float* __restrict__ x, const float* __restrict__ gate,
+                                            float* __restrict__ out, uint16_t* __restrict__ oh,
+                                            float* __restrict__ inv, int d) {
+    binary_row_f16<false>(x, gate, out, oh, inv, d);
 }
 
 extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ out,
@@ -84,20 +127,27 @@ extern "C" __global__ void rope_f32(float* __restrict__ x, const float* __restri
 #define MAX_CONV_K 8
 
 // Causal depthwise conv + SiLU over x [T, C], continuing from state [K-1, C] (the last K-1
-// pre-conv inputs), which is updated. w [C, K], tap K-1 multiplies the current token. One thread
-// per channel walks the tokens with its window in registers (K <= MAX_CONV_K, checked by the host).
+// pre-conv inputs), which is updated. w [C, K], tap K-1 multiplies the current token. Grid
+// (C / blockDim, T / CONV_T): thread (c, tile) walks tokens [CONV_T·tile, +CONV_T) of channel c
+// with its window in registers (K <= MAX_CONV_K, checked by the host), the window's first K-1
+// inputs read from x or, before token 0, from the state. Tile 0 alone reads the old state and
+// writes the new one (the last K-1 inputs), so no tile reads a state another has overwritten.
+#define CONV_T 64
 extern "C" __global__ void causal_conv1d_silu_f32(const float* __restrict__ x, float* __restrict__ state,
                                                   const float* __restrict__ w, float* __restrict__ y, int t_len,
                                                   int c_len, int k) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= c_len) return;
-    float win[MAX_CONV_K], wc[MAX_CONV_K];
+    const int t0 = blockIdx.y * CONV_T, t1 = min(t_len, t0 + CONV_T);
+    float win[MAX_CONV_K], wc[MAX_CONV_K], old[MAX_CONV_K];
 #pragma unroll
     for (int j = 0; j < MAX_CONV_K; j++) {
-        win[j] = j < k - 1 ? state[(size_t)j * c_len + c] : 0.f;
+        int t = t0 - (k - 1) + j;  // the input window slot j holds before token t0
+        old[j] = blockIdx.y == 0 && j < k - 1 ? state[(size_t)j * c_len + c] : 0.f;
+        win[j] = j < k - 1 ? (t >= 0 ? x[(size_t)t * c_len + c] : old[j]) : 0.f;
         wc[j] = j < k ? w[(size_t)c * k + j] : 0.f;
     }
-    for (int t = 0; t < t_len; t++) {
+    for (int t = t0; t < t1; t++) {
         float acc = 0.f;
 #pragma unroll
         for (int j = 0; j < MAX_CONV_K; j++) {
@@ -108,7 +158,10 @@ extern "C" __global__ void causal_conv1d_silu_f32(const float* __restrict__ x, f
 #pragma unroll
         for (int j = 0; j + 1 < MAX_CONV_K; j++) win[j] = win[j + 1];
     }
+    if (blockIdx.y != 0) return;
 #pragma unroll
-    for (int j = 0; j < MAX_CONV_K; j++)
-        if (j < k - 1) state[(size_t)j * c_len + c] = win[j];
+    for (int j = 0; j < MAX_CONV_K; j++) {
+        int t = t_len - (k - 1) + j;  // input t, or old state slot t + K-1 before token 0
+        if (j < k - 1) state[(size_t)j * c_len + c] = t >= 0 ? x[(size_t)t * c_len + c] : old[t + k - 1];
+    }
 }

@@ -160,15 +160,28 @@ extern "C" __global__ void __launch_bounds__(PREP_THREADS)
 // One block of STATE_WARPS warps per (value head, 32 state columns); lane = column j. The state
 // slice S[dk][32] stays in shared memory across the chunks, walked in order:
 //   v_new = nv − kcd·S;  o = (q̂·e^Γ)·S + QK·v_new;  S = S·e^{Γ_last} + (k̂·e^{Γ_last−Γ})ᵀ·v_new
-// Each warp takes STATE_ROWS chunk rows for v_new and o, then state rows for the update.
+// Each warp takes STATE_ROWS chunk rows for v_new and o, then state rows for the update. The
+// chunk's kcd, q̂ (with QK) and k̂ tiles are staged in shared memory one at a time by all threads
+// (every load in flight at once) before the loops that read them: read in place, each loop
+// iteration waited on an L2 round trip. Shared memory (floats): S dk·32, vn C·32, kd C, the tile
+// C·dk, QK C·C: 72 KiB for the 9B's dk = 128, within SM12x's 99 KiB.
+__device__ __forceinline__ void stage(float* __restrict__ dst, const float* __restrict__ src, int n) {
+    const float4* s4 = reinterpret_cast<const float4*>(src);
+    float4* d4 = reinterpret_cast<float4*>(dst);
+    for (int i = threadIdx.x; i < n / 4; i += blockDim.x) d4[i] = s4[i];
+}
+
 extern "C" __global__ void __launch_bounds__(STATE_WARPS * 32)
     gdn_chunk_state(const float* __restrict__ kn, const float* __restrict__ qn, const float* __restrict__ gam,
                     const float* __restrict__ qk, const float* __restrict__ nv, const float* __restrict__ kcd,
                     float* __restrict__ state, float* __restrict__ out, int t_len, int hv, int dk, int dv) {
-    extern __shared__ float sm[];
-    float* S = sm;                        // [dk][32]
+    extern __shared__ float4 sm4[];
+    float* sm = reinterpret_cast<float*>(sm4);
+    float* S = sm;                                                   // [dk][32]
     float(*vn)[32] = reinterpret_cast<float(*)[32]>(sm + dk * 32);  // [GDN_C][32]
-    float* kd = sm + dk * 32 + GDN_C * 32;  // [GDN_C] e^{Γ_last − Γ_l}
+    float* kd = sm + dk * 32 + GDN_C * 32;                           // [GDN_C] e^{Γ_last − Γ_l}
+    float* tile = kd + GDN_C;                                        // [GDN_C][dk]: kcd, q̂, then k̂
+    float* qks = tile + GDN_C * dk;                                  // [GDN_C][GDN_C]
     const int h = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int j = blockIdx.y * 32 + lane;
     const bool on = j < dv;
@@ -182,43 +195,52 @@ extern "C" __global__ void __launch_bounds__(STATE_WARPS * 32)
         const int n = min(GDN_C, t_len - c * GDN_C), r0 = warp * STATE_ROWS;
         const float last = gam_c[GDN_C - 1];
         if (threadIdx.x < GDN_C) kd[threadIdx.x] = expf(last - gam_c[threadIdx.x]);
-        __syncthreads();  // S (first chunk) and kd ready
+        stage(tile, kcd_c, GDN_C * dk);
+        __syncthreads();  // S (first chunk), kd and kcd ready
         float acc[STATE_ROWS];
 #pragma unroll
         for (int r = 0; r < STATE_ROWS; r++) acc[r] = (on && r0 + r < n) ? nv_c[(r0 + r) * dv + j] : 0.f;
+#pragma unroll 4
         for (int a = 0; a < dk; a++) {
             const float s = S[a * 32 + lane];
 #pragma unroll
-            for (int r = 0; r < STATE_ROWS; r++) acc[r] -= kcd_c[(r0 + r) * dk + a] * s;
+            for (int r = 0; r < STATE_ROWS; r++) acc[r] -= tile[(r0 + r) * dk + a] * s;
         }
 #pragma unroll
         for (int r = 0; r < STATE_ROWS; r++) vn[r0 + r][lane] = acc[r];
+        __syncthreads();  // vn complete, every warp done with kcd
+        stage(tile, qn_c, GDN_C * dk);
+        stage(qks, qk_c, GDN_C * GDN_C);
         __syncthreads();
         float eg[STATE_ROWS];
 #pragma unroll
         for (int r = 0; r < STATE_ROWS; r++) acc[r] = 0.f, eg[r] = expf(gam_c[r0 + r]);
+#pragma unroll 4
         for (int a = 0; a < dk; a++) {
             const float s = S[a * 32 + lane];
 #pragma unroll
-            for (int r = 0; r < STATE_ROWS; r++) acc[r] += (qn_c[(r0 + r) * dk + a] * eg[r]) * s;
+            for (int r = 0; r < STATE_ROWS; r++) acc[r] += (tile[(r0 + r) * dk + a] * eg[r]) * s;
         }
 #pragma unroll
         for (int r = 0; r < STATE_ROWS; r++) {
             const int i = r0 + r;
-            for (int l = 0; l <= i; l++) acc[r] += qk_c[i * GDN_C + l] * vn[l][lane];
+            for (int l = 0; l <= i; l++) acc[r] += qks[i * GDN_C + l] * vn[l][lane];
             if (on && i < n) out[((size_t)(c * GDN_C + i) * hv + h) * dv + j] = acc[r];
         }
-        __syncthreads();  // every warp has read S
+        __syncthreads();  // every warp has read S and the q̂ tile
+        stage(tile, kn_c, GDN_C * dk);
+        __syncthreads();
         const float chunk_decay = expf(last);
         for (int a0 = warp * STATE_AROWS; a0 < dk; a0 += STATE_WARPS * STATE_AROWS) {
             float s[STATE_AROWS];
 #pragma unroll
             for (int r = 0; r < STATE_AROWS; r++) s[r] = a0 + r < dk ? S[(a0 + r) * 32 + lane] * chunk_decay : 0.f;
+#pragma unroll 4
             for (int l = 0; l < n; l++) {
                 const float vv = vn[l][lane], w = kd[l];
 #pragma unroll
                 for (int r = 0; r < STATE_AROWS; r++)
-                    if (a0 + r < dk) s[r] += (kn_c[l * dk + a0 + r] * w) * vv;
+                    if (a0 + r < dk) s[r] += (tile[l * dk + a0 + r] * w) * vv;
             }
 #pragma unroll
             for (int r = 0; r < STATE_AROWS; r++)

@@ -122,7 +122,7 @@ extern "C" __global__ void __launch_bounds__(ROWBLOCK_THREADS)
 // MMA's k {2q, 2q+1} and {2q+8, 2q+9}, with the activation words 2s and 2s+1; A and B share that
 // mapping, so the sum over k is unchanged. Step s lies in scale block 2q + s/4. The warps'
 // partial sums meet in shared memory and are added in warp order.
-#include <cuda_fp16.h>
+#include "rowscale.cuh"
 
 #define MMA_WARPS 8
 #define MMA_DEPTH 2
@@ -175,6 +175,7 @@ struct GemvGroup {
     const uint8_t* w[GROUP_MAX];
     const uint8_t* s[GROUP_MAX];
     float* y[GROUP_MAX];
+    const float* r[GROUP_MAX];  // a residual [t, n_i] added to the output, or null
     float scale_2[GROUP_MAX];
     int n[GROUP_MAX];
     int tiles_end[GROUP_MAX];  // cumulative tile counts
@@ -341,6 +342,7 @@ __device__ __forceinline__ void nvfp4_mma_gemv(const GemvGroup& grp, const uint1
     }
     __syncthreads();
     float* y = grp.y[gi];
+    const float* res = grp.r[gi];
     // The decode's 2^-7 (e2m1 · 2^-14 times scale · 2^7) and the activation's 2^e_t.
     const float alpha = grp.scale_2[gi] * 128.f;
     for (int i = tid; i < 16 * COLS; i += blockDim.x) {
@@ -349,7 +351,11 @@ __device__ __forceinline__ void nvfp4_mma_gemv(const GemvGroup& grp, const uint1
 #pragma unroll
         for (int wi = 0; wi < W; wi++) acc += red[wi][row][tok];
         int gr = tile * 16 + row;
-        if (gr < n && tok < t) y[(size_t)tok * n + gr] = acc * alpha * xinv[tok];
+        if (gr < n && tok < t) {
+            size_t at = (size_t)tok * n + gr;
+            float v = acc * alpha * xinv[tok];
+            y[at] = res ? v + res[at] : v;
+        }
     }
 }
 
@@ -379,10 +385,6 @@ GEMV_ENTRY(gemv_sweep_w2d4t, 1, 2, 4, false, true, 8)
 // up to ROWSCALE_HELD groups of 8 in registers (K ≤ 32768 is read once), beyond that re-reads.
 #define ROWSCALE_THREADS 1024
 #define ROWSCALE_HELD 4
-__device__ __forceinline__ uint32_t f16x2_of(float lo, float hi) {
-    return (uint32_t)__half_as_ushort(__float2half_rn(lo)) | ((uint32_t)__half_as_ushort(__float2half_rn(hi)) << 16);
-}
-
 extern "C" __global__ void __launch_bounds__(ROWSCALE_THREADS) f16_rowscaled(const float* __restrict__ x,
                                                                                uint16_t* __restrict__ out,
                                                                                float* __restrict__ inv, int k) {
@@ -415,7 +417,7 @@ extern "C" __global__ void __launch_bounds__(ROWSCALE_THREADS) f16_rowscaled(con
     m = 0.f;
 #pragma unroll
     for (int i = 0; i < ROWSCALE_THREADS / 32; i++) m = fmaxf(m, part[i]);
-    int e = m > 0.f ? min(14 - ilogbf(m), 100) : 0;
+    int e = rowscale_exponent(m);
     float s = ldexpf(1.f, e);
     if (threadIdx.x == 0) inv[blockIdx.x] = ldexpf(1.f, -e);
     uint4* o = reinterpret_cast<uint4*>(out + (size_t)blockIdx.x * k);

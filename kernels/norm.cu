@@ -2,6 +2,7 @@
 // Qwen3.5's zero-centred (1+w) norms. `add_rms_norm` first adds the residual branch
 // (h_out = h + delta), the fusion of every decoder layer's middle. One block per row.
 #include <stdint.h>
+#include "rowscale.cuh"
 
 __device__ __forceinline__ float block_sum(float v, float* shared) {
 #pragma unroll
@@ -31,12 +32,14 @@ __device__ __forceinline__ void norm_row(const float* x, const float* w, float* 
 // Rows with d % 4 == 0 (every norm of the model): blockDim.x threads (d/4 rounded up to a warp,
 // at most 1024) hold up to NORM_HELD float4 each in registers, so the row is read once with all
 // loads in flight (a one-row decode norm is latency-bound, not bandwidth-bound). With ADD the
-// residual branch is added first (h_out = h + delta).
+// residual branch is added first (h_out = h + delta). With F16 the output is also written in
+// the tensor-core GEMV's format (rowscale.cuh) to yh / inv: the next linear's input, converted
+// here instead of by a launch of its own.
 #define NORM_HELD 4
-template <bool ADD>
+template <bool ADD, bool F16>
 __device__ __forceinline__ void norm_row_v4(const float* h, const float* delta, float* h_out, const float* w, float* y,
-                                            int d, float eps, float offset) {
-    __shared__ float shared[32];
+                                            int d, float eps, float offset, uint16_t* yh, float* inv) {
+    __shared__ float shared[32], shared_max[32];
     const int n4 = d / 4;
     float4 v[NORM_HELD];
     float ss = 0.f;
@@ -55,21 +58,25 @@ __device__ __forceinline__ void norm_row_v4(const float* h, const float* delta, 
         ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
     }
     float r = rsqrtf(block_sum(ss, shared) / d + eps);
+    float m = 0.f;
 #pragma unroll
     for (int j = 0; j < NORM_HELD; j++) {
         int i = threadIdx.x + j * blockDim.x;
         if (i < n4) {
             float4 g = reinterpret_cast<const float4*>(w)[i];
-            reinterpret_cast<float4*>(y)[i] = make_float4(v[j].x * r * (offset + g.x), v[j].y * r * (offset + g.y),
-                                                          v[j].z * r * (offset + g.z), v[j].w * r * (offset + g.w));
+            v[j] = make_float4(v[j].x * r * (offset + g.x), v[j].y * r * (offset + g.y), v[j].z * r * (offset + g.z),
+                               v[j].w * r * (offset + g.w));
+            reinterpret_cast<float4*>(y)[i] = v[j];
+            m = fmaxf(m, absmax4(v[j]));
         }
     }
+    if (F16) store_rowscaled<NORM_HELD>(v, n4, block_max(m, shared_max), yh, inv);
 }
 
 extern "C" __global__ void rms_norm_v4(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
                                        int d, float eps, float offset) {
     size_t row = blockIdx.x;
-    norm_row_v4<false>(x + row * d, nullptr, nullptr, w, y + row * d, d, eps, offset);
+    norm_row_v4<false, false>(x + row * d, nullptr, nullptr, w, y + row * d, d, eps, offset, nullptr, nullptr);
 }
 
 // h_out = h + delta, y = rms_norm(h_out): the residual add fused with the next norm.
@@ -77,7 +84,25 @@ extern "C" __global__ void add_rms_norm_v4(const float* __restrict__ h, const fl
                                            float* __restrict__ h_out, const float* __restrict__ w,
                                            float* __restrict__ y, int d, float eps, float offset) {
     size_t row = blockIdx.x;
-    norm_row_v4<true>(h + row * d, delta + row * d, h_out + row * d, w, y + row * d, d, eps, offset);
+    norm_row_v4<true, false>(h + row * d, delta + row * d, h_out + row * d, w, y + row * d, d, eps, offset, nullptr,
+                             nullptr);
+}
+
+// The same two with the GEMV copy of y (d % 32 == 0): yh [rows, d], inv [rows].
+extern "C" __global__ void rms_norm_v4_f16(const float* __restrict__ x, const float* __restrict__ w,
+                                           float* __restrict__ y, uint16_t* __restrict__ yh, float* __restrict__ inv,
+                                           int d, float eps, float offset) {
+    size_t row = blockIdx.x;
+    norm_row_v4<false, true>(x + row * d, nullptr, nullptr, w, y + row * d, d, eps, offset, yh + row * d, inv + row);
+}
+
+extern "C" __global__ void add_rms_norm_v4_f16(const float* __restrict__ h, const float* __restrict__ delta,
+                                               float* __restrict__ h_out, const float* __restrict__ w,
+                                               float* __restrict__ y, uint16_t* __restrict__ yh,
+                                               float* __restrict__ inv, int d, float eps, float offset) {
+    size_t row = blockIdx.x;
+    norm_row_v4<true, true>(h + row * d, delta + row * d, h_out + row * d, w, y + row * d, d, eps, offset,
+                            yh + row * d, inv + row);
 }
 
 extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float* __restrict__ w,

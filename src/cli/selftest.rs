@@ -59,4 +59,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 #[cfg(feature = "cuda")]
 mod engine;
 #[cfg(feature = "cuda")]
+mod fused;
+#[cfg(feature = "cuda")]
 mod gpu;

@@ -85,8 +85,9 @@ const GEMV_SWEEP: [(&str, u32, bool); 4] = [
     ("gemv_sweep_w4d2xt", 4, true),
     ("gemv_sweep_w2d4t", 2, true),
 ];
-/// `MAX_CONV_K` of `causal_conv1d_silu_f32`.
+/// `MAX_CONV_K` and `CONV_T` (tokens per thread) of `causal_conv1d_silu_f32`.
 const MAX_CONV_K: usize = 8;
+const CONV_T: usize = 64;
 /// `ATT_THREADS`, `TILE` and `MAX_D` of `attention_f32`.
 const ATT_THREADS: u32 = 128;
 const ATT_TILE: usize = 64;
@@ -97,6 +98,12 @@ const GDN_PREP_THREADS: u32 = 256;
 const GDN_STATE_WARPS: u32 = 4;
 /// `PREP_MAX_DK` of `gdn_chunk_prep` (Qwen3.5's key heads are 128 wide).
 const GDN_PREP_MAX_DK: usize = 128;
+
+/// Dynamic shared memory of `gdn_chunk_state` for keys of `dk`: the state slice, v_new, the
+/// decays, one staged chunk tile and QK (see `kernels/gdn.cu`).
+fn gdn_state_smem(dk: usize) -> usize {
+    (dk * 32 + GDN_C * 32 + GDN_C + GDN_C * dk + GDN_C * GDN_C) * 4
+}
 /// `SAMPLE_THREADS` of the sampling kernels.
 const SAMPLE_THREADS: u32 = 1024;
 /// `W4A4_BM`, `W4A4_BN` and `W4A4_THREADS` of `nvfp4_w4a4_gemm`.
@@ -105,12 +112,22 @@ const W4A4_BN: usize = 64;
 const W4A4_THREADS: u32 = 128;
 /// `PA_MAX_G`: query heads per KV head one block of `paged_attention_split` serves.
 const PA_MAX_G: usize = 8;
-/// `PA_THREADS` and `PA_MAX_D` of `paged_attention_split`; the number of key ranges (splits) a
-/// decode query is cut into (fixed, so one graph serves every context length; a block per KV
-/// head and range, so 32 ranges keep a batch of one on 128 blocks for the 9B's 4 KV heads).
+/// `PA_THREADS` and `PA_MAX_D` of `paged_attention_split`.
 const PA_THREADS: u32 = 128;
 const PA_MAX_D: usize = 512;
-pub const ATTENTION_SPLITS: usize = 32;
+/// `PA_MAX_SPLITS` and `PA_MERGE_THREADS` of `paged_attention_merge`.
+const PA_MAX_SPLITS: usize = 128;
+const PA_MERGE_THREADS: u32 = 256;
+/// Blocks a decode attention aims for (≈ 4 per SM of an H100/H200): the key ranges per (token,
+/// KV head) are this over B · Hkv, so a batch of one still fills the GPU with enough warps to
+/// hide latency, and a large batch does not cut its keys finer than it needs.
+const PA_TARGET_BLOCKS: usize = 512;
+
+/// Key ranges (splits) per (token, KV head) of a decode attention over `b` tokens: fixed per
+/// batch size, so one captured graph serves every context length.
+pub fn attention_splits(b: usize, hkv: usize) -> usize {
+    (PA_TARGET_BLOCKS / (b * hkv).max(1)).clamp(1, PA_MAX_SPLITS)
+}
 /// `GDN_STEP_THREADS` and `GDN_STEP_MAX_DK` of `gdn_step_slots`.
 const GDN_STEP_THREADS: u32 = 128;
 const GDN_STEP_MAX_DK: usize = 128;
@@ -165,6 +182,13 @@ struct Kernels {
     attention_merge: CudaFunction,
     conv1d_step: CudaFunction,
     gdn_step: CudaFunction,
+    /// Decode-step fusions (launchers in `cuda/fused.rs`).
+    rms_norm_v4_f16: CudaFunction,
+    add_rms_norm_v4_f16: CudaFunction,
+    silu_mul_f16: CudaFunction,
+    sigmoid_gate_f16: CudaFunction,
+    gdn_decode_fused: CudaFunction,
+    attn_decode_prep: CudaFunction,
 }
 
 impl Kernels {
@@ -173,6 +197,12 @@ impl Kernels {
         let (gemv, dequant, norm, elem) = (m(GEMV)?, m(DEQUANT)?, m(NORM)?, m(ELEMENTWISE)?);
         let (gdn, attention, sampling, synthetic) = (m(GDN)?, m(ATTENTION)?, m(SAMPLING)?, m(SYNTHETIC)?);
         let (w4a4, decode) = (m(W4A4)?, m(DECODE)?);
+        let gdn_chunk_state = gdn.load_function("gdn_chunk_state")?;
+        // Beyond the default 48 KiB of dynamic shared memory (within SM12x's 99 KiB).
+        gdn_chunk_state.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            gdn_state_smem(GDN_PREP_MAX_DK) as i32,
+        )?;
         Ok(Kernels {
             nvfp4_gemv: gemv.load_function("nvfp4_gemv_f32")?,
             nvfp4_mma: [
@@ -210,7 +240,7 @@ impl Kernels {
             conv1d: elem.load_function("causal_conv1d_silu_f32")?,
             gdn_recurrent: gdn.load_function("gdn_recurrent_f32")?,
             gdn_chunk_prep: gdn.load_function("gdn_chunk_prep")?,
-            gdn_chunk_state: gdn.load_function("gdn_chunk_state")?,
+            gdn_chunk_state,
             attention: attention.load_function("attention_f32")?,
             argmax: sampling.load_function("argmax_f32")?,
             sample: sampling.load_function("sample_f32")?,
@@ -229,6 +259,12 @@ impl Kernels {
             attention_merge: decode.load_function("paged_attention_merge")?,
             conv1d_step: decode.load_function("conv1d_step_slots")?,
             gdn_step: decode.load_function("gdn_step_slots")?,
+            rms_norm_v4_f16: norm.load_function("rms_norm_v4_f16")?,
+            add_rms_norm_v4_f16: norm.load_function("add_rms_norm_v4_f16")?,
+            silu_mul_f16: elem.load_function("silu_mul_f16")?,
+            sigmoid_gate_f16: elem.load_function("sigmoid_gate_f16")?,
+            gdn_decode_fused: decode.load_function("gdn_decode_fused")?,
+            attn_decode_prep: decode.load_function("attn_decode_prep")?,
         })
     }
 }
@@ -336,6 +372,7 @@ struct GemvGroup {
     w: [u64; MMA_GROUP_MAX],
     s: [u64; MMA_GROUP_MAX],
     y: [u64; MMA_GROUP_MAX],
+    r: [u64; MMA_GROUP_MAX],
     scale_2: [f32; MMA_GROUP_MAX],
     n: [i32; MMA_GROUP_MAX],
     tiles_end: [i32; MMA_GROUP_MAX],
@@ -352,6 +389,24 @@ pub struct MmaActivations {
     inv: CudaSlice<f32>,
     t: usize,
     k: usize,
+}
+
+impl MmaActivations {
+    /// Tokens (rows).
+    pub fn rows(&self) -> usize {
+        self.t
+    }
+
+    /// Values per token.
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+}
+
+impl std::fmt::Debug for MmaActivations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MmaActivations[{}, {}]", self.t, self.k)
+    }
 }
 
 /// Activation quantization a layer applies before its GEMM (`--w4a4`; the default for NVFP4
@@ -610,8 +665,24 @@ impl Gpu {
     /// `y_i [t, n_i] = x · W_iᵀ` for weights of one input, up to [`MMA_GROUP_MAX`] per launch
     /// (the kernel's grid runs over the 16-row tiles of all of them).
     pub fn nvfp4_mma_gemv_group(&self, a: &MmaActivations, ws: &[&GpuNvfp4]) -> Result<Vec<CudaSlice<f32>>> {
-        let nt = a.t.div_ceil(8).next_power_of_two();
-        self.gemv_group_on(&self.k.nvfp4_mma[nt.trailing_zeros() as usize], MMA_WARPS, a, ws)
+        self.gemv_group_res_on(self.mma_kernel(a.t), MMA_WARPS, a, ws, &vec![None; ws.len()])
+    }
+
+    /// `residual + x · Wᵀ` on the tensor-core GEMV, the add in its epilogue (a decoder layer's
+    /// `h + down_proj(·)`): the same floats as the GEMV then [`Gpu::binary`]'s add.
+    pub fn nvfp4_mma_gemv_add(
+        &self,
+        a: &MmaActivations,
+        q: &GpuNvfp4,
+        residual: &CudaSlice<f32>,
+    ) -> Result<CudaSlice<f32>> {
+        let mut ys = self.gemv_group_res_on(self.mma_kernel(a.t), MMA_WARPS, a, &[q], &[Some(residual)])?;
+        Ok(ys.pop().expect("one output per weight"))
+    }
+
+    /// The `nvfp4_mma_gemv_nt*` kernel for `t` tokens.
+    fn mma_kernel(&self, t: usize) -> &CudaFunction {
+        &self.k.nvfp4_mma[t.div_ceil(8).next_power_of_two().trailing_zeros() as usize]
     }
 
     /// Names of the GEMV geometry-sweep kernels (one n-tile: up to 8 tokens).
@@ -658,9 +729,23 @@ impl Gpu {
         a: &MmaActivations,
         ws: &[&GpuNvfp4],
     ) -> Result<Vec<CudaSlice<f32>>> {
+        let none = vec![None; ws.len()];
+        self.gemv_group_res_on(f, warps, a, ws, &none)
+    }
+
+    /// [`Gpu::gemv_group_on`] with `residuals[i]` (`[t, n_i]`) added to output i where given.
+    fn gemv_group_res_on(
+        &self,
+        f: &CudaFunction,
+        warps: u32,
+        a: &MmaActivations,
+        ws: &[&GpuNvfp4],
+        residuals: &[Option<&CudaSlice<f32>>],
+    ) -> Result<Vec<CudaSlice<f32>>> {
         let (k, t) = (a.k, a.t);
+        assert_eq!(residuals.len(), ws.len(), "nvfp4_mma_gemv: one residual slot per weight");
         let mut ys = Vec::with_capacity(ws.len());
-        for group in ws.chunks(MMA_GROUP_MAX) {
+        for (group, res) in ws.chunks(MMA_GROUP_MAX).zip(residuals.chunks(MMA_GROUP_MAX)) {
             let mut args = GemvGroup::default();
             let mut outs: Vec<CudaSlice<f32>> = Vec::with_capacity(group.len());
             for q in group {
@@ -668,12 +753,19 @@ impl Gpu {
                 outs.push(self.alloc::<f32>(t * q.rows)?);
             }
             let mut guards = Vec::new();
+            let mut res_guards = Vec::new();
             let mut tiles = 0;
-            for (i, (q, y)) in group.iter().zip(outs.iter_mut()).enumerate() {
+            for (i, ((q, y), r)) in group.iter().zip(outs.iter_mut()).zip(res).enumerate() {
                 let (w, gw) = q.packed.device_ptr(&self.stream);
                 let (s, gs) = q.scales.device_ptr(&self.stream);
                 let (yp, gy) = y.device_ptr_mut(&self.stream);
                 guards.push((gw, gs, gy));
+                if let Some(r) = r {
+                    assert_eq!(r.len(), t * q.rows, "nvfp4_mma_gemv: residual of {} for [{t}, {}]", r.len(), q.rows);
+                    let (rp, gr) = r.device_ptr(&self.stream);
+                    res_guards.push(gr);
+                    args.r[i] = rp;
+                }
                 tiles += q.rows.div_ceil(16) as i32;
                 (args.w[i], args.s[i], args.y[i]) = (w, s, yp);
                 (args.scale_2[i], args.n[i], args.tiles_end[i]) = (q.scale_2, q.rows as i32, tiles);
@@ -686,9 +778,10 @@ impl Gpu {
             b.arg(&args).arg(&a.xh).arg(&a.inv).arg(&ki).arg(&ti);
             // SAFETY: the arguments follow nvfp4_mma_gemv_nt*'s signature; xh and inv hold t rows of
             // k (checked when converted), each weight is [n_i, k] with k % 32 == 0 (the pointers
-            // stay valid: the weights outlive the launch), each output t·n_i floats.
+            // stay valid: the weights outlive the launch), each output and residual t·n_i floats.
             unsafe { b.launch(cfg) }?;
             drop(guards);
+            drop(res_guards);
             ys.extend(outs);
         }
         Ok(ys)
@@ -917,7 +1010,7 @@ impl Gpu {
         let mut y = self.alloc::<f32>(x.len())?;
         let (ti, ci, ki) = (t as i32, c as i32, k as i32);
         let cfg = LaunchConfig {
-            grid_dim: ((c as u32).div_ceil(ROW_THREADS), 1, 1),
+            grid_dim: ((c as u32).div_ceil(ROW_THREADS), t.div_ceil(CONV_T).max(1) as u32, 1),
             block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -943,7 +1036,7 @@ impl Gpu {
     ) -> Result<CudaSlice<f32>> {
         check_gdn_shapes([q, k, v, g, beta, state], dims, t);
         match algo {
-            GdnAlgo::Chunked if t > 0 && dims.key_dim <= GDN_PREP_MAX_DK => {
+            GdnAlgo::Chunked if t > 0 && dims.key_dim <= GDN_PREP_MAX_DK && dims.key_dim.is_multiple_of(4) => {
                 self.gdn_chunked(q, k, v, g, beta, state, dims, t)
             }
             _ => self.gdn_recurrent(q, k, v, g, beta, state, dims, t),
@@ -1029,7 +1122,7 @@ impl Gpu {
         let cfg = LaunchConfig {
             grid_dim: (hv as u32, dv.div_ceil(32) as u32, 1),
             block_dim: (GDN_STATE_WARPS * 32, 1, 1),
-            shared_mem_bytes: ((dk * 32 + GDN_C * 32 + GDN_C) * 4) as u32,
+            shared_mem_bytes: gdn_state_smem(dk) as u32,
         };
         launch!(self, gdn_chunk_state, cfg, &kn, &qn, &gam, &qk, &nv, &kcd, state, &mut out, &ti, &hvi, &dki, &dvi);
         Ok(out)
@@ -1245,7 +1338,7 @@ impl Gpu {
     }
 
     /// Decode attention of `q [B, Hq, D]` over each token's paged KV (positions `0..=pos[b]`),
-    /// split into [`ATTENTION_SPLITS`] key ranges and merged.
+    /// split into [`attention_splits`] key ranges and merged.
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention(
         &self,
@@ -1266,7 +1359,7 @@ impl Gpu {
             hq.is_multiple_of(hkv) && hq / hkv <= PA_MAX_G,
             "paged_attention: {hq} query heads over {hkv} KV heads"
         );
-        let splits = ATTENTION_SPLITS;
+        let splits = attention_splits(b, hkv);
         let mut part = self.alloc::<f32>(b * hq * splits * (d + 2))?;
         let cfg = LaunchConfig {
             grid_dim: (b as u32, hkv as u32, splits as u32),
@@ -1277,7 +1370,12 @@ impl Gpu {
         launch!(self, attention_split, cfg, q, kp, vp, table, pos, &mut part, &hqi, &hkvi, &di, &mi, &bsi, &scale);
         let mut out = self.alloc::<f32>(q.len())?;
         let si = splits as i32;
-        launch!(self, attention_merge, per_row(b * hq), &part, &mut out, &si, &di);
+        let merge = LaunchConfig {
+            grid_dim: ((b * hq) as u32, 1, 1),
+            block_dim: (PA_MERGE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, attention_merge, merge, &part, &mut out, &si, &di);
         Ok(out)
     }
 
@@ -1358,3 +1456,6 @@ impl Gpu {
         Ok(out)
     }
 }
+
+// After `launch!`, which the launchers there use.
+mod fused;

@@ -5,6 +5,9 @@
 //! of device memory) panics with the driver's message.
 
 pub use crate::cpu::{rope_inv_freq, GdnDims, SampleParams};
+pub use fused::*;
+
+mod fused;
 use crate::{cpu, Precision, Storage, Tensor};
 
 fn check(cond: bool, op: &str, msg: impl FnOnce() -> String) {
@@ -76,6 +79,9 @@ pub fn linear_gpu(
             let xq = ok(g.fake_quant_fp8(input, t * w.cols(), input_scale), "W8A8 activations");
             ok(g.linear(&xq, t, w), "linear")
         }
+        (None, GpuWeight::Nvfp4(q)) if scaled.is_none() && g.mma_gemv_applies(t, q) => {
+            with_gemv_input(x, |a| ok(g.nvfp4_mma_gemv_on(a, q), "linear"))
+        }
         _ => ok(g.linear(input, t, w), "linear"),
     };
     if let Some(b) = bias {
@@ -94,9 +100,18 @@ pub fn nvfp4_same_input(x: &Tensor, ws: &[&cuda::GpuNvfp4]) -> Option<Vec<Tensor
     if ws.is_empty() || !ws.iter().all(|w| w.cols == x.row_len() && g.mma_gemv_applies(t, w)) {
         return None;
     }
-    let act = ok(g.mma_activations(x.cuda(), t, x.row_len()), "linear activations");
-    let ys = ok(g.nvfp4_mma_gemv_group(&act, ws), "linear");
+    let ys = with_gemv_input(x, |a| ok(g.nvfp4_mma_gemv_group(a, ws), "linear"));
     Some(ys.into_iter().zip(ws).map(|(y, w)| Tensor::from_cuda(y, &[t, w.rows])).collect())
+}
+
+/// `f` on `x [T, K]` in the tensor-core GEMV's input format: the copy its producer attached,
+/// else converted here.
+#[cfg(feature = "cuda")]
+fn with_gemv_input<R>(x: &Tensor, f: impl FnOnce(&cuda::MmaActivations) -> R) -> R {
+    match x.gemv_input() {
+        Some(a) => f(a),
+        None => f(&ok(gpu().mma_activations(x.cuda(), x.rows(), x.row_len()), "linear activations")),
+    }
 }
 
 /// Rows of `x` looked up in `table [vocab, hidden]` (ids already validated against vocab).
@@ -121,7 +136,15 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32, offset: f32, p: Precision) -> 
     match x.storage() {
         Storage::Cpu(xs) => Tensor::from_vec(cpu::rms_norm(xs, w.as_slice(), eps, offset, p), x.shape()),
         #[cfg(feature = "cuda")]
-        Storage::Cuda(xs) => Tensor::from_cuda(ok(gpu().rms_norm(xs, w.cuda(), eps, offset), "rms_norm"), x.shape()),
+        Storage::Cuda(xs) => {
+            // A whole-row norm feeds a linear: write its GEMV input too when that applies.
+            if w.elem_count() == x.row_len() {
+                if let Some((y, a)) = ok(gpu().rms_norm_f16(xs, w.cuda(), eps, offset), "rms_norm") {
+                    return Tensor::from_cuda(y, x.shape()).with_gemv_input(a);
+                }
+            }
+            Tensor::from_cuda(ok(gpu().rms_norm(xs, w.cuda(), eps, offset), "rms_norm"), x.shape())
+        }
     }
 }
 
@@ -149,7 +172,15 @@ fn binary(a: &Tensor, b: &Tensor, op: Binary, p: Precision) -> Tensor {
             Tensor::from_vec(f(av, b.as_slice(), p), a.shape())
         }
         #[cfg(feature = "cuda")]
-        Storage::Cuda(av) => Tensor::from_cuda(ok(gpu().binary(op, av, b.cuda()), "element-wise op"), a.shape()),
+        Storage::Cuda(av) => {
+            // SwiGLU's and the attention gate's outputs feed a linear: their GEMV input too.
+            if a.shape().len() == 2 {
+                if let Some((y, x)) = ok(gpu().binary_f16(op, av, b.cuda(), a.row_len()), "element-wise op") {
+                    return Tensor::from_cuda(y, a.shape()).with_gemv_input(x);
+                }
+            }
+            Tensor::from_cuda(ok(gpu().binary(op, av, b.cuda()), "element-wise op"), a.shape())
+        }
     }
 }
 
@@ -175,6 +206,11 @@ pub fn add_rms_norm(h: &Tensor, delta: &Tensor, w: &Tensor, eps: f32, offset: f3
     match (h.storage(), delta.storage()) {
         #[cfg(feature = "cuda")]
         (Storage::Cuda(hs), Storage::Cuda(ds)) => {
+            if w.elem_count() == h.row_len() {
+                if let Some((sum, y, a)) = ok(gpu().add_rms_norm_f16(hs, ds, w.cuda(), eps, offset), "add_rms_norm") {
+                    return (Tensor::from_cuda(sum, h.shape()), Tensor::from_cuda(y, h.shape()).with_gemv_input(a));
+                }
+            }
             let (sum, y) = ok(gpu().add_rms_norm(hs, ds, w.cuda(), eps, offset), "add_rms_norm");
             (Tensor::from_cuda(sum, h.shape()), Tensor::from_cuda(y, h.shape()))
         }

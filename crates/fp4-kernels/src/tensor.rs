@@ -23,13 +23,27 @@ pub enum Device {
 pub struct Tensor {
     shape: Vec<usize>,
     storage: Storage,
+    /// GPU only: the same values already in the tensor-core GEMV's input format, written by the
+    /// kernel that produced them (a norm, SwiGLU), so the linear that reads this tensor next
+    /// skips its own conversion. Dropped whenever the values change.
+    #[cfg(feature = "cuda")]
+    gemv_input: Option<std::sync::Arc<crate::cuda::MmaActivations>>,
 }
 
 impl Tensor {
+    fn new(shape: Vec<usize>, storage: Storage) -> Tensor {
+        Tensor {
+            shape,
+            storage,
+            #[cfg(feature = "cuda")]
+            gemv_input: None,
+        }
+    }
+
     /// Panics if `data.len()` is not the product of `shape` (a programming error, not input).
     pub fn from_vec(data: Vec<f32>, shape: &[usize]) -> Tensor {
         assert_eq!(data.len(), shape.iter().product::<usize>(), "data length does not match shape {shape:?}");
-        Tensor { shape: shape.to_vec(), storage: Storage::Cpu(data) }
+        Tensor::new(shape.to_vec(), Storage::Cpu(data))
     }
 
     pub fn zeros(shape: &[usize]) -> Tensor {
@@ -138,7 +152,7 @@ impl Tensor {
     #[cfg(feature = "cuda")]
     pub fn from_cuda(data: cudarc::driver::CudaSlice<f32>, shape: &[usize]) -> Tensor {
         assert_eq!(data.len(), shape.iter().product::<usize>(), "device buffer length does not match {shape:?}");
-        Tensor { shape: shape.to_vec(), storage: Storage::Cuda(data) }
+        Tensor::new(shape.to_vec(), Storage::Cuda(data))
     }
 
     /// The device buffer of a GPU tensor (panics for a CPU tensor: operands on mixed devices are
@@ -153,16 +167,32 @@ impl Tensor {
 
     #[cfg(feature = "cuda")]
     pub fn cuda_mut(&mut self) -> &mut cudarc::driver::CudaSlice<f32> {
+        self.gemv_input = None;
         match &mut self.storage {
             Storage::Cuda(s) => s,
             Storage::Cpu(_) => panic!("expected a GPU tensor, got a CPU tensor {:?}", self.shape),
         }
     }
 
+    /// This tensor with `a`, its values in the tensor-core GEMV's format, attached.
+    #[cfg(feature = "cuda")]
+    pub fn with_gemv_input(mut self, a: crate::cuda::MmaActivations) -> Tensor {
+        self.gemv_input = Some(std::sync::Arc::new(a));
+        self
+    }
+
+    /// The attached GEMV input (see [`Tensor::with_gemv_input`]) when it still describes this
+    /// tensor's rows (a reshape that changes them makes it stale).
+    #[cfg(feature = "cuda")]
+    pub fn gemv_input(&self) -> Option<&crate::cuda::MmaActivations> {
+        let rows = if self.shape.is_empty() { 0 } else { self.rows() };
+        self.gemv_input.as_deref().filter(|a| a.rows() == rows && a.cols() == self.row_len())
+    }
+
     /// Same elements, new shape (panics if the element count differs).
     pub fn reshape(self, shape: &[usize]) -> Tensor {
         assert_eq!(self.elem_count(), shape.iter().product::<usize>(), "reshape {:?} -> {shape:?}", self.shape);
-        Tensor { shape: shape.to_vec(), storage: self.storage }
+        Tensor { shape: shape.to_vec(), ..self }
     }
 
     /// Rounds every element to `p` in place (a no-op for f32; GPU models run in f32 only).

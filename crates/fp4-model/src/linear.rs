@@ -360,6 +360,22 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `residual + self.forward(x)` (a decoder layer's residual branch); on the GPU a W4A16
+    /// NVFP4 weight adds in the GEMV's epilogue.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor, p: Precision) -> Tensor {
+        #[cfg(feature = "cuda")]
+        if let LinearMethod::Gpu { weight, pre_quant_scale: None, bias: None, act: None, .. } = &self.method {
+            if let fp4_kernels::cuda::GpuWeight::Nvfp4(q) = weight.as_ref() {
+                if let Some(y) = ops::nvfp4_linear_add(x, q, residual) {
+                    return y;
+                }
+            }
+        }
+        ops::add(residual, &self.forward(x, p), p)
+    }
+}
+
 /// `x` through several linears of the same input (q/k/v, gate/up, the GDN input projections):
 /// the same as each one's [`Linear::forward`]; on the GPU, the W4A16 NVFP4 ones among them share
 /// one conversion of the activations and one launch, the others run one by one.

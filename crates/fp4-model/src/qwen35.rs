@@ -45,10 +45,11 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor, p: Precision) -> Tensor {
+    /// `residual + mlp(x)`.
+    fn forward_add(&self, x: &Tensor, residual: &Tensor, p: Precision) -> Tensor {
         let [gate, up] = forward_many(x, [&self.gate, &self.up], p);
         let act = ops::silu_mul(&gate, &up, p);
-        self.down.forward(&act, p)
+        self.down.forward_add(&act, residual, p)
     }
 }
 
@@ -85,18 +86,18 @@ impl Attention {
 
     fn forward(&self, x: &Tensor, state: MixerState, m: &LayerCtx) -> Tensor {
         let (t, d, p, eps) = (x.rows(), self.head_dim, m.precision, m.eps);
-        // 1. q_proj → [T, Hq, 2D] → query [T, Hq, D] and gate [T, Hq·D].
+        // 1. q_proj → [T, Hq, 2D] (per head query | gate); k and v [T, Hkv, D].
         let [qg, k, v] = forward_many(x, [&self.q_proj, &self.k_proj, &self.v_proj], p);
         let qg = qg.reshape(&[t, self.heads, 2 * d]);
-        let [q, gate]: [Tensor; 2] = ops::split_last(&qg, &[d, d]).try_into().expect("two halves");
-        // 2. Per-head (1+w) RMSNorm on q and k; v unnormalised.
-        let mut q = ops::rms_norm(&q, &self.q_norm, eps, 1.0, p);
         let k = k.reshape(&[t, self.kv_heads, d]);
-        let mut k = ops::rms_norm(&k, &self.k_norm, eps, 1.0, p);
         let v = v.reshape(&[t, self.kv_heads, d]);
         let scale = (d as f32).powf(-0.5);
-        let o = match state {
+        let (o, gate) = match state {
             MixerState::Sequence { cache, pos0, .. } => {
+                let [q, gate]: [Tensor; 2] = ops::split_last(&qg, &[d, d]).try_into().expect("two halves");
+                // 2. Per-head (1+w) RMSNorm on q and k; v unnormalised.
+                let mut q = ops::rms_norm(&q, &self.q_norm, eps, 1.0, p);
+                let mut k = ops::rms_norm(&k, &self.k_norm, eps, 1.0, p);
                 // 3. Partial rotate-half RoPE on the first rotary_dim dims of each head.
                 ops::rope(&mut q, &m.inv_freq, pos0, p);
                 ops::rope(&mut k, &m.inv_freq, pos0, p);
@@ -111,21 +112,22 @@ impl Attention {
                 let o = ops::attention(&q, &k_all, &v_all, scale, p);
                 *kc = Some(k_all);
                 *vc = Some(v_all);
-                o
+                (o, gate)
             }
             MixerState::Batch { pool, index } => {
-                // 3–4 for a decode batch: each token at its own position, KV in paged blocks.
-                ops::rope_at(&mut q, &m.inv_freq, index.pos, p);
-                ops::rope_at(&mut k, &m.inv_freq, index.pos, p);
+                // 2–4 for a decode batch (one fused op): norms, RoPE at each token's own
+                // position, K and V into their paged blocks; then attention over them.
                 let LayerPool::Attention { k: kp, v: vp } = pool else {
                     unreachable!("attention layer with a GDN pool")
                 };
-                ops::kv_write(&k, &v, kp, vp, index);
-                ops::paged_attention(&q, kp, vp, index, scale, p)
+                let w =
+                    ops::AttentionPrepParams { q_norm: &self.q_norm, k_norm: &self.k_norm, eps, inv_freq: &m.inv_freq };
+                let (q, gate) = ops::attention_decode_prep(&qg, &k, &v, w, kp, vp, index, p);
+                (ops::paged_attention(&q, kp, vp, index, scale, p), gate)
             }
         };
         // 5. Sigmoid output gate, then o_proj.
-        let o = ops::sigmoid_gate(&o.reshape(&[t, self.heads * d]), &gate, p);
+        let o = ops::sigmoid_gate(&o.reshape(&[t, self.heads * d]), &gate.reshape(&[t, self.heads * d]), p);
         self.o_proj.forward(&o, p)
     }
 }
@@ -175,32 +177,40 @@ impl GatedDeltaNet {
         // 1. Projections: qkv [T, conv_dim], z [T, Hv·dv], b and a [T, Hv].
         let [mixed, z, b, a] =
             forward_many(x, [&self.in_proj_qkv, &self.in_proj_z, &self.in_proj_b, &self.in_proj_a], p);
-        // 2. Causal depthwise conv + SiLU over q, k and v channels, continuing the cached inputs.
         let key_width = d.key_heads * d.key_dim;
-        let split = |mixed: Tensor| -> [Tensor; 3] {
-            ops::split_last(&mixed, &[key_width, key_width, d.value_heads * d.value_dim])
-                .try_into()
-                .expect("three parts")
-        };
-        // 3. β = sigmoid(b), g = −exp(A_log)·softplus(a + dt_bias).
-        let (beta, g) = ops::gdn_gates(&b, &a, &self.a_log, &self.dt_bias, p);
-        // 4. Delta rule in f32 (l2norm of q, k and the 1/√dk scale inside), output rounded.
         let o = match state {
             MixerState::Sequence { cache, algo, .. } => {
                 let LayerCache::Gdn { conv, state } = cache else { unreachable!("GDN layer with an attention cache") };
-                let [q, k, v] = split(ops::causal_conv1d_silu(&mixed, conv, &self.conv, p));
-                ops::gated_delta_rule(&q, &k, &v, &g, &beta, state, d, algo)
+                // 2. Causal depthwise conv + SiLU over q, k and v channels, continuing the cached inputs.
+                let conv_out = ops::causal_conv1d_silu(&mixed, conv, &self.conv, p);
+                let [q, k, v]: [Tensor; 3] =
+                    ops::split_last(&conv_out, &[key_width, key_width, d.value_heads * d.value_dim])
+                        .try_into()
+                        .expect("three parts");
+                // 3. β = sigmoid(b), g = −exp(A_log)·softplus(a + dt_bias).
+                let (beta, g) = ops::gdn_gates(&b, &a, &self.a_log, &self.dt_bias, p);
+                // 4. Delta rule in f32 (l2norm of q, k and the 1/√dk scale inside), output rounded.
+                let o = ops::gated_delta_rule(&q, &k, &v, &g, &beta, state, d, algo).round(p);
+                // 5. Gated RMSNorm per value head.
+                let rows = [t * d.value_heads, d.value_dim];
+                ops::rms_norm_gated(&o.reshape(&rows), &z.reshape(&rows), &self.norm, m.eps, p)
             }
             MixerState::Batch { pool, index } => {
+                // 2–5 for a decode batch: the conv step, then gates, delta rule and gated norm as
+                // one fused op, the state in the pools at each sequence's slot.
                 let LayerPool::Gdn { conv, state } = pool else { unreachable!("GDN layer with an attention pool") };
-                let [q, k, v] = split(ops::conv1d_step(&mixed, conv, &self.conv, index.slots, p));
-                ops::gdn_step(&q, &k, &v, &g, &beta, state, index.slots, d)
+                let conv_out = ops::conv1d_step(&mixed, conv, &self.conv, index.slots, p);
+                let w = ops::GdnStepParams {
+                    a_log: &self.a_log,
+                    dt_bias: &self.dt_bias,
+                    norm: &self.norm,
+                    eps: m.eps,
+                    dims: d,
+                };
+                ops::gdn_decode(&conv_out, &b, &a, &z, w, state, index.slots, p)
             }
-        }
-        .round(p);
-        // 5. Gated RMSNorm per value head, then out_proj.
-        let rows = [t * d.value_heads, d.value_dim];
-        let o = ops::rms_norm_gated(&o.reshape(&rows), &z.reshape(&rows), &self.norm, m.eps, p);
+        };
+        // 6. out_proj.
         self.out_proj.forward(&o.reshape(&[t, d.value_heads * d.value_dim]), p)
     }
 }
@@ -269,7 +279,7 @@ impl DecoderLayer {
             Mixer::Gdn(g) => g.forward(&x, state, ctx),
         };
         let (h, x) = ops::add_rms_norm(h, &mixed, &self.post_norm, ctx.eps, 1.0, p);
-        ops::add(&h, &self.mlp.forward(&x, p), p)
+        self.mlp.forward_add(&x, &h, p)
     }
 
     /// The (1+w) norm before the token mixer and the one before the MLP.

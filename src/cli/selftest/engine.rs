@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use std::time::Instant;
 
 /// The same u32s on the CPU and on the GPU.
-fn ids_both(v: Vec<u32>) -> (Ids, Ids) {
+pub(super) fn ids_both(v: Vec<u32>) -> (Ids, Ids) {
     (Ids::new(v.clone(), Device::Cpu), Ids::new(v, Device::Cuda))
 }
 

@@ -68,7 +68,7 @@ pub(super) fn rel_err(gpu: &Tensor, cpu: &Tensor) -> f64 {
     g.iter().zip(&c).map(|(a, b)| (a - b).abs() as f64).fold(0f64, f64::max) / m
 }
 
-fn random_nvfp4(rng: &mut Normal, rows: usize, cols: usize) -> Nvfp4Weight {
+pub(super) fn random_nvfp4(rng: &mut Normal, rows: usize, cols: usize) -> Nvfp4Weight {
     let mut w = rng.vec(rows * cols, 1.0 / (cols as f32).sqrt());
     // A few large weights, as real checkpoints have, so blocks use different scales.
     for i in (0..w.len()).step_by(977) {
@@ -176,6 +176,8 @@ fn linear_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) {
 /// one (same fragment loads), so the same checks cover both.
 fn w4a4_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) -> anyhow::Result<()> {
     use fp4_format::nvfp4::Nvfp4Activations;
+    // The f32 references below need exact GEMMs (the f16 serving path is checked on its own).
+    g.set_exact_gemm(true);
     let native = g.w4a4_native()?;
     println!("W4A4 GEMM: {} block-scaled FP4 MMA", if native { "native" } else { "emulated" });
     for (t, n, k) in [(1, 64, 64), (5, 96, 80), (37, 300, 208), (130, 520, 1024), (70, 1024, 4096)] {
@@ -278,7 +280,7 @@ fn op_checks(rep: &mut Report, rng: &mut Normal) {
     let w = rng.tensor(&[c, k], 0.5);
     let mut s_cpu = rng.tensor(&[k - 1, c], 1.0);
     let mut s_gpu = gpu_t(&s_cpu);
-    for t in [9, 1, 1] {
+    for t in [9, 1, 1, 200] {
         let x = rng.tensor(&[t, c], 1.0);
         let want = ops::causal_conv1d_silu(&x, &mut s_cpu, &w, F32);
         let got = ops::causal_conv1d_silu(&gpu_t(&x), &mut s_gpu, &gpu_t(&w), F32);
@@ -693,6 +695,7 @@ fn model_benches(g: &Gpu, a: &Args, name: &str, copy: f64) -> anyhow::Result<Vec
 fn checks(g: &Gpu, rep: &mut Report, rng: &mut Normal, a: &Args) -> anyhow::Result<()> {
     linear_checks(g, rep, rng);
     super::engine::decode_op_checks(rep, rng);
+    super::fused::fused_checks(g, rep, rng);
     if !a.quick {
         w4a4_checks(g, rep, rng)?;
         op_checks(rep, rng);

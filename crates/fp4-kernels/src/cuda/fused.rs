@@ -1,0 +1,266 @@
+//! Launchers of the decode-step fusions: kernels that write the next GEMV's input format
+//! themselves (`rms_norm_v4_f16`, `add_rms_norm_v4_f16`, `silu_mul_f16`, `sigmoid_gate_f16`:
+//! `kernels/rowscale.cuh`), the fused GDN step and the fused attention prologue
+//! (`kernels/decode.cu`). Each computes what a sequence of the plain launchers computes (the
+//! CPU references compose the plain ops); a decode step of the 9B takes ~300 fewer launches.
+
+use super::{norm_v4, Gpu, MmaActivations, Result, MMA_GEMV_MAX_TOKENS};
+use crate::cpu::GdnDims;
+use crate::ops::Binary;
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use std::sync::atomic::Ordering;
+
+/// `GDN_FUSED_THREADS` of `gdn_decode_fused`, and the head sizes it takes.
+const GDN_FUSED_THREADS: u32 = 512;
+const GDN_FUSED_MAX_D: usize = 128;
+/// `ROWS_HELD` of the `*_f16` element-wise kernels (float4s per thread, 1024 threads at most).
+const ROWS_HELD: usize = 4;
+/// Largest head `attn_decode_prep` takes (one thread per dim; its shared row).
+const PREP_MAX_D: usize = 512;
+
+impl Gpu {
+    /// Whether the input of a linear, `t` rows of `k`, can be produced in the tensor-core GEMV's
+    /// format (the same rule as [`Gpu::mma_gemv_applies`]).
+    pub fn gemv_input_applies(&self, t: usize, k: usize) -> bool {
+        !self.exact_gemm.load(Ordering::Relaxed) && (1..=MMA_GEMV_MAX_TOKENS).contains(&t) && k.is_multiple_of(32)
+    }
+
+    /// The bytes of a GEMV input on the host: the f16 values (GEMV pair order) and each row's
+    /// inverse scale (for checks that two producers wrote the same input).
+    pub fn download_gemv_input(&self, a: &MmaActivations) -> (Vec<u16>, Vec<f32>) {
+        (self.download(&a.xh), self.download(&a.inv))
+    }
+
+    fn gemv_input_buffers(&self, t: usize, k: usize) -> Result<MmaActivations> {
+        Ok(MmaActivations { xh: self.alloc::<u16>(t * k)?, inv: self.alloc::<f32>(t)?, t, k })
+    }
+
+    /// [`Gpu::rms_norm`] of full rows (`w.len()` = the row) that also writes the GEMV format;
+    /// `None` when that does not apply (too many rows, a width it cannot take).
+    pub fn rms_norm_f16(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        eps: f32,
+        offset: f32,
+    ) -> Result<Option<(CudaSlice<f32>, MmaActivations)>> {
+        let d = w.len();
+        let rows = x.len() / d;
+        let Some(cfg) = norm_v4(rows, d).filter(|_| self.gemv_input_applies(rows, d) && x.len() == rows * d) else {
+            return Ok(None);
+        };
+        let (mut y, mut a) = (self.alloc::<f32>(x.len())?, self.gemv_input_buffers(rows, d)?);
+        let di = d as i32;
+        launch!(self, rms_norm_v4_f16, cfg, x, w, &mut y, &mut a.xh, &mut a.inv, &di, &eps, &offset);
+        Ok(Some((y, a)))
+    }
+
+    /// [`Gpu::add_rms_norm`] that also writes the GEMV format of the norm: `(h', y, y as GEMV
+    /// input)`, or `None` when that does not apply.
+    #[allow(clippy::type_complexity)]
+    pub fn add_rms_norm_f16(
+        &self,
+        h: &CudaSlice<f32>,
+        delta: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        eps: f32,
+        offset: f32,
+    ) -> Result<Option<(CudaSlice<f32>, CudaSlice<f32>, MmaActivations)>> {
+        let d = w.len();
+        let rows = h.len() / d;
+        let applies = self.gemv_input_applies(rows, d) && h.len() == rows * d && delta.len() == h.len();
+        let Some(cfg) = norm_v4(rows, d).filter(|_| applies) else {
+            return Ok(None);
+        };
+        let (mut sum, mut y) = (self.alloc::<f32>(h.len())?, self.alloc::<f32>(h.len())?);
+        let mut a = self.gemv_input_buffers(rows, d)?;
+        let di = d as i32;
+        launch!(
+            self,
+            add_rms_norm_v4_f16,
+            cfg,
+            h,
+            delta,
+            &mut sum,
+            w,
+            &mut y,
+            &mut a.xh,
+            &mut a.inv,
+            &di,
+            &eps,
+            &offset
+        );
+        Ok(Some((sum, y, a)))
+    }
+
+    /// SwiGLU or the attention output gate over `rows` rows of `d` ([`Gpu::binary`]) that also
+    /// writes the GEMV format; `None` for other ops or when it does not apply.
+    pub fn binary_f16(
+        &self,
+        op: Binary,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        d: usize,
+    ) -> Result<Option<(CudaSlice<f32>, MmaActivations)>> {
+        let rows = a.len() / d.max(1);
+        let threads = (d / 4).div_ceil(32).clamp(1, 32) * 32;
+        let fits = d / 4 <= ROWS_HELD * threads && a.len() == rows * d && b.len() == a.len();
+        if matches!(op, Binary::Add) || !fits || !self.gemv_input_applies(rows, d) {
+            return Ok(None);
+        }
+        let cfg =
+            LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
+        let (mut out, mut act) = (self.alloc::<f32>(a.len())?, self.gemv_input_buffers(rows, d)?);
+        let di = d as i32;
+        match op {
+            Binary::SiluMul => launch!(self, silu_mul_f16, cfg, a, b, &mut out, &mut act.xh, &mut act.inv, &di),
+            _ => launch!(self, sigmoid_gate_f16, cfg, a, b, &mut out, &mut act.xh, &mut act.inv, &di),
+        }
+        Ok(Some((out, act)))
+    }
+
+    /// Whether [`Gpu::gdn_decode`] takes heads of these sizes.
+    pub fn gdn_decode_applies(&self, d: GdnDims) -> bool {
+        d.key_dim <= GDN_FUSED_MAX_D
+            && d.value_dim <= GDN_FUSED_MAX_D
+            && d.key_dim.is_multiple_of(4)
+            && d.value_heads.is_multiple_of(d.key_heads)
+    }
+
+    /// The GDN decode step after the conv, fused (`gdn_decode_fused`): gates from `b, a [B, Hv]`,
+    /// l2norm, delta rule on the state pool at `slots`, gated RMSNorm with `z` and `norm_w`.
+    /// `mixed` is the conv output `[B, 2·Hk·dk + Hv·dv]`; returns `[B, Hv·dv]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gdn_decode(
+        &self,
+        mixed: &CudaSlice<f32>,
+        b_proj: &CudaSlice<f32>,
+        a_proj: &CudaSlice<f32>,
+        a_log: &CudaSlice<f32>,
+        dt_bias: &CudaSlice<f32>,
+        z: &CudaSlice<f32>,
+        norm_w: &CudaSlice<f32>,
+        eps: f32,
+        pool: &mut CudaSlice<f32>,
+        slots: &CudaSlice<u32>,
+        dims: GdnDims,
+    ) -> Result<CudaSlice<f32>> {
+        let GdnDims { key_heads: hk, value_heads: hv, key_dim: dk, value_dim: dv } = dims;
+        let b = b_proj.len() / hv;
+        assert!(
+            self.gdn_decode_applies(dims)
+                && mixed.len() == b * (2 * hk * dk + hv * dv)
+                && a_proj.len() == b * hv
+                && a_log.len() == hv
+                && dt_bias.len() == hv
+                && z.len() == b * hv * dv
+                && norm_w.len() == dv
+                && slots.len() >= b
+                && pool.len().is_multiple_of(hv * dk * dv),
+            "gdn_decode shapes"
+        );
+        let mut out = self.alloc::<f32>(b * hv * dv)?;
+        let cfg = LaunchConfig {
+            grid_dim: (hv as u32, b as u32, 1),
+            block_dim: (GDN_FUSED_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (hki, hvi, dki, dvi) = (hk as i32, hv as i32, dk as i32, dv as i32);
+        launch!(
+            self,
+            gdn_decode_fused,
+            cfg,
+            mixed,
+            b_proj,
+            a_proj,
+            a_log,
+            dt_bias,
+            z,
+            norm_w,
+            pool,
+            slots,
+            &mut out,
+            &hki,
+            &hvi,
+            &dki,
+            &dvi,
+            &eps
+        );
+        Ok(out)
+    }
+
+    /// Whether [`Gpu::attention_decode_prep`] takes heads of `d` with `half` rotary pairs.
+    pub fn attention_prep_applies(&self, d: usize, half: usize) -> bool {
+        d <= PREP_MAX_D && 2 * half <= d
+    }
+
+    /// The attention decode prologue fused (`attn_decode_prep`): q and k (1+w)-normed and
+    /// rotated at `pos`, k and v written into the paged pools at each token's position.
+    /// `qg [B, Hq, 2D]` (per head query | gate), `k, v [B, Hkv, D]`; returns `(q [B, Hq, D],
+    /// gate [B, Hq·D])`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode_prep(
+        &self,
+        qg: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        norms: (&CudaSlice<f32>, &CudaSlice<f32>),
+        inv_freq: &CudaSlice<f32>,
+        eps: f32,
+        pools: (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+        index: (&CudaSlice<u32>, &CudaSlice<u32>, usize, usize),
+        heads: (usize, usize),
+    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+        let ((q_norm, k_norm), (kp, vp), (pos, table, max_blocks, block_size), (hq, hkv)) =
+            (norms, pools, index, heads);
+        let d = q_norm.len();
+        let half = inv_freq.len();
+        let b = k.len() / (hkv * d);
+        assert!(
+            self.attention_prep_applies(d, half)
+                && qg.len() == b * hq * 2 * d
+                && k.len() == b * hkv * d
+                && v.len() == k.len()
+                && k_norm.len() == d
+                && pos.len() >= b
+                && table.len() >= b * max_blocks
+                && kp.len() == vp.len()
+                && kp.len().is_multiple_of(hkv * d),
+            "attention_decode_prep shapes"
+        );
+        let (mut q, mut gate) = (self.alloc::<f32>(b * hq * d)?, self.alloc::<f32>(b * hq * d)?);
+        let threads = d.div_ceil(32) as u32 * 32;
+        let cfg = LaunchConfig {
+            grid_dim: ((hq + hkv) as u32, b as u32, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (hqi, hkvi, di, halfi, mbi, bsi) =
+            (hq as i32, hkv as i32, d as i32, half as i32, max_blocks as i32, block_size as i32);
+        launch!(
+            self,
+            attn_decode_prep,
+            cfg,
+            qg,
+            k,
+            v,
+            q_norm,
+            k_norm,
+            inv_freq,
+            pos,
+            table,
+            &mut q,
+            &mut gate,
+            kp,
+            vp,
+            &hqi,
+            &hkvi,
+            &di,
+            &halfi,
+            &mbi,
+            &bsi,
+            &eps
+        );
+        Ok((q, gate))
+    }
+}
