@@ -328,14 +328,22 @@ fn op_checks(rep: &mut Report, rng: &mut Normal) {
         }
     }
 
-    // Attention: prefill (T = L) and decode (T = 1 over a long cache), GQA 16/4, head 256.
-    for (t, l) in [(37, 37), (1, 300), (5, 140)] {
-        let q = rng.tensor(&[t, 16, 256], 1.0);
-        let k = rng.tensor(&[l, 4, 256], 1.0);
-        let v = rng.tensor(&[l, 4, 256], 1.0);
-        let want = ops::attention(&q, &k, &v, 1.0 / 16.0, F32);
-        let got = ops::attention(&gpu_t(&q), &gpu_t(&k), &gpu_t(&v), 1.0 / 16.0, F32);
-        rep.check(&format!("attention q {t} over {l} keys, 16/4 heads x256"), rel_err(&got, &want), 1e-5);
+    // Attention: prefill (T = L), decode over a cache (T = 1), continuing prefill; GQA 16/4 and 6/2.
+    for (t, l, hq, hkv, d) in [
+        (37, 37, 16, 4, 256),
+        (1, 300, 16, 4, 256),
+        (5, 140, 16, 4, 256),
+        (300, 300, 16, 4, 256),
+        (130, 200, 6, 2, 64),
+        (9, 20, 6, 2, 40),
+    ] {
+        let q = rng.tensor(&[t, hq, d], 1.0);
+        let k = rng.tensor(&[l, hkv, d], 1.0);
+        let v = rng.tensor(&[l, hkv, d], 1.0);
+        let scale = (d as f32).powf(-0.5);
+        let want = ops::attention(&q, &k, &v, scale, F32);
+        let got = ops::attention(&gpu_t(&q), &gpu_t(&k), &gpu_t(&v), scale, F32);
+        rep.check(&format!("attention q {t} over {l} keys, {hq}/{hkv} heads x{d}"), rel_err(&got, &want), 1e-5);
     }
 
     // Sampling: greedy, then the same draws through both implementations.
