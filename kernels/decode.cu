@@ -49,18 +49,24 @@ extern "C" __global__ void kv_write_paged(const float* __restrict__ k, const flo
 // paged_attention_merge combines the splits. A warp scores PA_GROUP keys at once (lanes split
 // D, the K rows in registers, one dot per head); the V sum walks the keys in order, PA_GROUP
 // loads ahead. Per head the arithmetic is in the order of the one-head-per-block version.
+// Compiled for MAXG ≤ PA_MAX_G heads per block of MAXD ≤ PA_MAX_D dims, and for the 9B's 4
+// heads of 256 (paged_attention_split_g4d256): the loops over heads and dims are unrolled to
+// the bounds, so the general bounds would leave most of the 9B's lanes predicated off and hold
+// twice the registers (three blocks per SM instead of more).
 #define PA_THREADS 128
 #define PA_TILE 32
 #define PA_MAX_D 512
 #define PA_MAX_G 8
 #define PA_GROUP 4
-extern "C" __global__ void __launch_bounds__(PA_THREADS)
-    paged_attention_split(const float* __restrict__ q, const float* __restrict__ kp, const float* __restrict__ vp,
-                          const uint32_t* __restrict__ table, const uint32_t* __restrict__ pos,
-                          float* __restrict__ part, int hq, int hkv, int d, int max_blocks, int block_size,
-                          float scale) {
-    __shared__ float qs[PA_MAX_G][PA_MAX_D];
-    __shared__ float sc[PA_MAX_G][PA_TILE];
+template <int PA_MAX_G_, int PA_MAX_D_>
+__device__ __forceinline__ void paged_attention_split_impl(const float* __restrict__ q, const float* __restrict__ kp,
+                                                           const float* __restrict__ vp,
+                                                           const uint32_t* __restrict__ table,
+                                                           const uint32_t* __restrict__ pos, float* __restrict__ part,
+                                                           int hq, int hkv, int d, int max_blocks, int block_size,
+                                                           float scale) {
+    __shared__ float qs[PA_MAX_G_][PA_MAX_D_];
+    __shared__ float sc[PA_MAX_G_][PA_TILE];
     __shared__ size_t off[PA_TILE];
     int b = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z, splits = gridDim.z, tid = threadIdx.x;
     int lane = tid % 32, warp = tid / 32, warps = PA_THREADS / 32;
@@ -74,11 +80,11 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS)
     }
     __syncthreads();
     const uint32_t* tb = table + (size_t)b * max_blocks;
-    constexpr int R = PA_MAX_D / PA_THREADS;
-    float acc[PA_MAX_G][R];
-    float m[PA_MAX_G], sum[PA_MAX_G];
+    constexpr int R = PA_MAX_D_ / PA_THREADS;
+    float acc[PA_MAX_G_][R];
+    float m[PA_MAX_G_], sum[PA_MAX_G_];
 #pragma unroll
-    for (int g = 0; g < PA_MAX_G; g++) {
+    for (int g = 0; g < PA_MAX_G_; g++) {
         m[g] = -INFINITY, sum[g] = 0.f;
 #pragma unroll
         for (int r = 0; r < R; r++) acc[g][r] = 0.f;
@@ -92,24 +98,24 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS)
         }
         __syncthreads();
         for (int jj0 = warp; jj0 < n; jj0 += warps * PA_GROUP) {
-            float kr[PA_GROUP][PA_MAX_D / 32];
+            float kr[PA_GROUP][PA_MAX_D_ / 32];
 #pragma unroll
             for (int u = 0; u < PA_GROUP; u++) {
                 int jj = jj0 + u * warps;
 #pragma unroll
-                for (int r = 0; r < PA_MAX_D / 32; r++) {
+                for (int r = 0; r < PA_MAX_D_ / 32; r++) {
                     int i = lane + 32 * r;
                     kr[u][r] = jj < n && i < d ? kp[off[jj] + i] : 0.f;
                 }
             }
 #pragma unroll
-            for (int g = 0; g < PA_MAX_G; g++) {
+            for (int g = 0; g < PA_MAX_G_; g++) {
 #pragma unroll
                 for (int u = 0; u < PA_GROUP; u++) {
                     if (g >= G) continue;
                     float dot = 0.f;
 #pragma unroll
-                    for (int r = 0; r < PA_MAX_D / 32; r++)
+                    for (int r = 0; r < PA_MAX_D_ / 32; r++)
                         if (lane + 32 * r < d) dot += qs[g][lane + 32 * r] * kr[u][r];
 #pragma unroll
                     for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
@@ -119,9 +125,9 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS)
             }
         }
         __syncthreads();
-        float corr[PA_MAX_G];
+        float corr[PA_MAX_G_];
 #pragma unroll
-        for (int g = 0; g < PA_MAX_G; g++) {
+        for (int g = 0; g < PA_MAX_G_; g++) {
             corr[g] = 1.f;
             if (g >= G) continue;
             float tile_max = -INFINITY;
@@ -132,11 +138,11 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS)
         }
         __syncthreads();
 #pragma unroll
-        for (int g = 0; g < PA_MAX_G; g++)
+        for (int g = 0; g < PA_MAX_G_; g++)
             if (g < G && tid < n) sc[g][tid] = expf(sc[g][tid] - m[g]);
         __syncthreads();
 #pragma unroll
-        for (int g = 0; g < PA_MAX_G; g++) {
+        for (int g = 0; g < PA_MAX_G_; g++) {
             if (g >= G) continue;
             float tile_sum = 0.f;
             for (int jj = 0; jj < n; jj++) tile_sum += sc[g][jj];
@@ -147,13 +153,13 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS)
             int i = tid + r * PA_THREADS;
             if (i < d) {
 #pragma unroll
-                for (int g = 0; g < PA_MAX_G; g++) acc[g][r] *= corr[g];
+                for (int g = 0; g < PA_MAX_G_; g++) acc[g][r] *= corr[g];
                 for (int jj0 = 0; jj0 < n; jj0 += PA_GROUP) {
                     float vv[PA_GROUP];
 #pragma unroll
                     for (int u = 0; u < PA_GROUP; u++) vv[u] = jj0 + u < n ? vp[off[jj0 + u] + i] : 0.f;
 #pragma unroll
-                    for (int g = 0; g < PA_MAX_G; g++)
+                    for (int g = 0; g < PA_MAX_G_; g++)
 #pragma unroll
                         for (int u = 0; u < PA_GROUP; u++)
                             if (g < G && jj0 + u < n) acc[g][r] += sc[g][jj0 + u] * vv[u];
@@ -163,7 +169,7 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS)
         __syncthreads();
     }
 #pragma unroll
-    for (int g = 0; g < PA_MAX_G; g++) {
+    for (int g = 0; g < PA_MAX_G_; g++) {
         if (g >= G) continue;
         float* o = part + (((size_t)b * hq + kvh * G + g) * splits + s) * (d + 2);
 #pragma unroll
@@ -176,6 +182,23 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS)
             o[d + 1] = sum[g];
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(PA_THREADS)
+    paged_attention_split(const float* __restrict__ q, const float* __restrict__ kp, const float* __restrict__ vp,
+                          const uint32_t* __restrict__ table, const uint32_t* __restrict__ pos,
+                          float* __restrict__ part, int hq, int hkv, int d, int max_blocks, int block_size,
+                          float scale) {
+    paged_attention_split_impl<PA_MAX_G, PA_MAX_D>(q, kp, vp, table, pos, part, hq, hkv, d, max_blocks, block_size,
+                                                   scale);
+}
+
+extern "C" __global__ void __launch_bounds__(PA_THREADS)
+    paged_attention_split_g4d256(const float* __restrict__ q, const float* __restrict__ kp,
+                                 const float* __restrict__ vp, const uint32_t* __restrict__ table,
+                                 const uint32_t* __restrict__ pos, float* __restrict__ part, int hq, int hkv, int d,
+                                 int max_blocks, int block_size, float scale) {
+    paged_attention_split_impl<4, 256>(q, kp, vp, table, pos, part, hq, hkv, d, max_blocks, block_size, scale);
 }
 
 // Combines the splits of each (token, head): block bh, PA_MERGE_THREADS threads; thread s < splits

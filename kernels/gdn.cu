@@ -73,7 +73,7 @@ extern "C" __global__ void gdn_recurrent_f32(const float* __restrict__ q, const 
 // (gdn_chunk_state), each chunk a few small matrix products instead of GDN_C dependent steps.
 #define GDN_C 64
 #define PREP_THREADS 256
-#define STATE_WARPS 4
+#define STATE_WARPS 16
 #define STATE_ROWS (GDN_C / STATE_WARPS)  // chunk rows per warp in gdn_chunk_state
 #define STATE_AROWS 8                     // state rows per register group in the state update
 

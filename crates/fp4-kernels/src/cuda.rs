@@ -95,7 +95,7 @@ const ATT_MAX_D: usize = 512;
 /// `GDN_C`, `PREP_THREADS` and `STATE_WARPS` of the chunked delta-rule kernels.
 const GDN_C: usize = 64;
 const GDN_PREP_THREADS: u32 = 256;
-const GDN_STATE_WARPS: u32 = 4;
+const GDN_STATE_WARPS: u32 = 16;
 /// `PREP_MAX_DK` of `gdn_chunk_prep` (Qwen3.5's key heads are 128 wide).
 const GDN_PREP_MAX_DK: usize = 128;
 
@@ -179,6 +179,8 @@ struct Kernels {
     rope_at: CudaFunction,
     kv_write: CudaFunction,
     attention_split: CudaFunction,
+    /// `paged_attention_split` compiled for ≤ 4 query heads per KV head of ≤ 256 dims (the 9B's).
+    attention_split_g4d256: CudaFunction,
     attention_merge: CudaFunction,
     conv1d_step: CudaFunction,
     gdn_step: CudaFunction,
@@ -256,6 +258,7 @@ impl Kernels {
             rope_at: decode.load_function("rope_at_f32")?,
             kv_write: decode.load_function("kv_write_paged")?,
             attention_split: decode.load_function("paged_attention_split")?,
+            attention_split_g4d256: decode.load_function("paged_attention_split_g4d256")?,
             attention_merge: decode.load_function("paged_attention_merge")?,
             conv1d_step: decode.load_function("conv1d_step_slots")?,
             gdn_step: decode.load_function("gdn_step_slots")?,
@@ -1367,7 +1370,27 @@ impl Gpu {
             shared_mem_bytes: 0,
         };
         let (hqi, hkvi, di, mi, bsi) = (hq as i32, hkv as i32, d as i32, max_blocks as i32, block_size as i32);
-        launch!(self, attention_split, cfg, q, kp, vp, table, pos, &mut part, &hqi, &hkvi, &di, &mi, &bsi, &scale);
+        if hq / hkv <= 4 && d <= 256 {
+            launch!(
+                self,
+                attention_split_g4d256,
+                cfg,
+                q,
+                kp,
+                vp,
+                table,
+                pos,
+                &mut part,
+                &hqi,
+                &hkvi,
+                &di,
+                &mi,
+                &bsi,
+                &scale
+            );
+        } else {
+            launch!(self, attention_split, cfg, q, kp, vp, table, pos, &mut part, &hqi, &hkvi, &di, &mi, &bsi, &scale);
+        }
         let mut out = self.alloc::<f32>(q.len())?;
         let si = splits as i32;
         let merge = LaunchConfig {

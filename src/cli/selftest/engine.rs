@@ -39,6 +39,8 @@ pub(super) fn decode_op_checks(rep: &mut Report, rng: &mut Normal) {
         (vec![1usize, 17, 60], 8usize, 16usize, 4usize, 256usize),
         (vec![3000], 32, 16, 4, 256),
         (vec![5, 9], 4, 6, 2, 40),
+        // 8 query heads per KV head: the general kernel (the others take the 4-head one).
+        (vec![7, 33], 8, 16, 2, 64),
     ] {
         let max_blocks = lens.iter().max().expect("lengths").div_ceil(block_size);
         let blocks = lens.iter().map(|l| l.div_ceil(block_size)).sum::<usize>() + 3;
