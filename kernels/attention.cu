@@ -2,22 +2,20 @@
 // the last T of the L positions; query head h reads kv head h / (Hq/Hkv). Serves prefill
 // (T = L) and decode over the KV cache (T = 1).
 //
-// Geometry: one block of ATT_THREADS per (query, head). Keys are taken in tiles of TILE: each
+// Geometry: one block of ATT_THREADS per (query, head). Keys are taken in tiles of ATT_TILE: each
 // warp scores keys of the tile (lanes split D, shuffle reduction) into shared memory, then every
 // thread updates its D/ATT_THREADS output dims with an online softmax (running max and sum), so
 // any L fits in fixed shared memory (q plus one tile of scores).
 #include <stdint.h>
+#include "geometry.h"
 
-#define ATT_THREADS 128
-#define TILE 64
-#define MAX_D 512
 
 extern "C" __global__ void attention_f32(const float* __restrict__ q, const float* __restrict__ k,
                                          const float* __restrict__ v, float* __restrict__ out, int t_len, int l_len,
                                          int hq, int hkv, int d, float scale) {
     extern __shared__ float sm[];
     float* qs = sm;      // [d]
-    float* sc = sm + d;  // [TILE]
+    float* sc = sm + d;  // [ATT_TILE]
     int ti = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
     int lane = tid % 32, warp = tid / 32, warps = ATT_THREADS / 32;
     int kvh = h / (hq / hkv);
@@ -25,12 +23,12 @@ extern "C" __global__ void attention_f32(const float* __restrict__ q, const floa
     const float* qr = q + ((size_t)ti * hq + h) * d;
     for (int i = tid; i < d; i += ATT_THREADS) qs[i] = qr[i];
     __syncthreads();
-    float acc[MAX_D / ATT_THREADS];
+    float acc[ATT_MAX_D / ATT_THREADS];
 #pragma unroll
-    for (int r = 0; r < MAX_D / ATT_THREADS; r++) acc[r] = 0.f;
+    for (int r = 0; r < ATT_MAX_D / ATT_THREADS; r++) acc[r] = 0.f;
     float m = -INFINITY, sum = 0.f;
-    for (int j0 = 0; j0 < visible; j0 += TILE) {
-        int n = min(TILE, visible - j0);
+    for (int j0 = 0; j0 < visible; j0 += ATT_TILE) {
+        int n = min(ATT_TILE, visible - j0);
         for (int jj = warp; jj < n; jj += warps) {
             const float* kr = k + ((size_t)(j0 + jj) * hkv + kvh) * d;
             float dot = 0.f;
@@ -51,7 +49,7 @@ extern "C" __global__ void attention_f32(const float* __restrict__ q, const floa
         for (int jj = 0; jj < n; jj++) tile_sum += sc[jj];
         sum = sum * corr + tile_sum;
 #pragma unroll
-        for (int r = 0; r < MAX_D / ATT_THREADS; r++) {
+        for (int r = 0; r < ATT_MAX_D / ATT_THREADS; r++) {
             int i = tid + r * ATT_THREADS;
             if (i < d) {
                 float a = acc[r] * corr;
@@ -64,7 +62,7 @@ extern "C" __global__ void attention_f32(const float* __restrict__ q, const floa
     }
     float* o = out + ((size_t)ti * hq + h) * d;
 #pragma unroll
-    for (int r = 0; r < MAX_D / ATT_THREADS; r++) {
+    for (int r = 0; r < ATT_MAX_D / ATT_THREADS; r++) {
         int i = tid + r * ATT_THREADS;
         if (i < d) o[i] = acc[r] / sum;
     }

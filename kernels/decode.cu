@@ -7,6 +7,7 @@
 // sequence's table row holds its block ids); GDN pools [slots, K-1, C] (conv inputs) and
 // [slots, Hv, dk, dv] (recurrent state).
 #include <stdint.h>
+#include "geometry.h"
 
 __device__ __forceinline__ float silu_f(float x) { return x / (1.f + expf(-x)); }
 
@@ -53,10 +54,7 @@ extern "C" __global__ void kv_write_paged(const float* __restrict__ k, const flo
 // heads of 256 (paged_attention_split_g4d256): the loops over heads and dims are unrolled to
 // the bounds, so the general bounds would leave most of the 9B's lanes predicated off and hold
 // twice the registers (three blocks per SM instead of more).
-#define PA_THREADS 128
 #define PA_TILE 32
-#define PA_MAX_D 512
-#define PA_MAX_G 8
 #define PA_GROUP 4
 template <int PA_MAX_G_, int PA_MAX_D_>
 __device__ __forceinline__ void paged_attention_split_impl(const float* __restrict__ q, const float* __restrict__ kp,
@@ -204,8 +202,6 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS)
 // Combines the splits of each (token, head): block bh, PA_MERGE_THREADS threads; thread s < splits
 // (≤ PA_MAX_SPLITS) takes split s's max and sum, the block reduces them, then each output dim
 // sums the splits' unnormalised outputs with their weights (walking the splits in order).
-#define PA_MAX_SPLITS 128
-#define PA_MERGE_THREADS 256
 extern "C" __global__ void __launch_bounds__(PA_MERGE_THREADS)
     paged_attention_merge(const float* __restrict__ part, float* __restrict__ out, int splits, int d) {
     __shared__ float wsh[PA_MAX_SPLITS], red[PA_MERGE_THREADS / 32];
@@ -242,7 +238,6 @@ extern "C" __global__ void __launch_bounds__(PA_MERGE_THREADS)
 
 // One causal-conv step + SiLU per sequence: x [B, C], state pool [slots, K-1, C] at slots[b]
 // (updated), w [C, K]. Grid (C / 256, B).
-#define MAX_CONV_K 8
 extern "C" __global__ void conv1d_step_slots(const float* __restrict__ x, float* __restrict__ pool,
                                              const float* __restrict__ w, const uint32_t* __restrict__ slots,
                                              float* __restrict__ y, int c_len, int k) {
@@ -269,8 +264,6 @@ extern "C" __global__ void conv1d_step_slots(const float* __restrict__ x, float*
 // [slots, Hv, dk, dv] at slots[b]. Grid (dv / 32, Hv, B), GDN_STEP_THREADS threads: thread
 // (r, lane) owns column 32·blockIdx.x + lane for rows r·dk/4 .. (r+1)·dk/4 in registers (dk ≤ 128),
 // so state loads are coalesced rows of 32 columns; sums over rows meet in shared memory.
-#define GDN_STEP_THREADS 128
-#define GDN_STEP_MAX_DK 128
 extern "C" __global__ void gdn_step_slots(const float* __restrict__ q, const float* __restrict__ k,
                                           const float* __restrict__ v, const float* __restrict__ g,
                                           const float* __restrict__ beta, float* __restrict__ pool,
@@ -347,14 +340,13 @@ extern "C" __global__ void gdn_step_slots(const float* __restrict__ q, const flo
 // gdn_step_slots and rms_norm_gated_f32 in a row, minus the launches and copies between them.
 // GDN_FUSED_THREADS = 4 column groups of 32 × 4 row groups (dk, dv ≤ 128, dk % 4 == 0): thread
 // (cg, r, lane) owns column 32·cg + lane for rows r·dk/4 … in registers, as in gdn_step_slots.
-#define GDN_FUSED_THREADS 512
 extern "C" __global__ void __launch_bounds__(GDN_FUSED_THREADS)
     gdn_decode_fused(const float* __restrict__ mixed, const float* __restrict__ b_proj,
                      const float* __restrict__ a_proj, const float* __restrict__ a_log,
                      const float* __restrict__ dt_bias, const float* __restrict__ z, const float* __restrict__ norm_w,
                      float* __restrict__ pool, const uint32_t* __restrict__ slots, float* __restrict__ out, int hk,
                      int hv, int dk, int dv, float eps) {
-    __shared__ float ks[GDN_STEP_MAX_DK], qs[GDN_STEP_MAX_DK], os[128], red[4][4][32], part[2][4], nsum[4];
+    __shared__ float ks[GDN_STEP_MAX_DK], qs[GDN_STEP_MAX_DK], os[GDN_FUSED_MAX_D], red[4][4][32], part[2][4], nsum[4];
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, cg = warp >> 2, r = warp & 3;
     int h = blockIdx.x, b = blockIdx.y, j = cg * 32 + lane;
     int kh = h / (hv / hk);
@@ -451,7 +443,7 @@ extern "C" __global__ void attn_decode_prep(const float* __restrict__ qg, const 
                                             float* __restrict__ q_out, float* __restrict__ gate,
                                             float* __restrict__ kp, float* __restrict__ vp, int hq, int hkv, int d,
                                             int half, int max_blocks, int block_size, float eps) {
-    __shared__ float y[512], sums[16];
+    __shared__ float y[ATT_PREP_MAX_D], sums[ATT_PREP_MAX_D / 32];
     int h = blockIdx.x, b = blockIdx.y, i = threadIdx.x, lane = i & 31, warp = i >> 5;
     bool is_q = h < hq;
     int kvh = h - hq;

@@ -1,6 +1,7 @@
 // Element-wise and gather ops of the Qwen3.5 layer (f32 activations). Flat kernels use one
 // thread per element with a grid-stride loop; row kernels one block per row.
 #include <stdint.h>
+#include "geometry.h"
 #include "rowscale.cuh"
 
 #define FOR_EACH(i, n) \
@@ -24,7 +25,6 @@ extern "C" __global__ void sigmoid_gate_f32(const float* __restrict__ x, const f
 // The same two a row per block (d % 32 == 0, d/4 ≤ ROWS_HELD · blockDim.x), the output also in
 // the tensor-core GEMV's format (rowscale.cuh): SwiGLU's result is down_proj's input and the
 // gated attention output o_proj's, converted here instead of by a launch of their own.
-#define ROWS_HELD 4
 template <bool SILU_MUL>
 __device__ __forceinline__ void binary_row_f16(const float* __restrict__ a, const float* __restrict__ b,
                                                float* __restrict__ out, uint16_t* __restrict__ oh,
@@ -124,7 +124,6 @@ extern "C" __global__ void rope_f32(float* __restrict__ x, const float* __restri
     }
 }
 
-#define MAX_CONV_K 8
 
 // Causal depthwise conv + SiLU over x [T, C], continuing from state [K-1, C] (the last K-1
 // pre-conv inputs), which is updated. w [C, K], tap K-1 multiplies the current token. Grid
@@ -132,7 +131,6 @@ extern "C" __global__ void rope_f32(float* __restrict__ x, const float* __restri
 // with its window in registers (K <= MAX_CONV_K, checked by the host), the window's first K-1
 // inputs read from x or, before token 0, from the state. Tile 0 alone reads the old state and
 // writes the new one (the last K-1 inputs), so no tile reads a state another has overwritten.
-#define CONV_T 64
 extern "C" __global__ void causal_conv1d_silu_f32(const float* __restrict__ x, float* __restrict__ state,
                                                   const float* __restrict__ w, float* __restrict__ y, int t_len,
                                                   int c_len, int k) {

@@ -8,6 +8,7 @@
 // the warp normalises k and q for each token together. Tokens are walked in order inside the
 // kernel, so prefill and decode are one launch each.
 #include <stdint.h>
+#include "geometry.h"
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -71,10 +72,7 @@ extern "C" __global__ void gdn_recurrent_f32(const float* __restrict__ q, const 
 // reference): chunks of GDN_C tokens. Everything that does not depend on the state is computed for
 // all chunks and heads in parallel (gdn_chunk_prep); the state then crosses the chunks in order
 // (gdn_chunk_state), each chunk a few small matrix products instead of GDN_C dependent steps.
-#define GDN_C 64
-#define PREP_THREADS 256
-#define STATE_WARPS 16
-#define STATE_ROWS (GDN_C / STATE_WARPS)  // chunk rows per warp in gdn_chunk_state
+#define STATE_ROWS (GDN_C / GDN_STATE_WARPS)  // chunk rows per warp in gdn_chunk_state
 #define STATE_AROWS 8                     // state rows per register group in the state update
 
 // One block per (chunk, value head). Per chunk (padded rows past T are zero and change nothing):
@@ -84,20 +82,19 @@ extern "C" __global__ void gdn_recurrent_f32(const float* __restrict__ q, const 
 // k̂ of the chunk sits in shared memory (rows padded to dk+1 floats: a warp reading 32 rows at one
 // column hits 32 banks); L goes through global memory (read back as warp-uniform broadcasts).
 // Outputs per (chunk, head), row-major: kn, qn, kcd [C, dk]; nv [C, dv]; qk, lw [C, C]; gam [C].
-#define PREP_MAX_DK 128
-extern "C" __global__ void __launch_bounds__(PREP_THREADS)
+extern "C" __global__ void __launch_bounds__(GDN_PREP_THREADS)
     gdn_chunk_prep(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                    const float* __restrict__ g, const float* __restrict__ beta, int t_len, int hk, int hv, int dk,
                    int dv, float q_scale, float* __restrict__ kn, float* __restrict__ qn, float* __restrict__ gam,
                    float* __restrict__ qk, float* __restrict__ lw, float* __restrict__ nv, float* __restrict__ kcd) {
-    __shared__ float ks[GDN_C][PREP_MAX_DK + 1];
+    __shared__ float ks[GDN_C][GDN_PREP_MAX_DK + 1];
     __shared__ float gs[GDN_C], bs[GDN_C], rk[GDN_C], rq[GDN_C];
     const int chunk = blockIdx.x, h = blockIdx.y, kh = h / (hv / hk), t0 = chunk * GDN_C;
     const int n = min(GDN_C, t_len - t0), tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const size_t ch = (size_t)chunk * hv + h;  // (chunk, head) slot of the outputs
     float *kn_c = kn + ch * GDN_C * dk, *qn_c = qn + ch * GDN_C * dk, *kcd_c = kcd + ch * GDN_C * dk;
     float *nv_c = nv + ch * GDN_C * dv, *qk_c = qk + ch * GDN_C * GDN_C, *l_c = lw + ch * GDN_C * GDN_C;
-    for (int i = warp; i < GDN_C; i += PREP_THREADS / 32) {
+    for (int i = warp; i < GDN_C; i += GDN_PREP_THREADS / 32) {
         float ssk = 0.f, ssq = 0.f;
         if (i < n) {
             const float* kt = k + ((size_t)(t0 + i) * hk + kh) * dk;
@@ -119,7 +116,7 @@ extern "C" __global__ void __launch_bounds__(PREP_THREADS)
         }
     }
     __syncthreads();
-    for (int idx = tid; idx < GDN_C * dk; idx += PREP_THREADS) {
+    for (int idx = tid; idx < GDN_C * dk; idx += GDN_PREP_THREADS) {
         const int i = idx / dk, a = idx % dk;
         const size_t src = ((size_t)(t0 + i) * hk + kh) * dk + a;
         const float kv = i < n ? k[src] * rk[i] : 0.f;
@@ -129,7 +126,7 @@ extern "C" __global__ void __launch_bounds__(PREP_THREADS)
     }
     if (tid < GDN_C) gam[ch * GDN_C + tid] = gs[tid];
     __syncthreads();  // ks, and qn_c (written by this block, read back below)
-    for (int idx = tid; idx < GDN_C * GDN_C; idx += PREP_THREADS) {
+    for (int idx = tid; idx < GDN_C * GDN_C; idx += GDN_PREP_THREADS) {
         const int i = idx / GDN_C, j = idx % GDN_C;  // a warp: one i, 32 j
         float l = 0.f, s = 0.f;
         if (i < n && j <= i) {
@@ -142,7 +139,7 @@ extern "C" __global__ void __launch_bounds__(PREP_THREADS)
         qk_c[idx] = s;
     }
     __syncthreads();  // l_c complete
-    for (int col = tid; col < dv + dk; col += PREP_THREADS) {
+    for (int col = tid; col < dv + dk; col += GDN_PREP_THREADS) {
         const bool is_v = col < dv;
         float* x = is_v ? nv_c + col : kcd_c + (col - dv);
         const int stride = is_v ? dv : dk;
@@ -157,7 +154,7 @@ extern "C" __global__ void __launch_bounds__(PREP_THREADS)
     }
 }
 
-// One block of STATE_WARPS warps per (value head, 32 state columns); lane = column j. The state
+// One block of GDN_STATE_WARPS warps per (value head, 32 state columns); lane = column j. The state
 // slice S[dk][32] stays in shared memory across the chunks, walked in order:
 //   v_new = nv − kcd·S;  o = (q̂·e^Γ)·S + QK·v_new;  S = S·e^{Γ_last} + (k̂·e^{Γ_last−Γ})ᵀ·v_new
 // Each warp takes STATE_ROWS chunk rows for v_new and o, then state rows for the update. The
@@ -171,7 +168,7 @@ __device__ __forceinline__ void stage(float* __restrict__ dst, const float* __re
     for (int i = threadIdx.x; i < n / 4; i += blockDim.x) d4[i] = s4[i];
 }
 
-extern "C" __global__ void __launch_bounds__(STATE_WARPS * 32)
+extern "C" __global__ void __launch_bounds__(GDN_STATE_WARPS * 32)
     gdn_chunk_state(const float* __restrict__ kn, const float* __restrict__ qn, const float* __restrict__ gam,
                     const float* __restrict__ qk, const float* __restrict__ nv, const float* __restrict__ kcd,
                     float* __restrict__ state, float* __restrict__ out, int t_len, int hv, int dk, int dv) {
@@ -186,7 +183,7 @@ extern "C" __global__ void __launch_bounds__(STATE_WARPS * 32)
     const int j = blockIdx.y * 32 + lane;
     const bool on = j < dv;
     float* st = state + (size_t)h * dk * dv;
-    for (int a = warp; a < dk; a += STATE_WARPS) S[a * 32 + lane] = on ? st[(size_t)a * dv + j] : 0.f;
+    for (int a = warp; a < dk; a += GDN_STATE_WARPS) S[a * 32 + lane] = on ? st[(size_t)a * dv + j] : 0.f;
     const int chunks = (t_len + GDN_C - 1) / GDN_C;
     for (int c = 0; c < chunks; c++) {
         const size_t ch = (size_t)c * hv + h;
@@ -231,7 +228,7 @@ extern "C" __global__ void __launch_bounds__(STATE_WARPS * 32)
         stage(tile, kn_c, GDN_C * dk);
         __syncthreads();
         const float chunk_decay = expf(last);
-        for (int a0 = warp * STATE_AROWS; a0 < dk; a0 += STATE_WARPS * STATE_AROWS) {
+        for (int a0 = warp * STATE_AROWS; a0 < dk; a0 += GDN_STATE_WARPS * STATE_AROWS) {
             float s[STATE_AROWS];
 #pragma unroll
             for (int r = 0; r < STATE_AROWS; r++) s[r] = a0 + r < dk ? S[(a0 + r) * 32 + lane] * chunk_decay : 0.f;
@@ -249,5 +246,5 @@ extern "C" __global__ void __launch_bounds__(STATE_WARPS * 32)
         __syncthreads();  // S updated before the next chunk reads it
     }
     if (on)
-        for (int a = warp; a < dk; a += STATE_WARPS) st[(size_t)a * dv + j] = S[a * 32 + lane];
+        for (int a = warp; a < dk; a += GDN_STATE_WARPS) st[(size_t)a * dv + j] = S[a * 32 + lane];
 }

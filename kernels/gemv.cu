@@ -3,8 +3,8 @@
 // accumulation, warp-shuffle reduction. The same code serves SM90 and SM12x (decode is
 // bandwidth-bound; SM12x's native FP4 MMA is for prefill).
 #include "nvfp4.cuh"
+#include "geometry.h"
 
-#define ROWS_PER_BLOCK 4
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -71,7 +71,6 @@ extern "C" __global__ void bf16_gemv_f32(const uint16_t* __restrict__ w, float s
 // The same product for few rows (the GDN's [32, 4096] in_proj_b/a): one block of
 // ROWBLOCK_THREADS per (row, token), the row's chunks spread over all its warps and their sums
 // added in warp order, so a handful of rows still keeps many loads in flight.
-#define ROWBLOCK_THREADS 256
 extern "C" __global__ void __launch_bounds__(ROWBLOCK_THREADS)
     bf16_gemv_rowblock_f32(const uint16_t* __restrict__ w, float scale, const float* __restrict__ x,
                            float* __restrict__ y, int n, int k) {
@@ -124,9 +123,7 @@ extern "C" __global__ void __launch_bounds__(ROWBLOCK_THREADS)
 // partial sums meet in shared memory and are added in warp order.
 #include "rowscale.cuh"
 
-#define MMA_WARPS 8
 #define MMA_DEPTH 2
-#define MMA_CHUNK 128
 
 // The 4 f16x2 pairs of a word of 8 codes, in the order (3,7) (2,6) (1,5) (0,4), as e2m1 · 2^-14.
 __device__ __forceinline__ void e2m1x8_to_f16x2(uint32_t q, uint32_t* p) {
@@ -170,7 +167,6 @@ __device__ __forceinline__ void block_scales(uint32_t two, uint32_t* s) {
 
 // Up to GROUP_MAX weights of the same input (q/k/v, gate/up, the GDN input projections) in one
 // launch: blockIdx.x runs over the 16-row tiles of all of them, weight after weight.
-#define GROUP_MAX 4
 struct GemvGroup {
     const uint8_t* w[GROUP_MAX];
     const uint8_t* s[GROUP_MAX];
@@ -383,7 +379,6 @@ GEMV_ENTRY(gemv_sweep_w2d4t, 1, 2, 4, false, true, 8)
 // putting the row's amax in [2^14, 2^15), in the GEMV's pair order: within each 8, (x3,x7)
 // (x2,x6) (x1,x5) (x0,x4). inv[t] = 2^-e_t. An all-zero row keeps e_t = 0. Each thread holds
 // up to ROWSCALE_HELD groups of 8 in registers (K ≤ 32768 is read once), beyond that re-reads.
-#define ROWSCALE_THREADS 1024
 #define ROWSCALE_HELD 4
 extern "C" __global__ void __launch_bounds__(ROWSCALE_THREADS) f16_rowscaled(const float* __restrict__ x,
                                                                                uint16_t* __restrict__ out,

@@ -2,6 +2,7 @@
 // Qwen3.5's zero-centred (1+w) norms. `add_rms_norm` first adds the residual branch
 // (h_out = h + delta), the fusion of every decoder layer's middle. One block per row.
 #include <stdint.h>
+#include "geometry.h"
 #include "rowscale.cuh"
 
 __device__ __forceinline__ float block_sum(float v, float* shared) {
@@ -35,7 +36,6 @@ __device__ __forceinline__ void norm_row(const float* x, const float* w, float* 
 // residual branch is added first (h_out = h + delta). With F16 the output is also written in
 // the tensor-core GEMV's format (rowscale.cuh) to yh / inv: the next linear's input, converted
 // here instead of by a launch of its own.
-#define NORM_HELD 4
 template <bool ADD, bool F16>
 __device__ __forceinline__ void norm_row_v4(const float* h, const float* delta, float* h_out, const float* w, float* y,
                                             int d, float eps, float offset, uint16_t* yh, float* inv) {

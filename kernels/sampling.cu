@@ -8,8 +8,8 @@
 // search over order-preserving integer keys of the floats (no sort). The draw u ∈ [0,1) then
 // walks the kept tokens in index order. `cpu::sample` is the reference with the same semantics.
 #include <stdint.h>
+#include "geometry.h"
 
-#define SAMPLE_THREADS 1024
 
 __device__ __forceinline__ uint32_t order_key(float f) {
     uint32_t u = __float_as_uint(f);

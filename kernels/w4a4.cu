@@ -20,6 +20,7 @@
 // same registers by warp shuffles and computes the block-scaled products exactly: the loading
 // code is one and is tested on Hopper against the CPU emulation (fp4_format::nvfp4::w4a4_matmul).
 #include "nvfp4.cuh"
+#include "geometry.h"
 
 // One 16-element block: its E4M3 scale sf = e4m3(min(g·amax/6, 448)) with g = 1/input_scale, and
 // the 16 E2M1 codes of x·(1/(sf/g)) clamped to ±6 (element i in bits 4i.. of lo, then hi).
@@ -133,10 +134,7 @@ __device__ __forceinline__ void mma_fp4(float (&d)[4], const uint32_t (&a)[4], c
 #endif
 }
 
-#define W4A4_BM 64   // tokens per block
-#define W4A4_BN 64   // output features per block
 #define W4A4_WORDS 8 // u32 code words per row per 64-wide K step
-#define W4A4_THREADS 128
 
 // Loads rows [row0, row0 + 64) of one 64-wide K step into shared memory: code words (zero beyond
 // `rows` or K) and the 4 scale bytes as one u32 (zero likewise: a zero scale nulls the block).

@@ -5,6 +5,7 @@
 //! where transformers rounds when [`Precision::Bf16`] is asked for. Layouts are token-major
 //! (`[T, ...]`, one sequence).
 
+mod contract;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -4,6 +4,7 @@
 //! ops compute in f32 (`Precision::Bf16` is a CPU-only reference mode); a failing CUDA call (out
 //! of device memory) panics with the driver's message.
 
+pub use crate::contract::{Binary, GdnAlgo};
 pub use crate::cpu::{rope_inv_freq, GdnDims, SampleParams};
 pub use fused::*;
 
@@ -16,17 +17,6 @@ fn check(cond: bool, op: &str, msg: impl FnOnce() -> String) {
 
 #[cfg(feature = "cuda")]
 use crate::cuda::{self, gpu};
-
-/// Element-wise ops of two equal-shape inputs.
-#[derive(Debug, Clone, Copy)]
-pub enum Binary {
-    /// `silu(a) · b`
-    SiluMul,
-    /// `a · sigmoid(b)`
-    SigmoidGate,
-    /// `a + b`
-    Add,
-}
 
 /// Unwraps a CUDA result inside an op.
 #[cfg(feature = "cuda")]
@@ -332,15 +322,6 @@ pub fn causal_conv1d_silu(x: &Tensor, state: &mut Tensor, w: &Tensor, p: Precisi
             x.shape(),
         ),
     }
-}
-
-/// How the delta rule walks the sequence (on either device).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GdnAlgo {
-    /// Chunks of 64 tokens with a triangular solve inside each (prefill).
-    Chunked,
-    /// One token at a time (decode).
-    Recurrent,
 }
 
 /// Gated delta rule over `q, k [T, Hk·dk]`, `v [T, Hv·dv]`, `g, beta [T, Hv]`, from and into

@@ -4,19 +4,19 @@
 //! (`kernels/decode.cu`). Each computes what a sequence of the plain launchers computes (the
 //! CPU references compose the plain ops); a decode step of the 9B takes ~300 fewer launches.
 
-use super::{norm_v4, Gpu, MmaActivations, Result, MMA_GEMV_MAX_TOKENS};
+use super::{geometry, norm_v4, Gpu, MmaActivations, Result, MMA_GEMV_MAX_TOKENS};
+use crate::contract::Binary;
 use crate::cpu::GdnDims;
-use crate::ops::Binary;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use std::sync::atomic::Ordering;
 
 /// `GDN_FUSED_THREADS` of `gdn_decode_fused`, and the head sizes it takes.
-const GDN_FUSED_THREADS: u32 = 512;
-const GDN_FUSED_MAX_D: usize = 128;
+const GDN_FUSED_THREADS: u32 = geometry::GDN_FUSED_THREADS as u32;
+const GDN_FUSED_MAX_D: usize = geometry::GDN_FUSED_MAX_D;
 /// `ROWS_HELD` of the `*_f16` element-wise kernels (float4s per thread, 1024 threads at most).
-const ROWS_HELD: usize = 4;
+const ROWS_HELD: usize = geometry::ROWS_HELD;
 /// Largest head `attn_decode_prep` takes (one thread per dim; its shared row).
-const PREP_MAX_D: usize = 512;
+const PREP_MAX_D: usize = geometry::ATT_PREP_MAX_D;
 
 impl Gpu {
     /// Whether the input of a linear, `t` rows of `k`, can be produced in the tensor-core GEMV's
