@@ -1,0 +1,330 @@
+//! GEMV and GEMM launchers (`kernels/gemv.cu`, cuBLAS over dequantized weights): every linear layer's product, and the weights' upload.
+
+use super::*;
+
+impl Gpu {
+    pub fn upload_nvfp4(&self, w: &Nvfp4Weight) -> GpuNvfp4 {
+        GpuNvfp4 {
+            rows: w.rows,
+            cols: w.cols,
+            packed: self.upload(&w.packed),
+            scales: self.upload(&w.scales),
+            scale_2: w.scale_2,
+        }
+    }
+
+    /// `scale ·` a bf16 weight from f32 values (rounded to nearest even; exact for BF16
+    /// checkpoints and E4M3 codes).
+    pub fn upload_bf16(&self, w: &[f32], rows: usize, cols: usize, scale: f32) -> GpuWeight {
+        assert_eq!(w.len(), rows * cols, "upload_bf16 shape");
+        let bits: Vec<u16> = w.iter().map(|&x| (fp4_format::dtype::round_bf16(x).to_bits() >> 16) as u16).collect();
+        GpuWeight::Bf16 { w: self.upload(&bits), rows, cols, scale }
+    }
+
+    /// `y [t, rows] = x [t, cols] · Wᵀ`: GEMV kernels for up to [`GEMV_MAX_TOKENS`] tokens, else
+    /// dequantize W (bf16, or f32 in exact mode) and run a cuBLAS GEMM with f32 accumulation
+    /// (NVFP4's scale_2 as the GEMM's alpha).
+    pub fn linear(&self, x: &CudaSlice<f32>, t: usize, w: &GpuWeight) -> Result<CudaSlice<f32>> {
+        let (n, k) = (w.rows(), w.cols());
+        assert!(x.len() >= t * k, "linear: x has {} elements, needs {t}×{k}", x.len());
+        let exact = self.exact_gemm.load(Ordering::Relaxed);
+        if let GpuWeight::Nvfp4(q) = w {
+            if let Some(y) = self.nvfp4_small_batch(x, t, q)? {
+                return Ok(y);
+            }
+        }
+        let gemv_ok = t <= GEMV_MAX_TOKENS && k.is_multiple_of(8);
+        let mut y = self.alloc::<f32>(t * n)?;
+        if let (true, GpuWeight::Bf16 { w, scale, .. }) = (gemv_ok, w) {
+            let (ni, ki) = (n as i32, k as i32);
+            if n < ROWBLOCK_MAX_ROWS {
+                let cfg = LaunchConfig {
+                    grid_dim: (n as u32, t as u32, 1),
+                    block_dim: (ROWBLOCK_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                launch!(self, bf16_gemv_rowblock, cfg, w, scale, x, &mut y, &ni, &ki);
+            } else {
+                launch!(self, bf16_gemv, gemv_cfg(n, t), w, scale, x, &mut y, &ni, &ki);
+            }
+            return Ok(y);
+        }
+        let (elems, bytes) = (n * k, n * k / 2);
+        match (w, exact) {
+            (GpuWeight::Nvfp4(q), false) => {
+                let mut wd = self.alloc::<u16>(elems)?;
+                launch!(self, nvfp4_dequant_bf16, flat(bytes), &q.packed, &q.scales, &mut wd, &bytes);
+                let xb = self.to_bf16(x, t * k)?;
+                self.gemm(&xb, &wd, &mut y, t, n, k, q.scale_2, blas_sys::cudaDataType::CUDA_R_16BF)?;
+            }
+            (GpuWeight::Nvfp4(q), true) => {
+                let mut wd = self.alloc::<f32>(elems)?;
+                launch!(self, nvfp4_dequant_f32, flat(bytes), &q.packed, &q.scales, &mut wd, &bytes);
+                self.gemm(x, &wd, &mut y, t, n, k, q.scale_2, blas_sys::cudaDataType::CUDA_R_32F)?;
+            }
+            (GpuWeight::Bf16 { w, scale, .. }, false) => {
+                let xb = self.to_bf16(x, t * k)?;
+                self.gemm(&xb, w, &mut y, t, n, k, *scale, blas_sys::cudaDataType::CUDA_R_16BF)?;
+            }
+            (GpuWeight::Bf16 { w, scale, .. }, true) => {
+                let mut wd = self.alloc::<f32>(elems)?;
+                launch!(self, bf16_to_f32, flat(elems), w, &mut wd, &elems);
+                self.gemm(x, &wd, &mut y, t, n, k, *scale, blas_sys::cudaDataType::CUDA_R_32F)?;
+            }
+        }
+        Ok(y)
+    }
+
+    /// The GEMV paths of an NVFP4 linear, when one applies: the tensor-core GEMV for up to
+    /// [`MMA_GEMV_MAX_TOKENS`] tokens (`k % 32 == 0`), or in exact mode the f32 CUDA-core GEMV
+    /// for up to [`GEMV_MAX_TOKENS`]. `None`: use a GEMM.
+    pub(super) fn nvfp4_small_batch(
+        &self,
+        x: &CudaSlice<f32>,
+        t: usize,
+        q: &GpuNvfp4,
+    ) -> Result<Option<CudaSlice<f32>>> {
+        let k = q.cols;
+        if self.mma_gemv_applies(t, q) {
+            return self.nvfp4_mma_gemv(x, t, q).map(Some);
+        }
+        if t <= GEMV_MAX_TOKENS && k.is_multiple_of(8) {
+            return self.nvfp4_gemv(x, t, q).map(Some);
+        }
+        Ok(None)
+    }
+
+    /// `y [t, n] = x [t, k] · Wᵀ` on the tensor cores (`t ≤ 64`, `k % 32 == 0`): x to f16 with a
+    /// power-of-two scale per token (`f16_rowscaled`), then `nvfp4_mma_gemv_nt*`, one block per
+    /// 16-row tile over the whole of K (see `kernels/gemv.cu`).
+    pub fn nvfp4_mma_gemv(&self, x: &CudaSlice<f32>, t: usize, q: &GpuNvfp4) -> Result<CudaSlice<f32>> {
+        let act = self.mma_activations(x, t, q.cols)?;
+        self.nvfp4_mma_gemv_on(&act, q)
+    }
+
+    /// Whether an NVFP4 linear of `t` tokens runs on the tensor-core GEMV (in the current mode).
+    pub fn mma_gemv_applies(&self, t: usize, q: &GpuNvfp4) -> bool {
+        !self.exact_gemm.load(Ordering::Relaxed) && (1..=MMA_GEMV_MAX_TOKENS).contains(&t) && q.cols.is_multiple_of(32)
+    }
+
+    /// `x [t, k]` as the tensor-core GEMV reads it (`f16_rowscaled`): converted once, it serves
+    /// every linear of that input (q/k/v, gate/up, the GDN input projections).
+    pub fn mma_activations(&self, x: &CudaSlice<f32>, t: usize, k: usize) -> Result<MmaActivations> {
+        assert!(
+            (1..=MMA_GEMV_MAX_TOKENS).contains(&t) && x.len() >= t * k && k.is_multiple_of(32),
+            "nvfp4_mma_gemv: x [{t}, {k}]"
+        );
+        let (mut xh, mut inv) = (self.alloc::<u16>(t * k)?, self.alloc::<f32>(t)?);
+        let ki = k as i32;
+        let cfg = LaunchConfig { grid_dim: (t as u32, 1, 1), block_dim: (ROWSCALE_THREADS, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, f16_rowscaled, cfg, x, &mut xh, &mut inv, &ki);
+        Ok(MmaActivations { xh, inv, t, k })
+    }
+
+    /// The tensor-core GEMV over converted activations (see [`Gpu::nvfp4_mma_gemv`]).
+    pub fn nvfp4_mma_gemv_on(&self, a: &MmaActivations, q: &GpuNvfp4) -> Result<CudaSlice<f32>> {
+        Ok(self.nvfp4_mma_gemv_group(a, &[q])?.pop().expect("one output per weight"))
+    }
+
+    /// `y_i [t, n_i] = x · W_iᵀ` for weights of one input, up to [`MMA_GROUP_MAX`] per launch
+    /// (the kernel's grid runs over the 16-row tiles of all of them).
+    pub fn nvfp4_mma_gemv_group(&self, a: &MmaActivations, ws: &[&GpuNvfp4]) -> Result<Vec<CudaSlice<f32>>> {
+        self.gemv_group_res_on(self.mma_kernel(a.t), MMA_WARPS, a, ws, &vec![None; ws.len()])
+    }
+
+    /// `residual + x · Wᵀ` on the tensor-core GEMV, the add in its epilogue (a decoder layer's
+    /// `h + down_proj(·)`): the same floats as the GEMV then [`Gpu::binary`]'s add.
+    pub fn nvfp4_mma_gemv_add(
+        &self,
+        a: &MmaActivations,
+        q: &GpuNvfp4,
+        residual: &CudaSlice<f32>,
+    ) -> Result<CudaSlice<f32>> {
+        let mut ys = self.gemv_group_res_on(self.mma_kernel(a.t), MMA_WARPS, a, &[q], &[Some(residual)])?;
+        Ok(ys.pop().expect("one output per weight"))
+    }
+
+    /// The `nvfp4_mma_gemv_nt*` kernel for `t` tokens.
+    pub(super) fn mma_kernel(&self, t: usize) -> &CudaFunction {
+        &self.k.nvfp4_mma[t.div_ceil(8).next_power_of_two().trailing_zeros() as usize]
+    }
+
+    /// Names of the GEMV geometry-sweep kernels (one n-tile: up to 8 tokens).
+    pub fn gemv_sweep_names(&self) -> Vec<&'static str> {
+        self.k.gemv_sweep.iter().map(|v| v.0).collect()
+    }
+
+    /// [`Gpu::nvfp4_mma_gemv_group`] through sweep kernel `i` (`a.t ≤ 8`); `tiled` holds each
+    /// weight in the tiled layout (`nvfp4_tile`) for the kernels that read it.
+    pub fn nvfp4_mma_gemv_sweep(
+        &self,
+        i: usize,
+        a: &MmaActivations,
+        ws: &[&GpuNvfp4],
+        tiled: &[GpuNvfp4],
+    ) -> Result<Vec<CudaSlice<f32>>> {
+        assert!(a.t <= 8, "the sweep kernels take one n-tile");
+        let (_, warps, is_tiled, f) = &self.k.gemv_sweep[i];
+        if *is_tiled {
+            let refs: Vec<&GpuNvfp4> = tiled.iter().collect();
+            return self.gemv_group_on(f, *warps, a, &refs);
+        }
+        self.gemv_group_on(f, *warps, a, ws)
+    }
+
+    /// `q` in the tiled layout of `kernels/gemv.cu` (same rows, cols, scale_2).
+    pub fn nvfp4_tiled(&self, q: &GpuNvfp4) -> Result<GpuNvfp4> {
+        let (tiles, chunks) = (q.rows.div_ceil(16), q.cols.div_ceil(geometry::MMA_CHUNK));
+        let (mut wt, mut st) = (self.alloc::<u8>(tiles * chunks * 1024)?, self.alloc::<u8>(tiles * chunks * 128)?);
+        let (ni, ki) = (q.rows as i32, q.cols as i32);
+        launch!(self, nvfp4_tile, flat(tiles * chunks * 32), &q.packed, &q.scales, &mut wt, &mut st, &ni, &ki);
+        Ok(GpuNvfp4 { rows: q.rows, cols: q.cols, packed: wt, scales: st, scale_2: q.scale_2 })
+    }
+
+    /// Converts `x [t, k]` for the tensor-core GEMV (timing the conversion alone).
+    pub fn mma_activations_only(&self, x: &CudaSlice<f32>, t: usize, k: usize) -> Result<()> {
+        self.mma_activations(x, t, k).map(drop)
+    }
+
+    pub(super) fn gemv_group_on(
+        &self,
+        f: &CudaFunction,
+        warps: u32,
+        a: &MmaActivations,
+        ws: &[&GpuNvfp4],
+    ) -> Result<Vec<CudaSlice<f32>>> {
+        let none = vec![None; ws.len()];
+        self.gemv_group_res_on(f, warps, a, ws, &none)
+    }
+
+    /// [`Gpu::gemv_group_on`] with `residuals[i]` (`[t, n_i]`) added to output i where given.
+    pub(super) fn gemv_group_res_on(
+        &self,
+        f: &CudaFunction,
+        warps: u32,
+        a: &MmaActivations,
+        ws: &[&GpuNvfp4],
+        residuals: &[Option<&CudaSlice<f32>>],
+    ) -> Result<Vec<CudaSlice<f32>>> {
+        let (k, t) = (a.k, a.t);
+        assert_eq!(residuals.len(), ws.len(), "nvfp4_mma_gemv: one residual slot per weight");
+        let mut ys = Vec::with_capacity(ws.len());
+        for (group, res) in ws.chunks(MMA_GROUP_MAX).zip(residuals.chunks(MMA_GROUP_MAX)) {
+            let mut args = GemvGroup::default();
+            let mut outs: Vec<CudaSlice<f32>> = Vec::with_capacity(group.len());
+            for q in group {
+                assert_eq!(q.cols, k, "nvfp4_mma_gemv: activations of width {k} for a weight of {} columns", q.cols);
+                outs.push(self.alloc::<f32>(t * q.rows)?);
+            }
+            let mut guards = Vec::new();
+            let mut res_guards = Vec::new();
+            let mut tiles = 0;
+            for (i, ((q, y), r)) in group.iter().zip(outs.iter_mut()).zip(res).enumerate() {
+                let (w, gw) = q.packed.device_ptr(&self.stream);
+                let (s, gs) = q.scales.device_ptr(&self.stream);
+                let (yp, gy) = y.device_ptr_mut(&self.stream);
+                guards.push((gw, gs, gy));
+                if let Some(r) = r {
+                    assert_eq!(r.len(), t * q.rows, "nvfp4_mma_gemv: residual of {} for [{t}, {}]", r.len(), q.rows);
+                    let (rp, gr) = r.device_ptr(&self.stream);
+                    res_guards.push(gr);
+                    args.r[i] = rp;
+                }
+                tiles += q.rows.div_ceil(16) as i32;
+                (args.w[i], args.s[i], args.y[i]) = (w, s, yp);
+                (args.scale_2[i], args.n[i], args.tiles_end[i]) = (q.scale_2, q.rows as i32, tiles);
+            }
+            args.count = group.len() as i32;
+            let cfg =
+                LaunchConfig { grid_dim: (tiles as u32, 1, 1), block_dim: (warps * 32, 1, 1), shared_mem_bytes: 0 };
+            let (ki, ti) = (k as i32, t as i32);
+            let mut b = self.stream.launch_builder(f);
+            b.arg(&args).arg(&a.xh).arg(&a.inv).arg(&ki).arg(&ti);
+            // SAFETY: the arguments follow nvfp4_mma_gemv_nt*'s signature; xh and inv hold t rows of
+            // k (checked when converted), each weight is [n_i, k] with k % 32 == 0 (the pointers
+            // stay valid: the weights outlive the launch), each output and residual t·n_i floats.
+            unsafe { b.launch(cfg) }?;
+            drop(guards);
+            drop(res_guards);
+            ys.extend(outs);
+        }
+        Ok(ys)
+    }
+
+    /// `y [t, n] = x [t, k] · Wᵀ` by the NVFP4 GEMV (W4A16; a few tokens, `k % 8 == 0`).
+    pub(super) fn nvfp4_gemv(&self, x: &CudaSlice<f32>, t: usize, q: &GpuNvfp4) -> Result<CudaSlice<f32>> {
+        let (n, k) = (q.rows, q.cols);
+        assert!(x.len() >= t * k && k.is_multiple_of(8), "nvfp4_gemv: x [{t}, {k}]");
+        let mut y = self.alloc::<f32>(t * n)?;
+        let (ni, ki) = (n as i32, k as i32);
+        launch!(self, nvfp4_gemv, gemv_cfg(n, t), &q.packed, &q.scales, &q.scale_2, x, &mut y, &ni, &ki);
+        Ok(y)
+    }
+
+    /// `y [t, n] = x [t, k] · w [n, k]ᵀ` for an f32 weight (a tied LM head), cuBLAS f32.
+    pub fn linear_f32(
+        &self,
+        x: &CudaSlice<f32>,
+        t: usize,
+        w: &CudaSlice<f32>,
+        n: usize,
+        k: usize,
+    ) -> Result<CudaSlice<f32>> {
+        assert!(x.len() >= t * k && w.len() >= n * k, "linear_f32 shapes");
+        let mut y = self.alloc::<f32>(t * n)?;
+        self.gemm(x, w, &mut y, t, n, k, 1.0, blas_sys::cudaDataType::CUDA_R_32F)?;
+        Ok(y)
+    }
+
+    pub(super) fn to_bf16(&self, x: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<u16>> {
+        let mut xb = self.alloc::<u16>(n)?;
+        launch!(self, f32_to_bf16, flat(n), x, &mut xb, &n);
+        Ok(xb)
+    }
+
+    /// Row-major `y [t, n] = alpha · x [t, k] · w [n, k]ᵀ` with f32 output and accumulation: in
+    /// cuBLAS's column-major terms `yᵀ [n, t] = wᵀᵀ · xᵀ` (A = w read transposed, lda = k).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm<A: cudarc::driver::DeviceRepr, B: cudarc::driver::DeviceRepr>(
+        &self,
+        x: &CudaSlice<A>,
+        w: &CudaSlice<B>,
+        y: &mut CudaSlice<f32>,
+        t: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        dtype: blas_sys::cudaDataType,
+    ) -> Result<()> {
+        let beta = 0f32;
+        let (xp, _gx) = x.device_ptr(&self.stream);
+        let (wp, _gw) = w.device_ptr(&self.stream);
+        let (yp, _gy) = y.device_ptr_mut(&self.stream);
+        // SAFETY: pointers come from live buffers of at least t·k, n·k and t·n elements of the
+        // declared types (checked by the callers); alpha/beta are host f32 as CUBLAS_COMPUTE_32F needs.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                t as i32,
+                k as i32,
+                (&alpha) as *const f32 as *const _,
+                wp as *const _,
+                dtype,
+                k as i32,
+                xp as *const _,
+                dtype,
+                k as i32,
+                (&beta) as *const f32 as *const _,
+                yp as *mut _,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                n as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )?;
+        }
+        Ok(())
+    }
+}
