@@ -358,9 +358,7 @@ impl Linear {
             LinearMethod::Gpu { .. } => unreachable!("handled above"),
         }
     }
-}
 
-impl Linear {
     /// `residual + self.forward(x)` (a decoder layer's residual branch); on the GPU a W4A16
     /// NVFP4 weight adds in the GEMV's epilogue.
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor, p: Precision) -> Tensor {
