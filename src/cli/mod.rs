@@ -2,6 +2,7 @@
 
 mod bench;
 mod calib;
+mod card;
 mod chat;
 mod eval;
 mod generate;
@@ -39,6 +40,9 @@ enum Command {
     /// The whole loop: quantize each strategy, serve it, smoke test, bench against a peer, KL,
     /// pick the best (no arguments: the embedded mini-Annie).
     Loop(Box<r#loop::Args>),
+    /// Write the Hugging Face model card (README.md) of a checkpoint `fp4 loop` measured, from
+    /// its run directory's JSON.
+    Card(card::Args),
     /// Calibration conversations: generate from a teacher, validate, clean.
     #[command(subcommand)]
     Calib(calib::Command),
@@ -62,6 +66,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Loop(a) => r#loop::run(*a),
+        Command::Card(a) => card::run(a),
         Command::Calib(c) => calib::run(c),
         Command::Eval(c) => eval::run(c),
         Command::Selftest(a) => selftest::run(a),

@@ -318,17 +318,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let plan = plan(a)?;
     let ckpt = fp4_format::Checkpoint::open(&plan.model)
         .with_context(|| format!("cannot open model {}", plan.model.display()))?;
-    std::fs::create_dir_all(&plan.out).with_context(|| format!("cannot create {}", plan.out.display()))?;
-    for d in ["bench", "kl", "logs"] {
-        std::fs::create_dir_all(plan.out.join(d))
-            .with_context(|| format!("cannot create {}", plan.out.join(d).display()))?;
-    }
     let compute = ComputeArgs { dtype: Dtype::F32, w4a4: !w4a16, w4a16, device, exact_gemm: false };
     let mut serve_extra = serve_args;
     if device == DeviceArg::Cuda {
         serve_extra.extend(["--device".to_string(), "cuda".to_string()]);
     }
     let (calibration, eval, eval_samples, calib_samples) = data_plan(&plan, &ckpt)?;
+    // Inputs checked: only now is anything written.
+    for d in ["", "bench", "kl", "logs"] {
+        let d = plan.out.join(d);
+        std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
     let mut plan = plan;
     plan.calib_samples = Some(calib_samples);
     let summary = Summary {
@@ -477,22 +477,20 @@ fn data_plan(
         Some(n) => n,
         None => available,
     };
-    let rtn_samples = match &plan.rtn_calib_data {
-        Some(f) => Some(
-            fp4_quant::calib::load(f, &plan.model, usize::MAX, positions, vocab)
-                .with_context(|| format!("--rtn-calib-data {}", f.display()))?
-                .samples
-                .len(),
-        ),
-        None => None,
-    };
-    let calib = calib_stats(
+    let mut calib = calib_stats(
         &plan.calib_data,
         calib_samples,
         all[..calib_samples].iter().map(Vec::len).sum(),
         plan.calib_description.clone(),
     )?;
-    let calib = CalibInfo { rtn_file: plan.rtn_calib_data.clone(), rtn_samples, ..calib };
+    if let Some(f) = &plan.rtn_calib_data {
+        let rtn = fp4_quant::calib::load(f, &plan.model, usize::MAX, positions, vocab)
+            .with_context(|| format!("--rtn-calib-data {}", f.display()))?
+            .samples;
+        let tokens = rtn.iter().map(Vec::len).sum();
+        let what = "generic data for the naive rtn baseline (--rtn-calib-data)".to_string();
+        calib.rtn = Some(Box::new(calib_stats(f, rtn.len(), tokens, Some(what))?));
+    }
     let eval_info = EvalInfo {
         file: eval_file,
         held_out_of_calibration: plan.eval_data.is_none(),
@@ -539,8 +537,7 @@ fn calib_stats(path: &Path, samples: usize, tokens: usize, description: Option<S
         tool_call_share: (conversations > 0).then(|| with_tool_calls as f64 / conversations as f64),
         categories,
         description,
-        rtn_file: None,
-        rtn_samples: None,
+        rtn: None,
     })
 }
 

@@ -64,9 +64,8 @@ pub struct CalibInfo {
     pub categories: BTreeMap<String, usize>,
     /// How the data was made (`--calib-description`, or what fp4 can tell).
     pub description: String,
-    /// rtn's calibration file when it differs (`--rtn-calib-data`), and its sample count.
-    pub rtn_file: Option<PathBuf>,
-    pub rtn_samples: Option<usize>,
+    /// rtn's own calibration data when it differs (`--rtn-calib-data`; rtn uses all of it).
+    pub rtn: Option<Box<CalibInfo>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
