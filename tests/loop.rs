@@ -3,9 +3,12 @@
 //! peer, KL, the choice; then a resumed run against a dead peer; then `fp4 card` checked against
 //! the run's JSON.
 
+mod common;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -230,4 +233,37 @@ fn loop_rejects_bad_input_before_any_work() {
         assert!(!o.status.success() && stderr(&o).contains(msg), "{args:?}: {}", stderr(&o));
     }
     assert!(!tmp.path().join("r").exists(), "nothing is written before the inputs are checked");
+}
+
+/// The loop's child servers end with their parent: `fp4 serve --exit-on-stdin-eof` shuts down
+/// when its standard input closes (the parent's end of the pipe goes with the parent).
+#[test]
+fn a_child_server_exits_when_its_stdin_closes() {
+    let (_dir, model) = common::model_dir();
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fp4"))
+        .args(["serve", "--model", model.to_str().unwrap(), "--host", "127.0.0.1", "--port", &port.to_string()])
+        .arg("--exit-on-stdin-eof")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let health = format!("http://127.0.0.1:{port}/health");
+    while !ureq::get(&health).call().is_ok_and(|r| r.status() == 200) {
+        assert!(started.elapsed() < Duration::from_secs(60), "the server never became ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(child.try_wait().unwrap().is_none(), "it runs while the pipe is open");
+    drop(child.stdin.take());
+    let closed = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(closed.elapsed() < Duration::from_secs(30), "the server outlived its stdin");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
