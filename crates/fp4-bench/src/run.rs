@@ -8,6 +8,18 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use std::time::Duration;
 
+/// The gates every backend result has, in order.
+pub const GATE_NAMES: [&str; 8] = [
+    "thinking_leak",
+    "tool_calling",
+    "no_markdown",
+    "factual",
+    "reasoning",
+    "verbosity_tokens",
+    "ttft_ms_p50",
+    "decode_tok_s_p50",
+];
+
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub warmup: usize,

@@ -146,6 +146,8 @@ fn gates_score_scripted_replies_exactly() {
     let opts = RunOptions { warmup: 1, runs: 2, timeout: Duration::from_secs(10) };
     let results = run(&suite, &[a, b, c], &opts, &|_, _| {}).unwrap();
     let gate = |bi: usize, name: &str| results[bi].gates.iter().find(|g| g.name == name).unwrap().clone();
+    let names: Vec<&str> = results[0].gates.iter().map(|g| g.name).collect();
+    assert_eq!(names, fp4_bench::run::GATE_NAMES);
     assert_eq!(gate(0, "no_markdown").value, 11.0);
     assert!(!gate(0, "no_markdown").pass, "11/15 is under the 12/15 gate");
     assert_eq!(gate(0, "thinking_leak").value, 2.0);

@@ -230,16 +230,7 @@ fn plan(a: Args) -> anyhow::Result<Plan> {
             PeerSpec::External(Backend { name: name.into(), url: url.into(), api_key: a.peer_api_key.clone() })
         }
     };
-    let gate_names = [
-        "thinking_leak",
-        "tool_calling",
-        "no_markdown",
-        "factual",
-        "reasoning",
-        "verbosity_tokens",
-        "ttft_ms_p50",
-        "decode_tok_s_p50",
-    ];
+    let gate_names = fp4_bench::run::GATE_NAMES;
     let skip_gates = match a.skip_gates {
         Some(g) => g.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
         None if mini && a.device == DeviceArg::Cpu => vec!["ttft_ms_p50".into(), "decode_tok_s_p50".into()],
