@@ -243,7 +243,7 @@ fn render(x: &Inputs, base_model: Option<&str>, license: Option<&str>) -> anyhow
         row.config,
         if chosen {
             format!(
-                "`fp4 loop` chose it among {} strategies: it passes every required gate with the lowest TTFT.",
+                "`fp4 loop` chose it among the {} strategies it ran: it passes every required gate with the lowest TTFT.",
                 s.strategies.len()
             )
         } else {
@@ -265,8 +265,11 @@ fn render(x: &Inputs, base_model: Option<&str>, license: Option<&str>) -> anyhow
         report["strategy"].as_str().unwrap_or("?"),
         report["algorithm"].as_str().unwrap_or("?")
     );
-    let _ =
-        writeln!(md, "| format | ModelOpt `{quant_algo}`, group size {} |", x.hf_quant["quantization"]["group_size"]);
+    let _ = writeln!(
+        md,
+        "| format | ModelOpt `{quant_algo}`{} |",
+        x.hf_quant["quantization"]["group_size"].as_u64().map_or(String::new(), |g| format!(", group size {g}"))
+    );
     let _ = writeln!(md, "| quantized linear layers | {ql} of {} |", ql + ul);
     match report["auto_mixed"]["effective_bits"].as_f64() {
         Some(b) => {
@@ -405,7 +408,7 @@ fn render(x: &Inputs, base_model: Option<&str>, license: Option<&str>) -> anyhow
             f(m.ttft_ms_p50, 1),
             f(m.ttft_ms_p95, 1),
             peer_m.map_or(String::new(), |p| format!(
-                " {} / {} | {} faster |",
+                " {} / {} | {} |",
                 f(p.ttft_ms_p50, 1),
                 f(p.ttft_ms_p95, 1),
                 ratio(row.ttft_speedup_vs_peer)
