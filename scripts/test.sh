@@ -10,5 +10,16 @@ cargo test --workspace
 CUDA_HOME=$(scripts/nvcc.sh)
 export CUDA_HOME
 cargo clippy --workspace --all-targets --features cuda -- -D warnings
-# The server as the official openai client sees it (needs `pip install openai`; .ci/run installs it).
-python3 tests/serve/conformance.py --fp4 target/debug/fp4
+# The server as the official openai client sees it. The client comes from the system's python3
+# when it has one, else from PyPI into target/py (a venv, like scripts/nvcc.sh's).
+py=python3
+if ! python3 -c "import openai" > /dev/null 2>&1; then
+    if [ ! -x target/py/bin/python ]; then
+        python3 -m venv target/py
+    fi
+    if ! target/py/bin/python -c "import openai" > /dev/null 2>&1; then
+        target/py/bin/pip install -q --disable-pip-version-check openai
+    fi
+    py=target/py/bin/python
+fi
+"$py" tests/serve/conformance.py --fp4 "${CARGO_TARGET_DIR:-target}/debug/fp4"

@@ -2,11 +2,13 @@
 
 mod bench;
 mod calib;
+mod card;
 mod chat;
 mod eval;
 mod generate;
 mod inspect;
 mod logits;
+mod r#loop;
 mod quantize;
 mod selftest;
 mod serve;
@@ -35,6 +37,12 @@ enum Command {
     Serve(serve::Args),
     /// Benchmark one or two OpenAI endpoints: TTFT, decode speed and behaviour gates.
     Bench(bench::Args),
+    /// The whole loop: quantize each strategy, serve it, smoke test, bench against a peer, KL,
+    /// pick the best (no arguments: the embedded mini-Annie).
+    Loop(Box<r#loop::Args>),
+    /// Write the Hugging Face model card (README.md) of a checkpoint `fp4 loop` measured, from
+    /// its run directory's JSON.
+    Card(card::Args),
     /// Calibration conversations: generate from a teacher, validate, clean.
     #[command(subcommand)]
     Calib(calib::Command),
@@ -57,6 +65,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Quantize(a) => quantize::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Loop(a) => r#loop::run(*a),
+        Command::Card(a) => card::run(a),
         Command::Calib(c) => calib::run(c),
         Command::Eval(c) => eval::run(c),
         Command::Selftest(a) => selftest::run(a),

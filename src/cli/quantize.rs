@@ -117,6 +117,14 @@ pub struct Args {
     force: bool,
 }
 
+/// The strategy files built into fp4 (`configs/strategies/`), so that `fp4 loop` needs no
+/// checkout: the seed's A, B and C.
+pub(super) const BUILT_IN: [(&str, &str); 3] = [
+    ("A", include_str!("../../configs/strategies/A.toml")),
+    ("B", include_str!("../../configs/strategies/B.toml")),
+    ("C", include_str!("../../configs/strategies/C.toml")),
+];
+
 /// A `configs/strategies/*.toml` file.
 #[derive(serde::Deserialize, Default, Debug)]
 #[serde(deny_unknown_fields)]
@@ -141,16 +149,16 @@ struct StrategyFile {
 impl StrategyFile {
     fn read(path: &std::path::Path) -> anyhow::Result<StrategyFile> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("{}: invalid strategy file", path.display()))
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    fn parse(text: &str, shown: &str) -> anyhow::Result<StrategyFile> {
+        toml::from_str(text).with_context(|| format!("{shown}: invalid strategy file"))
     }
 }
 
 /// Command-line flags over the strategy file over the defaults.
-fn merge(mut a: Args) -> anyhow::Result<Args> {
-    let file = match &a.config {
-        Some(p) => StrategyFile::read(p)?,
-        None => StrategyFile::default(),
-    };
+fn merge(mut a: Args, file: StrategyFile) -> anyhow::Result<Args> {
     if let Some(d) = &file.description {
         tracing::info!(config = %a.config.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), "{d}");
     }
@@ -197,9 +205,41 @@ impl Progress for Bar {
     }
 }
 
+/// `fp4 quantize` as parsed from a command line (`quantize --model …`): `fp4 loop` builds its
+/// quantize steps this way, so the defaults stay those of `fp4 quantize`.
+pub(super) fn parse_args<I: IntoIterator<Item = std::ffi::OsString>>(argv: I) -> anyhow::Result<Args> {
+    #[derive(clap::Parser)]
+    struct Quantize {
+        #[command(flatten)]
+        args: Args,
+    }
+    use clap::Parser;
+    Ok(Quantize::try_parse_from(argv)?.args)
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
+    let file = match &a.config {
+        Some(p) => StrategyFile::read(p)?,
+        None => StrategyFile::default(),
+    };
+    run_merged(merge(a, file)?)
+}
+
+/// Quantizes with one of the [`BUILT_IN`] strategy files (`name`); `--config` in `a` is ignored
+/// and recorded as `built-in NAME`.
+pub(super) fn run_built_in(mut a: Args, name: &str) -> anyhow::Result<()> {
+    let (_, text) = BUILT_IN
+        .iter()
+        .find(|(n, _)| *n == name)
+        .with_context(|| format!("no built-in strategy `{name}` (built in: A, B, C)"))?;
+    let shown = format!("built-in {name}");
+    let file = StrategyFile::parse(text, &shown)?;
+    a.config = Some(PathBuf::from(shown));
+    run_merged(merge(a, file)?)
+}
+
+fn run_merged(a: Args) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let a = merge(a)?;
     anyhow::ensure!(
         a.device == DeviceArg::Cpu,
         "--device cuda: calibration on the GPU is not available in this build yet; use --device cpu"
@@ -315,6 +355,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "calib_seq_len": a.calib_seq_len, "exclude_layers": exclude, "calib_dtype": format!("{:?}", a.calib_dtype).to_lowercase(),
             "algorithm": format!("{algorithm:?}"), "config": a.config,
             "allow_pre_quant_scale": a.allow_pre_quant_scale, "effective_bits": a.effective_bits,
+            "score_samples": (strategy == StrategyArg::AutoMixed).then_some(a.score_samples),
         }),
     );
     extra.insert("serve_mode".into(), json!(a.serve_mode));

@@ -85,6 +85,10 @@ pub struct Args {
     /// Seconds to let in-flight requests finish after SIGTERM/Ctrl-C.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
+    /// Shut down when standard input reaches end of file: a parent (`fp4 loop`) holds the pipe,
+    /// so the server ends with it even when the parent is killed outright.
+    #[arg(long, hide = true)]
+    exit_on_stdin_eof: bool,
     #[command(flatten)]
     compute: ComputeArgs,
 }
@@ -220,7 +224,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         header_read_timeout: std::time::Duration::from_secs(a.header_read_timeout),
         max_connections: a.max_connections,
     };
-    rt.block_on(serve(state, listener, limits, a.shutdown_timeout))
+    rt.block_on(serve(state, listener, limits, a.shutdown_timeout, a.exit_on_stdin_eof))
 }
 
 /// What keeps slow or idle clients from holding the server.
@@ -277,6 +281,7 @@ async fn serve(
     listener: std::net::TcpListener,
     limits: ConnLimits,
     shutdown_timeout: u64,
+    exit_on_stdin_eof: bool,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let addr = listener.local_addr()?;
@@ -314,7 +319,22 @@ async fn serve(
         };
         #[cfg(not(unix))]
         let term = std::future::pending::<()>();
-        tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+        let stdin_closed = async {
+            if !exit_on_stdin_eof {
+                return std::future::pending::<()>().await;
+            }
+            // A plain thread, not spawn_blocking: the runtime must not wait for it on exit.
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut buf = [0u8; 256];
+                while matches!(std::io::stdin().read(&mut buf), Ok(n) if n > 0) {}
+                let _ = tx.send(());
+            });
+            let _ = rx.await;
+            tracing::info!("standard input closed (the parent process is gone)");
+        };
+        tokio::select! { _ = ctrl_c => {}, _ = term => {}, _ = stdin_closed => {} }
         tracing::info!("shutting down: draining in-flight requests");
         engine.shutdown();
         // Graceful shutdown returns once every connection is done; this bounds the wait.

@@ -6,6 +6,7 @@ pub mod client;
 pub mod gates;
 pub mod report;
 pub mod run;
+pub mod smoke;
 pub mod suite;
 
 #[derive(Debug, thiserror::Error)]

@@ -8,6 +8,18 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use std::time::Duration;
 
+/// The gates every backend result has, in order.
+pub const GATE_NAMES: [&str; 8] = [
+    "thinking_leak",
+    "tool_calling",
+    "no_markdown",
+    "factual",
+    "reasoning",
+    "verbosity_tokens",
+    "ttft_ms_p50",
+    "decode_tok_s_p50",
+];
+
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub warmup: usize,
@@ -185,7 +197,10 @@ fn summarize(
     };
     let of = |c: Category| tests.iter().filter(move |t| t.test.category == c);
     let non_tool: Vec<&TestResult> = tests.iter().filter(|t| t.test.category != Category::Tool).collect();
-    let leaks = non_tool.iter().filter(|t| majority(t, &|v| v.thinking_leak)).count();
+    // A test shows no leak only through replies: one whose runs mostly failed counts as a leak,
+    // so a backend that is down (or erring) never passes this gate by saying nothing.
+    let leaks = non_tool.iter().filter(|t| majority(t, &|v| v.thinking_leak || v.error)).count();
+    let reachable = model.is_ok();
     let count = |c: Category| of(c).filter(|t| t.pass).count();
     let all_runs = || tests.iter().flat_map(|t| t.runs.iter());
     let non_tool_tokens: Vec<f64> = non_tool
@@ -210,7 +225,7 @@ fn summarize(
         total: Some(total),
         pass: value >= threshold,
     };
-    let gates = vec![
+    let mut gates = vec![
         Gate {
             name: "thinking_leak",
             value: leaks as f64,
@@ -248,6 +263,10 @@ fn summarize(
             pass: decode.p50.is_some_and(|v| v >= g.decode_tok_s_min),
         },
     ];
+    if !reachable {
+        // Nothing was measured: no gate (even one with a zero threshold) passes.
+        gates.iter_mut().for_each(|g| g.pass = false);
+    }
     BackendResult {
         name: b.name.clone(),
         url: b.url.clone(),

@@ -14,16 +14,24 @@ enum Answer {
     Text(String),
     /// A structured tool call (name, arguments).
     Call(String, String),
+    /// An HTTP error status instead of a stream.
+    Status(u16),
 }
 
 /// Serves /v1/models and streaming /v1/chat/completions on a free port, answering each user
 /// prompt from `script` (default: "Sure."). Every content delta is one word.
 fn fake(script: Vec<(String, Answer)>) -> String {
+    fake_with(script, Answer::Text("Sure.".into()))
+}
+
+/// [`fake`] with another answer for prompts the script does not list.
+fn fake_with(script: Vec<(String, Answer)>, default: Answer) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             let script = script.clone();
+            let default = default.clone();
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(stream.try_clone().unwrap());
                 let mut first = String::new();
@@ -50,11 +58,11 @@ fn fake(script: Vec<(String, Answer)>) -> String {
                 let req: Value = serde_json::from_slice(&body).unwrap();
                 let prompt =
                     req["messages"].as_array().unwrap().last().unwrap()["content"].as_str().unwrap().to_string();
-                let answer = script
-                    .iter()
-                    .find(|(p, _)| *p == prompt)
-                    .map(|(_, a)| a.clone())
-                    .unwrap_or(Answer::Text("Sure.".into()));
+                let answer = script.iter().find(|(p, _)| *p == prompt).map(|(_, a)| a.clone()).unwrap_or(default);
+                if let Answer::Status(code) = answer {
+                    let _ = write!(out, "HTTP/1.1 {code} Oops\r\nContent-Length: 4\r\nConnection: close\r\n\r\noops");
+                    return;
+                }
                 let _ = write!(out, "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n");
                 let chunk = |delta: Value, finish: Option<&str>| {
                     format!("data: {}\n\n", json!({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}))
@@ -73,6 +81,7 @@ fn fake(script: Vec<(String, Answer)>) -> String {
                         let _ = out.write_all(chunk(json!({"tool_calls": tc}), None).as_bytes());
                         let _ = out.write_all(chunk(json!({}), Some("tool_calls")).as_bytes());
                     }
+                    Answer::Status(_) => unreachable!("answered above"),
                 }
                 let _ = out.write_all(b"data: [DONE]\n\n");
             });
@@ -137,6 +146,8 @@ fn gates_score_scripted_replies_exactly() {
     let opts = RunOptions { warmup: 1, runs: 2, timeout: Duration::from_secs(10) };
     let results = run(&suite, &[a, b, c], &opts, &|_, _| {}).unwrap();
     let gate = |bi: usize, name: &str| results[bi].gates.iter().find(|g| g.name == name).unwrap().clone();
+    let names: Vec<&str> = results[0].gates.iter().map(|g| g.name).collect();
+    assert_eq!(names, fp4_bench::run::GATE_NAMES);
     assert_eq!(gate(0, "no_markdown").value, 11.0);
     assert!(!gate(0, "no_markdown").pass, "11/15 is under the 12/15 gate");
     assert_eq!(gate(0, "thinking_leak").value, 2.0);
@@ -165,6 +176,12 @@ fn gates_score_scripted_replies_exactly() {
     assert!(results[2].error.is_some());
     assert_eq!(results[2].failed_requests, suite.tests.len() * 2);
     assert!(!results[2].all_gates_pass());
+    // Saying nothing is no proof of not leaking: a dead backend fails every gate, the thinking
+    // leak gate included (it used to pass with 0 leaks).
+    for g in &results[2].gates {
+        assert!(!g.pass, "gate {} passed for a backend that is down: {g:?}", g.name);
+    }
+    assert_eq!(gate(2, "thinking_leak").value, 25.0, "every unanswered non-tool test counts");
     // Reports and plots render for all three.
     let md = fp4_bench::report::markdown(&suite, &opts, &results);
     assert!(md.contains("| no_markdown | ≥ 12 | 11/15 ❌ | 15/15 ✅ |"), "{md}");
@@ -174,4 +191,18 @@ fn gates_score_scripted_replies_exactly() {
     let doc = fp4_bench::report::json_report(&suite, &opts, &results, 0, 1);
     assert_eq!(doc["schema"], "fp4.bench.v1");
     assert_eq!(doc["backends"][0]["tests"][0]["runs"][0]["reply"]["content"], "Boil it with **ginger**.");
+}
+
+#[test]
+fn a_backend_that_answers_only_errors_passes_no_gate() {
+    let suite = Suite::load(None).unwrap();
+    // Up (it lists a model) but every chat completion is an HTTP 500.
+    let b = Backend { name: "erring".into(), url: fake_with(vec![], Answer::Status(500)), api_key: None };
+    let opts = RunOptions { warmup: 0, runs: 1, timeout: Duration::from_secs(10) };
+    let r = &run(&suite, &[b], &opts, &|_, _| {}).unwrap()[0];
+    assert!(r.error.is_none(), "the backend is reachable");
+    assert_eq!(r.failed_requests, suite.tests.len());
+    for g in &r.gates {
+        assert!(!g.pass, "gate {} passed on error replies only: {g:?}", g.name);
+    }
 }

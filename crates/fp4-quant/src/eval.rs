@@ -3,9 +3,9 @@
 
 use crate::Result;
 use fp4_model::{Logits, Qwen35};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KlReport {
     pub samples: usize,
     pub tokens: usize,
@@ -34,9 +34,20 @@ fn argmax(row: &[f32]) -> usize {
 
 /// Compares `model` with `reference` on every position of every sample.
 pub fn kl(reference: &Qwen35, model: &Qwen35, samples: &[Vec<u32>]) -> Result<KlReport> {
+    kl_with_progress(reference, model, samples, &|_| {})
+}
+
+/// [`kl`], calling `progress(samples done)` after each sample.
+pub fn kl_with_progress(
+    reference: &Qwen35,
+    model: &Qwen35,
+    samples: &[Vec<u32>],
+    progress: &dyn Fn(usize),
+) -> Result<KlReport> {
     let vocab = reference.config.vocab_size;
     let (mut kls, mut agree, mut nll_ref, mut nll_q, mut predicted) = (Vec::new(), 0usize, 0f64, 0f64, 0usize);
-    for ids in samples {
+    for (done, ids) in samples.iter().enumerate() {
+        progress(done);
         let r = reference.forward(ids, &mut reference.new_cache(), Logits::All)?.into_vec();
         let q = model.forward(ids, &mut model.new_cache(), Logits::All)?.into_vec();
         for (t, (rr, qr)) in r.chunks_exact(vocab).zip(q.chunks_exact(vocab)).enumerate() {
@@ -50,6 +61,7 @@ pub fn kl(reference: &Qwen35, model: &Qwen35, samples: &[Vec<u32>]) -> Result<Kl
             }
         }
     }
+    progress(samples.len());
     let n = kls.len().max(1);
     let mut sorted = kls.clone();
     sorted.sort_by(f64::total_cmp);
