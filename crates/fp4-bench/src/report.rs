@@ -23,13 +23,17 @@ pub fn json_report(suite: &Suite, opts: &RunOptions, results: &[BackendResult], 
     })
 }
 
+/// Writes `text` to `path` through a uniquely named temporary file beside it (removed on any
+/// error), so a reader never sees half a report and two reports of one stem (`x.json`, `x.md`)
+/// written at once cannot swap contents.
 fn write_file(path: &Path, text: &str) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| BenchError::Output { path: dir.to_path_buf(), msg: e.to_string() })?;
-    }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).map_err(|e| BenchError::Output { path: tmp.clone(), msg: e.to_string() })?;
-    std::fs::rename(&tmp, path).map_err(|e| BenchError::Output { path: path.to_path_buf(), msg: e.to_string() })
+    let out = |p: &Path, e: &dyn std::fmt::Display| BenchError::Output { path: p.to_path_buf(), msg: e.to_string() };
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| out(dir, &e))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| out(dir, &e))?;
+    std::io::Write::write_all(&mut tmp, text.as_bytes()).map_err(|e| out(tmp.path(), &e))?;
+    tmp.persist(path).map_err(|e| out(path, &e.error))?;
+    Ok(())
 }
 
 pub fn write_json(path: &Path, v: &Value) -> Result<()> {
@@ -205,4 +209,41 @@ pub fn write_plots(dir: &Path, results: &[BackendResult]) -> Result<()> {
 
 pub fn write_markdown(path: &Path, text: &str) -> Result<()> {
     write_file(path, text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `x.json` and `x.md` written at the same time keep their own contents (a temporary name
+    /// derived from the stem was shared by both).
+    #[test]
+    fn reports_of_one_stem_written_at_once_keep_their_contents() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (json, md) = (dir.path().join("r.json"), dir.path().join("r.md"));
+        std::thread::scope(|s| {
+            for (p, text) in [(&json, "json"), (&md, "md")] {
+                s.spawn(move || {
+                    for i in 0..200 {
+                        write_file(p, &format!("{text} {i}")).expect("write");
+                        let got = std::fs::read_to_string(p).expect("read");
+                        assert!(got.starts_with(text), "{} holds {got:?}", p.display());
+                    }
+                });
+            }
+        });
+        let names: Vec<_> = std::fs::read_dir(dir.path()).expect("list").flatten().map(|e| e.file_name()).collect();
+        assert_eq!(names.len(), 2, "only the two reports remain: {names:?}");
+    }
+
+    #[test]
+    fn an_unwritable_report_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let target = dir.path().join("taken");
+        std::fs::create_dir(&target).expect("a directory where the report goes");
+        let err = write_file(&target, "x").expect_err("cannot replace a directory").to_string();
+        assert!(err.contains("taken"), "{err}");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).expect("list").flatten().map(|e| e.file_name()).collect();
+        assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
+    }
 }
