@@ -84,8 +84,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     if a.require_gates && !results[0].all_gates_pass() {
         let failed: Vec<&str> = results[0].gates.iter().filter(|g| !g.pass).map(|g| g.name).collect();
-        eprintln!("gates failed for {}: {}", results[0].name, failed.join(", "));
-        std::process::exit(1);
+        // An error like any other (exit status 1), after every report is written.
+        anyhow::bail!("gates failed for {}: {}", results[0].name, failed.join(", "));
     }
     Ok(())
 }
