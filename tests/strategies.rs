@@ -331,6 +331,9 @@ fn seed_strategy_configs_run_end_to_end() {
         assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
         let report: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("quant_report.json")).unwrap()).unwrap();
+        // The file's text is recorded: `fp4 loop` reuses a checkpoint only for the same text.
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("configs/strategies/{name}.toml"));
+        assert_eq!(report["options"]["config_toml"].as_str(), Some(std::fs::read_to_string(file).unwrap().as_str()));
         let layers = report["layers"].as_object().unwrap();
         let fmt = |suffix: &str| layers.iter().find(|(k, _)| k.ends_with(suffix)).unwrap().1["format"].clone();
         if name == "C" {

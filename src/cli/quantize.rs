@@ -69,6 +69,9 @@ pub struct Args {
     /// allow_pre_quant_scale); flags given on the command line win.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// The strategy file's text (set from --config or a built-in strategy), for the report.
+    #[arg(skip)]
+    config_toml: Option<String>,
     /// AWQ: also scale linears whose input has no exact fold and write their `pre_quant_scale`
     /// (in Qwen3.5 every searched linear folds — into a norm, up_proj's or V's rows, or the GDN
     /// gated norm — except o_proj when attention has biases). The checkpoint becomes NVFP4_AWQ,
@@ -144,6 +147,9 @@ struct StrategyFile {
     effective_bits: Option<f64>,
     /// auto_mixed scoring; only `kl_div` (ModelOpt's forward-only method) exists.
     score: Option<String>,
+    /// The file's text, recorded in the report (a run reusing a checkpoint compares it).
+    #[serde(skip)]
+    text: String,
 }
 
 impl StrategyFile {
@@ -153,7 +159,8 @@ impl StrategyFile {
     }
 
     fn parse(text: &str, shown: &str) -> anyhow::Result<StrategyFile> {
-        toml::from_str(text).with_context(|| format!("{shown}: invalid strategy file"))
+        let file: StrategyFile = toml::from_str(text).with_context(|| format!("{shown}: invalid strategy file"))?;
+        Ok(StrategyFile { text: text.to_string(), ..file })
     }
 }
 
@@ -161,6 +168,9 @@ impl StrategyFile {
 fn merge(mut a: Args, file: StrategyFile) -> anyhow::Result<Args> {
     if let Some(d) = &file.description {
         tracing::info!(config = %a.config.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), "{d}");
+    }
+    if a.config.is_some() {
+        a.config_toml = Some(file.text.clone());
     }
     a.strategy = a.strategy.or(file.strategy).or(Some(StrategyArg::Rtn));
     let default_algo = if a.strategy == Some(StrategyArg::AwqLite) { AlgorithmArg::AwqLite } else { AlgorithmArg::Max };
@@ -353,7 +363,7 @@ fn run_merged(a: Args) -> anyhow::Result<()> {
         json!({
             "model": a.model, "calib_data": a.calib_data, "calib_samples": a.calib_samples,
             "calib_seq_len": a.calib_seq_len, "exclude_layers": exclude, "calib_dtype": format!("{:?}", a.calib_dtype).to_lowercase(),
-            "algorithm": format!("{algorithm:?}"), "config": a.config,
+            "algorithm": format!("{algorithm:?}"), "config": a.config, "config_toml": a.config_toml,
             "allow_pre_quant_scale": a.allow_pre_quant_scale, "effective_bits": a.effective_bits,
             "score_samples": (strategy == StrategyArg::AutoMixed).then_some(a.score_samples),
         }),

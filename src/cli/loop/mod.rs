@@ -733,8 +733,15 @@ fn reuse_mismatch(report: &Value, cx: &Ctx, spec: &Spec, calib: &Path, samples: 
     let score_ok = o["score_samples"].is_null()
         || cx.plan.score_samples.is_none()
         || o["score_samples"].as_u64() == cx.plan.score_samples.map(|n| n as u64);
+    // The strategy file's text as it is now (a built-in or a file edited since is a new config).
+    let toml = match spec {
+        Spec::Plain(_) => None,
+        Spec::BuiltIn(n) => quantize::BUILT_IN.iter().find(|(b, _)| b == n).map(|(_, t)| t.to_string()),
+        Spec::File(p) => std::fs::read_to_string(p).ok(),
+    };
     let checks = [
         ("model", o["model"] == s(&cx.plan.model)),
+        ("strategy file", o["config_toml"].as_str() == toml.as_deref()),
         ("calibration data", o["calib_data"] == s(calib)),
         ("calibration samples", o["calib_samples"] == samples.map_or(Value::Null, |n| n.into())),
         ("strategy config", o["config"] == config && strategy_ok),
