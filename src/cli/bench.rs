@@ -71,7 +71,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     report::write_json(&a.output, &doc)?;
     let md = report::markdown(&suite, &opts, &results);
     if let Some(p) = &a.markdown {
-        report::write_markdown(p, &md)?;
+        report::write_text(p, &md)?;
     }
     if let Some(dir) = &a.plots {
         report::write_plots(dir, &results)?;

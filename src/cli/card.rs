@@ -514,9 +514,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "{} exists and was not written by fp4: move it or pass --output FILE",
         out.display()
     );
-    let tmp = out.with_extension(format!("md.{}.tmp", std::process::id()));
-    std::fs::write(&tmp, &text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &out).with_context(|| format!("cannot write {}", out.display()))?;
+    fp4_bench::report::write_text(&out, &text)?;
     eprintln!("model card for {} → {}", x.row.name, out.display());
     Ok(())
 }

@@ -23,10 +23,10 @@ pub fn json_report(suite: &Suite, opts: &RunOptions, results: &[BackendResult], 
     })
 }
 
-/// Writes `text` to `path` through a uniquely named temporary file beside it (removed on any
-/// error), so a reader never sees half a report and two reports of one stem (`x.json`, `x.md`)
-/// written at once cannot swap contents.
-fn write_file(path: &Path, text: &str) -> Result<()> {
+/// Writes `text` to `path` (creating its folder) through a uniquely named temporary file beside
+/// it (removed on any error), so a reader never sees half a file and two files of one stem
+/// (`x.json`, `x.md`) written at once cannot swap contents.
+pub fn write_text(path: &Path, text: &str) -> Result<()> {
     let out = |p: &Path, e: &dyn std::fmt::Display| BenchError::Output { path: p.to_path_buf(), msg: e.to_string() };
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| out(dir, &e))?;
@@ -37,7 +37,7 @@ fn write_file(path: &Path, text: &str) -> Result<()> {
 }
 
 pub fn write_json(path: &Path, v: &Value) -> Result<()> {
-    write_file(path, &(serde_json::to_string_pretty(v).unwrap_or_default() + "\n"))
+    write_text(path, &(serde_json::to_string_pretty(v).unwrap_or_default() + "\n"))
 }
 
 fn fmt_opt(v: Option<f64>, digits: usize) -> String {
@@ -203,12 +203,8 @@ pub fn decode_svg(results: &[BackendResult]) -> String {
 }
 
 pub fn write_plots(dir: &Path, results: &[BackendResult]) -> Result<()> {
-    write_file(&dir.join("ttft.svg"), &ttft_svg(results))?;
-    write_file(&dir.join("decode.svg"), &decode_svg(results))
-}
-
-pub fn write_markdown(path: &Path, text: &str) -> Result<()> {
-    write_file(path, text)
+    write_text(&dir.join("ttft.svg"), &ttft_svg(results))?;
+    write_text(&dir.join("decode.svg"), &decode_svg(results))
 }
 
 #[cfg(test)]
@@ -225,7 +221,7 @@ mod tests {
             for (p, text) in [(&json, "json"), (&md, "md")] {
                 s.spawn(move || {
                     for i in 0..200 {
-                        write_file(p, &format!("{text} {i}")).expect("write");
+                        write_text(p, &format!("{text} {i}")).expect("write");
                         let got = std::fs::read_to_string(p).expect("read");
                         assert!(got.starts_with(text), "{} holds {got:?}", p.display());
                     }
@@ -241,7 +237,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let target = dir.path().join("taken");
         std::fs::create_dir(&target).expect("a directory where the report goes");
-        let err = write_file(&target, "x").expect_err("cannot replace a directory").to_string();
+        let err = write_text(&target, "x").expect_err("cannot replace a directory").to_string();
         assert!(err.contains("taken"), "{err}");
         let names: Vec<_> = std::fs::read_dir(dir.path()).expect("list").flatten().map(|e| e.file_name()).collect();
         assert_eq!(names.len(), 1, "no temporary file left: {names:?}");

@@ -532,17 +532,11 @@ fn calib_stats(path: &Path, samples: usize, tokens: usize, description: Option<S
     })
 }
 
-/// Writes `text` to `path` through a temporary file in the same directory.
-fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
-    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
-}
-
 fn write_summary(cx: &Ctx) -> anyhow::Result<()> {
     let out = &cx.plan.out;
-    write_atomic(&out.join(summary::FILE), &(serde_json::to_string_pretty(&cx.summary)? + "\n"))?;
-    write_atomic(&out.join("summary.md"), &summary::markdown(&cx.summary))
+    fp4_bench::report::write_text(&out.join(summary::FILE), &(serde_json::to_string_pretty(&cx.summary)? + "\n"))?;
+    fp4_bench::report::write_text(&out.join("summary.md"), &summary::markdown(&cx.summary))?;
+    Ok(())
 }
 
 /// Bytes of a directory's safetensors files.
@@ -579,7 +573,7 @@ fn bench(cx: &Ctx, backend: &Backend, file: &str) -> anyhow::Result<BackendResul
     let doc = fp4_bench::report::json_report(suite, &cx.plan.bench, &shown, started, unix_now());
     fp4_bench::report::write_json(&cx.plan.out.join("bench").join(format!("{file}.json")), &doc)?;
     let md = fp4_bench::report::markdown(suite, &cx.plan.bench, &shown);
-    fp4_bench::report::write_markdown(&cx.plan.out.join("bench").join(format!("{file}.md")), &md)?;
+    fp4_bench::report::write_text(&cx.plan.out.join("bench").join(format!("{file}.md")), &md)?;
     Ok(result)
 }
 
@@ -842,6 +836,9 @@ fn kl_step(cx: &mut Ctx, name: &str, dir: &Path) -> anyhow::Result<fp4_quant::ev
     let r = fp4_quant::eval::kl_with_progress(reference, &model, &cx.eval_samples, &|d| pb.set_position(d as u64))?;
     pb.finish_and_clear();
     eprintln!("  KL mean {:.4}, top-1 agreement {:.3} ({} tokens)", r.kl_mean, r.top1_agreement, r.tokens);
-    write_atomic(&cx.plan.out.join("kl").join(format!("{name}.json")), &(serde_json::to_string_pretty(&r)? + "\n"))?;
+    fp4_bench::report::write_text(
+        &cx.plan.out.join("kl").join(format!("{name}.json")),
+        &(serde_json::to_string_pretty(&r)? + "\n"),
+    )?;
     Ok(r)
 }
