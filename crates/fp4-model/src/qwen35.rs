@@ -207,7 +207,7 @@ impl GatedDeltaNet {
                     eps: m.eps,
                     dims: d,
                 };
-                ops::gdn_decode(&conv_out, &b, &a, &z, w, state, index.slots, p)
+                ops::gdn_decode(&conv_out, &b, &a, z, w, state, index.slots, p)
             }
         };
         // 6. out_proj.

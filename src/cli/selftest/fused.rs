@@ -90,8 +90,8 @@ pub(super) fn fused_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) {
         let (ga, gd, gn) = (gpu_t(&a_log), gpu_t(&dt), gpu_t(&norm));
         let wg = ops::GdnStepParams { a_log: &ga, dt_bias: &gd, norm: &gn, eps: 1e-6, dims: d };
         let (mut pc, mut pg) = (pool.clone(), gpu_t(&pool));
-        let want = ops::gdn_decode(&mixed, &bp, &ap, &z, wc, &mut pc, &sc, F32);
-        let got = ops::gdn_decode(&gpu_t(&mixed), &gpu_t(&bp), &gpu_t(&ap), &gpu_t(&z), wg, &mut pg, &sg, F32);
+        let want = ops::gdn_decode(&mixed, &bp, &ap, z.clone(), wc, &mut pc, &sc, F32);
+        let got = ops::gdn_decode(&gpu_t(&mixed), &gpu_t(&bp), &gpu_t(&ap), gpu_t(&z), wg, &mut pg, &sg, F32);
         let what =
             format!("gdn_decode (fused) 4 seqs, {}x{}/{}x{}", d.key_heads, d.key_dim, d.value_heads, d.value_dim);
         rep.check(&what, rel_err(&got, &want).max(rel_err(&pg, &pc)), 1e-4);

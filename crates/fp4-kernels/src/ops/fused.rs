@@ -30,7 +30,7 @@ pub fn gdn_decode(
     mixed: &Tensor,
     b: &Tensor,
     a: &Tensor,
-    z: &Tensor,
+    z: Tensor,
     w: GdnStepParams,
     pool: &mut Tensor,
     slots: &Ids,
@@ -66,7 +66,7 @@ pub fn gdn_decode(
     let (beta, g) = gdn_gates(b, a, w.a_log, w.dt_bias, p);
     let o = gdn_step(&q, &k, &v, &g, &beta, pool, slots, d).round(p);
     let rows = [t * d.value_heads, d.value_dim];
-    rms_norm_gated(&o.reshape(&rows), &z.clone().reshape(&rows), w.norm, w.eps, p).reshape(&[t, value_width])
+    rms_norm_gated(&o.reshape(&rows), &z.reshape(&rows), w.norm, w.eps, p).reshape(&[t, value_width])
 }
 
 /// The per-layer parameters of the attention decode prologue.
