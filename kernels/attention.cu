@@ -7,12 +7,14 @@
 // thread updates its D/ATT_THREADS output dims with an online softmax (running max and sum), so
 // any L fits in fixed shared memory (q plus one tile of scores).
 #include <stdint.h>
+#include "pdl.cuh"
 #include "geometry.h"
 
 
 extern "C" __global__ void attention_f32(const float* __restrict__ q, const float* __restrict__ k,
                                          const float* __restrict__ v, float* __restrict__ out, int t_len, int l_len,
                                          int hq, int hkv, int d, float scale) {
+    pdl_start();
     extern __shared__ float sm[];
     float* qs = sm;      // [d]
     float* sc = sm + d;  // [ATT_TILE]

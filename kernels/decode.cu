@@ -7,6 +7,7 @@
 // sequence's table row holds its block ids); GDN pools [slots, K-1, C] (conv inputs) and
 // [slots, Hv, dk, dv] (recurrent state).
 #include <stdint.h>
+#include "pdl.cuh"
 #include "geometry.h"
 
 __device__ __forceinline__ float silu_f(float x) { return x / (1.f + expf(-x)); }
@@ -15,6 +16,7 @@ __device__ __forceinline__ float silu_f(float x) { return x / (1.f + expf(-x)); 
 extern "C" __global__ void rope_at_f32(float* __restrict__ x, const float* __restrict__ inv_freq,
                                        const uint32_t* __restrict__ pos, int heads, int head_dim, int half,
                                        size_t n) {
+    pdl_start();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         int j = i % half;
         size_t th = i / half;
@@ -33,6 +35,7 @@ extern "C" __global__ void kv_write_paged(const float* __restrict__ k, const flo
                                           float* __restrict__ kp, float* __restrict__ vp,
                                           const uint32_t* __restrict__ table, const uint32_t* __restrict__ pos,
                                           int row, int max_blocks, int block_size) {
+    pdl_start();
     int b = blockIdx.x;
     uint32_t p = pos[b];
     size_t dst = ((size_t)table[(size_t)b * max_blocks + p / block_size] * block_size + p % block_size) * row;
@@ -187,6 +190,7 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS)
                           const uint32_t* __restrict__ table, const uint32_t* __restrict__ pos,
                           float* __restrict__ part, int hq, int hkv, int d, int max_blocks, int block_size,
                           float scale) {
+    pdl_start();
     paged_attention_split_impl<PA_MAX_G, PA_MAX_D>(q, kp, vp, table, pos, part, hq, hkv, d, max_blocks, block_size,
                                                    scale);
 }
@@ -196,6 +200,7 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS)
                                  const float* __restrict__ vp, const uint32_t* __restrict__ table,
                                  const uint32_t* __restrict__ pos, float* __restrict__ part, int hq, int hkv, int d,
                                  int max_blocks, int block_size, float scale) {
+    pdl_start();
     paged_attention_split_impl<4, 256>(q, kp, vp, table, pos, part, hq, hkv, d, max_blocks, block_size, scale);
 }
 
@@ -204,6 +209,7 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS)
 // sums the splits' unnormalised outputs with their weights (walking the splits in order).
 extern "C" __global__ void __launch_bounds__(PA_MERGE_THREADS)
     paged_attention_merge(const float* __restrict__ part, float* __restrict__ out, int splits, int d) {
+    pdl_start();
     __shared__ float wsh[PA_MAX_SPLITS], red[PA_MERGE_THREADS / 32];
     size_t bh = blockIdx.x;
     const float* p = part + bh * splits * (d + 2);
@@ -241,6 +247,7 @@ extern "C" __global__ void __launch_bounds__(PA_MERGE_THREADS)
 extern "C" __global__ void conv1d_step_slots(const float* __restrict__ x, float* __restrict__ pool,
                                              const float* __restrict__ w, const uint32_t* __restrict__ slots,
                                              float* __restrict__ y, int c_len, int k) {
+    pdl_start();
     int c = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y;
     if (c >= c_len) return;
     float* st = pool + (size_t)slots[b] * (k - 1) * c_len;
@@ -269,6 +276,7 @@ extern "C" __global__ void gdn_step_slots(const float* __restrict__ q, const flo
                                           const float* __restrict__ beta, float* __restrict__ pool,
                                           const uint32_t* __restrict__ slots, float* __restrict__ out, int hk,
                                           int hv, int dk, int dv) {
+    pdl_start();
     __shared__ float ks[GDN_STEP_MAX_DK], qs[GDN_STEP_MAX_DK], red[4][32], part[2][4];
     int tid = threadIdx.x, lane = tid & 31, r = tid >> 5;
     int h = blockIdx.y, b = blockIdx.z, j = blockIdx.x * 32 + lane;
@@ -346,6 +354,7 @@ extern "C" __global__ void __launch_bounds__(GDN_FUSED_THREADS)
                      const float* __restrict__ dt_bias, const float* __restrict__ z, const float* __restrict__ norm_w,
                      float* __restrict__ pool, const uint32_t* __restrict__ slots, float* __restrict__ out, int hk,
                      int hv, int dk, int dv, float eps) {
+    pdl_start();
     __shared__ float ks[GDN_STEP_MAX_DK], qs[GDN_STEP_MAX_DK], os[GDN_FUSED_MAX_D], red[4][4][32], part[2][4], nsum[4];
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, cg = warp >> 2, r = warp & 3;
     int h = blockIdx.x, b = blockIdx.y, j = cg * 32 + lane;
@@ -443,6 +452,7 @@ extern "C" __global__ void attn_decode_prep(const float* __restrict__ qg, const 
                                             float* __restrict__ q_out, float* __restrict__ gate,
                                             float* __restrict__ kp, float* __restrict__ vp, int hq, int hkv, int d,
                                             int half, int max_blocks, int block_size, float eps) {
+    pdl_start();
     __shared__ float y[ATT_PREP_MAX_D], sums[ATT_PREP_MAX_D / 32];
     int h = blockIdx.x, b = blockIdx.y, i = threadIdx.x, lane = i & 31, warp = i >> 5;
     bool is_q = h < hq;

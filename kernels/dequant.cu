@@ -2,10 +2,12 @@
 // weights + BF16 activations on tensor cores, scale_2 applied as the GEMM's alpha). E2M1 × E4M3
 // products have at most 6 significant bits, so the BF16 weight is exact. Grid-stride loops.
 #include "nvfp4.cuh"
+#include "pdl.cuh"
 
 // One thread per packed byte: out[2i], out[2i+1] = e2m1(nibbles) · e4m3(block scale), no scale_2.
 extern "C" __global__ void nvfp4_dequant_bf16(const uint8_t* __restrict__ w, const uint8_t* __restrict__ scales,
                                               uint16_t* __restrict__ out, size_t bytes) {
+    pdl_start();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < bytes; i += (size_t)gridDim.x * blockDim.x) {
         uint32_t b = w[i];
         float s = e4m3(scales[i / 8]);
@@ -17,6 +19,7 @@ extern "C" __global__ void nvfp4_dequant_bf16(const uint8_t* __restrict__ w, con
 // Same, to f32 (the exact-GEMM mode used to compare against the CPU reference).
 extern "C" __global__ void nvfp4_dequant_f32(const uint8_t* __restrict__ w, const uint8_t* __restrict__ scales,
                                              float* __restrict__ out, size_t bytes) {
+    pdl_start();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < bytes; i += (size_t)gridDim.x * blockDim.x) {
         uint32_t b = w[i];
         float s = e4m3(scales[i / 8]);
@@ -26,11 +29,13 @@ extern "C" __global__ void nvfp4_dequant_f32(const uint8_t* __restrict__ w, cons
 }
 
 extern "C" __global__ void bf16_to_f32(const uint16_t* __restrict__ x, float* __restrict__ out, size_t n) {
+    pdl_start();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         out[i] = bf16(x[i]);
 }
 
 extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, uint16_t* __restrict__ out, size_t n) {
+    pdl_start();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         out[i] = to_bf16(x[i]);
 }

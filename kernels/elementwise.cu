@@ -1,6 +1,7 @@
 // Element-wise and gather ops of the Qwen3.5 layer (f32 activations). Flat kernels use one
 // thread per element with a grid-stride loop; row kernels one block per row.
 #include <stdint.h>
+#include "pdl.cuh"
 #include "geometry.h"
 #include "rowscale.cuh"
 
@@ -13,12 +14,14 @@ __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)
 // out = silu(gate) · up (the SwiGLU MLP).
 extern "C" __global__ void silu_mul_f32(const float* __restrict__ gate, const float* __restrict__ up,
                                         float* __restrict__ out, size_t n) {
+    pdl_start();
     FOR_EACH(i, n) out[i] = silu(gate[i]) * up[i];
 }
 
 // out = x · sigmoid(gate) (gated attention's output gate).
 extern "C" __global__ void sigmoid_gate_f32(const float* __restrict__ x, const float* __restrict__ gate,
                                             float* __restrict__ out, size_t n) {
+    pdl_start();
     FOR_EACH(i, n) out[i] = x[i] * sigmoid(gate[i]);
 }
 
@@ -54,40 +57,47 @@ __device__ __forceinline__ void binary_row_f16(const float* __restrict__ a, cons
 extern "C" __global__ void silu_mul_f16(const float* __restrict__ gate, const float* __restrict__ up,
                                         float* __restrict__ out, uint16_t* __restrict__ oh, float* __restrict__ inv,
                                         int d) {
+    pdl_start();
     binary_row_f16<true>(gate, up, out, oh, inv, d);
 }
 
 extern "C" __global__ void sigmoid_gate_f16(const float* __restrict__ x, const float* __restrict__ gate,
                                             float* __restrict__ out, uint16_t* __restrict__ oh,
                                             float* __restrict__ inv, int d) {
+    pdl_start();
     binary_row_f16<false>(x, gate, out, oh, inv, d);
 }
 
 extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ out,
                                    size_t n) {
+    pdl_start();
     FOR_EACH(i, n) out[i] = a[i] + b[i];
 }
 
 // y[r, c] += bias[c] over rows of `cols`.
 extern "C" __global__ void add_bias_f32(float* __restrict__ y, const float* __restrict__ bias, int cols, size_t n) {
+    pdl_start();
     FOR_EACH(i, n) y[i] += bias[i % cols];
 }
 
 // out[r, c] = x[r, c] · s[c] (AWQ's pre_quant_scale on a linear's input).
 extern "C" __global__ void mul_cols_f32(const float* __restrict__ x, const float* __restrict__ s,
                                         float* __restrict__ out, int cols, size_t n) {
+    pdl_start();
     FOR_EACH(i, n) out[i] = x[i] * s[i % cols];
 }
 
 // out[r, c] = src[r, off + c] for c < width (one piece of a split last dimension).
 extern "C" __global__ void copy_cols_f32(const float* __restrict__ src, float* __restrict__ out, int src_cols,
                                          int off, int width, size_t n) {
+    pdl_start();
     FOR_EACH(i, n) out[i] = src[(i / width) * src_cols + off + i % width];
 }
 
 // out[t, :] = table[ids[t], :] (token embedding gather), one block per token.
 extern "C" __global__ void embedding_f32(const float* __restrict__ table, const uint32_t* __restrict__ ids,
                                          float* __restrict__ out, int d) {
+    pdl_start();
     size_t t = blockIdx.x;
     const float* src = table + (size_t)ids[t] * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) out[t * d + i] = src[i];
@@ -98,6 +108,7 @@ extern "C" __global__ void embedding_f32(const float* __restrict__ table, const 
 extern "C" __global__ void gdn_gates_f32(const float* __restrict__ b, const float* __restrict__ a,
                                          const float* __restrict__ a_log, const float* __restrict__ dt_bias,
                                          float* __restrict__ beta, float* __restrict__ g, int heads, size_t n) {
+    pdl_start();
     FOR_EACH(i, n) {
         int h = i % heads;
         float x = a[i] + dt_bias[h];
@@ -111,6 +122,7 @@ extern "C" __global__ void gdn_gates_f32(const float* __restrict__ b, const floa
 // (= rotary_dim / 2); token t sits at pos0 + t. One thread per (token, head, j).
 extern "C" __global__ void rope_f32(float* __restrict__ x, const float* __restrict__ inv_freq, int heads,
                                     int head_dim, int half, int pos0, size_t n) {
+    pdl_start();
     FOR_EACH(i, n) {
         int j = i % half;
         size_t th = i / half;  // token · heads + head
@@ -134,6 +146,7 @@ extern "C" __global__ void rope_f32(float* __restrict__ x, const float* __restri
 extern "C" __global__ void causal_conv1d_silu_f32(const float* __restrict__ x, float* __restrict__ state,
                                                   const float* __restrict__ w, float* __restrict__ y, int t_len,
                                                   int c_len, int k) {
+    pdl_start();
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= c_len) return;
     const int t0 = blockIdx.y * CONV_T, t1 = min(t_len, t0 + CONV_T);

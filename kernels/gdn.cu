@@ -8,6 +8,7 @@
 // the warp normalises k and q for each token together. Tokens are walked in order inside the
 // kernel, so prefill and decode are one launch each.
 #include <stdint.h>
+#include "pdl.cuh"
 #include "geometry.h"
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -20,6 +21,7 @@ extern "C" __global__ void gdn_recurrent_f32(const float* __restrict__ q, const 
                                              const float* __restrict__ v, const float* __restrict__ g,
                                              const float* __restrict__ beta, float* __restrict__ state,
                                              float* __restrict__ out, int t_len, int hk, int hv, int dk, int dv) {
+    pdl_start();
     extern __shared__ float sm[];
     float* S = sm;             // [dk][32]
     float* ks = sm + dk * 32;  // [dk]
@@ -87,6 +89,7 @@ extern "C" __global__ void __launch_bounds__(GDN_PREP_THREADS)
                    const float* __restrict__ g, const float* __restrict__ beta, int t_len, int hk, int hv, int dk,
                    int dv, float q_scale, float* __restrict__ kn, float* __restrict__ qn, float* __restrict__ gam,
                    float* __restrict__ qk, float* __restrict__ lw, float* __restrict__ nv, float* __restrict__ kcd) {
+    pdl_start();
     __shared__ float ks[GDN_C][GDN_PREP_MAX_DK + 1];
     __shared__ float gs[GDN_C], bs[GDN_C], rk[GDN_C], rq[GDN_C];
     const int chunk = blockIdx.x, h = blockIdx.y, kh = h / (hv / hk), t0 = chunk * GDN_C;
@@ -172,6 +175,7 @@ extern "C" __global__ void __launch_bounds__(GDN_STATE_WARPS * 32)
     gdn_chunk_state(const float* __restrict__ kn, const float* __restrict__ qn, const float* __restrict__ gam,
                     const float* __restrict__ qk, const float* __restrict__ nv, const float* __restrict__ kcd,
                     float* __restrict__ state, float* __restrict__ out, int t_len, int hv, int dk, int dv) {
+    pdl_start();
     extern __shared__ float4 sm4[];
     float* sm = reinterpret_cast<float*>(sm4);
     float* S = sm;                                                   // [dk][32]

@@ -3,6 +3,7 @@
 // accumulation, warp-shuffle reduction. The same code serves SM90 and SM12x (decode is
 // bandwidth-bound; SM12x's native FP4 MMA is for prefill).
 #include "nvfp4.cuh"
+#include "pdl.cuh"
 #include "geometry.h"
 
 
@@ -20,6 +21,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 extern "C" __global__ void nvfp4_gemv_f32(const uint8_t* __restrict__ w, const uint8_t* __restrict__ scales,
                                           float scale_2, const float* __restrict__ x, float* __restrict__ y,
                                           int n, int k) {
+    pdl_start();
     int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.y;
     if (row >= n) return;
     int lane = threadIdx.x;
@@ -52,6 +54,7 @@ __device__ __forceinline__ float bf16x8_dot(uint4 q, float4 a, float4 b) {
 // activations are the matching two float4s.
 extern "C" __global__ void bf16_gemv_f32(const uint16_t* __restrict__ w, float scale, const float* __restrict__ x,
                                          float* __restrict__ y, int n, int k) {
+    pdl_start();
     int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.y;
     if (row >= n) return;
     int lane = threadIdx.x;
@@ -74,6 +77,7 @@ extern "C" __global__ void bf16_gemv_f32(const uint16_t* __restrict__ w, float s
 extern "C" __global__ void __launch_bounds__(ROWBLOCK_THREADS)
     bf16_gemv_rowblock_f32(const uint16_t* __restrict__ w, float scale, const float* __restrict__ x,
                            float* __restrict__ y, int n, int k) {
+    pdl_start();
     __shared__ float part[ROWBLOCK_THREADS / 32];
     int row = blockIdx.x;
     const uint4* wrow = reinterpret_cast<const uint4*>(w + (size_t)row * k);
@@ -233,6 +237,7 @@ __device__ __forceinline__ Chunk load_chunk_tiled(const uint8_t* __restrict__ w,
 // chunk, lane); rows past n and k past k are zero.
 extern "C" __global__ void nvfp4_tile(const uint8_t* __restrict__ w, const uint8_t* __restrict__ scales,
                                       uint8_t* __restrict__ wt, uint8_t* __restrict__ st, int n, int k) {
+    pdl_start();
     int chunks = (k + MMA_CHUNK - 1) / MMA_CHUNK, tiles = (n + 15) / 16;
     size_t total = (size_t)tiles * chunks * 32;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
@@ -301,11 +306,14 @@ __device__ __forceinline__ void nvfp4_mma_gemv(const GemvGroup& grp, const uint1
     };
     Chunk buf[D];
     Xs xbuf[XP ? D : 1];
+    // The weights never change under a graph: their first loads go out before the wait for the
+    // kernel that writes the activations (kernels/pdl.cuh).
 #pragma unroll
-    for (int d = 0; d < D; d++) {
-        buf[d] = d < mine ? load(d) : Chunk{};
+    for (int d = 0; d < D; d++) buf[d] = d < mine ? load(d) : Chunk{};
+    pdl_start();
+#pragma unroll
+    for (int d = 0; d < D; d++)
         if (XP) xbuf[XP ? d : 0] = load_x(xh, g, k, d < mine ? t : 0, k_of(d));
-    }
     float c[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; j++) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
@@ -358,7 +366,7 @@ __device__ __forceinline__ void nvfp4_mma_gemv(const GemvGroup& grp, const uint1
 #define GEMV_ENTRY(NAME, NT, W, D, XP, TILED, MINB)                                                         \
     extern "C" __global__ void __launch_bounds__(W * 32, MINB)                                             \
         NAME(const GemvGroup grp, const uint16_t* __restrict__ xh, const float* __restrict__ xinv, int k,  \
-             int t) {                                                                                       \
+             int t) { /* pdl_wait() in nvfp4_mma_gemv, after its first weight loads */                \
         nvfp4_mma_gemv<NT, W, D, XP, TILED>(grp, xh, xinv, k, t);                                           \
     }
 // Three blocks per SM (≤ 85 registers) for one n-tile, two (≤ 128) for two, else one (no
@@ -383,6 +391,7 @@ GEMV_ENTRY(gemv_sweep_w2d4t, 1, 2, 4, false, true, 8)
 extern "C" __global__ void __launch_bounds__(ROWSCALE_THREADS) f16_rowscaled(const float* __restrict__ x,
                                                                                uint16_t* __restrict__ out,
                                                                                float* __restrict__ inv, int k) {
+    pdl_start();
     __shared__ float part[ROWSCALE_THREADS / 32];
     const float4* row = reinterpret_cast<const float4*>(x + (size_t)blockIdx.x * k);
     const int groups = k / 8;

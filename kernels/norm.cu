@@ -2,6 +2,7 @@
 // Qwen3.5's zero-centred (1+w) norms. `add_rms_norm` first adds the residual branch
 // (h_out = h + delta), the fusion of every decoder layer's middle. One block per row.
 #include <stdint.h>
+#include "pdl.cuh"
 #include "geometry.h"
 #include "rowscale.cuh"
 
@@ -75,6 +76,7 @@ __device__ __forceinline__ void norm_row_v4(const float* h, const float* delta, 
 
 extern "C" __global__ void rms_norm_v4(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
                                        int d, float eps, float offset) {
+    pdl_start();
     size_t row = blockIdx.x;
     norm_row_v4<false, false>(x + row * d, nullptr, nullptr, w, y + row * d, d, eps, offset, nullptr, nullptr);
 }
@@ -83,6 +85,7 @@ extern "C" __global__ void rms_norm_v4(const float* __restrict__ x, const float*
 extern "C" __global__ void add_rms_norm_v4(const float* __restrict__ h, const float* __restrict__ delta,
                                            float* __restrict__ h_out, const float* __restrict__ w,
                                            float* __restrict__ y, int d, float eps, float offset) {
+    pdl_start();
     size_t row = blockIdx.x;
     norm_row_v4<true, false>(h + row * d, delta + row * d, h_out + row * d, w, y + row * d, d, eps, offset, nullptr,
                              nullptr);
@@ -92,6 +95,7 @@ extern "C" __global__ void add_rms_norm_v4(const float* __restrict__ h, const fl
 extern "C" __global__ void rms_norm_v4_f16(const float* __restrict__ x, const float* __restrict__ w,
                                            float* __restrict__ y, uint16_t* __restrict__ yh, float* __restrict__ inv,
                                            int d, float eps, float offset) {
+    pdl_start();
     size_t row = blockIdx.x;
     norm_row_v4<false, true>(x + row * d, nullptr, nullptr, w, y + row * d, d, eps, offset, yh + row * d, inv + row);
 }
@@ -100,6 +104,7 @@ extern "C" __global__ void add_rms_norm_v4_f16(const float* __restrict__ h, cons
                                                float* __restrict__ h_out, const float* __restrict__ w,
                                                float* __restrict__ y, uint16_t* __restrict__ yh,
                                                float* __restrict__ inv, int d, float eps, float offset) {
+    pdl_start();
     size_t row = blockIdx.x;
     norm_row_v4<true, true>(h + row * d, delta + row * d, h_out + row * d, w, y + row * d, d, eps, offset,
                             yh + row * d, inv + row);
@@ -107,6 +112,7 @@ extern "C" __global__ void add_rms_norm_v4_f16(const float* __restrict__ h, cons
 
 extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float* __restrict__ w,
                                         float* __restrict__ y, int d, float eps, float offset) {
+    pdl_start();
     size_t row = blockIdx.x;
     norm_row(x + row * d, w, y + row * d, d, eps, offset);
 }
@@ -114,6 +120,7 @@ extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float
 extern "C" __global__ void add_rms_norm_f32(const float* __restrict__ h, const float* __restrict__ delta,
                                             float* __restrict__ h_out, const float* __restrict__ w,
                                             float* __restrict__ y, int d, float eps, float offset) {
+    pdl_start();
     size_t row = blockIdx.x;
     float* hr = h_out + row * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) hr[i] = h[row * d + i] + delta[row * d + i];
@@ -125,6 +132,7 @@ extern "C" __global__ void add_rms_norm_f32(const float* __restrict__ h, const f
 // the weight plain (not 1+w), one block per row of d (one value head of one token).
 extern "C" __global__ void rms_norm_gated_f32(const float* __restrict__ x, const float* __restrict__ z,
                                               const float* __restrict__ w, float* __restrict__ y, int d, float eps) {
+    pdl_start();
     __shared__ float shared[32];
     size_t row = blockIdx.x;
     const float* xr = x + row * d;

@@ -8,6 +8,7 @@
 // search over order-preserving integer keys of the floats (no sort). The draw u ∈ [0,1) then
 // walks the kept tokens in index order. `cpu::sample` is the reference with the same semantics.
 #include <stdint.h>
+#include "pdl.cuh"
 #include "geometry.h"
 
 
@@ -41,6 +42,7 @@ __device__ float block_max(float v, float* tmp) {
 
 // One block per row of x [rows, n] (a batch's logits): out[row] = its argmax.
 extern "C" __global__ void argmax_f32(const float* __restrict__ x, int n, uint32_t* __restrict__ out) {
+    pdl_start();
     x += (size_t)blockIdx.x * n;
     out += blockIdx.x;
     __shared__ float vals[SAMPLE_THREADS];
@@ -66,6 +68,7 @@ extern "C" __global__ void argmax_f32(const float* __restrict__ x, int n, uint32
 
 extern "C" __global__ void sample_f32(const float* __restrict__ logits, int n, float temperature, int top_k,
                                       float top_p, float min_p, float u, uint32_t* __restrict__ out) {
+    pdl_start();
     __shared__ float tmp[SAMPLE_THREADS / 32];
     __shared__ float chunk_mass[SAMPLE_THREADS];
     int tid = threadIdx.x;

@@ -20,6 +20,7 @@
 // same registers by warp shuffles and computes the block-scaled products exactly: the loading
 // code is one and is tested on Hopper against the CPU emulation (fp4_format::nvfp4::w4a4_matmul).
 #include "nvfp4.cuh"
+#include "pdl.cuh"
 #include "geometry.h"
 
 // One 16-element block: its E4M3 scale sf = e4m3(min(g·amax/6, 448)) with g = 1/input_scale, and
@@ -52,6 +53,7 @@ __device__ __forceinline__ uint32_t quantize_block(const float* __restrict__ x16
 extern "C" __global__ void nvfp4_quantize_act(const float* __restrict__ x, float input_scale,
                                               uint8_t* __restrict__ codes, uint8_t* __restrict__ scales,
                                               size_t blocks) {
+    pdl_start();
     const float g = 1.0f / input_scale, inv_g = 1.0f / g;
     for (size_t b = blockIdx.x * (size_t)blockDim.x + threadIdx.x; b < blocks; b += (size_t)gridDim.x * blockDim.x) {
         uint32_t lo, hi;
@@ -65,6 +67,7 @@ extern "C" __global__ void nvfp4_quantize_act(const float* __restrict__ x, float
 // 64-row MMA tile would be 1/64 used for one token).
 extern "C" __global__ void nvfp4_fake_quant_act(const float* __restrict__ x, float* __restrict__ out,
                                                 float input_scale, size_t blocks) {
+    pdl_start();
     const float g = 1.0f / input_scale, inv_g = 1.0f / g;
     for (size_t b = blockIdx.x * (size_t)blockDim.x + threadIdx.x; b < blocks; b += (size_t)gridDim.x * blockDim.x) {
         uint32_t lo, hi;
@@ -81,6 +84,7 @@ extern "C" __global__ void nvfp4_fake_quant_act(const float* __restrict__ x, flo
 // CPU path computes it; the GEMM then runs on the quantized values.
 extern "C" __global__ void fp8_fake_quant_act(const float* __restrict__ x, float* __restrict__ out, float s,
                                               size_t n) {
+    pdl_start();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         const float r = fminf(fmaxf(x[i] / s, -448.0f), 448.0f);
         const float v = e4m3(e4m3_encode_pos(fabsf(r))) * s;
@@ -168,6 +172,7 @@ extern "C" __global__ void __launch_bounds__(W4A4_THREADS)
     nvfp4_w4a4_gemm(const uint8_t* __restrict__ a_codes, const uint8_t* __restrict__ a_scales,
                     const uint8_t* __restrict__ w_codes, const uint8_t* __restrict__ w_scales, float alpha,
                     float* __restrict__ y, int t, int n, int k) {
+    pdl_start();
     __shared__ uint32_t as[W4A4_BM][W4A4_WORDS + 1], ws[W4A4_BN][W4A4_WORDS + 1];  // +1: no bank conflicts
     __shared__ uint32_t as_s[W4A4_BM], ws_s[W4A4_BN];
     const int m0 = blockIdx.y * W4A4_BM, n0 = blockIdx.x * W4A4_BN;
@@ -208,6 +213,7 @@ extern "C" __global__ void __launch_bounds__(W4A4_THREADS)
 
 // Which MMA this build of the kernel runs: 1 = native block-scaled FP4, 0 = emulated.
 extern "C" __global__ void w4a4_native(int* out) {
+    pdl_start();
 #ifdef NATIVE_FP4_MMA
     *out = 1;
 #else

@@ -45,6 +45,7 @@ fn main() {
     sources.sort();
     for src in sources {
         println!("cargo:rerun-if-changed={}", src.display());
+        check_pdl(&src);
         let stem = src.file_stem().and_then(|s| s.to_str()).expect("utf-8 kernel names");
         let mut cmd = Command::new(&nvcc);
         cmd.args(["-fatbin", "-O3", "-std=c++17", "-lineinfo"]);
@@ -54,6 +55,36 @@ fn main() {
         cmd.arg(&src).arg("-o").arg(out.join(format!("{stem}.fatbin")));
         let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
         assert!(status.success(), "nvcc failed on {}", src.display());
+    }
+}
+
+/// Every `__global__` kernel's body must call `pdl_wait()` (or `pdl_start()`), or name the device
+/// function that does in a comment: fp4's graphs launch each kernel programmatically after the one
+/// before it (kernels/pdl.cuh), so a kernel without the wait could read its inputs half-written.
+fn check_pdl(src: &Path) {
+    let text = std::fs::read_to_string(src).unwrap_or_else(|e| panic!("cannot read {}: {e}", src.display()));
+    for (at, _) in text.match_indices("__global__") {
+        let open = at + text[at..].find('{').unwrap_or_else(|| panic!("{}: kernel without a body", src.display()));
+        let mut depth = 0usize;
+        let mut end = text.len();
+        for (i, c) in text[open..].char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = open + i;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let body = &text[open..end];
+        if !body.contains("pdl_wait") && !body.contains("pdl_start") {
+            let line = text[..at].lines().count() + 1;
+            panic!("{}:{line}: kernel does not call pdl_wait()/pdl_start() (see kernels/pdl.cuh)", src.display());
+        }
     }
 }
 

@@ -14,7 +14,7 @@
 use crate::contract::{Binary, GdnAlgo};
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 use fp4_format::nvfp4::Nvfp4Weight;
@@ -47,8 +47,8 @@ impl From<cudarc::cublas::result::CublasError> for CudaError {
 
 pub type Result<T> = std::result::Result<T, CudaError>;
 
-/// A captured, instantiated CUDA graph (see [`Gpu::capture`]).
-pub type Graph = cudarc::driver::CudaGraph;
+pub use buffer::{DeviceBuf, GraphPool};
+pub use graph::Graph;
 
 const GEMV: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemv.fatbin"));
 const DEQUANT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/dequant.fatbin"));
@@ -279,6 +279,35 @@ impl Kernels {
             attn_decode_prep: decode.load_function("attn_decode_prep")?,
         })
     }
+
+    /// The modules the kernels came from (as addresses): a graph's edges between two of them may
+    /// be programmatic (`cuda/graph.rs`).
+    fn modules(&self) -> Result<Vec<usize>> {
+        let one_per_module = [
+            &self.nvfp4_gemv,
+            &self.nvfp4_dequant_bf16,
+            &self.rms_norm,
+            &self.silu_mul,
+            &self.gdn_recurrent,
+            &self.attention,
+            &self.argmax,
+            &self.fill_bf16,
+            &self.quantize_act,
+            &self.rope_at,
+        ];
+        one_per_module
+            .iter()
+            .map(|f| {
+                let mut m: cudarc::driver::sys::CUmodule = std::ptr::null_mut();
+                // SAFETY: f is a loaded function; m receives its module handle.
+                let r = unsafe { cudarc::driver::sys::cuFuncGetModule(&mut m, f.cu_function()) };
+                if r != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+                    return Err(CudaError(format!("cuFuncGetModule: {r:?}")));
+                }
+                Ok(m as usize)
+            })
+            .collect()
+    }
 }
 
 /// One GPU: its context, the stream every launch goes to, cuBLAS and the loaded kernels.
@@ -290,9 +319,16 @@ pub struct Gpu {
     /// GEMMs in f32 on CUDA cores instead of bf16 tensor cores: slow, but equal to the CPU
     /// reference to f32 rounding (golden checks).
     exact_gemm: AtomicBool,
+    /// Graphs captured with programmatic edges between fp4's kernels (`cuda/graph.rs`).
+    pdl: AtomicBool,
+    /// fp4's kernel modules (addresses of their handles), for [`Gpu::capture`].
+    modules: Vec<usize>,
+    /// The thread capturing a graph, if any: its allocations come from `graph_pool`.
+    capturing: std::sync::Mutex<Option<std::thread::ThreadId>>,
+    graph_pool: Arc<GraphPool>,
     /// cuBLAS's workspace, set explicitly so that GEMMs allocate nothing (and can be captured
     /// into CUDA graphs).
-    _blas_workspace: CudaSlice<u8>,
+    _blas_workspace: DeviceBuf<u8>,
 }
 
 /// Bytes of the cuBLAS workspace (NVIDIA's recommendation for Hopper is 32 MiB).
@@ -319,7 +355,7 @@ pub enum GpuWeight {
     /// `scale · w` with `w [rows, cols]` bf16 (u16 bits): BF16 weights (scale 1) and FP8 ones
     /// (E4M3 values are exact in bf16, the per-tensor scale applied to the output).
     Bf16 {
-        w: CudaSlice<u16>,
+        w: DeviceBuf<u16>,
         rows: usize,
         cols: usize,
         scale: f32,
@@ -365,8 +401,8 @@ impl GpuWeight {
 pub struct GpuNvfp4 {
     pub rows: usize,
     pub cols: usize,
-    pub packed: CudaSlice<u8>,
-    pub scales: CudaSlice<u8>,
+    pub packed: DeviceBuf<u8>,
+    pub scales: DeviceBuf<u8>,
     pub scale_2: f32,
 }
 
@@ -397,8 +433,8 @@ unsafe impl cudarc::driver::DeviceRepr for GemvGroup {}
 /// Activations converted for the tensor-core GEMV: f16 `[t, k]` in its pair order, and each
 /// token's power-of-two scale to undo.
 pub struct MmaActivations {
-    xh: CudaSlice<u16>,
-    inv: CudaSlice<f32>,
+    xh: DeviceBuf<u16>,
+    inv: DeviceBuf<f32>,
     t: usize,
     k: usize,
 }
@@ -443,7 +479,7 @@ macro_rules! launch {
 }
 
 /// The delta rule's buffers `[q, k, v, g, beta, state]` against its dims and `t` tokens.
-fn check_gdn_shapes(b: [&CudaSlice<f32>; 6], d: crate::cpu::GdnDims, t: usize) {
+fn check_gdn_shapes(b: [&DeviceBuf<f32>; 6], d: crate::cpu::GdnDims, t: usize) {
     let crate::cpu::GdnDims { key_heads: hk, value_heads: hv, key_dim: dk, value_dim: dv } = d;
     let want = [t * hk * dk, t * hk * dk, t * hv * dv, t * hv, t * hv, hv * dk * dv];
     let got = b.map(|x| x.len());
@@ -492,7 +528,8 @@ impl Gpu {
         let stream = ctx.new_stream()?;
         let blas = CudaBlas::new(stream.clone())?;
         let k = Kernels::load(&ctx)?;
-        let ws = stream.alloc_zeros::<u8>(BLAS_WORKSPACE)?;
+        let modules = k.modules()?;
+        let ws = DeviceBuf::owned(stream.alloc_zeros::<u8>(BLAS_WORKSPACE)?);
         {
             let (p, _g) = ws.device_ptr(&stream);
             // SAFETY: the handle and the workspace live as long as this Gpu (same struct).
@@ -501,7 +538,18 @@ impl Gpu {
                 return Err(CudaError(format!("cuBLAS: cannot set the workspace: {status:?}")));
             }
         }
-        Ok(Gpu { k, blas, ctx, stream, exact_gemm: AtomicBool::new(false), _blas_workspace: ws })
+        Ok(Gpu {
+            k,
+            blas,
+            ctx,
+            stream,
+            exact_gemm: AtomicBool::new(false),
+            pdl: AtomicBool::new(true),
+            modules,
+            capturing: std::sync::Mutex::new(None),
+            graph_pool: Arc::default(),
+            _blas_workspace: ws,
+        })
     }
 
     pub fn name(&self) -> Result<String> {
@@ -527,66 +575,97 @@ impl Gpu {
     }
 
     /// Captures the work `f` queues on the stream as a CUDA graph (nothing runs until the graph
-    /// is launched). Buffers `f` allocates and drops become the graph's own memory; `f` must not
-    /// synchronise or copy from host memory.
-    pub fn capture(&self, f: impl FnOnce() -> Result<()>) -> Result<cudarc::driver::CudaGraph> {
-        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    /// is launched), with programmatic edges between fp4's kernels unless
+    /// [`Gpu::set_programmatic_launch`] turned them off. Buffers `f` allocates and drops become
+    /// the graph's own memory; `f` must not synchronise or copy from host memory.
+    pub fn capture(&self, f: impl FnOnce() -> Result<()>) -> Result<Graph> {
+        use cudarc::driver::sys::CUstreamCaptureMode;
         self.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        *self.capturing.lock().expect("capture flag") = Some(std::thread::current().id());
         let queued = f();
-        let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        *self.capturing.lock().expect("capture flag") = None;
+        let modules: Vec<cudarc::driver::sys::CUmodule> = self.modules.iter().map(|&m| m as _).collect();
+        let graph = graph::end_capture(&self.stream, self.pdl.load(Ordering::Relaxed), &modules);
         queued?;
         graph?.ok_or_else(|| CudaError("stream capture produced no graph".into()))
     }
 
-    /// An uninitialised buffer; every caller's kernel writes all of it.
-    pub fn alloc<T: cudarc::driver::DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
+    /// Device memory the captured graphs hold (`cuda/buffer.rs`).
+    pub fn graph_memory_bytes(&self) -> usize {
+        self.graph_pool.reserved_bytes()
+    }
+
+    fn capturing_here(&self) -> bool {
+        *self.capturing.lock().expect("capture flag") == Some(std::thread::current().id())
+    }
+
+    /// Whether graphs captured from now on use programmatic dependent launch (on by default;
+    /// off to measure what it brings).
+    pub fn set_programmatic_launch(&self, on: bool) {
+        self.pdl.store(on, Ordering::Relaxed);
+    }
+
+    /// An uninitialised buffer; every caller's kernel writes all of it. During a capture it
+    /// comes from the graph pool.
+    pub fn alloc<T: cudarc::driver::DeviceRepr>(&self, n: usize) -> Result<DeviceBuf<T>> {
+        if self.capturing_here() {
+            return self.graph_pool.take(&self.stream, n);
+        }
         // SAFETY: the contents are written by the kernel the buffer is allocated for before any read.
-        Ok(unsafe { self.stream.alloc::<T>(n.max(1)) }?)
+        Ok(DeviceBuf::owned(unsafe { self.stream.alloc::<T>(n.max(1)) }?))
     }
 
-    pub fn zeros(&self, n: usize) -> CudaSlice<f32> {
-        self.stream.alloc_zeros(n.max(1)).unwrap_or_else(|e| panic!("GPU allocation of {n} floats: {e}"))
+    pub fn zeros(&self, n: usize) -> DeviceBuf<f32> {
+        let zeroed = if self.capturing_here() {
+            self.graph_pool.take(&self.stream, n).and_then(|mut b| Ok(self.stream.memset_zeros(&mut *b).map(|_| b)?))
+        } else {
+            self.stream.alloc_zeros(n.max(1)).map(DeviceBuf::owned).map_err(CudaError::from)
+        };
+        zeroed.unwrap_or_else(|e| panic!("GPU allocation of {n} floats: {e}"))
     }
 
-    pub fn upload<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> CudaSlice<T> {
-        self.stream.clone_htod(v).unwrap_or_else(|e| panic!("upload of {} elements: {e}", v.len()))
+    pub fn upload<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> DeviceBuf<T> {
+        let s = self.stream.clone_htod(v).unwrap_or_else(|e| panic!("upload of {} elements: {e}", v.len()));
+        DeviceBuf::owned(s)
     }
 
-    pub fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(&self, s: &CudaSlice<T>) -> Vec<T> {
-        self.stream.clone_dtoh(s).unwrap_or_else(|e| panic!("download of {} elements: {e}", s.len()))
+    pub fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(&self, s: &DeviceBuf<T>) -> Vec<T> {
+        self.stream.clone_dtoh(&**s).unwrap_or_else(|e| panic!("download of {} elements: {e}", s.len()))
     }
 
     /// Writes `src` into `dst` starting at element `at` (a prefilled sequence's state moving
     /// into its pool slot or blocks).
-    pub fn write_at(&self, dst: &mut CudaSlice<f32>, at: usize, src: &CudaSlice<f32>) -> Result<()> {
+    pub fn write_at(&self, dst: &mut DeviceBuf<f32>, at: usize, src: &DeviceBuf<f32>) -> Result<()> {
         assert!(at + src.len() <= dst.len(), "write_at: {} + {} > {}", at, src.len(), dst.len());
-        self.stream.memcpy_dtod(src, &mut dst.slice_mut(at..at + src.len()))?;
+        self.stream.memcpy_dtod(&**src, &mut dst.slice_mut(at..at + src.len()))?;
         Ok(())
     }
 
     /// A copy of `a` followed by `b` (the KV cache growing by the new tokens' rows).
-    pub fn concat(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+    pub fn concat(&self, a: &DeviceBuf<f32>, b: &DeviceBuf<f32>) -> Result<DeviceBuf<f32>> {
         let mut out = self.alloc::<f32>(a.len() + b.len())?;
-        self.stream.memcpy_dtod(a, &mut out.slice_mut(..a.len()))?;
-        self.stream.memcpy_dtod(b, &mut out.slice_mut(a.len()..))?;
+        self.stream.memcpy_dtod(&**a, &mut out.slice_mut(..a.len()))?;
+        self.stream.memcpy_dtod(&**b, &mut out.slice_mut(a.len()..))?;
         Ok(out)
     }
 
     /// Elements `[start, start + len)` as a new buffer.
-    pub fn copy_range(&self, a: &CudaSlice<f32>, start: usize, len: usize) -> Result<CudaSlice<f32>> {
+    pub fn copy_range(&self, a: &DeviceBuf<f32>, start: usize, len: usize) -> Result<DeviceBuf<f32>> {
         let mut out = self.alloc::<f32>(len)?;
-        self.stream.memcpy_dtod(&a.slice(start..start + len), &mut out)?;
+        self.stream.memcpy_dtod(&a.slice(start..start + len), &mut *out)?;
         Ok(out)
     }
 }
 
 // Launchers by kernel family, after `launch!`, which they use.
 mod attention;
+mod buffer;
 mod decode;
 mod elementwise;
 mod fused;
 mod gdn;
 mod gemv;
+mod graph;
 mod norm;
 mod sampling;
 mod synthetic;

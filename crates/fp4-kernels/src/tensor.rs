@@ -1,3 +1,5 @@
+#[cfg(feature = "cuda")]
+use crate::cuda::DeviceBuf;
 use fp4_format::dtype::round_bf16;
 
 /// Where a tensor's elements live; every op matches on this.
@@ -6,7 +8,7 @@ pub enum Storage {
     Cpu(Vec<f32>),
     /// Device memory of the process's GPU (`cuda::gpu()`), same row-major layout.
     #[cfg(feature = "cuda")]
-    Cuda(cudarc::driver::CudaSlice<f32>),
+    Cuda(DeviceBuf<f32>),
 }
 
 /// Which device a model and its tensors live on.
@@ -150,7 +152,7 @@ impl Tensor {
     }
 
     #[cfg(feature = "cuda")]
-    pub fn from_cuda(data: cudarc::driver::CudaSlice<f32>, shape: &[usize]) -> Tensor {
+    pub fn from_cuda(data: DeviceBuf<f32>, shape: &[usize]) -> Tensor {
         assert_eq!(data.len(), shape.iter().product::<usize>(), "device buffer length does not match {shape:?}");
         Tensor::new(shape.to_vec(), Storage::Cuda(data))
     }
@@ -158,7 +160,7 @@ impl Tensor {
     /// The device buffer of a GPU tensor (panics for a CPU tensor: operands on mixed devices are
     /// a programming error).
     #[cfg(feature = "cuda")]
-    pub fn cuda(&self) -> &cudarc::driver::CudaSlice<f32> {
+    pub fn cuda(&self) -> &DeviceBuf<f32> {
         match &self.storage {
             Storage::Cuda(s) => s,
             Storage::Cpu(_) => panic!("expected a GPU tensor, got a CPU tensor {:?}", self.shape),
@@ -166,7 +168,7 @@ impl Tensor {
     }
 
     #[cfg(feature = "cuda")]
-    pub fn cuda_mut(&mut self) -> &mut cudarc::driver::CudaSlice<f32> {
+    pub fn cuda_mut(&mut self) -> &mut DeviceBuf<f32> {
         self.gemv_input = None;
         match &mut self.storage {
             Storage::Cuda(s) => s,
@@ -230,7 +232,7 @@ impl Precision {
 pub enum Ids {
     Cpu(Vec<u32>),
     #[cfg(feature = "cuda")]
-    Cuda(cudarc::driver::CudaSlice<u32>),
+    Cuda(DeviceBuf<u32>),
 }
 
 impl Ids {
@@ -288,7 +290,7 @@ impl Ids {
     }
 
     #[cfg(feature = "cuda")]
-    pub fn cuda(&self) -> &cudarc::driver::CudaSlice<u32> {
+    pub fn cuda(&self) -> &DeviceBuf<u32> {
         match self {
             Ids::Cuda(s) => s,
             Ids::Cpu(_) => panic!("expected GPU ids, got CPU ids"),
@@ -296,7 +298,7 @@ impl Ids {
     }
 
     #[cfg(feature = "cuda")]
-    pub fn cuda_mut(&mut self) -> &mut cudarc::driver::CudaSlice<u32> {
+    pub fn cuda_mut(&mut self) -> &mut DeviceBuf<u32> {
         match self {
             Ids::Cuda(s) => s,
             Ids::Cpu(_) => panic!("expected GPU ids, got CPU ids"),

@@ -109,6 +109,8 @@ pub struct DecodeRunner {
     /// Steps replayed from a captured graph / run eagerly.
     pub graph_replays: u64,
     pub eager_steps: u64,
+    /// Programmatic (PDL) edges of the largest graph captured so far.
+    pub programmatic_edges: usize,
 }
 
 impl DecodeRunner {
@@ -145,6 +147,7 @@ impl DecodeRunner {
             cfg,
             graph_replays: 0,
             eager_steps: 0,
+            programmatic_edges: 0,
         }
     }
 
@@ -292,7 +295,9 @@ impl DecodeRunner {
                 ops::argmax_rows(&logits, out);
                 Ok(())
             });
-            *graph = Some(captured.map_err(|e| RunnerError::Graph(e.to_string()))?);
+            let captured = captured.map_err(|e| RunnerError::Graph(e.to_string()))?;
+            self.programmatic_edges = self.programmatic_edges.max(captured.programmatic_edges());
+            *graph = Some(captured);
         }
         graph.as_ref().expect("captured above").launch().map_err(|e| RunnerError::Graph(e.to_string()))
     }

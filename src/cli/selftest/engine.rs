@@ -156,6 +156,8 @@ fn runner_generate(model: &Qwen35, prompts: &[Vec<u32>], steps: usize, graphs: b
         }
     }
     anyhow::ensure!(!graphs || runner.graph_replays == (steps - 1) as u64, "the runner did not replay graphs");
+    // Every edge of a decode graph joins two of fp4's kernels: all of them programmatic (PDL).
+    anyhow::ensure!(!graphs || runner.programmatic_edges > 0, "the decode graph has no programmatic edges");
     Ok(out)
 }
 
@@ -297,6 +299,15 @@ pub(super) fn engine_benches(g: &Gpu, _a: &Args, name: &str, copy: f64) -> anyho
             drop(eager);
             out["decode_bs1_nvfp4_eager"] = json!(bs1_eager);
             println!("engine {name} {label}: decode bs=1 eager {bs1_eager:.1} tok/s");
+            g.set_programmatic_launch(false);
+            let mut plain = DecodeRunner::new(&model, cfg);
+            let mut p1 = vec![plain.admit(&cache)?];
+            let bs1_plain = decode_rate(&mut plain, &model, &mut p1, 4, 64)?;
+            drop(plain);
+            g.set_programmatic_launch(true);
+            out["decode_bs1_nvfp4_graphs_without_pdl"] = json!(bs1_plain);
+            println!("engine {name} {label}: decode bs=1 graphs without PDL {bs1_plain:.1} tok/s");
+            println!("engine {name} {label}: graph memory {:.1} MiB", g.graph_memory_bytes() as f64 / (1 << 20) as f64);
             let mut depth = serde_json::Map::new();
             for d in [0usize, 4096, 16384, 32768] {
                 runner.set_len_for_benchmark(&mut one[0], d)?;

@@ -7,14 +7,14 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
-        q: &CudaSlice<f32>,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
+        q: &DeviceBuf<f32>,
+        k: &DeviceBuf<f32>,
+        v: &DeviceBuf<f32>,
         t: usize,
         l: usize,
         dims: crate::cpu::AttnDims,
         scale: f32,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<DeviceBuf<f32>> {
         let crate::cpu::AttnDims { q_heads: hq, kv_heads: hkv, head_dim: d } = dims;
         assert!(
             d <= ATT_MAX_D && q.len() == t * hq * d && k.len() == l * hkv * d && v.len() == k.len() && l >= t,

@@ -6,9 +6,9 @@ impl Gpu {
     /// In-place RoPE on `x [B, heads, head_dim]`, token b at position `pos[b]`.
     pub fn rope_at(
         &self,
-        x: &mut CudaSlice<f32>,
-        inv_freq: &CudaSlice<f32>,
-        pos: &CudaSlice<u32>,
+        x: &mut DeviceBuf<f32>,
+        inv_freq: &DeviceBuf<f32>,
+        pos: &DeviceBuf<u32>,
         heads: usize,
         head_dim: usize,
     ) -> Result<()> {
@@ -25,12 +25,12 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn kv_write(
         &self,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
-        kp: &mut CudaSlice<f32>,
-        vp: &mut CudaSlice<f32>,
-        table: &CudaSlice<u32>,
-        pos: &CudaSlice<u32>,
+        k: &DeviceBuf<f32>,
+        v: &DeviceBuf<f32>,
+        kp: &mut DeviceBuf<f32>,
+        vp: &mut DeviceBuf<f32>,
+        table: &DeviceBuf<u32>,
+        pos: &DeviceBuf<u32>,
         row: usize,
         max_blocks: usize,
         block_size: usize,
@@ -50,16 +50,16 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention(
         &self,
-        q: &CudaSlice<f32>,
-        kp: &CudaSlice<f32>,
-        vp: &CudaSlice<f32>,
-        table: &CudaSlice<u32>,
-        pos: &CudaSlice<u32>,
+        q: &DeviceBuf<f32>,
+        kp: &DeviceBuf<f32>,
+        vp: &DeviceBuf<f32>,
+        table: &DeviceBuf<u32>,
+        pos: &DeviceBuf<u32>,
         dims: crate::cpu::AttnDims,
         max_blocks: usize,
         block_size: usize,
         scale: f32,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<DeviceBuf<f32>> {
         let crate::cpu::AttnDims { q_heads: hq, kv_heads: hkv, head_dim: d } = dims;
         let b = q.len() / (hq * d);
         assert!(d <= PA_MAX_D && q.len() == b * hq * d && table.len() >= b * max_blocks, "paged_attention shapes");
@@ -111,12 +111,12 @@ impl Gpu {
     /// at `slots[b]` (updated).
     pub fn conv1d_step(
         &self,
-        x: &CudaSlice<f32>,
-        pool: &mut CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        slots: &CudaSlice<u32>,
+        x: &DeviceBuf<f32>,
+        pool: &mut DeviceBuf<f32>,
+        w: &DeviceBuf<f32>,
+        slots: &DeviceBuf<u32>,
         c: usize,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<DeviceBuf<f32>> {
         let k = w.len() / c;
         let b = x.len() / c;
         assert!(k <= MAX_CONV_K && x.len() == b * c && slots.len() >= b, "conv1d_step shapes");
@@ -135,15 +135,15 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn gdn_step(
         &self,
-        q: &CudaSlice<f32>,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
-        g: &CudaSlice<f32>,
-        beta: &CudaSlice<f32>,
-        pool: &mut CudaSlice<f32>,
-        slots: &CudaSlice<u32>,
+        q: &DeviceBuf<f32>,
+        k: &DeviceBuf<f32>,
+        v: &DeviceBuf<f32>,
+        g: &DeviceBuf<f32>,
+        beta: &DeviceBuf<f32>,
+        pool: &mut DeviceBuf<f32>,
+        slots: &DeviceBuf<u32>,
         dims: crate::cpu::GdnDims,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<DeviceBuf<f32>> {
         let crate::cpu::GdnDims { key_heads: hk, value_heads: hv, key_dim: dk, value_dim: dv } = dims;
         let b = g.len() / hv;
         assert!(

@@ -4,7 +4,7 @@ use super::*;
 
 impl Gpu {
     /// Element-wise binary ops on equal-length buffers.
-    pub fn binary(&self, op: Binary, a: &CudaSlice<f32>, b: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+    pub fn binary(&self, op: Binary, a: &DeviceBuf<f32>, b: &DeviceBuf<f32>) -> Result<DeviceBuf<f32>> {
         let n = a.len();
         assert_eq!(b.len(), n, "{op:?} shapes");
         let mut out = self.alloc::<f32>(n)?;
@@ -17,7 +17,7 @@ impl Gpu {
     }
 
     /// `y[r, c] += bias[c]`.
-    pub fn add_bias(&self, y: &mut CudaSlice<f32>, bias: &CudaSlice<f32>) -> Result<()> {
+    pub fn add_bias(&self, y: &mut DeviceBuf<f32>, bias: &DeviceBuf<f32>) -> Result<()> {
         let (n, cols) = (y.len(), bias.len() as i32);
         assert!(n.is_multiple_of(bias.len()), "add_bias shapes");
         launch!(self, add_bias, flat(n), y, bias, &cols, &n);
@@ -25,7 +25,7 @@ impl Gpu {
     }
 
     /// `out[r, c] = x[r, c] · s[c]`.
-    pub fn mul_cols(&self, x: &CudaSlice<f32>, s: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+    pub fn mul_cols(&self, x: &DeviceBuf<f32>, s: &DeviceBuf<f32>) -> Result<DeviceBuf<f32>> {
         let (n, cols) = (x.len(), s.len() as i32);
         assert!(n.is_multiple_of(s.len()), "mul_cols shapes");
         let mut out = self.alloc::<f32>(n)?;
@@ -34,7 +34,7 @@ impl Gpu {
     }
 
     /// Columns `[off, off + width)` of the rows (length `src_cols`) of `src`.
-    pub fn copy_cols(&self, src: &CudaSlice<f32>, src_cols: usize, off: usize, width: usize) -> Result<CudaSlice<f32>> {
+    pub fn copy_cols(&self, src: &DeviceBuf<f32>, src_cols: usize, off: usize, width: usize) -> Result<DeviceBuf<f32>> {
         assert!(src.len().is_multiple_of(src_cols) && off + width <= src_cols, "copy_cols shapes");
         let n = src.len() / src_cols * width;
         let mut out = self.alloc::<f32>(n)?;
@@ -44,7 +44,7 @@ impl Gpu {
     }
 
     /// Rows `ids` of a `[vocab, d]` table (ids validated against the vocabulary by the caller).
-    pub fn embedding(&self, table: &CudaSlice<f32>, d: usize, ids: &[u32]) -> Result<CudaSlice<f32>> {
+    pub fn embedding(&self, table: &DeviceBuf<f32>, d: usize, ids: &[u32]) -> Result<DeviceBuf<f32>> {
         assert!(table.len().is_multiple_of(d), "embedding shapes");
         let dev_ids = self.upload(ids);
         let mut out = self.alloc::<f32>(ids.len() * d)?;
@@ -54,7 +54,7 @@ impl Gpu {
     }
 
     /// Rows `ids` (on the device) of a `[vocab, d]` table.
-    pub fn embedding_ids(&self, table: &CudaSlice<f32>, d: usize, ids: &CudaSlice<u32>) -> Result<CudaSlice<f32>> {
+    pub fn embedding_ids(&self, table: &DeviceBuf<f32>, d: usize, ids: &DeviceBuf<u32>) -> Result<DeviceBuf<f32>> {
         assert!(table.len().is_multiple_of(d), "embedding shapes");
         let mut out = self.alloc::<f32>(ids.len() * d)?;
         let di = d as i32;
@@ -65,11 +65,11 @@ impl Gpu {
     /// `(β, g)` of a GDN layer from `b, a [T, Hv]`.
     pub fn gdn_gates(
         &self,
-        b: &CudaSlice<f32>,
-        a: &CudaSlice<f32>,
-        a_log: &CudaSlice<f32>,
-        dt_bias: &CudaSlice<f32>,
-    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+        b: &DeviceBuf<f32>,
+        a: &DeviceBuf<f32>,
+        a_log: &DeviceBuf<f32>,
+        dt_bias: &DeviceBuf<f32>,
+    ) -> Result<(DeviceBuf<f32>, DeviceBuf<f32>)> {
         let (n, heads) = (a.len(), a_log.len() as i32);
         assert!(b.len() == n && n.is_multiple_of(a_log.len()) && dt_bias.len() == a_log.len(), "gdn_gates shapes");
         let (mut beta, mut g) = (self.alloc::<f32>(n)?, self.alloc::<f32>(n)?);
@@ -80,8 +80,8 @@ impl Gpu {
     /// In-place RoPE on `x [T, heads, head_dim]` from position `pos0`.
     pub fn rope(
         &self,
-        x: &mut CudaSlice<f32>,
-        inv_freq: &CudaSlice<f32>,
+        x: &mut DeviceBuf<f32>,
+        inv_freq: &DeviceBuf<f32>,
         heads: usize,
         head_dim: usize,
         pos0: usize,
@@ -97,11 +97,11 @@ impl Gpu {
     /// Causal depthwise conv + SiLU of `x [T, C]` continuing (and updating) `state [K-1, C]`.
     pub fn causal_conv1d_silu(
         &self,
-        x: &CudaSlice<f32>,
-        state: &mut CudaSlice<f32>,
-        w: &CudaSlice<f32>,
+        x: &DeviceBuf<f32>,
+        state: &mut DeviceBuf<f32>,
+        w: &DeviceBuf<f32>,
         c: usize,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<DeviceBuf<f32>> {
         let k = w.len() / c;
         assert!(k <= MAX_CONV_K && state.len() == (k - 1) * c && x.len().is_multiple_of(c), "conv1d shapes");
         let t = x.len() / c;

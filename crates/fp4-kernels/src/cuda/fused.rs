@@ -4,10 +4,11 @@
 //! (`kernels/decode.cu`). Each computes what a sequence of the plain launchers computes (the
 //! CPU references compose the plain ops); a decode step of the 9B takes ~300 fewer launches.
 
+use super::DeviceBuf;
 use super::{geometry, norm_v4, Gpu, MmaActivations, Result, MMA_GEMV_MAX_TOKENS};
 use crate::contract::Binary;
 use crate::cpu::GdnDims;
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 use std::sync::atomic::Ordering;
 
 /// `GDN_FUSED_THREADS` of `gdn_decode_fused`, and the head sizes it takes.
@@ -39,11 +40,11 @@ impl Gpu {
     /// `None` when that does not apply (too many rows, a width it cannot take).
     pub fn rms_norm_f16(
         &self,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
+        x: &DeviceBuf<f32>,
+        w: &DeviceBuf<f32>,
         eps: f32,
         offset: f32,
-    ) -> Result<Option<(CudaSlice<f32>, MmaActivations)>> {
+    ) -> Result<Option<(DeviceBuf<f32>, MmaActivations)>> {
         let d = w.len();
         let rows = x.len() / d;
         let Some(cfg) = norm_v4(rows, d).filter(|_| self.gemv_input_applies(rows, d) && x.len() == rows * d) else {
@@ -60,12 +61,12 @@ impl Gpu {
     #[allow(clippy::type_complexity)]
     pub fn add_rms_norm_f16(
         &self,
-        h: &CudaSlice<f32>,
-        delta: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
+        h: &DeviceBuf<f32>,
+        delta: &DeviceBuf<f32>,
+        w: &DeviceBuf<f32>,
         eps: f32,
         offset: f32,
-    ) -> Result<Option<(CudaSlice<f32>, CudaSlice<f32>, MmaActivations)>> {
+    ) -> Result<Option<(DeviceBuf<f32>, DeviceBuf<f32>, MmaActivations)>> {
         let d = w.len();
         let rows = h.len() / d;
         let applies = self.gemv_input_applies(rows, d) && h.len() == rows * d && delta.len() == h.len();
@@ -98,10 +99,10 @@ impl Gpu {
     pub fn binary_f16(
         &self,
         op: Binary,
-        a: &CudaSlice<f32>,
-        b: &CudaSlice<f32>,
+        a: &DeviceBuf<f32>,
+        b: &DeviceBuf<f32>,
         d: usize,
-    ) -> Result<Option<(CudaSlice<f32>, MmaActivations)>> {
+    ) -> Result<Option<(DeviceBuf<f32>, MmaActivations)>> {
         let rows = a.len() / d.max(1);
         let threads = (d / 4).div_ceil(32).clamp(1, 32) * 32;
         let fits = d / 4 <= ROWS_HELD * threads && a.len() == rows * d && b.len() == a.len();
@@ -133,18 +134,18 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn gdn_decode(
         &self,
-        mixed: &CudaSlice<f32>,
-        b_proj: &CudaSlice<f32>,
-        a_proj: &CudaSlice<f32>,
-        a_log: &CudaSlice<f32>,
-        dt_bias: &CudaSlice<f32>,
-        z: &CudaSlice<f32>,
-        norm_w: &CudaSlice<f32>,
+        mixed: &DeviceBuf<f32>,
+        b_proj: &DeviceBuf<f32>,
+        a_proj: &DeviceBuf<f32>,
+        a_log: &DeviceBuf<f32>,
+        dt_bias: &DeviceBuf<f32>,
+        z: &DeviceBuf<f32>,
+        norm_w: &DeviceBuf<f32>,
         eps: f32,
-        pool: &mut CudaSlice<f32>,
-        slots: &CudaSlice<u32>,
+        pool: &mut DeviceBuf<f32>,
+        slots: &DeviceBuf<u32>,
         dims: GdnDims,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<DeviceBuf<f32>> {
         let GdnDims { key_heads: hk, value_heads: hv, key_dim: dk, value_dim: dv } = dims;
         let b = b_proj.len() / hv;
         assert!(
@@ -201,16 +202,16 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn attention_decode_prep(
         &self,
-        qg: &CudaSlice<f32>,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
-        norms: (&CudaSlice<f32>, &CudaSlice<f32>),
-        inv_freq: &CudaSlice<f32>,
+        qg: &DeviceBuf<f32>,
+        k: &DeviceBuf<f32>,
+        v: &DeviceBuf<f32>,
+        norms: (&DeviceBuf<f32>, &DeviceBuf<f32>),
+        inv_freq: &DeviceBuf<f32>,
         eps: f32,
-        pools: (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
-        index: (&CudaSlice<u32>, &CudaSlice<u32>, usize, usize),
+        pools: (&mut DeviceBuf<f32>, &mut DeviceBuf<f32>),
+        index: (&DeviceBuf<u32>, &DeviceBuf<u32>, usize, usize),
         heads: (usize, usize),
-    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    ) -> Result<(DeviceBuf<f32>, DeviceBuf<f32>)> {
         let ((q_norm, k_norm), (kp, vp), (pos, table, max_blocks, block_size), (hq, hkv)) =
             (norms, pools, index, heads);
         let d = q_norm.len();

@@ -9,16 +9,16 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn gated_delta_rule(
         &self,
-        q: &CudaSlice<f32>,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
-        g: &CudaSlice<f32>,
-        beta: &CudaSlice<f32>,
-        state: &mut CudaSlice<f32>,
+        q: &DeviceBuf<f32>,
+        k: &DeviceBuf<f32>,
+        v: &DeviceBuf<f32>,
+        g: &DeviceBuf<f32>,
+        beta: &DeviceBuf<f32>,
+        state: &mut DeviceBuf<f32>,
         dims: crate::cpu::GdnDims,
         t: usize,
         algo: GdnAlgo,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<DeviceBuf<f32>> {
         check_gdn_shapes([q, k, v, g, beta, state], dims, t);
         match algo {
             GdnAlgo::Chunked if t > 0 && dims.key_dim <= GDN_PREP_MAX_DK && dims.key_dim.is_multiple_of(4) => {
@@ -31,15 +31,15 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gdn_recurrent(
         &self,
-        q: &CudaSlice<f32>,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
-        g: &CudaSlice<f32>,
-        beta: &CudaSlice<f32>,
-        state: &mut CudaSlice<f32>,
+        q: &DeviceBuf<f32>,
+        k: &DeviceBuf<f32>,
+        v: &DeviceBuf<f32>,
+        g: &DeviceBuf<f32>,
+        beta: &DeviceBuf<f32>,
+        state: &mut DeviceBuf<f32>,
         dims: crate::cpu::GdnDims,
         t: usize,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<DeviceBuf<f32>> {
         let crate::cpu::GdnDims { key_heads: hk, value_heads: hv, key_dim: dk, value_dim: dv } = dims;
         let mut out = self.alloc::<f32>(t * hv * dv)?;
         let cfg = LaunchConfig {
@@ -57,15 +57,15 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gdn_chunked(
         &self,
-        q: &CudaSlice<f32>,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
-        g: &CudaSlice<f32>,
-        beta: &CudaSlice<f32>,
-        state: &mut CudaSlice<f32>,
+        q: &DeviceBuf<f32>,
+        k: &DeviceBuf<f32>,
+        v: &DeviceBuf<f32>,
+        g: &DeviceBuf<f32>,
+        beta: &DeviceBuf<f32>,
+        state: &mut DeviceBuf<f32>,
         dims: crate::cpu::GdnDims,
         t: usize,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<DeviceBuf<f32>> {
         let crate::cpu::GdnDims { key_heads: hk, value_heads: hv, key_dim: dk, value_dim: dv } = dims;
         let chunks = t.div_ceil(GDN_C);
         let slots = chunks * hv * GDN_C;

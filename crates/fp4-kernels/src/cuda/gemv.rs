@@ -24,7 +24,7 @@ impl Gpu {
     /// `y [t, rows] = x [t, cols] · Wᵀ`: GEMV kernels for up to [`GEMV_MAX_TOKENS`] tokens, else
     /// dequantize W (bf16, or f32 in exact mode) and run a cuBLAS GEMM with f32 accumulation
     /// (NVFP4's scale_2 as the GEMM's alpha).
-    pub fn linear(&self, x: &CudaSlice<f32>, t: usize, w: &GpuWeight) -> Result<CudaSlice<f32>> {
+    pub fn linear(&self, x: &DeviceBuf<f32>, t: usize, w: &GpuWeight) -> Result<DeviceBuf<f32>> {
         let (n, k) = (w.rows(), w.cols());
         assert!(x.len() >= t * k, "linear: x has {} elements, needs {t}×{k}", x.len());
         let exact = self.exact_gemm.load(Ordering::Relaxed);
@@ -80,10 +80,10 @@ impl Gpu {
     /// for up to [`GEMV_MAX_TOKENS`]. `None`: use a GEMM.
     pub(super) fn nvfp4_small_batch(
         &self,
-        x: &CudaSlice<f32>,
+        x: &DeviceBuf<f32>,
         t: usize,
         q: &GpuNvfp4,
-    ) -> Result<Option<CudaSlice<f32>>> {
+    ) -> Result<Option<DeviceBuf<f32>>> {
         let k = q.cols;
         if self.mma_gemv_applies(t, q) {
             return self.nvfp4_mma_gemv(x, t, q).map(Some);
@@ -97,7 +97,7 @@ impl Gpu {
     /// `y [t, n] = x [t, k] · Wᵀ` on the tensor cores (`t ≤ 64`, `k % 32 == 0`): x to f16 with a
     /// power-of-two scale per token (`f16_rowscaled`), then `nvfp4_mma_gemv_nt*`, one block per
     /// 16-row tile over the whole of K (see `kernels/gemv.cu`).
-    pub fn nvfp4_mma_gemv(&self, x: &CudaSlice<f32>, t: usize, q: &GpuNvfp4) -> Result<CudaSlice<f32>> {
+    pub fn nvfp4_mma_gemv(&self, x: &DeviceBuf<f32>, t: usize, q: &GpuNvfp4) -> Result<DeviceBuf<f32>> {
         let act = self.mma_activations(x, t, q.cols)?;
         self.nvfp4_mma_gemv_on(&act, q)
     }
@@ -109,7 +109,7 @@ impl Gpu {
 
     /// `x [t, k]` as the tensor-core GEMV reads it (`f16_rowscaled`): converted once, it serves
     /// every linear of that input (q/k/v, gate/up, the GDN input projections).
-    pub fn mma_activations(&self, x: &CudaSlice<f32>, t: usize, k: usize) -> Result<MmaActivations> {
+    pub fn mma_activations(&self, x: &DeviceBuf<f32>, t: usize, k: usize) -> Result<MmaActivations> {
         assert!(
             (1..=MMA_GEMV_MAX_TOKENS).contains(&t) && x.len() >= t * k && k.is_multiple_of(32),
             "nvfp4_mma_gemv: x [{t}, {k}]"
@@ -122,13 +122,13 @@ impl Gpu {
     }
 
     /// The tensor-core GEMV over converted activations (see [`Gpu::nvfp4_mma_gemv`]).
-    pub fn nvfp4_mma_gemv_on(&self, a: &MmaActivations, q: &GpuNvfp4) -> Result<CudaSlice<f32>> {
+    pub fn nvfp4_mma_gemv_on(&self, a: &MmaActivations, q: &GpuNvfp4) -> Result<DeviceBuf<f32>> {
         Ok(self.nvfp4_mma_gemv_group(a, &[q])?.pop().expect("one output per weight"))
     }
 
     /// `y_i [t, n_i] = x · W_iᵀ` for weights of one input, up to [`MMA_GROUP_MAX`] per launch
     /// (the kernel's grid runs over the 16-row tiles of all of them).
-    pub fn nvfp4_mma_gemv_group(&self, a: &MmaActivations, ws: &[&GpuNvfp4]) -> Result<Vec<CudaSlice<f32>>> {
+    pub fn nvfp4_mma_gemv_group(&self, a: &MmaActivations, ws: &[&GpuNvfp4]) -> Result<Vec<DeviceBuf<f32>>> {
         self.gemv_group_res_on(self.mma_kernel(a.t), MMA_WARPS, a, ws, &vec![None; ws.len()])
     }
 
@@ -138,8 +138,8 @@ impl Gpu {
         &self,
         a: &MmaActivations,
         q: &GpuNvfp4,
-        residual: &CudaSlice<f32>,
-    ) -> Result<CudaSlice<f32>> {
+        residual: &DeviceBuf<f32>,
+    ) -> Result<DeviceBuf<f32>> {
         let mut ys = self.gemv_group_res_on(self.mma_kernel(a.t), MMA_WARPS, a, &[q], &[Some(residual)])?;
         Ok(ys.pop().expect("one output per weight"))
     }
@@ -162,7 +162,7 @@ impl Gpu {
         a: &MmaActivations,
         ws: &[&GpuNvfp4],
         tiled: &[GpuNvfp4],
-    ) -> Result<Vec<CudaSlice<f32>>> {
+    ) -> Result<Vec<DeviceBuf<f32>>> {
         assert!(a.t <= 8, "the sweep kernels take one n-tile");
         let (_, warps, is_tiled, f) = &self.k.gemv_sweep[i];
         if *is_tiled {
@@ -182,7 +182,7 @@ impl Gpu {
     }
 
     /// Converts `x [t, k]` for the tensor-core GEMV (timing the conversion alone).
-    pub fn mma_activations_only(&self, x: &CudaSlice<f32>, t: usize, k: usize) -> Result<()> {
+    pub fn mma_activations_only(&self, x: &DeviceBuf<f32>, t: usize, k: usize) -> Result<()> {
         self.mma_activations(x, t, k).map(drop)
     }
 
@@ -192,7 +192,7 @@ impl Gpu {
         warps: u32,
         a: &MmaActivations,
         ws: &[&GpuNvfp4],
-    ) -> Result<Vec<CudaSlice<f32>>> {
+    ) -> Result<Vec<DeviceBuf<f32>>> {
         let none = vec![None; ws.len()];
         self.gemv_group_res_on(f, warps, a, ws, &none)
     }
@@ -204,14 +204,14 @@ impl Gpu {
         warps: u32,
         a: &MmaActivations,
         ws: &[&GpuNvfp4],
-        residuals: &[Option<&CudaSlice<f32>>],
-    ) -> Result<Vec<CudaSlice<f32>>> {
+        residuals: &[Option<&DeviceBuf<f32>>],
+    ) -> Result<Vec<DeviceBuf<f32>>> {
         let (k, t) = (a.k, a.t);
         assert_eq!(residuals.len(), ws.len(), "nvfp4_mma_gemv: one residual slot per weight");
         let mut ys = Vec::with_capacity(ws.len());
         for (group, res) in ws.chunks(MMA_GROUP_MAX).zip(residuals.chunks(MMA_GROUP_MAX)) {
             let mut args = GemvGroup::default();
-            let mut outs: Vec<CudaSlice<f32>> = Vec::with_capacity(group.len());
+            let mut outs: Vec<DeviceBuf<f32>> = Vec::with_capacity(group.len());
             for q in group {
                 assert_eq!(q.cols, k, "nvfp4_mma_gemv: activations of width {k} for a weight of {} columns", q.cols);
                 outs.push(self.alloc::<f32>(t * q.rows)?);
@@ -252,7 +252,7 @@ impl Gpu {
     }
 
     /// `y [t, n] = x [t, k] · Wᵀ` by the NVFP4 GEMV (W4A16; a few tokens, `k % 8 == 0`).
-    pub(super) fn nvfp4_gemv(&self, x: &CudaSlice<f32>, t: usize, q: &GpuNvfp4) -> Result<CudaSlice<f32>> {
+    pub(super) fn nvfp4_gemv(&self, x: &DeviceBuf<f32>, t: usize, q: &GpuNvfp4) -> Result<DeviceBuf<f32>> {
         let (n, k) = (q.rows, q.cols);
         assert!(x.len() >= t * k && k.is_multiple_of(8), "nvfp4_gemv: x [{t}, {k}]");
         let mut y = self.alloc::<f32>(t * n)?;
@@ -264,19 +264,19 @@ impl Gpu {
     /// `y [t, n] = x [t, k] · w [n, k]ᵀ` for an f32 weight (a tied LM head), cuBLAS f32.
     pub fn linear_f32(
         &self,
-        x: &CudaSlice<f32>,
+        x: &DeviceBuf<f32>,
         t: usize,
-        w: &CudaSlice<f32>,
+        w: &DeviceBuf<f32>,
         n: usize,
         k: usize,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<DeviceBuf<f32>> {
         assert!(x.len() >= t * k && w.len() >= n * k, "linear_f32 shapes");
         let mut y = self.alloc::<f32>(t * n)?;
         self.gemm(x, w, &mut y, t, n, k, 1.0, blas_sys::cudaDataType::CUDA_R_32F)?;
         Ok(y)
     }
 
-    pub(super) fn to_bf16(&self, x: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<u16>> {
+    pub(super) fn to_bf16(&self, x: &DeviceBuf<f32>, n: usize) -> Result<DeviceBuf<u16>> {
         let mut xb = self.alloc::<u16>(n)?;
         launch!(self, f32_to_bf16, flat(n), x, &mut xb, &n);
         Ok(xb)
@@ -287,9 +287,9 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gemm<A: cudarc::driver::DeviceRepr, B: cudarc::driver::DeviceRepr>(
         &self,
-        x: &CudaSlice<A>,
-        w: &CudaSlice<B>,
-        y: &mut CudaSlice<f32>,
+        x: &DeviceBuf<A>,
+        w: &DeviceBuf<B>,
+        y: &mut DeviceBuf<f32>,
         t: usize,
         n: usize,
         k: usize,

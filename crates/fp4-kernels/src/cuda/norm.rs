@@ -4,7 +4,7 @@ use super::*;
 
 impl Gpu {
     /// `y = x · rsqrt(mean(x²) + eps) · (offset + w)` per row of `w.len()`.
-    pub fn rms_norm(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, eps: f32, offset: f32) -> Result<CudaSlice<f32>> {
+    pub fn rms_norm(&self, x: &DeviceBuf<f32>, w: &DeviceBuf<f32>, eps: f32, offset: f32) -> Result<DeviceBuf<f32>> {
         let d = w.len();
         assert!(x.len().is_multiple_of(d), "rms_norm shapes");
         let mut y = self.alloc::<f32>(x.len())?;
@@ -19,12 +19,12 @@ impl Gpu {
     /// `h' = h + delta` and `y = rms_norm(h')` in one kernel: `(h', y)`.
     pub fn add_rms_norm(
         &self,
-        h: &CudaSlice<f32>,
-        delta: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
+        h: &DeviceBuf<f32>,
+        delta: &DeviceBuf<f32>,
+        w: &DeviceBuf<f32>,
         eps: f32,
         offset: f32,
-    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    ) -> Result<(DeviceBuf<f32>, DeviceBuf<f32>)> {
         let d = w.len();
         assert!(h.len().is_multiple_of(d) && delta.len() == h.len(), "add_rms_norm shapes");
         let rows = h.len() / d;
@@ -40,11 +40,11 @@ impl Gpu {
     /// Gated RMSNorm per row of `w.len()`: `w · x·rsqrt(mean(x²)+eps) · silu(z)`.
     pub fn rms_norm_gated(
         &self,
-        x: &CudaSlice<f32>,
-        z: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
+        x: &DeviceBuf<f32>,
+        z: &DeviceBuf<f32>,
+        w: &DeviceBuf<f32>,
         eps: f32,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<DeviceBuf<f32>> {
         let d = w.len();
         assert!(x.len().is_multiple_of(d) && z.len() == x.len(), "rms_norm_gated shapes");
         let mut y = self.alloc::<f32>(x.len())?;

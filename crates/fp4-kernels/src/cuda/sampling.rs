@@ -4,7 +4,7 @@ use super::*;
 
 impl Gpu {
     /// Greedy (temperature 0) or sampled token from one logits row (see `kernels/sampling.cu`).
-    pub fn sample(&self, logits: &CudaSlice<f32>, p: crate::cpu::SampleParams, u: f32) -> Result<u32> {
+    pub fn sample(&self, logits: &DeviceBuf<f32>, p: crate::cpu::SampleParams, u: f32) -> Result<u32> {
         let n = logits.len() as i32;
         let mut out = self.alloc::<u32>(1)?;
         let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (SAMPLE_THREADS, 1, 1), shared_mem_bytes: 0 };
@@ -18,7 +18,7 @@ impl Gpu {
     }
 
     /// The argmax of each row of `logits [rows, n]` into `out[..rows]` (stays on the device).
-    pub fn argmax_rows(&self, logits: &CudaSlice<f32>, n: usize, out: &mut CudaSlice<u32>) -> Result<()> {
+    pub fn argmax_rows(&self, logits: &DeviceBuf<f32>, n: usize, out: &mut DeviceBuf<u32>) -> Result<()> {
         let rows = logits.len() / n;
         assert!(logits.len() == rows * n && out.len() >= rows, "argmax_rows shapes");
         let ni = n as i32;

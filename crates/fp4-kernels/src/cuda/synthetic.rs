@@ -12,7 +12,7 @@ impl Gpu {
     }
 
     /// `center` + uniform in `[-scale, scale)`, f32, generated on the device.
-    pub fn random_f32(&self, n: usize, seed: u64, center: f32, scale: f32) -> Result<CudaSlice<f32>> {
+    pub fn random_f32(&self, n: usize, seed: u64, center: f32, scale: f32) -> Result<DeviceBuf<f32>> {
         let mut out = self.alloc::<f32>(n)?;
         launch!(self, fill_f32, flat(n), &mut out, &n, &seed, &center, &scale);
         Ok(out)

@@ -24,11 +24,11 @@ impl Gpu {
     /// `input_scale`: the bytes of `fp4_format::nvfp4::Nvfp4Activations::quantize`.
     pub fn quantize_act_nvfp4(
         &self,
-        x: &CudaSlice<f32>,
+        x: &DeviceBuf<f32>,
         rows: usize,
         k: usize,
         input_scale: f32,
-    ) -> Result<(CudaSlice<u8>, CudaSlice<u8>)> {
+    ) -> Result<(DeviceBuf<u8>, DeviceBuf<u8>)> {
         assert!(k.is_multiple_of(16) && x.len() >= rows * k, "quantize_act_nvfp4: x [{rows}, {k}], k % 16 == 0");
         let blocks = rows * k / 16;
         let (mut codes, mut scales) = (self.alloc::<u8>(rows * k / 2)?, self.alloc::<u8>(blocks)?);
@@ -39,12 +39,12 @@ impl Gpu {
     /// `y [t, n] = A_q · W_qᵀ · scale_2 / g` from quantized activations (`g = 1/input_scale`).
     pub fn w4a4_gemm(
         &self,
-        a_codes: &CudaSlice<u8>,
-        a_scales: &CudaSlice<u8>,
+        a_codes: &DeviceBuf<u8>,
+        a_scales: &DeviceBuf<u8>,
         t: usize,
         g: f32,
         w: &GpuNvfp4,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<DeviceBuf<f32>> {
         let (n, k) = (w.rows, w.cols);
         assert!(a_codes.len() >= t * k / 2 && a_scales.len() >= t * k / 16, "w4a4_gemm: activations [{t}, {k}]");
         let mut y = self.alloc::<f32>(t * n)?;
@@ -61,7 +61,7 @@ impl Gpu {
     /// W4A4 linear: `x [t, k]` quantized under `input_scale`, then the block-scaled FP4 GEMM; up to
     /// [`GEMV_MAX_TOKENS`] tokens, the quantized activations dequantized through the W4A16 GEMV
     /// instead (the same product, and decode is bandwidth-bound).
-    pub fn linear_w4a4(&self, x: &CudaSlice<f32>, t: usize, w: &GpuNvfp4, input_scale: f32) -> Result<CudaSlice<f32>> {
+    pub fn linear_w4a4(&self, x: &DeviceBuf<f32>, t: usize, w: &GpuNvfp4, input_scale: f32) -> Result<DeviceBuf<f32>> {
         let k = w.cols;
         if t <= GEMV_MAX_TOKENS {
             assert!(k.is_multiple_of(16) && x.len() >= t * k, "linear_w4a4: x [{t}, {k}], k % 16 == 0");
@@ -75,7 +75,7 @@ impl Gpu {
     }
 
     /// `e4m3(clamp(x/s, ±448))·s` for the first `n` elements of `x` (W8A8 activations).
-    pub fn fake_quant_fp8(&self, x: &CudaSlice<f32>, n: usize, s: f32) -> Result<CudaSlice<f32>> {
+    pub fn fake_quant_fp8(&self, x: &DeviceBuf<f32>, n: usize, s: f32) -> Result<DeviceBuf<f32>> {
         assert!(x.len() >= n, "fake_quant_fp8: x has {} elements, needs {n}", x.len());
         let mut out = self.alloc::<f32>(n)?;
         launch!(self, fp8_fake_quant, flat(n), x, &mut out, &s, &n);
