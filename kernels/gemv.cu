@@ -278,7 +278,8 @@ __device__ __forceinline__ void mma_steps(const uint32_t* a0, const uint32_t* a1
 }
 
 // NT n-tiles of 8 tokens (t ≤ 8·NT). A block of W warps owns one 16-row tile of one weight of
-// the group and the whole of K: warp w takes chunks w, w + W, … and keeps D of them in flight
+// the group and the whole of K: warp w takes the w-th of W contiguous ranges of chunks (the last
+// ones may be short or empty) and keeps D of them in flight
 // (the next loads are issued before a chunk's MMAs), so the weight stream never waits on the
 // arithmetic. With XP (one n-tile only) the chunk's activations ride in the same pipeline.
 // Each n-tile has one accumulator chain walking the chunks in the same order whatever NT is,
@@ -299,10 +300,13 @@ __device__ __forceinline__ void nvfp4_mma_gemv(const GemvGroup& grp, const uint1
     const int tile = bid - (gi ? grp.tiles_end[gi - 1] : 0);
     const int r0 = tile * 16 + g;
     const int chunks = (k + MMA_CHUNK - 1) / MMA_CHUNK;
-    const int mine = chunks > warp ? (chunks - warp + W - 1) / W : 0;
-    auto k_of = [&](int i) { return (warp + i * W) * MMA_CHUNK + 32 * q; };
+    // Warp w takes the w-th of W contiguous ranges of chunks (the order nvfp4_mma_gemv_rows
+    // reproduces).
+    const int range = (chunks + W - 1) / W, first = warp * range;
+    const int mine = max(0, min(range, chunks - first));
+    auto k_of = [&](int i) { return (first + i) * MMA_CHUNK + 32 * q; };
     auto load = [&](int i) {
-        return TILED ? load_chunk_tiled(w, scales, tile, chunks, warp + i * W, lane) : load_chunk(w, scales, r0, n, k, k_of(i));
+        return TILED ? load_chunk_tiled(w, scales, tile, chunks, first + i, lane) : load_chunk(w, scales, r0, n, k, k_of(i));
     };
     Chunk buf[D];
     Xs xbuf[XP ? D : 1];
@@ -362,6 +366,147 @@ __device__ __forceinline__ void nvfp4_mma_gemv(const GemvGroup& grp, const uint1
         }
     }
 }
+
+// The same product for batches (NT > 1) of wide weights. Each chunk's activations are NT·8
+// token rows of 256 bytes; read from global memory on demand they stall every chunk (a 64-token
+// gate/up ran at 7 % of copy bandwidth). Here the warps of a block split rows (one 16-row tile
+// each) and all walk K in order, and the block stages each chunk's activations in shared memory
+// ROWS_STAGES - 1 chunks ahead (cp.async), so the B fragments come from shared memory. The sum
+// is folded range by range in the order of nvfp4_mma_gemv's MMA_WARPS warps (a fresh chain per
+// range of ceil(C / MMA_WARPS) chunks, added to the total in range order, zeros for empty ranges
+// included): its floats are bit-identical to that kernel's, so a token's result does not depend
+// on the batch it is in or on which of the two ran.
+#define ROWS_STAGES 3
+
+// Shared-memory slot of 16-byte unit u (0..15) of token row r: conflict-free B-fragment reads
+// (each quarter-warp's eight 16-byte loads land in eight different bank groups).
+__device__ __forceinline__ int rows_swizzle(int u, int r) { return u ^ ((u >> 3) & 1) ^ ((r & 1) << 1); }
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+template <int NT, int W, int D>
+__device__ __forceinline__ void nvfp4_mma_gemv_rows(const GemvGroup& grp, const uint16_t* __restrict__ xh,
+                                                    const float* __restrict__ xinv, int k, int t) {
+    __shared__ uint4 xs[ROWS_STAGES][8 * NT][16];
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int g = lane >> 2, q = lane & 3;
+    const int gt = blockIdx.x * W + warp;  // this warp's tile over the whole group
+    const bool live = gt < grp.tiles_end[grp.count - 1];
+    int gi = 0;
+#pragma unroll
+    for (int i = 1; i < GROUP_MAX; i++) gi += (i < grp.count && gt >= grp.tiles_end[i - 1]);
+    const uint8_t* w = grp.w[gi];
+    const uint8_t* scales = grp.s[gi];
+    const int n = grp.n[gi];
+    const int tile = gt - (gi ? grp.tiles_end[gi - 1] : 0);
+    const int r0 = tile * 16 + g;
+    const int chunks = (k + MMA_CHUNK - 1) / MMA_CHUNK;
+    const int range = (chunks + MMA_WARPS - 1) / MMA_WARPS;
+    auto k_of = [&](int i) { return i * MMA_CHUNK + 32 * q; };
+    Chunk buf[D];
+#pragma unroll
+    for (int d = 0; d < D; d++) buf[d] = live && d < chunks ? load_chunk(w, scales, r0, n, k, k_of(d)) : Chunk{};
+    pdl_start();
+    // Chunk c's activations into slot c % ROWS_STAGES (zeros past t and k); one commit group
+    // per chunk, empty past the end, so the wait counts stay uniform.
+    auto stage = [&](int c) {
+        if (c < chunks) {
+            for (int i = tid; i < 8 * NT * 16; i += W * 32) {
+                int r = i >> 4, u = i & 15, kk = c * MMA_CHUNK + 8 * u;
+                uint4* dst = &xs[c % ROWS_STAGES][r][rows_swizzle(u, r)];
+                if (r < t && kk < k)
+                    cp_async16(dst, xh + (size_t)r * k + kk);
+                else
+                    *dst = make_uint4(0, 0, 0, 0);
+            }
+        }
+        cp_async_commit();
+    };
+#pragma unroll
+    for (int s = 0; s < ROWS_STAGES - 1; s++) stage(s);
+    float c[NT][4], total[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) c[j][e] = total[j][e] = 0.f;
+    int ranges_done = 0;
+    for (int base = 0; base < chunks; base += D) {
+#pragma unroll
+        for (int d = 0; d < D; d++) {
+            int i = base + d;
+            if (i >= chunks) break;  // uniform across the block
+            cp_async_wait<ROWS_STAGES - 2>();
+            __syncthreads();  // chunk i visible to all; slot (i - 1) % S free again
+            stage(i + ROWS_STAGES - 1);
+            if (live) {
+                Chunk cur = buf[d];
+                if (i + D < chunks) buf[d] = load_chunk(w, scales, r0, n, k, k_of(i + D));
+                uint32_t a0[16], a1[16];
+                decode_chunk(cur, a0, a1);
+                const int slot = i % ROWS_STAGES;
+#pragma unroll
+                for (int j = 0; j < NT; j++) {
+                    const int r = 8 * j + g;
+                    Xs x;
+#pragma unroll
+                    for (int v = 0; v < 4; v++) x.v[v] = xs[slot][r][rows_swizzle(4 * q + v, r)];
+                    mma_steps(a0, a1, x, c[j]);
+                }
+                if ((i + 1) % range == 0 || i + 1 == chunks) {
+#pragma unroll
+                    for (int j = 0; j < NT; j++)
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            total[j][e] += c[j][e];
+                            c[j][e] = 0.f;
+                        }
+                    ranges_done++;
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+    if (!live) return;
+    for (; ranges_done < MMA_WARPS; ranges_done++)
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) total[j][e] += 0.f;
+    float* y = grp.y[gi];
+    const float* res = grp.r[gi];
+    const float alpha = grp.scale_2[gi] * 128.f;
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int gr = tile * 16 + g + 8 * (e >> 1), tok = 8 * j + 2 * q + (e & 1);
+            if (gr < n && tok < t) {
+                size_t at = (size_t)tok * n + gr;
+                float v = total[j][e] * alpha * xinv[tok];
+                y[at] = res ? v + res[at] : v;
+            }
+        }
+}
+
+#define ROWS_ENTRY(NAME, NT, W, MINB)                                                                      \
+    extern "C" __global__ void __launch_bounds__(W * 32, MINB)                                             \
+        NAME(const GemvGroup grp, const uint16_t* __restrict__ xh, const float* __restrict__ xinv, int k,  \
+             int t) { /* pdl_wait() in nvfp4_mma_gemv_rows, after its first weight loads */           \
+        nvfp4_mma_gemv_rows<NT, W, MMA_DEPTH>(grp, xh, xinv, k, t);                                         \
+    }
+// Four warps (64 rows) per block: on the 9B's gate/up at 32 tokens 8 warps took 69 µs against
+// 44, and at 16 tokens (two n-tiles) the K-splitting kernel was as fast (selftest's "gemv
+// kernels" lines, 2026-12-01), so there are 32- and 64-token kernels only.
+ROWS_ENTRY(nvfp4_mma_rows_nt4, 4, ROWS_WARPS, 2)
+ROWS_ENTRY(nvfp4_mma_rows_nt8, 8, ROWS_WARPS, 1)
 
 #define GEMV_ENTRY(NAME, NT, W, D, XP, TILED, MINB)                                                         \
     extern "C" __global__ void __launch_bounds__(W * 32, MINB)                                             \

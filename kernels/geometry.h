@@ -10,6 +10,7 @@
 #define MMA_WARPS 8           // tensor-core GEMV: warps per 16-row tile
 #define MMA_CHUNK 128         // tensor-core GEMV: k per chunk
 #define GROUP_MAX 4           // tensor-core GEMV: weights of one input per launch
+#define ROWS_WARPS 4          // row-splitting tensor-core GEMV: warps (16-row tiles) per block
 #define ROWSCALE_THREADS 1024 // f16_rowscaled: threads per row
 // norm.cu, elementwise.cu
 #define NORM_HELD 4           // float4s per thread of the register-resident norms

@@ -48,6 +48,7 @@ impl From<cudarc::cublas::result::CublasError> for CudaError {
 pub type Result<T> = std::result::Result<T, CudaError>;
 
 pub use buffer::{DeviceBuf, GraphPool};
+pub use gemv::GemvKernel;
 pub use graph::Graph;
 
 const GEMV: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemv.fatbin"));
@@ -145,6 +146,8 @@ struct Kernels {
     nvfp4_gemv: CudaFunction,
     /// `nvfp4_mma_gemv_nt{1,2,4,8}`: 8, 16, 32, 64 tokens.
     nvfp4_mma: [CudaFunction; 4],
+    /// `nvfp4_mma_rows_nt{4,8}`.
+    nvfp4_rows: [CudaFunction; 2],
     /// `gemv_sweep_*`: the one-n-tile GEMV in other geometries, with their warps per block.
     gemv_sweep: Vec<(&'static str, u32, bool, CudaFunction)>,
     nvfp4_tile: CudaFunction,
@@ -223,6 +226,7 @@ impl Kernels {
                 gemv.load_function("nvfp4_mma_gemv_nt8")?,
             ],
             f16_rowscaled: gemv.load_function("f16_rowscaled")?,
+            nvfp4_rows: [gemv.load_function("nvfp4_mma_rows_nt4")?, gemv.load_function("nvfp4_mma_rows_nt8")?],
             gemv_sweep: GEMV_SWEEP
                 .iter()
                 .map(|&(name, warps, tiled)| Ok((name, warps, tiled, gemv.load_function(name)?)))
@@ -323,6 +327,8 @@ pub struct Gpu {
     pdl: AtomicBool,
     /// fp4's kernel modules (addresses of their handles), for [`Gpu::capture`].
     modules: Vec<usize>,
+    /// Streaming multiprocessors (GEMV geometry).
+    sms: u32,
     /// The thread capturing a graph, if any: its allocations come from `graph_pool`.
     capturing: std::sync::Mutex<Option<std::thread::ThreadId>>,
     graph_pool: Arc<GraphPool>,
@@ -529,6 +535,8 @@ impl Gpu {
         let blas = CudaBlas::new(stream.clone())?;
         let k = Kernels::load(&ctx)?;
         let modules = k.modules()?;
+        let sms =
+            ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
         let ws = DeviceBuf::owned(stream.alloc_zeros::<u8>(BLAS_WORKSPACE)?);
         {
             let (p, _g) = ws.device_ptr(&stream);
@@ -546,6 +554,7 @@ impl Gpu {
             exact_gemm: AtomicBool::new(false),
             pdl: AtomicBool::new(true),
             modules,
+            sms,
             capturing: std::sync::Mutex::new(None),
             graph_pool: Arc::default(),
             _blas_workspace: ws,

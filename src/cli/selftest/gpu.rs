@@ -104,6 +104,20 @@ fn mma_group_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) {
         }
         let same = first_token.iter().all(|r| r.iter().zip(&first_token[0]).all(|(a, b)| a.to_bits() == b.to_bits()));
         rep.require(&format!("mma gemv token 0 bit-identical at batch 1/13/64 (k={cols})"), same, json!({}));
+        // Both kernels and every geometry give the same bits (the row-splitting kernel folds K in
+        // the K-splitting kernel's order).
+        for t in [17, 33, 64] {
+            let xt = g.upload(&x.as_slice()[..t * cols]);
+            let act = g.mma_activations(&xt, t, cols).expect("activations");
+            let run = |k: cuda::GemvKernel| -> Vec<u32> {
+                let ys = g.nvfp4_mma_gemv_group_with(k, &act, &refs).expect("gemv");
+                ys.iter().flat_map(|y| g.download(y)).map(f32::to_bits).collect()
+            };
+            let nt = t.div_ceil(8).next_power_of_two();
+            let want = run(cuda::GemvKernel::SplitK { nt });
+            let same = run(cuda::GemvKernel::Rows { nt }) == want;
+            rep.require(&format!("mma gemv rows kernel = split-K kernel, bit for bit, {t}x{cols}"), same, json!({}));
+        }
     }
 }
 
@@ -616,6 +630,37 @@ fn kernel_benches(g: &Gpu, copy: f64) -> anyhow::Result<Vec<Value>> {
             );
             out.push(json!({"kernel": "nvfp4_gemv_group", "shape": shape, "weights": dims, "tokens": t, "us": us,
                 "gb_per_s": bw / 1e9, "fraction_of_copy": bw / copy}));
+        }
+    }
+    // The two tensor-core GEMV designs on the decode groups at 32 and 64 tokens.
+    let cmp: [(&str, &[(usize, usize)]); 4] = [
+        ("gate, up", &[(12288, 4096), (12288, 4096)]),
+        ("qkv, z, b, a", &[(8192, 4096), (4096, 4096), (32, 4096), (32, 4096)]),
+        ("q, k, v", &[(8192, 4096), (1024, 4096), (1024, 4096)]),
+        ("down", &[(4096, 12288)]),
+    ];
+    for (shape, dims) in cmp {
+        let ws = random_group(g, dims)?;
+        let refs: Vec<&cuda::GpuNvfp4> = ws.iter().collect();
+        let bytes: usize = ws.iter().map(|w| w.bytes()).sum();
+        let k = dims[0].1;
+        for t in [32, 64] {
+            let x = g.random_f32(t * k, 9, 0.0, 1.0)?;
+            let act = g.mma_activations(&x, t, k)?;
+            let nt = t.div_ceil(8).next_power_of_two();
+            let mut line = format!("gemv kernels {shape:<13} t={t:>2}:");
+            for kern in [cuda::GemvKernel::SplitK { nt }, cuda::GemvKernel::Rows { nt }] {
+                let us = graph_us(g, 20, || {
+                    g.nvfp4_mma_gemv_group_with(kern, &act, &refs).expect("gemv");
+                })?;
+                let frac = bytes as f64 / (us / 1e6) / copy;
+                line += &format!(" {kern:?} {us:.1} µs ({:.0} %);", 100.0 * frac);
+                out.push(
+                    json!({"kernel": "nvfp4_gemv_design", "design": format!("{kern:?}"), "shape": shape, "tokens": t,
+                    "us": us, "fraction_of_copy": frac}),
+                );
+            }
+            println!("{line}");
         }
     }
     // One Gated DeltaNet layer's delta rule over a 1,000-token prompt (9B heads), both walks.

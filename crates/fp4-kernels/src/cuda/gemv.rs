@@ -129,7 +129,17 @@ impl Gpu {
     /// `y_i [t, n_i] = x · W_iᵀ` for weights of one input, up to [`MMA_GROUP_MAX`] per launch
     /// (the kernel's grid runs over the 16-row tiles of all of them).
     pub fn nvfp4_mma_gemv_group(&self, a: &MmaActivations, ws: &[&GpuNvfp4]) -> Result<Vec<DeviceBuf<f32>>> {
-        self.gemv_group_res_on(self.mma_kernel(a.t), MMA_WARPS, a, ws, &vec![None; ws.len()])
+        self.gemv_group_res_on(Gemv::Auto, a, ws, &vec![None; ws.len()])
+    }
+
+    /// [`Gpu::nvfp4_mma_gemv_group`] through a given kernel (benchmarks and checks compare them).
+    pub fn nvfp4_mma_gemv_group_with(
+        &self,
+        kernel: GemvKernel,
+        a: &MmaActivations,
+        ws: &[&GpuNvfp4],
+    ) -> Result<Vec<DeviceBuf<f32>>> {
+        self.gemv_group_res_on(Gemv::Kernel(kernel), a, ws, &vec![None; ws.len()])
     }
 
     /// `residual + x · Wᵀ` on the tensor-core GEMV, the add in its epilogue (a decoder layer's
@@ -140,13 +150,38 @@ impl Gpu {
         q: &GpuNvfp4,
         residual: &DeviceBuf<f32>,
     ) -> Result<DeviceBuf<f32>> {
-        let mut ys = self.gemv_group_res_on(self.mma_kernel(a.t), MMA_WARPS, a, &[q], &[Some(residual)])?;
+        let mut ys = self.gemv_group_res_on(Gemv::Auto, a, &[q], &[Some(residual)])?;
         Ok(ys.pop().expect("one output per weight"))
     }
 
-    /// The `nvfp4_mma_gemv_nt*` kernel for `t` tokens.
-    pub(super) fn mma_kernel(&self, t: usize) -> &CudaFunction {
-        &self.k.nvfp4_mma[t.div_ceil(8).next_power_of_two().trailing_zeros() as usize]
+    /// The tensor-core GEMV for `t` tokens over `tiles` 16-row tiles: from 17 tokens on, the
+    /// row-splitting kernel when its blocks of `ROWS_WARPS` tiles give every SM one (the wide
+    /// q/k/v, GDN input and gate/up projections), else the K-splitting one (they agree bit for
+    /// bit, see `kernels/gemv.cu`).
+    pub fn gemv_kernel(&self, t: usize, tiles: usize) -> GemvKernel {
+        let nt = t.div_ceil(8).next_power_of_two();
+        if nt >= 4 && tiles.div_ceil(geometry::ROWS_WARPS) >= self.sms as usize {
+            GemvKernel::Rows { nt }
+        } else {
+            GemvKernel::SplitK { nt }
+        }
+    }
+
+    /// The function, warps per block and blocks of a launch of `t` tokens over `tiles` tiles.
+    fn gemv_launch<'a>(&'a self, g: &Gemv<'a>, t: usize, tiles: usize) -> (&'a CudaFunction, u32, u32) {
+        let kernel = match *g {
+            Gemv::Fixed(f, warps) => return (f, warps, tiles as u32),
+            Gemv::Auto => self.gemv_kernel(t, tiles),
+            Gemv::Kernel(k) => k,
+        };
+        match kernel {
+            GemvKernel::SplitK { nt } => (&self.k.nvfp4_mma[nt.trailing_zeros() as usize], MMA_WARPS, tiles as u32),
+            GemvKernel::Rows { nt } => {
+                assert!(nt == 4 || nt == 8, "nvfp4_mma_rows_nt{nt}: the row-splitting GEMV has 4 and 8 n-tiles");
+                let f = &self.k.nvfp4_rows[(nt == 8) as usize];
+                (f, geometry::ROWS_WARPS as u32, tiles.div_ceil(geometry::ROWS_WARPS) as u32)
+            }
+        }
     }
 
     /// Names of the GEMV geometry-sweep kernels (one n-tile: up to 8 tokens).
@@ -194,14 +229,13 @@ impl Gpu {
         ws: &[&GpuNvfp4],
     ) -> Result<Vec<DeviceBuf<f32>>> {
         let none = vec![None; ws.len()];
-        self.gemv_group_res_on(f, warps, a, ws, &none)
+        self.gemv_group_res_on(Gemv::Fixed(f, warps), a, ws, &none)
     }
 
     /// [`Gpu::gemv_group_on`] with `residuals[i]` (`[t, n_i]`) added to output i where given.
     pub(super) fn gemv_group_res_on(
         &self,
-        f: &CudaFunction,
-        warps: u32,
+        gemv: Gemv<'_>,
         a: &MmaActivations,
         ws: &[&GpuNvfp4],
         residuals: &[Option<&DeviceBuf<f32>>],
@@ -235,8 +269,8 @@ impl Gpu {
                 (args.scale_2[i], args.n[i], args.tiles_end[i]) = (q.scale_2, q.rows as i32, tiles);
             }
             args.count = group.len() as i32;
-            let cfg =
-                LaunchConfig { grid_dim: (tiles as u32, 1, 1), block_dim: (warps * 32, 1, 1), shared_mem_bytes: 0 };
+            let (f, warps, blocks) = self.gemv_launch(&gemv, t, tiles as usize);
+            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (warps * 32, 1, 1), shared_mem_bytes: 0 };
             let (ki, ti) = (k as i32, t as i32);
             let mut b = self.stream.launch_builder(f);
             b.arg(&args).arg(&a.xh).arg(&a.inv).arg(&ki).arg(&ti);
@@ -327,4 +361,22 @@ impl Gpu {
         }
         Ok(())
     }
+}
+
+/// Which tensor-core GEMV runs a launch (`kernels/gemv.cu`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemvKernel {
+    /// `nvfp4_mma_gemv_nt*` (`nt` n-tiles of 8 tokens): a block per 16-row tile, its warps
+    /// splitting K.
+    SplitK { nt: usize },
+    /// `nvfp4_mma_rows_nt*` (`nt` 4 or 8): a warp per 16-row tile over all of K, the block's
+    /// activations staged in shared memory.
+    Rows { nt: usize },
+}
+
+/// A GEMV launch's kernel: chosen by size, a named one, or one loaded function (the sweep).
+pub(super) enum Gemv<'a> {
+    Auto,
+    Kernel(GemvKernel),
+    Fixed(&'a CudaFunction, u32),
 }
