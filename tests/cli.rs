@@ -327,3 +327,50 @@ fn broken_headers_and_nonfinite_weights_are_named() {
     let err = stderr(&o);
     assert!(err.contains(T) && err.contains("1 of") && err.contains("NaN or infinite"), "{err}");
 }
+
+/// Every safetensors header the crate refuses without naming a tensor — sizes that do not add
+/// up, sizes that overflow, a sub-byte dtype cut mid-byte — and a truncated or padded file:
+/// the error names the file and the tensor (or where the data ends), not just "invalid shape,
+/// data type, or offset for tensor".
+#[test]
+fn every_broken_header_names_its_tensor_and_file() {
+    let dir = edited_copy("tiny-text", |_, s, b| Some((s.to_vec(), b.to_vec())));
+    let cases: [(&str, usize, &[&str]); 5] = [
+        (
+            r#"{"model.norm.weight":{"dtype":"BF16","shape":[4,4],"data_offsets":[0,30]}}"#,
+            30,
+            &["needs 32 bytes", "hold 30"],
+        ),
+        (
+            r#"{"model.norm.weight":{"dtype":"BF16","shape":[4611686018427387904,4611686018427387904],"data_offsets":[0,32]}}"#,
+            32,
+            &["more than 2^125"],
+        ),
+        (
+            r#"{"model.norm.weight":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}}"#,
+            2,
+            &["12 bits, not a whole number of bytes"],
+        ),
+        (
+            r#"{"model.norm.weight":{"dtype":"BF16","shape":[4,4],"data_offsets":[0,32]}}"#,
+            20,
+            &["end at data byte 32", "holds 20", "truncated"],
+        ),
+        (
+            r#"{"model.norm.weight":{"dtype":"BF16","shape":[4,4],"data_offsets":[0,32]}}"#,
+            40,
+            &["holds 40", "longer than its header"],
+        ),
+    ];
+    for (header, data, want) in cases {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend(std::iter::repeat_n(0u8, data));
+        std::fs::write(dir.path().join("model.safetensors"), bytes).unwrap();
+        let err = fp4_err(&["inspect", dir.path().to_str().unwrap()]);
+        assert!(err.contains("model.safetensors") && err.contains("model.norm.weight"), "{header}: {err}");
+        for w in want {
+            assert!(err.contains(w), "{header}: `{w}` in {err}");
+        }
+    }
+}

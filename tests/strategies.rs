@@ -372,3 +372,39 @@ fn conflicting_strategy_flags_are_refused() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// A strategy file's exclusion that names nothing in the model is an error naming the item and
+/// the file (the seed's own files name the last layer `layers.last`, so they fit any depth);
+/// `allow_unmatched = true` in the file makes it a warning.
+#[test]
+fn strategy_file_exclusions_that_match_nothing_name_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |file: &Path, out: &str| {
+        Command::new(env!("CARGO_BIN_EXE_fp4"))
+            .args(["quantize", "--model"])
+            .arg(fixtures().join("tiny-quant"))
+            .arg("--calib-data")
+            .arg(fixtures().join("modelopt/tiny-quant/calib.jsonl"))
+            .arg("--config")
+            .arg(file)
+            .arg("--output")
+            .arg(tmp.path().join(out))
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let strict = tmp.path().join("nine-b.toml");
+    std::fs::write(&strict, "strategy = \"mlp_only\"\nexclude_layers = [\"layers.0\", \"layers.31\"]\n").unwrap();
+    let o = run(&strict, "a");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("exclude_layers of") && err.contains("nine-b.toml") && err.contains("layers.31"), "{err}");
+    assert!(err.contains("layers.last") && err.contains("--allow-unmatched"), "{err}");
+    assert!(!tmp.path().join("a").exists());
+    let lenient = tmp.path().join("lenient.toml");
+    std::fs::write(&lenient, "strategy = \"mlp_only\"\nexclude_layers = [\"layers.31\"]\nallow_unmatched = true\n")
+        .unwrap();
+    let o = run(&lenient, "b");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("warning") && err.contains("layers.31"), "{err}");
+}

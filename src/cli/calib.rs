@@ -174,7 +174,7 @@ fn run_validate(a: ValidateArgs) -> anyhow::Result<()> {
         println!("  … {} more problems (see --json)", rep.problems.len() - 20);
     }
     if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_string_pretty(&rep)? + "\n")
+        fp4_bench::report::write_text(p, &(serde_json::to_string_pretty(&rep)? + "\n"))
             .with_context(|| format!("cannot write {}", p.display()))?;
     }
     let failures = rep.failures(&Thresholds {

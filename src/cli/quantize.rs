@@ -56,7 +56,8 @@ pub struct Args {
     /// Source BF16 checkpoint (HF directory, VL wrapper or text-only).
     #[arg(long)]
     model: PathBuf,
-    /// Output directory (written to a temporary directory, then renamed).
+    /// Output directory: new or empty (written to `.NAME.fp4-tmp-PID` beside it, then renamed);
+    /// never the source, inside it or holding it.
     #[arg(long, short, alias = "out")]
     output: PathBuf,
     /// What to quantize and how (default rtn; or from --config).
@@ -72,6 +73,9 @@ pub struct Args {
     /// The strategy file's text (set from --config or a built-in strategy), for the report.
     #[arg(skip)]
     config_toml: Option<String>,
+    /// Where the exclusions came from when not from `--exclude-layers` (the strategy file).
+    #[arg(skip)]
+    exclude_from: Option<String>,
     /// AWQ: also scale linears whose input has no exact fold and write their `pre_quant_scale`
     /// (in Qwen3.5 every searched linear folds — into a norm, up_proj's or V's rows, or the GDN
     /// gated norm — except o_proj when attention has biases). The checkpoint becomes NVFP4_AWQ,
@@ -115,7 +119,8 @@ pub struct Args {
     /// Precision of the calibration forward pass.
     #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
     calib_dtype: Dtype,
-    /// Replace the output directory if it is an earlier fp4 output (holds quant_report.json).
+    /// Replace the output directory if it is an earlier fp4 output (holds fp4's quant_report.json)
+    /// and holds nothing fp4 did not write; nothing else is ever replaced.
     #[arg(long)]
     force: bool,
 }
@@ -179,8 +184,9 @@ fn merge(mut a: Args, file: StrategyFile) -> anyhow::Result<Args> {
         !(a.strategy == Some(StrategyArg::AwqLite) && a.algorithm == Some(AlgorithmArg::Max)),
         "--strategy awq_lite calibrates with AWQ-lite; drop --algorithm max (or use --strategy rtn)"
     );
-    if a.exclude_layers.is_empty() {
+    if a.exclude_layers.is_empty() && !file.exclude_layers.is_empty() {
         a.exclude_layers = file.exclude_layers;
+        a.exclude_from = a.config.as_ref().map(|p| p.display().to_string());
     }
     a.calib_samples = a.calib_samples.or(file.calib_samples);
     a.calib_seq_len = a.calib_seq_len.or(file.calib_seq_len);
@@ -248,6 +254,35 @@ pub(super) fn run_built_in(mut a: Args, name: &str) -> anyhow::Result<()> {
     run_merged(merge(a, file)?)
 }
 
+/// Ctrl-C or SIGTERM while quantizing removes the temporary directory before the process ends
+/// (exit status 130 or 143), as the destructors that a signal skips would have; after SIGKILL
+/// the next run removes it.
+fn remove_temps_on_signal() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        // Registered here, before quantizing starts; waited for on a thread of its own.
+        let signals = {
+            let _in_rt = rt.enter();
+            signal(SignalKind::interrupt()).and_then(|i| Ok((i, signal(SignalKind::terminate())?)))
+        };
+        let Ok((mut int, mut term)) = signals else { return };
+        std::thread::spawn(move || {
+            let code = rt.block_on(async {
+                tokio::select! {
+                    _ = int.recv() => 130,
+                    _ = term.recv() => 143,
+                }
+            });
+            if export::remove_on_signal() > 0 {
+                eprintln!("\ninterrupted: the unfinished output was removed");
+            }
+            std::process::exit(code);
+        });
+    });
+}
+
 fn run_merged(a: Args) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     anyhow::ensure!(
@@ -256,12 +291,12 @@ fn run_merged(a: Args) -> anyhow::Result<()> {
     );
     let (strategy, algorithm) = (a.strategy.expect("merged"), a.algorithm.expect("merged"));
     let ckpt = Checkpoint::open(&a.model).with_context(|| format!("cannot open model {}", a.model.display()))?;
-    export::check_output(&ckpt, &a.output, a.force)?;
-    export::remove_stale_temps(&a.output)?;
     anyhow::ensure!(
         a.calib_samples != Some(0) && a.calib_seq_len != Some(0),
         "--calib-samples and --calib-seq-len must be positive"
     );
+    export::remove_stale_temps(&a.output)?;
+    export::check_output(&ckpt, &a.output, a.force)?;
     let positions = ckpt.config.max_position_embeddings;
     if let Some(n) = a.calib_seq_len {
         anyhow::ensure!(
@@ -269,14 +304,31 @@ fn run_merged(a: Args) -> anyhow::Result<()> {
             "--calib-seq-len {n} exceeds the model's max_position_embeddings ({positions})"
         );
     }
-    let samples = fp4_quant::calib::load(
+    let mut loaded = fp4_quant::calib::load(
         &a.calib_data,
         &a.model,
         a.calib_samples.unwrap_or(usize::MAX),
         a.calib_seq_len.unwrap_or(positions),
         ckpt.config.vocab_size,
-    )?
-    .report("calibration data");
+    )?;
+    let truncated = (loaded.truncated > 0)
+        .then(|| json!({"samples": loaded.truncated, "to_tokens": loaded.seq_len, "longest_tokens": loaded.longest}));
+    if loaded.truncated > 0 && a.calib_seq_len.is_none() {
+        // Longer than the model's positions: cut, as ModelOpt's calibration loader truncates
+        // every sample to its calib_seq; said loudly, since nobody asked for it.
+        let msg = format!(
+            "{}: {} of {} samples are longer than the model's max_position_embeddings ({positions}; the longest has {} tokens): \
+             each is cut to its first {positions} tokens; --calib-seq-len sets another length",
+            a.calib_data.display(),
+            loaded.truncated,
+            loaded.samples.len(),
+            loaded.longest
+        );
+        tracing::warn!("{msg}");
+        eprintln!("warning: {msg}");
+        loaded.truncated = 0;
+    }
+    let samples = loaded.report("calibration data");
     if let Some(asked) = a.calib_samples.filter(|&n| n > samples.len()) {
         let msg = format!(
             "--calib-samples {asked} asked for, but {} holds {} usable samples: calibrating on {}",
@@ -292,9 +344,14 @@ fn run_merged(a: Args) -> anyhow::Result<()> {
     let unmatched = fp4_quant::plan::unmatched_patterns(&ckpt, &exclude);
     if !unmatched.is_empty() {
         let layers = ckpt.config.num_hidden_layers;
+        let what = match &a.exclude_from {
+            Some(file) => format!("exclude_layers of {file}"),
+            None => "--exclude-layers".to_string(),
+        };
         let msg = format!(
-            "--exclude-layers {}: matches no layer of {} ({layers} decoder layers, 0..{}; `layers.last` names the last)",
+            "{what}: {} {} no module of {} ({layers} decoder layers, 0..{}; `layers.last` names the last)",
             unmatched.join(","),
+            if unmatched.len() == 1 { "matches" } else { "match" },
             a.model.display(),
             layers - 1
         );
@@ -302,6 +359,10 @@ fn run_merged(a: Args) -> anyhow::Result<()> {
         tracing::warn!("{msg}");
         eprintln!("warning: {msg}");
     }
+    // The inputs are checked: the output's temporary directory is made before any long work,
+    // so a path that cannot be written fails now, not after calibration.
+    remove_temps_on_signal();
+    let staging = export::Staging::create(&ckpt, &a.output, a.force)?;
     let opts = QuantizeOptions {
         strategy: match strategy {
             StrategyArg::Rtn => Strategy::Rtn,
@@ -369,8 +430,10 @@ fn run_merged(a: Args) -> anyhow::Result<()> {
         }),
     );
     extra.insert("serve_mode".into(), json!(a.serve_mode));
+    extra.insert("calibration_truncated".into(), json!(truncated));
     extra.insert("seconds_total".into(), json!(started.elapsed().as_secs_f64()));
-    export::write(&ckpt, &result, &a.output, &ExportOptions { force: a.force, report_extra: extra })?;
+    export::write_into(&ckpt, &result, &staging, &ExportOptions { force: a.force, report_extra: extra })?;
+    staging.commit(&ckpt)?;
     if export::quant_algo(&result) == "NVFP4_AWQ" {
         eprintln!(
             "note: the checkpoint is NVFP4_AWQ (pre_quant_scale on layers without an exact fold): fp4 serves it, \

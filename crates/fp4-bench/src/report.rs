@@ -25,12 +25,16 @@ pub fn json_report(suite: &Suite, opts: &RunOptions, results: &[BackendResult], 
 
 /// Writes `text` to `path` (creating its folder) through a uniquely named temporary file beside
 /// it (removed on any error), so a reader never sees half a file and two files of one stem
-/// (`x.json`, `x.md`) written at once cannot swap contents.
+/// (`x.json`, `x.md`) written at once cannot swap contents; it gets the mode any new file gets.
 pub fn write_text(path: &Path, text: &str) -> Result<()> {
     let out = |p: &Path, e: &dyn std::fmt::Display| BenchError::Output { path: p.to_path_buf(), msg: e.to_string() };
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| out(dir, &e))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| out(dir, &e))?;
+    // Mode 0666 less the umask, as a plain create gives (tempfile's default is 0600).
+    let mut builder = tempfile::Builder::new();
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let mut tmp = builder.tempfile_in(dir).map_err(|e| out(dir, &e))?;
     std::io::Write::write_all(&mut tmp, text.as_bytes()).map_err(|e| out(tmp.path(), &e))?;
     tmp.persist(path).map_err(|e| out(path, &e.error))?;
     Ok(())

@@ -173,17 +173,18 @@ pub fn clean(inputs: &[(String, String)]) -> Cleaned {
     out
 }
 
-/// Writes records as JSONL atomically (temp file, then rename).
+/// Writes records as JSONL atomically: through a uniquely named temporary file beside `path`,
+/// removed on any error (a directory at `path` is refused, not left with a `.tmp` beside it),
+/// with the mode a plain create gives.
 pub fn write_jsonl(path: &Path, records: &[Value]) -> Result<()> {
     let mut text = String::new();
     for r in records {
         text.push_str(&r.to_string());
         text.push('\n');
     }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| CalibError::File { path: dir.to_path_buf(), msg: e.to_string() })?;
+    if path.is_dir() {
+        return Err(CalibError::File { path: path.to_path_buf(), msg: "is a directory; give a file name".into() });
     }
-    let tmp = path.with_extension("jsonl.tmp");
-    std::fs::write(&tmp, text).map_err(|e| CalibError::File { path: tmp.clone(), msg: e.to_string() })?;
-    std::fs::rename(&tmp, path).map_err(|e| CalibError::File { path: path.to_path_buf(), msg: e.to_string() })
+    fp4_bench::report::write_text(path, &text)
+        .map_err(|e| CalibError::File { path: path.to_path_buf(), msg: e.to_string() })
 }

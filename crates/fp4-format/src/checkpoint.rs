@@ -247,6 +247,54 @@ impl Checkpoint {
     }
 }
 
+/// NaN/Inf values found in one tensor ([`Checkpoint::non_finite`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NonFinite {
+    /// How many values are NaN or ±Inf, of `total`.
+    pub count: usize,
+    pub total: usize,
+    /// Flat index of the first one.
+    pub first: usize,
+}
+
+/// Counts the NaN/Inf values of `bytes` stored as `dtype` (floats only; other dtypes have none).
+pub fn non_finite_in(dtype: DType, bytes: &[u8]) -> Option<NonFinite> {
+    // A value is NaN or infinite exactly when its exponent bits are all set (E4M3 has no
+    // infinities, and only S.1111.111 is NaN).
+    fn scan<const N: usize>(bytes: &[u8], bad: impl Fn([u8; N]) -> bool) -> Option<NonFinite> {
+        let (mut count, mut first) = (0, None);
+        for (i, c) in bytes.chunks_exact(N).enumerate() {
+            if bad(c.try_into().expect("chunk of N")) {
+                count += 1;
+                first.get_or_insert(i);
+            }
+        }
+        first.map(|first| NonFinite { count, total: bytes.len() / N, first })
+    }
+    match dtype {
+        DType::F32 => scan::<4>(bytes, |b| u32::from_le_bytes(b) & 0x7f80_0000 == 0x7f80_0000),
+        DType::F16 => scan::<2>(bytes, |b| u16::from_le_bytes(b) & 0x7c00 == 0x7c00),
+        DType::BF16 => scan::<2>(bytes, |b| u16::from_le_bytes(b) & 0x7f80 == 0x7f80),
+        DType::F8E4M3 => scan::<1>(bytes, |b| b[0] & 0x7f == 0x7f),
+        DType::U8 | DType::I32 | DType::I64 => None,
+    }
+}
+
+impl Checkpoint {
+    /// The NaN/Inf values of a stored float tensor, if it has any (`None` for integer tensors
+    /// and dtypes fp4 does not read).
+    pub fn non_finite(&self, name: &str) -> Result<Option<NonFinite>> {
+        let e = self.tensors.get(name).ok_or_else(|| self.missing(name))?;
+        let Ok(dtype) = e.dtype else { return Ok(None) };
+        Ok(non_finite_in(dtype, &self.files[e.file].mmap[e.start..e.end]))
+    }
+
+    /// The file that holds a tensor (for messages).
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.tensors.get(name).map(|e| self.files[e.file].path.as_path())
+    }
+}
+
 /// A checkpoint with NaN/Inf weights loads (the user may be inspecting a broken export), but
 /// says so, naming the tensor: such a model computes NaNs.
 fn warn_nonfinite(t: &TensorView<'_>, bad: usize, total: usize) {
@@ -359,9 +407,15 @@ fn bad_tensor_in_header(bytes: &[u8]) -> Option<String> {
         };
         let elems = shape.iter().try_fold(1u128, |a, &d| a.checked_mul(d));
         let held = offsets.get(1).zip(offsets.first()).and_then(|(e, s)| e.checked_sub(*s));
-        let need = elems.and_then(|e| e.checked_mul(b)).filter(|bits| bits % 8 == 0).map(|bits| bits / 8);
+        let bits_total = elems.and_then(|e| e.checked_mul(b));
+        if let Some(bits) = bits_total.filter(|bits| bits % 8 != 0) {
+            return Some(format!(
+                "tensor `{name}`: shape {shape:?} of {dtype} is {bits} bits, not a whole number of bytes"
+            ));
+        }
+        let need = bits_total.map(|bits| bits / 8);
         if need.is_none() || need != held {
-            let need = need.map_or("an impossible number of".to_string(), |v| v.to_string());
+            let need = need.map_or("more than 2^125".to_string(), |v| v.to_string());
             let held = held.map_or("no".to_string(), |v| v.to_string());
             return Some(format!(
                 "tensor `{name}`: shape {shape:?} of {dtype} needs {need} bytes, its data_offsets {offsets:?} hold {held}"
@@ -371,13 +425,32 @@ fn bad_tensor_in_header(bytes: &[u8]) -> Option<String> {
     None
 }
 
+/// Where a header's tensors end against the data the file holds, when they differ (a truncated
+/// or padded file: the crate says only "file not fully covered").
+fn uncovered_data(bytes: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
+    let (last, end) = header
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .filter_map(|(k, v)| Some((k, v["data_offsets"].as_array()?.get(1)?.as_u64()?)))
+        .max_by_key(|(_, end)| *end)?;
+    let held = bytes.len().checked_sub(8 + n)? as u64;
+    (held != end).then(|| {
+        let what =
+            if held < end { "truncated (an interrupted download or copy?)" } else { "longer than its header says" };
+        format!("the header's tensors end at data byte {end} (last: `{last}`), the file holds {held}: {what}")
+    })
+}
+
 /// Maps one safetensors file and indexes its header.
 fn map_safetensors(path: &Path, file_idx: usize) -> Result<(Mmap, Vec<(String, TensorEntry)>)> {
     let file = std::fs::File::open(path).map_err(|source| FormatError::Io { path: path.to_path_buf(), source })?;
     // SAFETY: the mapping is read-only; a checkpoint rewritten while fp4 runs is outside its contract.
     let mmap = unsafe { Mmap::map(&file) }.map_err(|source| FormatError::Io { path: path.to_path_buf(), source })?;
     let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
-        let msg = match bad_tensor_in_header(&mmap) {
+        let msg = match bad_tensor_in_header(&mmap).or_else(|| uncovered_data(&mmap)) {
             Some(why) => format!("{e}: {why}"),
             None => e.to_string(),
         };

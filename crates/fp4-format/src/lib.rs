@@ -8,7 +8,7 @@ mod error;
 pub mod nvfp4;
 pub mod quant_config;
 
-pub use checkpoint::{Checkpoint, TensorView};
+pub use checkpoint::{Checkpoint, NonFinite, TensorView};
 pub use config::{LayerType, ModelLayout, TextConfig};
 pub use dtype::DType;
 pub use error::FormatError;

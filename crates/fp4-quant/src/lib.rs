@@ -13,6 +13,7 @@ pub mod export;
 pub mod mixed;
 pub mod plan;
 pub mod rtn;
+pub mod source;
 
 use std::path::PathBuf;
 

@@ -102,6 +102,7 @@ pub fn quantize(
             q.summary()
         )));
     }
+    crate::source::check_finite(ckpt)?;
     let cfg = &ckpt.config;
     let plan = Plan::new(ckpt, opts.strategy, &opts.exclude);
     let started = Instant::now();

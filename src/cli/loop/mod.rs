@@ -247,6 +247,7 @@ fn plan(a: Args) -> anyhow::Result<Plan> {
             bail!("{what} {}: no such file or directory", p.display());
         }
     }
+    check_run_dir(&out, &model)?;
     let n = |v: Option<usize>, what: &str| -> anyhow::Result<Option<usize>> {
         anyhow::ensure!(v != Some(0), "{what} must be at least 1");
         Ok(v)
@@ -300,6 +301,37 @@ struct Ctx {
     load: Option<fp4_model::LoadOptions>,
     reference: Option<fp4_model::Qwen35>,
     eval_samples: Vec<Vec<u32>>,
+}
+
+/// RUN_DIR may be new, empty, or an earlier run's (what `loop` writes there: summary.json,
+/// bench/, kl/, logs/): never the source, inside it or holding it, and never a directory of
+/// something else, where `loop` would write its files among the user's.
+fn check_run_dir(out: &Path, model: &Path) -> anyhow::Result<()> {
+    let (src, dst) = (fp4_quant::export::resolve(model), fp4_quant::export::resolve(out));
+    if src.starts_with(&dst) || dst.starts_with(&src) {
+        bail!(
+            "--out {}: {} the source model {}; choose a run directory outside it",
+            out.display(),
+            if src == dst {
+                "is"
+            } else if src.starts_with(&dst) {
+                "contains"
+            } else {
+                "is inside"
+            },
+            model.display()
+        );
+    }
+    let Ok(mut entries) = std::fs::read_dir(out) else { return Ok(()) };
+    let empty = entries.next().is_none();
+    let ours = ["summary.json", "bench", "kl", "logs"].iter().any(|f| out.join(f).exists());
+    anyhow::ensure!(
+        empty || ours,
+        "--out {}: exists and is not an fp4 loop run directory (no summary.json, bench/, kl/ or logs/); \
+         choose a new or empty directory",
+        out.display()
+    );
+    Ok(())
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
