@@ -118,6 +118,18 @@ pub struct Args {
     /// Replace the output directory if it is an earlier fp4 output (holds quant_report.json).
     #[arg(long)]
     force: bool,
+    /// Tensor and config layout of the output: `source` keeps the source's; `vl` writes a flat
+    /// `qwen3_5_text` source as the VL wrapper vLLM expects for Qwen3.5
+    /// (`Qwen3_5ForConditionalGeneration`, `model.language_model.*`, `preprocessor_config.json`;
+    /// serve with `--language-model-only`). A VL source is VL either way.
+    #[arg(long, value_enum, default_value_t = LayoutArg::Source)]
+    layout: LayoutArg,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum LayoutArg {
+    Source,
+    Vl,
 }
 
 /// The strategy files built into fp4 (`configs/strategies/`), so that `fp4 loop` needs no
@@ -370,7 +382,11 @@ fn run_merged(a: Args) -> anyhow::Result<()> {
     );
     extra.insert("serve_mode".into(), json!(a.serve_mode));
     extra.insert("seconds_total".into(), json!(started.elapsed().as_secs_f64()));
-    export::write(&ckpt, &result, &a.output, &ExportOptions { force: a.force, report_extra: extra })?;
+    let layout = match a.layout {
+        LayoutArg::Source => fp4_quant::layout::Layout::Source,
+        LayoutArg::Vl => fp4_quant::layout::Layout::Vl,
+    };
+    export::write(&ckpt, &result, &a.output, &ExportOptions { force: a.force, report_extra: extra, layout })?;
     if export::quant_algo(&result) == "NVFP4_AWQ" {
         eprintln!(
             "note: the checkpoint is NVFP4_AWQ (pre_quant_scale on layers without an exact fold): fp4 serves it, \

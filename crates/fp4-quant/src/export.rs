@@ -17,10 +17,13 @@ use std::path::{Path, PathBuf};
 /// Files of the source directory that the export regenerates instead of copying.
 const REGENERATED: [&str; 4] = ["config.json", "hf_quant_config.json", "model.safetensors.index.json", REPORT];
 
+#[derive(Default)]
 pub struct ExportOptions {
     pub force: bool,
     /// Extra fields for `quant_report.json` (options, timings).
     pub report_extra: Map<String, Value>,
+    /// The source's layout, or the VL wrapper for a flat source (`crate::layout`).
+    pub layout: crate::layout::Layout,
 }
 
 fn out_err(path: &Path, msg: impl Into<String>) -> QuantError {
@@ -106,7 +109,7 @@ pub fn write(ckpt: &Checkpoint, result: &QuantResult, out: &Path, opts: &ExportO
         let _ = std::fs::remove_dir_all(&tmp);
         Err(e)
     };
-    if let Err(e) = write_contents(ckpt, result, &tmp, opts) {
+    if let Err(e) = write_contents(ckpt, result, &tmp, opts).and_then(|()| crate::layout::apply(opts.layout, ckpt, &tmp)) {
         return fail(e);
     }
     // Not named like a temporary directory: a crash right here must not let a later run delete it.
@@ -266,7 +269,7 @@ fn copy_other_files(ckpt: &Checkpoint, dir: &Path) -> Result<()> {
 
 /// vLLM builds a multimodal processor for VL-wrapper checkpoints and needs this file; the values
 /// follow the vision config (Qwen3-VL defaults otherwise).
-fn preprocessor_stub(config: &Value) -> Value {
+pub(crate) fn preprocessor_stub(config: &Value) -> Value {
     let v = &config["vision_config"];
     json!({
         "image_processor_type": "Qwen2VLImageProcessorFast",
