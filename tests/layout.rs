@@ -48,21 +48,44 @@ fn a_flat_source_is_written_in_the_vl_layout() {
 
     let config = json(&vl.join("config.json"));
     assert_eq!(config["architectures"][0], "Qwen3_5ForConditionalGeneration");
-    assert_eq!((config["model_type"].as_str(), config["text_config"]["model_type"].as_str()), (Some("qwen3_5"), Some("qwen3_5_text")));
+    assert_eq!(
+        (config["model_type"].as_str(), config["text_config"]["model_type"].as_str()),
+        (Some("qwen3_5"), Some("qwen3_5_text"))
+    );
     assert_eq!(config["tie_word_embeddings"], true);
     assert!(config["vision_config"].is_object() && config["text_config"].get("quantization_config").is_none());
     assert!(vl.join("preprocessor_config.json").exists(), "the stub the seed copied by hand");
     let q = config["quantization_config"]["ignore"].as_array().unwrap();
-    assert!(q.iter().any(|m| m == "model.language_model.embed_tokens") && !q.iter().any(|m| m == "model.embed_tokens"), "{q:?}");
+    assert!(
+        q.iter().any(|m| m == "model.language_model.embed_tokens") && !q.iter().any(|m| m == "model.embed_tokens"),
+        "{q:?}"
+    );
     let hf = json(&vl.join("hf_quant_config.json"));
-    assert!(hf["quantization"]["exclude_modules"].as_array().unwrap().iter().all(|m| !m.as_str().unwrap().starts_with("model.layers")));
+    assert!(hf["quantization"]["exclude_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| !m.as_str().unwrap().starts_with("model.layers")));
     let report = json(&vl.join("quant_report.json"));
     assert_eq!(report["layout"]["written"], "vl");
     assert!(report["layers"].as_object().unwrap().keys().all(|k| k.starts_with("model.language_model.")));
     match b.quant.as_ref().unwrap() {
-        QuantConfig::Uniform { exclude, .. } => assert!(exclude.iter().any(|e| e == "model.language_model.embed_tokens")),
+        QuantConfig::Uniform { exclude, .. } => {
+            assert!(exclude.iter().any(|e| e == "model.language_model.embed_tokens"))
+        }
         QuantConfig::Mixed { .. } => panic!("NVFP4 expected"),
     }
+
+    // `fp4 inspect` says which layers stayed unquantized (the seed's step 2.6), in VL names.
+    let o = Command::new(env!("CARGO_BIN_EXE_fp4")).args(["inspect", vl.to_str().unwrap(), "--json"]).output().unwrap();
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let kept: Vec<&str> = v["unquantized_linears"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+    let flat_kept = report["layers"].as_object().unwrap().iter().filter(|(_, l)| l["format"] == "BF16").count();
+    assert!(!kept.is_empty() && kept.len() == flat_kept, "{kept:?}");
+    assert!(kept.iter().all(|n| n.starts_with("model.language_model.layers.")), "{kept:?}");
+    let o = Command::new(env!("CARGO_BIN_EXE_fp4")).args(["inspect", vl.to_str().unwrap()]).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains(&format!("unquantized  {} linear layers kept in BF16", kept.len())), "{text}");
 
     // The same model: logits identical, W4A16 and W4A4.
     let ids = eval_ids("tiny-text");

@@ -1,7 +1,7 @@
-//! `fp4 publish` against the fake Hub (fp4-hub's `fake` feature): upload of a quantized
+//! `fp4 publish` against the fake Hub (the fp4-hub-fake crate): upload of a quantized
 //! checkpoint, an idempotent re-run, auth failures, an interrupted upload resumed.
 
-use fp4_hub::fake::{Entry, FakeHub, WRITE_TOKEN};
+use fp4_hub_fake::{Entry, FakeHub, WRITE_TOKEN};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -69,7 +69,12 @@ fn publish_uploads_then_a_rerun_uploads_nothing() {
     let hf_home = tmp.path().join("hf");
     std::fs::create_dir(&hf_home).unwrap();
     std::fs::write(hf_home.join("token"), format!("{WRITE_TOKEN}\n")).unwrap();
-    let o = publish(&hub, tmp.path(), &[("HF_HOME", hf_home.to_str().unwrap())], &["tester/tiny-nvfp4", ckpt.to_str().unwrap()]);
+    let o = publish(
+        &hub,
+        tmp.path(),
+        &[("HF_HOME", hf_home.to_str().unwrap())],
+        &["tester/tiny-nvfp4", ckpt.to_str().unwrap()],
+    );
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("nothing to upload"), "{}", text(&o));
     assert_eq!(hub.commits("tester/tiny-nvfp4", "main"), 2);
@@ -85,7 +90,10 @@ fn publish_auth_failures_say_what_to_do() {
     assert!(!o.status.success());
     let msg = text(&o);
     let file = tmp.path().join(".cache/huggingface/token");
-    assert!(msg.contains("HF_TOKEN") && msg.contains(&file.display().to_string()) && msg.contains("huggingface-cli login"), "{msg}");
+    assert!(
+        msg.contains("HF_TOKEN") && msg.contains(&file.display().to_string()) && msg.contains("huggingface-cli login"),
+        "{msg}"
+    );
     assert!(hub.log().is_empty(), "no request without a token");
     // A wrong token from the file: the Hub's 401, and which token it was.
     std::fs::create_dir_all(file.parent().unwrap()).unwrap();

@@ -154,7 +154,8 @@ fn unquantized_linears(ckpt: &Checkpoint) -> Unquantized {
     for ((parent, layers), leaves) in lines {
         let leaves = if leaves.len() == 1 { leaves[0].clone() } else { format!("{{{}}}", leaves.join(",")) };
         let dot = if parent.is_empty() { "" } else { "." };
-        summary.push(format!("{parent}{dot}{leaves}  layers {}", ranges(&layers)));
+        let word = if layers.len() == 1 { "layer" } else { "layers" };
+        summary.push(format!("{parent}{dot}{leaves}  {word} {}", ranges(&layers)));
     }
     Unquantized { names, dtypes, summary }
 }

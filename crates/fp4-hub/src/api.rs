@@ -137,7 +137,12 @@ enum Body<'a> {
     Json(&'a Value, &'static str),
     Bytes(&'a [u8], &'static str),
     /// `len` bytes of a file from `offset`, reopened on every attempt.
-    File { path: &'a Path, offset: u64, len: u64, progress: &'a dyn Fn(u64) },
+    File {
+        path: &'a Path,
+        offset: u64,
+        len: u64,
+        progress: &'a dyn Fn(u64),
+    },
 }
 
 /// A request as data, so that it can be sent again.
@@ -187,6 +192,8 @@ impl HubClient {
         format!("{}/api/models/{repo}/{what}/{}", self.endpoint, encode_segment(rev))
     }
 
+    // ureq's own error type, matched on right away by `send`.
+    #[allow(clippy::result_large_err)]
     fn send_once(&self, r: &Req) -> Result<ureq::Response, ureq::Error> {
         let mut q = self.agent.request(r.method, &r.url);
         if r.auth {
@@ -337,7 +344,12 @@ impl HubClient {
 
     /// Asks how each file must travel (`_fetch_upload_modes`); `files` are (path in repo, size,
     /// first 512 bytes). Sent in chunks of 256 files, as huggingface_hub does.
-    pub fn preupload(&self, repo: &str, rev: &str, files: &[(String, u64, Vec<u8>)]) -> Result<Vec<UploadMode>, HubError> {
+    pub fn preupload(
+        &self,
+        repo: &str,
+        rev: &str,
+        files: &[(String, u64, Vec<u8>)],
+    ) -> Result<Vec<UploadMode>, HubError> {
         let b64 = base64::engine::general_purpose::STANDARD;
         let mut modes = Vec::with_capacity(files.len());
         for chunk in files.chunks(256) {
@@ -426,22 +438,18 @@ impl HubClient {
         let Some(upload) = &action.upload else { return Ok(()) };
         let chunk = match upload.header.get("chunk_size") {
             None => None,
-            Some(v) => Some(
-                v.as_u64()
-                    .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-                    .filter(|&c| c > 0)
-                    .ok_or_else(|| HubError::Protocol(format!("LFS batch: chunk_size {v} is not a positive integer")))?,
-            ),
+            Some(v) => {
+                Some(v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())).filter(|&c| c > 0).ok_or_else(
+                    || HubError::Protocol(format!("LFS batch: chunk_size {v} is not a positive integer")),
+                )?)
+            }
         };
         match chunk {
             None => {
                 // The basic transfer: headers the batch API gives are sent with the PUT (git-lfs
                 // spec); the presigned URL carries its own authorization, so no token goes there.
-                let headers = upload
-                    .header
-                    .iter()
-                    .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
-                    .collect();
+                let headers =
+                    upload.header.iter().filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string()))).collect();
                 self.send(Req {
                     method: "PUT",
                     url: self.fix_url(&upload.href),

@@ -5,12 +5,10 @@
 //! PUT to presigned URLs (multipart for large objects), one commit. Re-running it uploads only
 //! what changed. The `hf-hub` crate (1.0) was checked first: its uploads go through Xet only
 //! and fall back to sending LFS files inline in the commit, and it never skips unchanged files,
-//! so this crate speaks the endpoints itself ([`api`]). With feature `fake`, [`fake::FakeHub`]
-//! serves the same endpoints locally for tests.
+//! so this crate speaks the endpoints itself ([`api`]). The `fp4-hub-fake` crate serves the same
+//! endpoints locally for tests.
 
 pub mod api;
-#[cfg(feature = "fake")]
-pub mod fake;
 pub mod token;
 pub mod upload;
 

@@ -116,7 +116,10 @@ mod tests {
         assert_eq!(t.value, "hf_file");
         assert_eq!(t.source, TokenSource::File(dir.path().join(".cache/huggingface/token")));
         assert_eq!(token_path(&env(&[("HF_HOME", "/h"), ("HOME", home)])), PathBuf::from("/h/token"));
-        assert_eq!(token_path(&env(&[("XDG_CACHE_HOME", "/x"), ("HOME", home)])), PathBuf::from("/x/huggingface/token"));
+        assert_eq!(
+            token_path(&env(&[("XDG_CACHE_HOME", "/x"), ("HOME", home)])),
+            PathBuf::from("/x/huggingface/token")
+        );
         assert_eq!(token_path(&env(&[("HF_TOKEN_PATH", "/t"), ("HF_HOME", "/h")])), PathBuf::from("/t"));
     }
 

@@ -76,8 +76,7 @@ struct Local {
 /// `DEFAULT_IGNORE_PATTERNS` of huggingface_hub: `.git` (a directory, or a worktree's file) and
 /// `.cache/huggingface` anywhere.
 fn ignored_dir(rel: &[String]) -> bool {
-    rel.last().is_some_and(|c| c == ".git")
-        || rel.windows(2).any(|w| w[0] == ".cache" && w[1] == "huggingface")
+    rel.last().is_some_and(|c| c == ".git") || rel.windows(2).any(|w| w[0] == ".cache" && w[1] == "huggingface")
 }
 
 /// Every file under `dir` (symlinks followed), sorted by path.
@@ -178,14 +177,14 @@ pub fn upload_folder(
 
     // Local oids: sha256 for LFS files (hashing is the slow part: one pass, with progress),
     // git's blob sha1 for regular ones (small: the Hub sends large files to LFS).
-    let lfs_total: u64 = files.iter().filter(|f| mode_of(&f.path).is_some_and(|m| m.lfs && f.size > 0)).map(|f| f.size).sum();
+    let lfs_total: u64 =
+        files.iter().filter(|f| mode_of(&f.path).is_some_and(|m| m.lfs && f.size > 0)).map(|f| f.size).sum();
     progress.phase("hashing", lfs_total);
     let mut hashed = 0u64;
     let mut ops = vec![];
     let mut lfs_files: Vec<(&Local, String)> = vec![];
     for f in &files {
-        let m = mode_of(&f.path)
-            .ok_or_else(|| HubError::Protocol(format!("preupload: no answer for {}", f.path)))?;
+        let m = mode_of(&f.path).ok_or_else(|| HubError::Protocol(format!("preupload: no answer for {}", f.path)))?;
         if m.should_ignore {
             report.ignored.push(f.path.clone());
             continue;
@@ -223,7 +222,8 @@ pub fn upload_folder(
     }
 
     // LFS objects: the batch API gives upload actions only for objects the Hub lacks.
-    let mut objects: Vec<LfsObject> = lfs_files.iter().map(|(f, oid)| LfsObject { oid: oid.clone(), size: f.size }).collect();
+    let mut objects: Vec<LfsObject> =
+        lfs_files.iter().map(|(f, oid)| LfsObject { oid: oid.clone(), size: f.size }).collect();
     objects.dedup_by(|a, b| a.oid == b.oid);
     if !objects.is_empty() {
         let actions = client.lfs_batch(&repo, &opts.revision, &objects)?;

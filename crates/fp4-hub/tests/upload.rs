@@ -2,8 +2,8 @@
 //! transient and persistent 5xx on the presigned PUTs, resume, auth failures, branches.
 
 use fp4_hub::api::HubClient;
-use fp4_hub::fake::{Entry, FakeHub, READ_TOKEN, WRITE_TOKEN};
 use fp4_hub::{upload_folder, HubError, Retry, Token, TokenSource, UploadOptions};
+use fp4_hub_fake::{Entry, FakeHub, READ_TOKEN, WRITE_TOKEN};
 use std::path::Path;
 use std::time::Duration;
 
@@ -36,7 +36,14 @@ fn checkpoint(dir: &Path) {
 }
 
 fn assert_same(hub: &FakeHub, repo: &str, rev: &str, dir: &Path) {
-    for p in ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "config.json", "README.md", "empty.txt", "extra/notes.txt"] {
+    for p in [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "config.json",
+        "README.md",
+        "empty.txt",
+        "extra/notes.txt",
+    ] {
         assert_eq!(hub.file(repo, rev, p).as_deref(), Some(std::fs::read(dir.join(p)).unwrap().as_slice()), "{p}");
     }
     assert!(hub.file(repo, rev, ".git/HEAD").is_none());
@@ -52,7 +59,10 @@ fn upload_then_rerun_uploads_nothing() {
     assert!(r.created_repo);
     assert_eq!((r.files, r.changed.len(), r.lfs_uploaded, r.lfs_bytes), (6, 6, 2, 120_000));
     assert_same(&hub, "tester/m", "main", d.path());
-    assert!(matches!(hub.entry("tester/m", "main", "model-00001-of-00002.safetensors"), Some(Entry::Lfs { size: 70_000, .. })));
+    assert!(matches!(
+        hub.entry("tester/m", "main", "model-00001-of-00002.safetensors"),
+        Some(Entry::Lfs { size: 70_000, .. })
+    ));
     assert!(matches!(hub.entry("tester/m", "main", "config.json"), Some(Entry::Regular(_))));
     assert!(matches!(hub.entry("tester/m", "main", "empty.txt"), Some(Entry::Regular(_))));
     assert_eq!(hub.commits("tester/m", "main"), 2, "initial commit + one upload commit");
@@ -89,7 +99,11 @@ fn multipart_objects_are_sent_in_parts_and_completed() {
     assert_same(&hub, "tester/mp", "main", d.path());
     let log = hub.log();
     // 70 000 bytes in parts of 16 384: 5 part PUTs and one completion; the 50 000-byte shard in one PUT.
-    assert_eq!(log.iter().filter(|l| l.starts_with("PUT /s3/tester/mp/") && l.matches('/').count() == 5).count(), 5, "{log:?}");
+    assert_eq!(
+        log.iter().filter(|l| l.starts_with("PUT /s3/tester/mp/") && l.matches('/').count() == 5).count(),
+        5,
+        "{log:?}"
+    );
     assert_eq!(log.iter().filter(|l| l.contains("/complete/")).count(), 1);
     assert_eq!(hub.puts().0, 6);
 }
@@ -134,13 +148,15 @@ fn auth_failures_name_the_token_source() {
     let hub = FakeHub::start();
     let d = tempfile::tempdir().unwrap();
     checkpoint(d.path());
-    let e = upload_folder(&client(&hub, "hf_wrong"), d.path(), &opts("tester/a"), &fp4_hub::upload::Silent).unwrap_err();
+    let e =
+        upload_folder(&client(&hub, "hf_wrong"), d.path(), &opts("tester/a"), &fp4_hub::upload::Silent).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, HubError::Auth(_)), "{e:?}");
     assert!(msg.contains("$HF_TOKEN") && msg.contains("401") && msg.contains("Invalid credentials"), "{msg}");
     assert!(hub.log().iter().all(|l| l == "GET /api/whoami-v2"), "nothing else was tried: {:?}", hub.log());
 
-    let e = upload_folder(&client(&hub, READ_TOKEN), d.path(), &opts("tester/a"), &fp4_hub::upload::Silent).unwrap_err();
+    let e =
+        upload_folder(&client(&hub, READ_TOKEN), d.path(), &opts("tester/a"), &fp4_hub::upload::Silent).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, HubError::Auth(_)) && msg.contains("403") && msg.contains("write access"), "{msg}");
     assert!(hub.is_private("tester/a").is_none());

@@ -109,7 +109,9 @@ pub fn write(ckpt: &Checkpoint, result: &QuantResult, out: &Path, opts: &ExportO
         let _ = std::fs::remove_dir_all(&tmp);
         Err(e)
     };
-    if let Err(e) = write_contents(ckpt, result, &tmp, opts).and_then(|()| crate::layout::apply(opts.layout, ckpt, &tmp)) {
+    if let Err(e) =
+        write_contents(ckpt, result, &tmp, opts).and_then(|()| crate::layout::apply(opts.layout, ckpt, &tmp))
+    {
         return fail(e);
     }
     // Not named like a temporary directory: a crash right here must not let a later run delete it.

@@ -217,7 +217,15 @@ mod tests {
         assert_eq!(vl_name("model.layers.0.mlp.up_proj.weight"), "model.language_model.layers.0.mlp.up_proj.weight");
         assert_eq!(vl_name("model.embed_tokens"), "model.language_model.embed_tokens");
         assert_eq!(vl_name("model.layers.1.linear_attn*"), "model.language_model.layers.1.linear_attn*");
-        for same in ["lm_head", "lm_head.weight", "mtp.fc.weight", "mtp*", "*linear_attn*", "model.language_model.norm.weight", "model.visual*"] {
+        for same in [
+            "lm_head",
+            "lm_head.weight",
+            "mtp.fc.weight",
+            "mtp*",
+            "*linear_attn*",
+            "model.language_model.norm.weight",
+            "model.visual*",
+        ] {
             assert_eq!(vl_name(same), same);
         }
     }
@@ -232,10 +240,18 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let v = vl_config(&flat, d.path());
         assert_eq!(v["architectures"], json!(["Qwen3_5ForConditionalGeneration"]));
-        assert_eq!((v["model_type"].as_str(), v["text_config"]["model_type"].as_str()), (Some("qwen3_5"), Some("qwen3_5_text")));
+        assert_eq!(
+            (v["model_type"].as_str(), v["text_config"]["model_type"].as_str()),
+            (Some("qwen3_5"), Some("qwen3_5_text"))
+        );
         assert_eq!(v["text_config"]["eos_token_id"], 7);
-        assert!(v["text_config"].get("architectures").is_none() && v["text_config"].get("quantization_config").is_none());
-        assert_eq!((v["tie_word_embeddings"].as_bool(), v["vision_config"]["out_hidden_size"].as_u64()), (Some(true), Some(64)));
+        assert!(
+            v["text_config"].get("architectures").is_none() && v["text_config"].get("quantization_config").is_none()
+        );
+        assert_eq!(
+            (v["tie_word_embeddings"].as_bool(), v["vision_config"]["out_hidden_size"].as_u64()),
+            (Some(true), Some(64))
+        );
         assert_eq!(v["image_token_id"], 248056);
         assert_eq!(
             v["quantization_config"]["ignore"],

@@ -1,4 +1,4 @@
-//! A fake Hugging Face Hub on a loopback port: the endpoints [`crate::api`] uses, with the
+//! A fake Hugging Face Hub on a loopback port: the endpoints `fp4_hub::api` uses, with the
 //! Hub's request and response shapes (as `huggingface_hub` sends and parses them), an in-memory
 //! store of repos, branches, commits and LFS objects, and fault injection for the LFS PUTs.
 //!
@@ -7,6 +7,9 @@
 //! batch API omits `actions` for objects it already stores; presigned PUTs refuse an
 //! `Authorization` header (as S3 does) and a missing `Content-Length`; a commit whose `lfsFile`
 //! names an object that was never uploaded is refused.
+
+// Checks return the error answer itself (`Result<_, Response>`), as axum handlers do.
+#![allow(clippy::result_large_err)]
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -163,7 +166,11 @@ impl FakeHub {
     /// Paths on `rev`.
     pub fn paths(&self, repo: &str, rev: &str) -> Vec<String> {
         let g = self.lock();
-        g.repos.get(repo).and_then(|r| r.branches.get(rev)).map(|b| b.files.keys().cloned().collect()).unwrap_or_default()
+        g.repos
+            .get(repo)
+            .and_then(|r| r.branches.get(rev))
+            .map(|b| b.files.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Commits on `rev`, the initial one included.
@@ -204,7 +211,8 @@ impl Drop for FakeHub {
     }
 }
 
-const GITATTRIBUTES: &str = "*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n";
+const GITATTRIBUTES: &str =
+    "*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n";
 
 fn create(g: &mut Inner, repo: &str, private: bool) {
     let mut main = Branch::default();
@@ -279,11 +287,7 @@ fn router(inner: Shared) -> Router {
         .with_state(inner)
 }
 
-async fn log_request(
-    State(s): State<Shared>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
+async fn log_request(State(s): State<Shared>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let line = format!("{} {}", req.method(), req.uri().path());
     s.lock().unwrap_or_else(|e| e.into_inner()).log.push(line);
     next.run(req).await
@@ -320,19 +324,28 @@ async fn create_repo(State(s): State<Shared>, headers: HeaderMap, Json(body): Js
     }
     let org = body["organization"].as_str().unwrap_or(&g.user).to_string();
     if org != g.user {
-        return err(StatusCode::FORBIDDEN, None, &format!("You don't have the rights to create a model under the namespace \"{org}\""));
+        return err(
+            StatusCode::FORBIDDEN,
+            None,
+            &format!("You don't have the rights to create a model under the namespace \"{org}\""),
+        );
     }
     let repo = format!("{org}/{name}");
     let url = format!("{}/{repo}", g.url);
     if g.repos.contains_key(&repo) {
-        return (StatusCode::CONFLICT, Json(json!({"error": "You already created this model repo", "url": url}))).into_response();
+        return (StatusCode::CONFLICT, Json(json!({"error": "You already created this model repo", "url": url})))
+            .into_response();
     }
     let private = body["visibility"].as_str() == Some("private") || body["private"].as_bool() == Some(true);
     create(&mut g, &repo, private);
     Json(json!({"url": url, "name": repo, "id": repo})).into_response()
 }
 
-async fn revision(State(s): State<Shared>, headers: HeaderMap, Path((ns, name, rev)): Path<(String, String, String)>) -> Response {
+async fn revision(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path((ns, name, rev)): Path<(String, String, String)>,
+) -> Response {
     let g = lock(&s);
     if let Err(r) = auth(&g, &headers) {
         return r;
@@ -345,7 +358,11 @@ async fn revision(State(s): State<Shared>, headers: HeaderMap, Path((ns, name, r
         .into_response()
 }
 
-async fn create_branch(State(s): State<Shared>, headers: HeaderMap, Path((ns, name, branch)): Path<(String, String, String)>) -> Response {
+async fn create_branch(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path((ns, name, branch)): Path<(String, String, String)>,
+) -> Response {
     let mut g = lock(&s);
     if let Err(r) = writer(&g, &headers, "create a branch") {
         return r;
@@ -365,7 +382,12 @@ fn wants_lfs(g: &Inner, path: &str, size: u64, sample: &[u8]) -> bool {
     path.ends_with(".safetensors") || path.ends_with(".bin") || size > g.regular_max || sample.contains(&0)
 }
 
-async fn preupload(State(s): State<Shared>, headers: HeaderMap, Path((ns, name, rev)): Path<(String, String, String)>, Json(body): Json<Value>) -> Response {
+async fn preupload(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path((ns, name, rev)): Path<(String, String, String)>,
+    Json(body): Json<Value>,
+) -> Response {
     let g = lock(&s);
     if let Err(r) = writer(&g, &headers, "upload") {
         return r;
@@ -378,7 +400,8 @@ async fn preupload(State(s): State<Shared>, headers: HeaderMap, Path((ns, name, 
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut out = vec![];
     for f in files {
-        let (Some(path), Some(size), Some(sample)) = (f["path"].as_str(), f["size"].as_u64(), f["sample"].as_str()) else {
+        let (Some(path), Some(size), Some(sample)) = (f["path"].as_str(), f["size"].as_u64(), f["sample"].as_str())
+        else {
             return err(StatusCode::BAD_REQUEST, None, "each file needs path, size and sample");
         };
         let Ok(sample) = b64.decode(sample) else { return err(StatusCode::BAD_REQUEST, None, "sample is not base64") };
@@ -386,7 +409,7 @@ async fn preupload(State(s): State<Shared>, headers: HeaderMap, Path((ns, name, 
             return err(StatusCode::BAD_REQUEST, None, "sample is longer than 512 bytes");
         }
         let oid = b.files.get(path).map(|e| match e {
-            Entry::Regular(c) => crate::upload::git_blob_sha1(c),
+            Entry::Regular(c) => fp4_hub::upload::git_blob_sha1(c),
             Entry::Lfs { oid, .. } => oid.clone(),
         });
         let mode = if wants_lfs(&g, path, size, &sample) { "lfs" } else { "regular" };
@@ -395,7 +418,12 @@ async fn preupload(State(s): State<Shared>, headers: HeaderMap, Path((ns, name, 
     Json(json!({"files": out, "commitOid": b.commits.last()})).into_response()
 }
 
-async fn lfs_batch(State(s): State<Shared>, headers: HeaderMap, Path((ns, name_git)): Path<(String, String)>, Json(body): Json<Value>) -> Response {
+async fn lfs_batch(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path((ns, name_git)): Path<(String, String)>,
+    Json(body): Json<Value>,
+) -> Response {
     let g = lock(&s);
     let Some(name) = name_git.strip_suffix(".git") else { return not_found_repo() };
     if let Err(r) = writer(&g, &headers, "upload") {
@@ -409,8 +437,11 @@ async fn lfs_batch(State(s): State<Shared>, headers: HeaderMap, Path((ns, name_g
     if body["operation"] != "upload" || body["hash_algo"] != "sha256" {
         return err(StatusCode::BAD_REQUEST, None, "operation upload and hash_algo sha256 expected");
     }
-    let transfers: Vec<&str> = body["transfers"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
-    let Some(objects) = body["objects"].as_array() else { return err(StatusCode::BAD_REQUEST, None, "objects expected") };
+    let transfers: Vec<&str> =
+        body["transfers"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+    let Some(objects) = body["objects"].as_array() else {
+        return err(StatusCode::BAD_REQUEST, None, "objects expected");
+    };
     let mut out = vec![];
     let mut transfer = "basic";
     for o in objects {
@@ -432,13 +463,18 @@ async fn lfs_batch(State(s): State<Shared>, headers: HeaderMap, Path((ns, name_g
                 let mut header = serde_json::Map::new();
                 header.insert("chunk_size".into(), json!(chunk.to_string()));
                 for p in 1..=size.div_ceil(chunk) {
-                    header.insert(format!("{p:05}"), json!(format!("{}/s3/{repo}/{oid}/{p}?uploadId=fake&X-Amz-Signature=x", g.url)));
+                    header.insert(
+                        format!("{p:05}"),
+                        json!(format!("{}/s3/{repo}/{oid}/{p}?uploadId=fake&X-Amz-Signature=x", g.url)),
+                    );
                 }
                 json!({"href": format!("{}/lfs/{repo}/complete/{oid}", g.url), "header": header})
             }
             _ => json!({"href": format!("{}/s3/{repo}/{oid}?X-Amz-Signature=x", g.url)}),
         };
-        out.push(json!({"oid": oid, "size": size, "authenticated": true, "actions": {"upload": upload, "verify": verify}}));
+        out.push(
+            json!({"oid": oid, "size": size, "authenticated": true, "actions": {"upload": upload, "verify": verify}}),
+        );
     }
     let mut resp = Json(json!({"transfer": transfer, "objects": out, "hash_algo": "sha256"})).into_response();
     resp.headers_mut().insert("content-type", "application/vnd.git-lfs+json".parse().expect("header"));
@@ -452,7 +488,11 @@ fn presigned_put(g: &mut Inner, headers: &HeaderMap, body: &Bytes) -> Result<(),
     }
     let len = headers.get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if len != Some(body.len() as u64) {
-        return Err(err(StatusCode::LENGTH_REQUIRED, Some("MissingContentLength"), "You must provide the Content-Length HTTP header."));
+        return Err(err(
+            StatusCode::LENGTH_REQUIRED,
+            Some("MissingContentLength"),
+            "You must provide the Content-Length HTTP header.",
+        ));
     }
     let f = &mut g.fault;
     if f.after_ok > 0 {
@@ -467,14 +507,23 @@ fn presigned_put(g: &mut Inner, headers: &HeaderMap, body: &Bytes) -> Result<(),
     Ok(())
 }
 
-async fn s3_put(State(s): State<Shared>, headers: HeaderMap, Path((ns, name, oid)): Path<(String, String, String)>, body: Bytes) -> Response {
+async fn s3_put(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path((ns, name, oid)): Path<(String, String, String)>,
+    body: Bytes,
+) -> Response {
     let mut g = lock(&s);
     if let Err(r) = presigned_put(&mut g, &headers, &body) {
         return r;
     }
     let Some(r) = g.repos.get_mut(&format!("{ns}/{name}")) else { return not_found_repo() };
     if hex(&sha2::Sha256::digest(&body)) != oid {
-        return err(StatusCode::BAD_REQUEST, Some("BadDigest"), "The sha256 you specified did not match what we received.");
+        return err(
+            StatusCode::BAD_REQUEST,
+            Some("BadDigest"),
+            "The sha256 you specified did not match what we received.",
+        );
     }
     r.objects.insert(oid, body.to_vec());
     let mut resp = StatusCode::OK.into_response();
@@ -482,7 +531,12 @@ async fn s3_put(State(s): State<Shared>, headers: HeaderMap, Path((ns, name, oid
     resp
 }
 
-async fn s3_put_part(State(s): State<Shared>, headers: HeaderMap, Path((_ns, _name, oid, part)): Path<(String, String, String, u64)>, body: Bytes) -> Response {
+async fn s3_put_part(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path((_ns, _name, oid, part)): Path<(String, String, String, u64)>,
+    body: Bytes,
+) -> Response {
     let mut g = lock(&s);
     if let Err(r) = presigned_put(&mut g, &headers, &body) {
         return r;
@@ -494,7 +548,11 @@ async fn s3_put_part(State(s): State<Shared>, headers: HeaderMap, Path((_ns, _na
     resp
 }
 
-async fn complete(State(s): State<Shared>, Path((ns, name, oid)): Path<(String, String, String)>, Json(body): Json<Value>) -> Response {
+async fn complete(
+    State(s): State<Shared>,
+    Path((ns, name, oid)): Path<(String, String, String)>,
+    Json(body): Json<Value>,
+) -> Response {
     let mut g = lock(&s);
     if body["oid"].as_str() != Some(oid.as_str()) {
         return err(StatusCode::BAD_REQUEST, None, "oid does not match the upload");
@@ -522,7 +580,12 @@ async fn complete(State(s): State<Shared>, Path((ns, name, oid)): Path<(String, 
     Json(json!({})).into_response()
 }
 
-async fn verify(State(s): State<Shared>, headers: HeaderMap, Path((ns, name)): Path<(String, String)>, Json(body): Json<Value>) -> Response {
+async fn verify(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path((ns, name)): Path<(String, String)>,
+    Json(body): Json<Value>,
+) -> Response {
     let g = lock(&s);
     if let Err(r) = writer(&g, &headers, "upload") {
         return r;
@@ -537,7 +600,12 @@ async fn verify(State(s): State<Shared>, headers: HeaderMap, Path((ns, name)): P
     }
 }
 
-async fn commit(State(s): State<Shared>, headers: HeaderMap, Path((ns, name, rev)): Path<(String, String, String)>, body: Bytes) -> Response {
+async fn commit(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path((ns, name, rev)): Path<(String, String, String)>,
+    body: Bytes,
+) -> Response {
     let mut g = lock(&s);
     if let Err(r) = writer(&g, &headers, "commit") {
         return r;
@@ -561,10 +629,14 @@ async fn commit(State(s): State<Shared>, headers: HeaderMap, Path((ns, name, rev
             (0, Some("header")) => summary = val["summary"].as_str().map(str::to_string),
             (0, _) => return err(StatusCode::BAD_REQUEST, None, "the first line must be the header"),
             (_, Some("file")) => {
-                let (Some(path), Some("base64"), Some(content)) = (val["path"].as_str(), val["encoding"].as_str(), val["content"].as_str()) else {
+                let (Some(path), Some("base64"), Some(content)) =
+                    (val["path"].as_str(), val["encoding"].as_str(), val["content"].as_str())
+                else {
                     return err(StatusCode::BAD_REQUEST, None, "file needs path, encoding base64 and content");
                 };
-                let Ok(content) = b64.decode(content) else { return err(StatusCode::BAD_REQUEST, None, "content is not base64") };
+                let Ok(content) = b64.decode(content) else {
+                    return err(StatusCode::BAD_REQUEST, None, "content is not base64");
+                };
                 files.insert(path.to_string(), Entry::Regular(content));
             }
             (_, Some("lfsFile")) => {
