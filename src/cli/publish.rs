@@ -68,6 +68,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .expect("static template")
         .progress_chars("=> "),
     );
+    bar.set_prefix("preparing");
     bar.enable_steady_tick(Duration::from_millis(200));
     let r = upload_folder(&client, &a.dir, &opts, &Bars(bar.clone()));
     bar.finish_and_clear();

@@ -259,7 +259,17 @@ impl HubClient {
                     }
                     Err(HubError::Http { method: r.method, url: r.url.clone(), status, code, message })
                 }
-                Err(e) => Err(HubError::Transport { method: r.method, url: r.url.clone(), message: e.to_string() }),
+                Err(ureq::Error::Transport(t)) => {
+                    // ureq's Display repeats the URL, which the error names already.
+                    let mut message = t.kind().to_string();
+                    if let Some(m) = t.message() {
+                        message = format!("{message}: {m}");
+                    }
+                    if let Some(cause) = std::error::Error::source(&t) {
+                        message = format!("{message}: {cause}");
+                    }
+                    Err(HubError::Transport { method: r.method, url: r.url.clone(), message })
+                }
             };
         }
     }
