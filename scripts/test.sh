@@ -5,6 +5,10 @@ cd "$(dirname "$0")/.."
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+# Docker (docker/README.md): lint the Dockerfiles with hadolint from PyPI, and run the images'
+# build script on the build the tests just made (CPU, dev profile: no second full build).
+scripts/hadolint.sh
+docker/build.sh --cpu --profile dev target/docker-ci
 # The CUDA path, compiled and linted (no GPU here): build.rs builds the sm_90a/sm_120a/sm_121a
 # fatbins with the pinned nvcc that scripts/nvcc.sh installs. `fp4 selftest --gpu` runs them.
 CUDA_HOME=$(scripts/nvcc.sh)

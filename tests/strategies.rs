@@ -141,7 +141,7 @@ fn quantize_to(model: &Path, out: &Path, algorithm: Algorithm, awq: AwqOptions) 
     let ckpt = Checkpoint::open(model).unwrap();
     let opts = QuantizeOptions { strategy: Strategy::Rtn, algorithm, exclude: vec![], precision: Precision::Bf16, awq };
     let result = quantize(&ckpt, &calib_samples(), &opts, &Silent).unwrap();
-    export::write(&ckpt, &result, out, &ExportOptions { force: true, report_extra: Default::default() }).unwrap();
+    export::write(&ckpt, &result, out, &ExportOptions { force: true, ..Default::default() }).unwrap();
     serde_json::from_str(&std::fs::read_to_string(out.join("quant_report.json")).unwrap()).unwrap()
 }
 
@@ -288,7 +288,7 @@ fn auto_mixed_meets_its_budget_and_beats_all_nvfp4() {
     assert!(report.kl_chosen < report.kl_all_nvfp4);
     assert!(report.chosen.iter().any(|f| *f != fp4_quant::mixed::Format::Nvfp4));
     let out = tmp.path().join("mixed");
-    export::write(&ckpt, &result, &out, &ExportOptions { force: false, report_extra: Default::default() }).unwrap();
+    export::write(&ckpt, &result, &out, &ExportOptions::default()).unwrap();
     let rtn = tmp.path().join("rtn");
     quantize_to(&model, &rtn, Algorithm::Max, AwqOptions::default());
     let w4a4 = LoadOptions { quantize_activations: true, ..LoadOptions::new(Precision::Bf16) };

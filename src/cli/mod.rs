@@ -9,6 +9,7 @@ mod generate;
 mod inspect;
 mod logits;
 mod r#loop;
+mod publish;
 mod quantize;
 mod selftest;
 mod serve;
@@ -43,6 +44,10 @@ enum Command {
     /// Write the Hugging Face model card (README.md) of a checkpoint `fp4 loop` measured, from
     /// its run directory's JSON.
     Card(card::Args),
+    /// Upload a checkpoint directory to the Hugging Face Hub in one commit (creates the repo;
+    /// LFS for weights; a re-run uploads only what changed). Token: HF_TOKEN or
+    /// `huggingface-cli login`'s token file.
+    Publish(publish::Args),
     /// Calibration conversations: generate from a teacher, validate, clean.
     #[command(subcommand)]
     Calib(calib::Command),
@@ -67,6 +72,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Loop(a) => r#loop::run(*a),
         Command::Card(a) => card::run(a),
+        Command::Publish(a) => publish::run(a),
         Command::Calib(c) => calib::run(c),
         Command::Eval(c) => eval::run(c),
         Command::Selftest(a) => selftest::run(a),

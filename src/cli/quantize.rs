@@ -123,6 +123,18 @@ pub struct Args {
     /// and holds nothing fp4 did not write; nothing else is ever replaced.
     #[arg(long)]
     force: bool,
+    /// Tensor and config layout of the output: `source` keeps the source's; `vl` writes a flat
+    /// `qwen3_5_text` source as the VL wrapper vLLM expects for Qwen3.5
+    /// (`Qwen3_5ForConditionalGeneration`, `model.language_model.*`, `preprocessor_config.json`;
+    /// serve with `--language-model-only`). A VL source is VL either way.
+    #[arg(long, value_enum, default_value_t = LayoutArg::Source)]
+    layout: LayoutArg,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum LayoutArg {
+    Source,
+    Vl,
 }
 
 /// The strategy files built into fp4 (`configs/strategies/`), so that `fp4 loop` needs no
@@ -432,7 +444,11 @@ fn run_merged(a: Args) -> anyhow::Result<()> {
     extra.insert("serve_mode".into(), json!(a.serve_mode));
     extra.insert("calibration_truncated".into(), json!(truncated));
     extra.insert("seconds_total".into(), json!(started.elapsed().as_secs_f64()));
-    export::write_into(&ckpt, &result, &staging, &ExportOptions { force: a.force, report_extra: extra })?;
+    let layout = match a.layout {
+        LayoutArg::Source => fp4_quant::layout::Layout::Source,
+        LayoutArg::Vl => fp4_quant::layout::Layout::Vl,
+    };
+    export::write_into(&ckpt, &result, &staging, &ExportOptions { force: a.force, report_extra: extra, layout })?;
     staging.commit(&ckpt)?;
     if export::quant_algo(&result) == "NVFP4_AWQ" {
         eprintln!(

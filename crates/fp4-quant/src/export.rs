@@ -17,10 +17,13 @@ use std::path::{Path, PathBuf};
 /// Files of the source directory that the export regenerates instead of copying.
 const REGENERATED: [&str; 4] = ["config.json", "hf_quant_config.json", "model.safetensors.index.json", REPORT];
 
+#[derive(Default)]
 pub struct ExportOptions {
     pub force: bool,
     /// Extra fields for `quant_report.json` (options, timings).
     pub report_extra: Map<String, Value>,
+    /// The source's layout, or the VL wrapper for a flat source (`crate::layout`).
+    pub layout: crate::layout::Layout,
 }
 
 fn out_err(path: &Path, msg: impl Into<String>) -> QuantError {
@@ -429,6 +432,7 @@ pub fn write(ckpt: &Checkpoint, result: &QuantResult, out: &Path, opts: &ExportO
 /// Writes the checkpoint's files into `staging`'s temporary directory.
 pub fn write_into(ckpt: &Checkpoint, result: &QuantResult, staging: &Staging, opts: &ExportOptions) -> Result<()> {
     write_contents(ckpt, result, staging.dir(), opts)
+        .and_then(|()| crate::layout::apply(opts.layout, ckpt, staging.dir()))
 }
 
 /// Owned bytes of one output tensor, or a borrow of the source's.
@@ -583,7 +587,7 @@ fn copy_other_files(ckpt: &Checkpoint, dir: &Path) -> Result<()> {
 
 /// vLLM builds a multimodal processor for VL-wrapper checkpoints and needs this file; the values
 /// follow the vision config (Qwen3-VL defaults otherwise).
-fn preprocessor_stub(config: &Value) -> Value {
+pub(crate) fn preprocessor_stub(config: &Value) -> Value {
     let v = &config["vision_config"];
     json!({
         "image_processor_type": "Qwen2VLImageProcessorFast",

@@ -10,6 +10,7 @@ pub mod awq;
 pub mod calib;
 pub mod eval;
 pub mod export;
+pub mod layout;
 pub mod mixed;
 pub mod plan;
 pub mod rtn;
