@@ -378,22 +378,12 @@ fn send(port: u16, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u1
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let rest =
-        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_string() };
+    let rest = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        common::dechunk(rest)
+    } else {
+        rest.to_string()
+    };
     Ok((status, rest))
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((len, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 /// What every answer must be: no 5xx; an error is OpenAI JSON whose code is the status; a stream

@@ -123,7 +123,8 @@ impl Server {
     }
 }
 
-fn dechunk(mut s: &str) -> String {
+/// The body of a chunked HTTP/1.1 response.
+pub fn dechunk(mut s: &str) -> String {
     let mut out = String::new();
     while let Some((len, rest)) = s.split_once("\r\n") {
         let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
