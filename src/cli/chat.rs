@@ -134,7 +134,12 @@ fn parse_cmd(a: ParseArgs) -> anyhow::Result<()> {
         Some(p) => Some(list(read_json(p)?, "tools", p)?),
         None => None,
     };
-    let cfg = OutputConfig { reasoning_parser: !a.no_reasoning_parser, thinking: !a.no_thinking, tools };
+    let cfg = OutputConfig {
+        reasoning_parser: !a.no_reasoning_parser,
+        thinking: !a.no_thinking,
+        tools,
+        only_listed_tools: false,
+    };
     let message = if a.stream {
         let chunks: Vec<String> = match (&a.chunks, &a.model) {
             (Some(p), _) => {

@@ -79,6 +79,9 @@ pub struct Args {
     /// may sit idle); slower connections are closed.
     #[arg(long, default_value_t = 10)]
     header_read_timeout: u64,
+    /// Seconds a client has to send a request's body once its headers are in (else 408).
+    #[arg(long, default_value_t = 30)]
+    body_read_timeout: u64,
     /// Open connections served at once; further ones are closed on accept until one ends.
     #[arg(long, default_value_t = 512)]
     max_connections: usize,
@@ -134,6 +137,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(a.max_waiting_requests >= 1, "--max-waiting-requests must be at least 1");
     anyhow::ensure!(a.header_read_timeout >= 1, "--header-read-timeout must be at least 1 second");
     anyhow::ensure!(a.max_connections >= 1, "--max-connections must be at least 1");
+    anyhow::ensure!(a.body_read_timeout >= 1, "--body-read-timeout must be at least 1 second");
     // Listen first: a port in use is reported before minutes of model loading.
     let listener = std::net::TcpListener::bind((a.host.as_str(), a.port))
         .with_context(|| format!("cannot listen on {}:{}", a.host, a.port))?;
@@ -212,6 +216,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             reasoning_parser: a.reasoning_parser.is_some(),
             tool_parser: a.enable_auto_tool_choice,
             special_tokens_in_content: a.special_tokens_in_content,
+            body_read_timeout: std::time::Duration::from_secs(a.body_read_timeout),
             eos_ids,
         },
         metrics: Default::default(),

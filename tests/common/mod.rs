@@ -41,6 +41,14 @@ pub fn start(extra: &[&str]) -> Server {
 
 /// Serves `model` (kept alive with `dir`) with Annie's production flags plus `extra`.
 pub fn start_model(dir: tempfile::TempDir, model: &Path, extra: &[&str]) -> Server {
+    let mut args =
+        vec!["--reasoning-parser", "qwen3", "--enable-auto-tool-choice", "--tool-call-parser", "qwen3_coder"];
+    args.extend(extra);
+    start_bare(dir, model, &args)
+}
+
+/// Serves `model` with only the test's address and names plus `extra` (no parsers).
+pub fn start_bare(dir: tempfile::TempDir, model: &Path, extra: &[&str]) -> Server {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut args: Vec<String> = vec![
         "serve".into(),
@@ -52,14 +60,10 @@ pub fn start_model(dir: tempfile::TempDir, model: &Path, extra: &[&str]) -> Serv
         port.to_string(),
         "--served-model-name".into(),
         "tiny".into(),
-        "--max-model-len".into(),
-        "2048".into(),
-        "--reasoning-parser".into(),
-        "qwen3".into(),
-        "--enable-auto-tool-choice".into(),
-        "--tool-call-parser".into(),
-        "qwen3_coder".into(),
     ];
+    if !extra.contains(&"--max-model-len") {
+        args.extend(["--max-model-len".into(), "2048".into()]);
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     let child = Command::new(env!("CARGO_BIN_EXE_fp4"))
         .args(&args)
@@ -119,7 +123,8 @@ impl Server {
     }
 }
 
-fn dechunk(mut s: &str) -> String {
+/// The body of a chunked HTTP/1.1 response.
+pub fn dechunk(mut s: &str) -> String {
     let mut out = String::new();
     while let Some((len, rest)) = s.split_once("\r\n") {
         let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);

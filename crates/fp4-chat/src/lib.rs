@@ -1,6 +1,8 @@
 //! Tokenizer, chat template and (streaming) output parsers of fp4.
 
 mod detok;
+#[cfg(test)]
+mod fuzz;
 mod message;
 mod output;
 mod pyjson;

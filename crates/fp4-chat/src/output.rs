@@ -20,6 +20,15 @@ pub struct OutputConfig {
     pub thinking: bool,
     /// `--tool-call-parser qwen3_coder` with the request's tools (`None`: no tool parsing).
     pub tools: Option<Vec<Value>>,
+    /// Keep only calls to functions named in `tools` (`tool_choice: required` or a named
+    /// choice, where a call to anything else would break the request's contract). Off, calls
+    /// to unlisted names are returned as vLLM's parser returns them.
+    pub only_listed_tools: bool,
+}
+
+/// Whether `name` is one of `tools`' function names.
+fn is_listed(tools: &[Value], name: &str) -> bool {
+    tools.iter().any(|t| t.get("function").unwrap_or(t).get("name").and_then(Value::as_str) == Some(name))
 }
 
 /// `call_` + 24 hex digits, as vLLM names streamed calls.
@@ -37,7 +46,10 @@ pub fn parse(text: &str, cfg: &OutputConfig) -> AssistantMessage {
         if cfg.reasoning_parser && cfg.thinking { reasoning::split(text) } else { (None, Some(text.to_string())) };
     let mut msg = AssistantMessage { content, reasoning_content: non_empty(reasoning), tool_calls: Vec::new() };
     if let (Some(tools), Some(content)) = (&cfg.tools, &msg.content) {
-        let ex = tool_parser::extract(content, tools);
+        let mut ex = tool_parser::extract(content, tools);
+        if cfg.only_listed_tools {
+            ex.calls.retain(|c| is_listed(tools, &c.name));
+        }
         if !ex.calls.is_empty() {
             msg.content = ex.content;
             msg.tool_calls = ex
@@ -100,7 +112,12 @@ impl StreamParser {
         let content = content.map(|c| match &self.cfg.tools {
             Some(tools) => {
                 let p = tool_parser::partial(c, tools);
-                calls = p.calls.into_iter().map(|c| (c.name, c.arguments)).collect();
+                calls = p
+                    .calls
+                    .into_iter()
+                    .filter(|c| !self.cfg.only_listed_tools || is_listed(tools, &c.name))
+                    .map(|c| (c.name, c.arguments))
+                    .collect();
                 &c[..p.content_end]
             }
             None => c,

@@ -10,10 +10,11 @@ const THINK_CLOSE: &str = "</think>";
 const TOOL_CALL: &str = "<tool_call>";
 const FUNCTION: &str = "<function";
 
-/// Drops everything up to and including the first `<think>` (templates that let the model
-/// write it).
+/// Drops a `<think>` that opens the output (templates that let the model write it). Only at the
+/// very start: vLLM also drops text *before* a later `<think>`, which its own streaming has
+/// already sent by then, so streamed and whole answers would differ.
 fn after_think_open(text: &str) -> &str {
-    text.find(THINK_OPEN).map_or(text, |i| &text[i + THINK_OPEN.len()..])
+    text.strip_prefix(THINK_OPEN).unwrap_or(text)
 }
 
 /// `<function` followed by whitespace or `=` (the regex `<function[\s=]`).
@@ -39,14 +40,15 @@ pub fn split(text: &str) -> (Option<String>, Option<String>) {
 /// What a prefix of the output already determines: the reasoning that is certain, and the
 /// content text once reasoning has ended.
 pub fn split_partial(text: &str) -> (&str, Option<&str>) {
-    let seen_open = text.contains(THINK_OPEN);
+    let seen_open = text.starts_with(THINK_OPEN);
     let t = after_think_open(text);
     if let Some(i) = t.find(THINK_CLOSE) {
         return (&t[..i], Some(&t[i + THINK_CLOSE.len()..]));
     }
     let mut hold = partial_tag_overlap(t, THINK_CLOSE);
-    if !seen_open {
-        hold = hold.max(partial_tag_overlap(t, THINK_OPEN));
+    if !seen_open && THINK_OPEN.starts_with(t) {
+        // The output may still be opening with `<think>`.
+        hold = t.len();
     }
     if let Some(i) = t.find(TOOL_CALL) {
         let after = t[i + TOOL_CALL.len()..].trim_start();
@@ -109,5 +111,8 @@ mod tests {
         assert_eq!(split_partial("abc\n<tool_call>\n<func"), ("abc\n", None));
         assert_eq!(split_partial("abc<tool_call>x"), ("abc<tool_call>x", None));
         assert_eq!(split_partial("r</think>c"), ("r", Some("c")));
+        // `<think>` opens the reasoning only at the start of the output; later it is text.
+        assert_eq!(split_partial("<tool_call><t"), ("<tool_call><t", None));
+        assert_eq!(split("<tool_call><think>"), (Some("<tool_call><think>".into()), None));
     }
 }

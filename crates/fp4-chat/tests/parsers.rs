@@ -21,7 +21,7 @@ fn tools_wa() -> Vec<Value> {
 }
 
 fn cfg(tools: Vec<Value>, reasoning: bool, thinking: bool) -> OutputConfig {
-    OutputConfig { reasoning_parser: reasoning, thinking, tools: Some(tools) }
+    OutputConfig { reasoning_parser: reasoning, thinking, tools: Some(tools), only_listed_tools: false }
 }
 
 const DALLAS: &str = "<tool_call>\n<function=get_current_weather>\n<parameter=city>\nDallas\n</parameter>\n<parameter=state>\nTX\n</parameter>\n<parameter=unit>\nfahrenheit\n</parameter>\n</function>\n</tool_call>";
@@ -276,7 +276,7 @@ fn text_after_calls_and_python_literals() {
 
 #[test]
 fn reasoning_vectors_streamed() {
-    let c = OutputConfig { reasoning_parser: true, thinking: true, tools: None };
+    let c = OutputConfig { reasoning_parser: true, thinking: true, tools: None, only_listed_tools: false };
     for (text, r, content) in [
         (
             "This is a reasoning section</think>This is the rest",
@@ -309,7 +309,7 @@ fn reasoning_vectors_streamed() {
 #[test]
 fn thinking_disabled_is_all_content() {
     let tool = "I need to read the file.\n\n<tool_call>\n<function=bash>\n<parameter=command>\ncat /etc/hosts\n</parameter>\n</function>\n</tool_call>";
-    let c = OutputConfig { reasoning_parser: true, thinking: false, tools: None };
+    let c = OutputConfig { reasoning_parser: true, thinking: false, tools: None, only_listed_tools: false };
     for text in ["This is plain content", "Some output without think tokens", tool] {
         let m = check_all_splits(text, &c);
         assert_eq!((m.reasoning_content.as_deref(), m.content.as_deref()), (None, Some(text)));

@@ -18,7 +18,7 @@ use serde_json::{json, Map, Value};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 #[derive(Debug, Clone)]
@@ -37,7 +37,12 @@ pub struct ServerConfig {
     /// `--special-tokens-in-content`: special-token strings inside chat messages act as special
     /// tokens (off: tokenized as text).
     pub special_tokens_in_content: bool,
+    /// `--body-read-timeout`: how long a request's body may take to arrive after its headers.
+    pub body_read_timeout: Duration,
 }
+
+/// Request bodies larger than this are refused (413).
+pub const BODY_LIMIT: usize = 2 << 20;
 
 pub struct AppState {
     pub engine: EngineHandle,
@@ -83,7 +88,19 @@ async fn openai_errors(
             return error_response(&e);
         }
     }
-    let resp = next.run(req).await;
+    let (parts, body) = req.into_parts();
+    let body = match tokio::time::timeout(s.cfg.body_read_timeout, read_body(body)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return error_response(&e),
+        Err(_) => {
+            return error_response(&ApiError::new(
+                408,
+                "invalid_request_error",
+                format!("the request body did not arrive within {}s", s.cfg.body_read_timeout.as_secs()),
+            ))
+        }
+    };
+    let resp = next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(body))).await;
     let status = resp.status();
     let json = resp.headers().get(axum::http::header::CONTENT_TYPE).is_some_and(|v| {
         v.as_bytes().starts_with(b"application/json") || v.as_bytes().starts_with(b"text/event-stream")
@@ -94,12 +111,30 @@ async fn openai_errors(
     let e = match status.as_u16() {
         404 => ApiError::new(404, "not_found_error", format!("no route {path}")),
         405 => ApiError::new(405, "invalid_request_error", format!("{path} does not take {method}")),
-        413 => {
-            ApiError::new(413, "invalid_request_error", "the request body is larger than the server accepts (2 MiB)")
-        }
         code => ApiError::new(code, "invalid_request_error", status.canonical_reason().unwrap_or("request failed")),
     };
     error_response(&e)
+}
+
+/// The whole request body, at most [`BODY_LIMIT`] bytes (a slow sender is bounded by the
+/// caller's timeout, so it cannot hold a connection forever).
+async fn read_body(body: axum::body::Body) -> ApiResult<Bytes> {
+    use futures::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::new(400, "invalid_request_error", format!("cannot read the request body: {e}")))?;
+        if buf.len() + chunk.len() > BODY_LIMIT {
+            return Err(ApiError::new(
+                413,
+                "invalid_request_error",
+                format!("the request body is larger than the server accepts ({} MiB)", BODY_LIMIT >> 20),
+            ));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.into())
 }
 
 fn error_response(e: &ApiError) -> Response {
@@ -263,6 +298,14 @@ fn encode_chat(s: &AppState, text: &str, lit: Option<&fp4_chat::Literals>) -> Ap
 }
 
 fn prepare_chat(s: &AppState, req: &protocol::ChatRequest) -> ApiResult<Prepared> {
+    // vLLM's answer (its wording, which clients match on): a server without a tool parser cannot
+    // find calls in free text. `required` and named choices force the call's markup themselves.
+    if req.tool_choice == ToolChoice::Auto && req.tools.is_some() && !s.cfg.tool_parser {
+        return Err(ApiError::bad(
+            "tool_choice",
+            "\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set",
+        ));
+    }
     let mut kwargs = s.cfg.default_chat_template_kwargs.clone();
     kwargs.extend(req.chat_template_kwargs.clone());
     let thinking = kwargs.get("enable_thinking").and_then(Value::as_bool) != Some(false);
@@ -292,7 +335,8 @@ fn prepare_chat(s: &AppState, req: &protocol::ChatRequest) -> ApiResult<Prepared
             gen.choices.push(toks);
         }
     }
-    let tools_on = s.cfg.tool_parser && req.tools.is_some() && req.tool_choice != ToolChoice::None;
+    let forced_call = matches!(req.tool_choice, ToolChoice::Required | ToolChoice::Named(_));
+    let tools_on = req.tools.is_some() && (forced_call || req.tool_choice == ToolChoice::Auto);
     Ok(Prepared {
         prompt_ids: ids,
         forced,
@@ -302,6 +346,7 @@ fn prepare_chat(s: &AppState, req: &protocol::ChatRequest) -> ApiResult<Prepared
             reasoning_parser: s.cfg.reasoning_parser,
             thinking,
             tools: if tools_on { req.tools.clone() } else { None },
+            only_listed_tools: forced_call,
         },
     })
 }
