@@ -47,7 +47,8 @@ impl From<cudarc::cublas::result::CublasError> for CudaError {
 
 pub type Result<T> = std::result::Result<T, CudaError>;
 
-pub use buffer::{DeviceBuf, GraphPool};
+pub use buffer::DeviceBuf;
+use buffer::GraphPool;
 pub use gemv::GemvKernel;
 pub use graph::Graph;
 
@@ -304,10 +305,7 @@ impl Kernels {
             .map(|f| {
                 let mut m: cudarc::driver::sys::CUmodule = std::ptr::null_mut();
                 // SAFETY: f is a loaded function; m receives its module handle.
-                let r = unsafe { cudarc::driver::sys::cuFuncGetModule(&mut m, f.cu_function()) };
-                if r != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
-                    return Err(CudaError(format!("cuFuncGetModule: {r:?}")));
-                }
+                unsafe { cudarc::driver::sys::cuFuncGetModule(&mut m, f.cu_function()) }.result()?;
                 Ok(m as usize)
             })
             .collect()
@@ -585,8 +583,8 @@ impl Gpu {
 
     /// Captures the work `f` queues on the stream as a CUDA graph (nothing runs until the graph
     /// is launched), with programmatic edges between fp4's kernels unless
-    /// [`Gpu::set_programmatic_launch`] turned them off. Buffers `f` allocates and drops become
-    /// the graph's own memory; `f` must not synchronise or copy from host memory.
+    /// [`Gpu::set_programmatic_launch`] turned them off. Buffers `f` allocates come from the
+    /// graph pool (`cuda/buffer.rs`); `f` must not synchronise or copy from host memory.
     pub fn capture(&self, f: impl FnOnce() -> Result<()>) -> Result<Graph> {
         use cudarc::driver::sys::CUstreamCaptureMode;
         self.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;

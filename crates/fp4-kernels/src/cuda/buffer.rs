@@ -14,6 +14,7 @@ use cudarc::driver::{sys, CudaSlice, CudaStream, LaunchArgs, PushKernelArg};
 use std::collections::HashMap;
 use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// A device buffer of `T`s (derefs to cudarc's `CudaSlice`).
@@ -92,9 +93,9 @@ unsafe impl<'a, 'b: 'a, T> PushKernelArg<&'b mut DeviceBuf<T>> for LaunchArgs<'a
 
 /// The memory captured graphs run in (see the module comment).
 #[derive(Default)]
-pub struct GraphPool {
+pub(super) struct GraphPool {
     free: Mutex<HashMap<usize, Vec<sys::CUdeviceptr>>>,
-    reserved: Mutex<usize>,
+    reserved: AtomicUsize,
 }
 
 impl GraphPool {
@@ -119,7 +120,7 @@ impl GraphPool {
                 if r != sys::CUresult::CUDA_SUCCESS {
                     return Err(super::CudaError(format!("graph memory: cannot allocate {bytes} bytes: {r:?}")));
                 }
-                *self.reserved.lock().expect("graph pool") += bytes;
+                self.reserved.fetch_add(bytes, Ordering::Relaxed);
                 p
             }
         };
@@ -135,6 +136,6 @@ impl GraphPool {
 
     /// Bytes of device memory the pool holds.
     pub fn reserved_bytes(&self) -> usize {
-        *self.reserved.lock().expect("graph pool")
+        self.reserved.load(Ordering::Relaxed)
     }
 }

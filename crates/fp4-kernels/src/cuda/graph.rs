@@ -68,11 +68,7 @@ pub(super) fn end_capture(stream: &Arc<CudaStream>, pdl: bool, ours: &[sys::CUmo
 }
 
 fn check(r: sys::CUresult, what: &str) -> Result<()> {
-    if r == sys::CUresult::CUDA_SUCCESS {
-        Ok(())
-    } else {
-        Err(CudaError(format!("CUDA graph: {what}: {r:?}")))
-    }
+    r.result().map_err(|e| CudaError(format!("CUDA graph: {what}: {e}")))
 }
 
 #[derive(Clone, Copy, PartialEq)]
