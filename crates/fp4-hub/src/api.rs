@@ -300,19 +300,7 @@ impl HubClient {
         if private {
             body["visibility"] = json!("private");
         }
-        let r = self.send(Req {
-            method: "POST",
-            url: format!("{}/api/repos/create", self.endpoint),
-            auth: true,
-            headers: vec![],
-            body: Body::Json(&body, "application/json"),
-            retry: false,
-        });
-        match r {
-            Ok(_) => Ok(true),
-            Err(HubError::Http { status: 409, .. }) => Ok(false),
-            Err(e) => Err(e),
-        }
+        self.post_creating(format!("{}/api/repos/create", self.endpoint), &body)
     }
 
     /// The revision's head commit, or `None` when the repo or the revision does not exist.
@@ -336,13 +324,19 @@ impl HubClient {
 
     /// Creates `branch` from the default branch; `Ok(false)` when it exists (HTTP 409).
     pub fn create_branch(&self, repo: &str, branch: &str) -> Result<bool, HubError> {
-        let body = json!({});
+        let url = format!("{}/api/models/{repo}/branch/{}", self.endpoint, encode_segment(branch));
+        self.post_creating(url, &json!({}))
+    }
+
+    /// A POST that creates something: `Ok(true)` when created, `Ok(false)` when it already
+    /// exists (HTTP 409). Not retried: a lost answer to a create is not worth a second one.
+    fn post_creating(&self, url: String, body: &Value) -> Result<bool, HubError> {
         let r = self.send(Req {
             method: "POST",
-            url: format!("{}/api/models/{repo}/branch/{}", self.endpoint, encode_segment(branch)),
+            url,
             auth: true,
             headers: vec![],
-            body: Body::Json(&body, "application/json"),
+            body: Body::Json(body, "application/json"),
             retry: false,
         });
         match r {
