@@ -3,6 +3,7 @@
 // accumulation, warp-shuffle reduction. The same code serves SM90 and SM12x (decode is
 // bandwidth-bound; SM12x's native FP4 MMA is for prefill).
 #include "nvfp4.cuh"
+#include "mma.cuh"
 #include "pdl.cuh"
 #include "geometry.h"
 
@@ -150,15 +151,6 @@ __device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t two) {
     unsigned short s = (unsigned short)two;
     asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(d) : "h"(s));
     return d;
-}
-
-__device__ __forceinline__ void mma_f16(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                        uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 // Scales of one row's two blocks as f16x2 pairs (block i in both halves) times 2^7.
@@ -381,16 +373,6 @@ __device__ __forceinline__ void nvfp4_mma_gemv(const GemvGroup& grp, const uint1
 // Shared-memory slot of 16-byte unit u (0..15) of token row r: conflict-free B-fragment reads
 // (each quarter-warp's eight 16-byte loads land in eight different bank groups).
 __device__ __forceinline__ int rows_swizzle(int u, int r) { return u ^ ((u >> 3) & 1) ^ ((r & 1) << 1); }
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-    unsigned a = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
 
 template <int NT, int W, int D>
 __device__ __forceinline__ void nvfp4_mma_gemv_rows(const GemvGroup& grp, const uint16_t* __restrict__ xh,

@@ -21,6 +21,11 @@
 #define ATT_THREADS 128
 #define ATT_TILE 64           // keys per tile
 #define ATT_MAX_D 512
+#define FA_BR 64              // tensor-core prefill attention: queries per block (16 per warp)
+#define FA_BC 32              // tensor-core prefill attention: keys per tile
+#define FA_THREADS 128
+#define FA_MAX_D 256          // widest head it serves (dims padded to 64, 128 or 256)
+#define FA_TILE 32            // attention_kv_prep: keys x dims per block
 // decode.cu
 #define PA_THREADS 128        // paged decode attention: threads per (token, KV head, split)
 #define PA_MAX_D 512

@@ -116,8 +116,8 @@ struct ComputeArgs {
     /// `--features cuda`; f32 activations with bf16/NVFP4/FP8 weights).
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
-    /// GPU only: run prefill GEMMs in f32 on CUDA cores (slow; equal to the CPU reference to
-    /// rounding) instead of bf16 tensor cores.
+    /// GPU only: run prefill GEMMs and attention in f32 on CUDA cores (slow; equal to the CPU
+    /// reference to rounding) instead of on tensor cores (bf16 GEMMs, f16/bf16 attention).
     #[arg(long)]
     exact_gemm: bool,
 }

@@ -103,6 +103,19 @@ const CONV_T: usize = geometry::CONV_T;
 const ATT_THREADS: u32 = geometry::ATT_THREADS as u32;
 const ATT_TILE: usize = geometry::ATT_TILE;
 const ATT_MAX_D: usize = geometry::ATT_MAX_D;
+/// `FA_BR`, `FA_BC`, `FA_THREADS` and `FA_MAX_D` of `flash_attention_d*`.
+const FA_BR: usize = geometry::FA_BR;
+const FA_BC: usize = geometry::FA_BC;
+const FA_THREADS: u32 = geometry::FA_THREADS as u32;
+const FA_MAX_D: usize = geometry::FA_MAX_D;
+/// The padded head widths `flash_attention_d*` is compiled for.
+const FA_DIMS: [usize; 3] = [64, 128, 256];
+
+/// Dynamic shared memory of `flash_attention_d{dp}`: the query tile and one key tile (f16, rows
+/// padded by 8) and one transposed value tile (bf16, rows padded by 8); see `kernels/attention.cu`.
+fn flash_smem(dp: usize) -> usize {
+    (FA_BR * (dp + 8) + FA_BC * (dp + 8) + dp * (FA_BC + 8)) * 2
+}
 /// `GDN_C`, `PREP_THREADS` and `STATE_WARPS` of the chunked delta-rule kernels.
 const GDN_C: usize = geometry::GDN_C;
 const GDN_PREP_THREADS: u32 = geometry::GDN_PREP_THREADS as u32;
@@ -178,6 +191,9 @@ struct Kernels {
     gdn_chunk_prep: CudaFunction,
     gdn_chunk_state: CudaFunction,
     attention: CudaFunction,
+    attention_kv_prep: CudaFunction,
+    /// `flash_attention_d{64,128,256}` (`FA_DIMS`).
+    flash_attention: [CudaFunction; 3],
     argmax: CudaFunction,
     sample: CudaFunction,
     fill_bf16: CudaFunction,
@@ -218,6 +234,15 @@ impl Kernels {
             cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             gdn_state_smem(GDN_PREP_MAX_DK) as i32,
         )?;
+        let flash = |dp: usize| -> Result<CudaFunction> {
+            let f = attention.load_function(&format!("flash_attention_d{dp}"))?;
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                flash_smem(dp) as i32,
+            )?;
+            Ok(f)
+        };
+        let flash_attention = [flash(FA_DIMS[0])?, flash(FA_DIMS[1])?, flash(FA_DIMS[2])?];
         Ok(Kernels {
             nvfp4_gemv: gemv.load_function("nvfp4_gemv_f32")?,
             nvfp4_mma: [
@@ -258,6 +283,8 @@ impl Kernels {
             gdn_chunk_prep: gdn.load_function("gdn_chunk_prep")?,
             gdn_chunk_state,
             attention: attention.load_function("attention_f32")?,
+            attention_kv_prep: attention.load_function("attention_kv_prep")?,
+            flash_attention,
             argmax: sampling.load_function("argmax_f32")?,
             sample: sampling.load_function("sample_f32")?,
             fill_bf16: synthetic.load_function("fill_bf16_uniform")?,
@@ -318,8 +345,8 @@ pub struct Gpu {
     pub stream: Arc<CudaStream>,
     blas: CudaBlas,
     k: Kernels,
-    /// GEMMs in f32 on CUDA cores instead of bf16 tensor cores: slow, but equal to the CPU
-    /// reference to f32 rounding (golden checks).
+    /// GEMMs and prefill attention in f32 on CUDA cores instead of on tensor cores: slow, but
+    /// equal to the CPU reference to f32 rounding (golden checks).
     exact_gemm: AtomicBool,
     /// Graphs captured with programmatic edges between fp4's kernels (`cuda/graph.rs`).
     pdl: AtomicBool,
@@ -563,7 +590,8 @@ impl Gpu {
         Ok(self.ctx.name()?)
     }
 
-    /// f32 GEMMs (exact against the CPU reference) instead of bf16 tensor-core GEMMs.
+    /// f32 GEMMs and prefill attention (exact against the CPU reference) instead of tensor-core
+    /// ones.
     pub fn set_exact_gemm(&self, exact: bool) {
         self.exact_gemm.store(exact, Ordering::Relaxed);
     }

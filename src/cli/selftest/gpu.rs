@@ -342,23 +342,33 @@ fn op_checks(rep: &mut Report, rng: &mut Normal) {
         }
     }
 
-    // Attention: prefill (T = L), decode over a cache (T = 1), continuing prefill; GQA 16/4 and 6/2.
+    // Attention: prefill (T = L), decode over a cache (T = 1), continuing prefill; GQA 16/4 and 6/2;
+    // exact (f32 on CUDA cores) and on tensor cores (f16 scores, bf16 values: ~2^-9 relative).
+    let g = cuda::gpu();
     for (t, l, hq, hkv, d) in [
         (37, 37, 16, 4, 256),
         (1, 300, 16, 4, 256),
         (5, 140, 16, 4, 256),
         (300, 300, 16, 4, 256),
+        (1000, 1000, 16, 4, 256),
+        (70, 1100, 16, 4, 256),
         (130, 200, 6, 2, 64),
         (9, 20, 6, 2, 40),
+        (100, 100, 4, 4, 128),
     ] {
         let q = rng.tensor(&[t, hq, d], 1.0);
         let k = rng.tensor(&[l, hkv, d], 1.0);
         let v = rng.tensor(&[l, hkv, d], 1.0);
         let scale = (d as f32).powf(-0.5);
         let want = ops::attention(&q, &k, &v, scale, F32);
-        let got = ops::attention(&gpu_t(&q), &gpu_t(&k), &gpu_t(&v), scale, F32);
-        rep.check(&format!("attention q {t} over {l} keys, {hq}/{hkv} heads x{d}"), rel_err(&got, &want), 1e-5);
+        for (exact, path, tol) in [(true, "f32", 1e-5), (false, "tensor cores", 1e-2)] {
+            g.set_exact_gemm(exact);
+            let got = ops::attention(&gpu_t(&q), &gpu_t(&k), &gpu_t(&v), scale, F32);
+            let what = format!("attention ({path}) q {t} over {l} keys, {hq}/{hkv} heads x{d}");
+            rep.check(&what, rel_err(&got, &want), tol);
+        }
     }
+    g.set_exact_gemm(true);
 
     // Sampling: greedy, then the same draws through both implementations.
     let logits = rng.tensor(&[248320], 3.0);
@@ -684,6 +694,27 @@ fn kernel_benches(g: &Gpu, copy: f64) -> anyhow::Result<Vec<Value>> {
         println!("gated delta rule {algo:?} 1000 tokens, 32 heads 128x128: {ms:.3} ms");
         out.push(json!({"kernel": format!("gdn_{algo:?}").to_lowercase(), "tokens": t, "ms": ms}));
     }
+    // One attention layer over a 1,000-token prompt (9B heads: 16 query, 4 KV, 256 wide).
+    let (hq, hkv, hd) = (16, 4, 256);
+    let dims = cpu::AttnDims { q_heads: hq, kv_heads: hkv, head_dim: hd };
+    let (q, k, v) = (x(t * hq * hd, 6, 0.0, 1.0)?, x(t * hkv * hd, 7, 0.0, 1.0)?, x(t * hkv * hd, 8, 0.0, 1.0)?);
+    for exact in [true, false] {
+        g.set_exact_gemm(exact);
+        let run = || -> cuda::Result<()> {
+            g.attention(&q, &k, &v, t, t, dims, (hd as f32).powf(-0.5))?;
+            Ok(())
+        };
+        run()?;
+        let mut runs = Vec::new();
+        for _ in 0..5 {
+            runs.push(g.time_ms(run)?);
+        }
+        runs.sort_by(f64::total_cmp);
+        let (ms, kernel) = (runs[2], if exact { "attention_f32" } else { "flash_attention" });
+        println!("prefill attention ({kernel}) 1000 tokens, {hq}/{hkv} heads x{hd}: {ms:.3} ms");
+        out.push(json!({"kernel": kernel, "tokens": t, "ms": ms}));
+    }
+    g.set_exact_gemm(false);
     Ok(out)
 }
 
