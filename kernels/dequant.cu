@@ -4,15 +4,24 @@
 #include "nvfp4.cuh"
 #include "pdl.cuh"
 
-// One thread per packed byte: out[2i], out[2i+1] = e2m1(nibbles) · e4m3(block scale), no scale_2.
+// One thread per 16-weight block (8 packed bytes, one E4M3 scale): 16 bf16 = e2m1 · e4m3, no
+// scale_2, written as two 16-byte stores (byte-wide loads and 2-byte stores ran at 42 % of copy
+// bandwidth on an H200).
 extern "C" __global__ void nvfp4_dequant_bf16(const uint8_t* __restrict__ w, const uint8_t* __restrict__ scales,
-                                              uint16_t* __restrict__ out, size_t bytes) {
+                                              uint16_t* __restrict__ out, size_t blocks) {
     pdl_wait();  // no early trigger: cuBLAS kernels follow these (see kernels/pdl.cuh)
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < bytes; i += (size_t)gridDim.x * blockDim.x) {
-        uint32_t b = w[i];
-        float s = e4m3(scales[i / 8]);
-        out[2 * i] = to_bf16(e2m1(b & 15u) * s);
-        out[2 * i + 1] = to_bf16(e2m1(b >> 4) * s);
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < blocks; i += (size_t)gridDim.x * blockDim.x) {
+        uint2 q = reinterpret_cast<const uint2*>(w)[i];
+        float s = e4m3(scales[i]);
+        uint32_t o[8];
+#pragma unroll
+        for (int b = 0; b < 8; b++) {
+            uint32_t byte = ((b < 4 ? q.x : q.y) >> (8 * (b % 4))) & 255u;
+            o[b] = (uint32_t)to_bf16(e2m1(byte & 15u) * s) | ((uint32_t)to_bf16(e2m1(byte >> 4) * s) << 16);
+        }
+        uint4* dst = reinterpret_cast<uint4*>(out) + 2 * i;
+        dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
+        dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
     }
 }
 
@@ -34,8 +43,15 @@ extern "C" __global__ void bf16_to_f32(const uint16_t* __restrict__ x, float* __
         out[i] = bf16(x[i]);
 }
 
+// Four values per thread (16-byte loads, 8-byte stores), the n % 4 tail by the first threads.
 extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, uint16_t* __restrict__ out, size_t n) {
     pdl_wait();  // no early trigger: cuBLAS kernels follow these (see kernels/pdl.cuh)
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        out[i] = to_bf16(x[i]);
+    size_t first = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t i = first; i < n / 4; i += stride) {
+        float4 v = reinterpret_cast<const float4*>(x)[i];
+        uint2 o = make_uint2((uint32_t)to_bf16(v.x) | ((uint32_t)to_bf16(v.y) << 16),
+                             (uint32_t)to_bf16(v.z) | ((uint32_t)to_bf16(v.w) << 16));
+        reinterpret_cast<uint2*>(out)[i] = o;
+    }
+    if (first < n % 4) out[n / 4 * 4 + first] = to_bf16(x[n / 4 * 4 + first]);
 }

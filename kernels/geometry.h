@@ -40,7 +40,7 @@
 // gdn.cu
 #define GDN_C 64              // chunked prefill: tokens per chunk
 #define GDN_PREP_THREADS 256
-#define GDN_STATE_WARPS 16
+#define GDN_STATE_THREADS 128 // gdn_chunk_state: 16 x 8 threads, 4x4 outputs each
 #define GDN_PREP_MAX_DK 128
 // sampling.cu
 #define SAMPLE_THREADS 1024

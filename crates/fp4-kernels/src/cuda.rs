@@ -116,17 +116,22 @@ const FA_DIMS: [usize; 3] = [64, 128, 256];
 fn flash_smem(dp: usize) -> usize {
     (FA_BR * (dp + 8) + FA_BC * (dp + 8) + dp * (FA_BC + 8)) * 2
 }
-/// `GDN_C`, `PREP_THREADS` and `STATE_WARPS` of the chunked delta-rule kernels.
+/// `GDN_C`, `PREP_THREADS` and `STATE_THREADS` of the chunked delta-rule kernels.
 const GDN_C: usize = geometry::GDN_C;
 const GDN_PREP_THREADS: u32 = geometry::GDN_PREP_THREADS as u32;
-const GDN_STATE_WARPS: u32 = geometry::GDN_STATE_WARPS as u32;
+const GDN_STATE_THREADS: u32 = geometry::GDN_STATE_THREADS as u32;
 /// `PREP_MAX_DK` of `gdn_chunk_prep` (Qwen3.5's key heads are 128 wide).
 const GDN_PREP_MAX_DK: usize = geometry::GDN_PREP_MAX_DK;
 
-/// Dynamic shared memory of `gdn_chunk_state` for keys of `dk`: the state slice, v_new, the
-/// decays, one staged chunk tile and QK (see `kernels/gdn.cu`).
+/// Dynamic shared memory of `gdn_chunk_prep` for keys of `dk` (see `kernels/gdn.cu`): k̂ᵀ and
+/// q̂ᵀ and L (rows of C + 4), then Γ, β and the two norms.
+fn gdn_prep_smem(dk: usize) -> usize {
+    (2 * dk * (GDN_C + 4) + GDN_C * (GDN_C + 4) + 4 * GDN_C) * 4
+}
+/// Dynamic shared memory of `gdn_chunk_state` for keys of `dk`: the state slice, v_new, one
+/// staged chunk tile and QKᵀ.
 fn gdn_state_smem(dk: usize) -> usize {
-    (dk * 32 + GDN_C * 32 + GDN_C + GDN_C * dk + GDN_C * GDN_C) * 4
+    (dk * 32 + GDN_C * 32 + GDN_C * dk + GDN_C * GDN_C) * 4
 }
 /// `SAMPLE_THREADS` of the sampling kernels.
 const SAMPLE_THREADS: u32 = geometry::SAMPLE_THREADS as u32;
@@ -228,18 +233,20 @@ impl Kernels {
         let (gemv, dequant, norm, elem) = (m(GEMV)?, m(DEQUANT)?, m(NORM)?, m(ELEMENTWISE)?);
         let (gdn, attention, sampling, synthetic) = (m(GDN)?, m(ATTENTION)?, m(SAMPLING)?, m(SYNTHETIC)?);
         let (w4a4, decode) = (m(W4A4)?, m(DECODE)?);
-        let gdn_chunk_state = gdn.load_function("gdn_chunk_state")?;
         // Beyond the default 48 KiB of dynamic shared memory (within SM12x's 99 KiB).
-        gdn_chunk_state.set_attribute(
-            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            gdn_state_smem(GDN_PREP_MAX_DK) as i32,
-        )?;
-        let flash = |dp: usize| -> Result<CudaFunction> {
-            let f = attention.load_function(&format!("flash_attention_d{dp}"))?;
+        let big_smem = |f: &CudaFunction, bytes: usize| {
             f.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                flash_smem(dp) as i32,
-            )?;
+                bytes as i32,
+            )
+        };
+        let gdn_chunk_state = gdn.load_function("gdn_chunk_state")?;
+        big_smem(&gdn_chunk_state, gdn_state_smem(GDN_PREP_MAX_DK))?;
+        let gdn_chunk_prep = gdn.load_function("gdn_chunk_prep")?;
+        big_smem(&gdn_chunk_prep, gdn_prep_smem(GDN_PREP_MAX_DK))?;
+        let flash = |dp: usize| -> Result<CudaFunction> {
+            let f = attention.load_function(&format!("flash_attention_d{dp}"))?;
+            big_smem(&f, flash_smem(dp))?;
             Ok(f)
         };
         let flash_attention = [flash(FA_DIMS[0])?, flash(FA_DIMS[1])?, flash(FA_DIMS[2])?];
@@ -280,7 +287,7 @@ impl Kernels {
             rope: elem.load_function("rope_f32")?,
             conv1d: elem.load_function("causal_conv1d_silu_f32")?,
             gdn_recurrent: gdn.load_function("gdn_recurrent_f32")?,
-            gdn_chunk_prep: gdn.load_function("gdn_chunk_prep")?,
+            gdn_chunk_prep,
             gdn_chunk_state,
             attention: attention.load_function("attention_f32")?,
             attention_kv_prep: attention.load_function("attention_kv_prep")?,

@@ -69,16 +69,15 @@ impl Gpu {
         let crate::cpu::GdnDims { key_heads: hk, value_heads: hv, key_dim: dk, value_dim: dv } = dims;
         let chunks = t.div_ceil(GDN_C);
         let slots = chunks * hv * GDN_C;
-        let (mut kn, mut qn, mut kcd) =
-            (self.alloc::<f32>(slots * dk)?, self.alloc::<f32>(slots * dk)?, self.alloc::<f32>(slots * dk)?);
+        let (mut qk_t, mut qg_t) = (self.alloc::<f32>(slots * GDN_C)?, self.alloc::<f32>(slots * dk)?);
+        let (mut knd, mut kcd_t) = (self.alloc::<f32>(slots * dk)?, self.alloc::<f32>(slots * dk)?);
         let (mut nv, mut gam) = (self.alloc::<f32>(slots * dv)?, self.alloc::<f32>(slots)?);
-        let (mut qk, mut lw) = (self.alloc::<f32>(slots * GDN_C)?, self.alloc::<f32>(slots * GDN_C)?);
         let (ti, hki, hvi, dki, dvi) = (t as i32, hk as i32, hv as i32, dk as i32, dv as i32);
         let q_scale = (dk as f32).powf(-0.5);
         let prep = LaunchConfig {
             grid_dim: (chunks as u32, hv as u32, 1),
             block_dim: (GDN_PREP_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: gdn_prep_smem(dk) as u32,
         };
         launch!(
             self,
@@ -95,21 +94,36 @@ impl Gpu {
             &dki,
             &dvi,
             &q_scale,
-            &mut kn,
-            &mut qn,
-            &mut gam,
-            &mut qk,
-            &mut lw,
+            &mut qk_t,
+            &mut qg_t,
+            &mut knd,
+            &mut kcd_t,
             &mut nv,
-            &mut kcd
+            &mut gam
         );
         let mut out = self.alloc::<f32>(t * hv * dv)?;
         let cfg = LaunchConfig {
             grid_dim: (hv as u32, dv.div_ceil(32) as u32, 1),
-            block_dim: (GDN_STATE_WARPS * 32, 1, 1),
+            block_dim: (GDN_STATE_THREADS, 1, 1),
             shared_mem_bytes: gdn_state_smem(dk) as u32,
         };
-        launch!(self, gdn_chunk_state, cfg, &kn, &qn, &gam, &qk, &nv, &kcd, state, &mut out, &ti, &hvi, &dki, &dvi);
+        launch!(
+            self,
+            gdn_chunk_state,
+            cfg,
+            &qk_t,
+            &qg_t,
+            &knd,
+            &kcd_t,
+            &nv,
+            &gam,
+            state,
+            &mut out,
+            &ti,
+            &hvi,
+            &dki,
+            &dvi
+        );
         Ok(out)
     }
 }

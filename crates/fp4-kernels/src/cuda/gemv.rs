@@ -53,7 +53,9 @@ impl Gpu {
         match (w, exact) {
             (GpuWeight::Nvfp4(q), false) => {
                 let mut wd = self.alloc::<u16>(elems)?;
-                launch!(self, nvfp4_dequant_bf16, flat(bytes), &q.packed, &q.scales, &mut wd, &bytes);
+                // One thread per 16-weight block (k is a multiple of 16 in every NVFP4 weight).
+                let blocks = elems / 16;
+                launch!(self, nvfp4_dequant_bf16, flat(blocks), &q.packed, &q.scales, &mut wd, &blocks);
                 let xb = self.to_bf16(x, t * k)?;
                 self.gemm(&xb, &wd, &mut y, t, n, k, q.scale_2, blas_sys::cudaDataType::CUDA_R_16BF)?;
             }
@@ -312,7 +314,7 @@ impl Gpu {
 
     pub(super) fn to_bf16(&self, x: &DeviceBuf<f32>, n: usize) -> Result<DeviceBuf<u16>> {
         let mut xb = self.alloc::<u16>(n)?;
-        launch!(self, f32_to_bf16, flat(n), x, &mut xb, &n);
+        launch!(self, f32_to_bf16, flat(n.div_ceil(4)), x, &mut xb, &n);
         Ok(xb)
     }
 
