@@ -2,8 +2,9 @@
 # Kernel iteration on the GPU machine (device tool), dist/ carried (scripts/gpu_build.sh):
 # `fp4 selftest --quick` (linear, decode-op, fusion and runner checks, then the kernel and
 # engine benchmarks of the synthetic 9B) into $OUT/quick.json, and with `profile` a per-kernel
-# profile of one graph-replayed batch-1 decode step (ncu) into $OUT/profile.csv.
-#   bash scripts/gpu_quick.sh [profile]
+# profile of one graph-replayed decode step of BATCH sequences (ncu; 1 if not given) into
+# $OUT/profile.csv.
+#   bash scripts/gpu_quick.sh [profile [BATCH]]
 set -euo pipefail
 export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 out=${OUT:-/tmp/fp4-out}
@@ -12,7 +13,7 @@ status=0
 dist/fp4 selftest --gpu --quick --synthetic qwen3.5-9b --out "$out/quick.json" 2>&1 | tail -n 60 || status=1
 if [ "${1:-}" = profile ]; then
     ncu --clock-control none --cache-control none --graph-profiling node --metrics gpu__time_duration.sum --csv \
-        dist/fp4 selftest --gpu --profile-decode --synthetic qwen3.5-9b --decode-tokens 1 > "$out/profile.csv" 2> "$out/profile.err" || status=1
+        dist/fp4 selftest --gpu --profile-decode --profile-batch "${2:-1}" --synthetic qwen3.5-9b --decode-tokens 1 > "$out/profile.csv" 2> "$out/profile.err" || status=1
     python3 - "$out/profile.csv" <<'PY'
 import csv, collections, sys
 rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]

@@ -46,6 +46,9 @@ pub struct Args {
     /// `--synthetic` NVFP4 model after a 1k-token prompt, then stop.
     #[arg(long, hide = true)]
     profile_decode: bool,
+    /// Sequences decoded together under `--profile-decode`.
+    #[arg(long, hide = true, default_value_t = 1)]
+    profile_batch: usize,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {

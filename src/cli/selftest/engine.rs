@@ -253,20 +253,21 @@ pub(super) fn ttft_runs_ms(model: &Qwen35, n: usize) -> anyhow::Result<Vec<f64>>
 /// The engine benchmarks (schema `fp4.engine-bench.v1`'s `fp4` part): decode at batch 1 through
 /// the runner (graph and eager), aggregate decode of 1/8/32/64 streams after a 1k prompt, decode
 /// at context depth, TTFT of 1k and 4k prompts.
-/// Batch-1 graph decode of the synthetic NVFP4 model and nothing else, for a profiler's trace.
-pub(super) fn profile_decode(g: &Gpu, name: &str, steps: usize) -> anyhow::Result<()> {
+/// Graph decode of `batch` sequences (a 1k-token prompt each) of the synthetic NVFP4 model and
+/// nothing else, for a profiler's trace.
+pub(super) fn profile_decode(g: &Gpu, name: &str, steps: usize, batch: usize) -> anyhow::Result<()> {
     g.set_exact_gemm(false);
     let src = Synthetic::named(name, SyntheticFormat::Nvfp4 { mlp_only: false }, 1)?;
     let model = Qwen35::load(&src, LoadOptions::new(F32).on(Device::Cuda))?;
-    let cfg = RunnerConfig::from_budget(&model.config, 1, 4096, 32, 4 << 30, true)?;
+    let cfg = RunnerConfig::from_budget(&model.config, batch, 4096, 32, 8 << 30, true)?;
     let mut runner = DecodeRunner::new(&model, cfg);
     let vocab = model.config.vocab_size as u64;
     let prompt: Vec<u32> = (0..1000u64).map(|i| ((i * 2654435761 + 5) % vocab) as u32).collect();
     let mut cache = model.new_cache();
     model.forward(&prompt, &mut cache, Logits::Last)?;
-    let mut one = vec![runner.admit(&cache)?];
-    let r = decode_rate(&mut runner, &model, &mut one, 8, steps)?;
-    println!("profile decode {name} nvfp4 bs=1: {r:.1} tok/s over {steps} steps");
+    let mut seqs = (0..batch).map(|_| runner.admit(&cache)).collect::<Result<Vec<_>, _>>()?;
+    let r = decode_rate(&mut runner, &model, &mut seqs, 8, steps)?;
+    println!("profile decode {name} nvfp4 bs={batch}: {r:.1} tok/s over {steps} steps");
     Ok(())
 }
 

@@ -799,7 +799,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     if a.profile_decode {
         let name = a.synthetic.as_deref().context("--profile-decode needs --synthetic")?;
-        return super::engine::profile_decode(g, name, a.decode_tokens);
+        return super::engine::profile_decode(g, name, a.decode_tokens, a.profile_batch);
     }
     if !a.bench_only {
         checks(g, &mut rep, &mut rng, &a)?;
