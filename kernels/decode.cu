@@ -354,11 +354,24 @@ extern "C" __global__ void __launch_bounds__(GDN_FUSED_THREADS)
                      const float* __restrict__ dt_bias, const float* __restrict__ z, const float* __restrict__ norm_w,
                      float* __restrict__ pool, const uint32_t* __restrict__ slots, float* __restrict__ out, int hk,
                      int hv, int dk, int dv, float eps) {
-    pdl_start();
     __shared__ float ks[GDN_STEP_MAX_DK], qs[GDN_STEP_MAX_DK], os[GDN_FUSED_MAX_D], red[4][4][32], part[2][4], nsum[4];
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, cg = warp >> 2, r = warp & 3;
     int h = blockIdx.x, b = blockIdx.y, j = cg * 32 + lane;
     int kh = h / (hv / hk);
+    // This thread's slice of the state, loaded before the wait: the pool was last written by this
+    // layer a step ago and the slot table before the step (kernels/pdl.cuh), so the largest read
+    // overlaps the kernel before and the norms below instead of following them.
+    bool on = j < dv;
+    float* st = pool + ((size_t)slots[b] * hv + h) * dk * dv;
+    int rows = dk / 4, i0 = r * rows;
+    float s[GDN_STEP_MAX_DK / 4];
+#pragma unroll
+    for (int i = 0; i < GDN_STEP_MAX_DK / 4; i++) {
+        float v = 0.f;
+        if (on && i < rows) v = st[(size_t)(i0 + i) * dv + j];
+        s[i] = v;
+    }
+    pdl_start();
     const size_t row = (size_t)2 * hk * dk + (size_t)hv * dv;
     const float* qt = mixed + (size_t)b * row + (size_t)kh * dk;
     const float* kt = qt + (size_t)hk * dk;
@@ -391,16 +404,6 @@ extern "C" __global__ void __launch_bounds__(GDN_FUSED_THREADS)
     float bt = 1.f / (1.f + expf(-b_proj[th]));
     float decay = expf(-expf(a_log[h]) * sp);
     __syncthreads();
-    bool on = j < dv;
-    float* st = pool + ((size_t)slots[b] * hv + h) * dk * dv;
-    int rows = dk / 4, i0 = r * rows;
-    float s[GDN_STEP_MAX_DK / 4];
-#pragma unroll
-    for (int i = 0; i < GDN_STEP_MAX_DK / 4; i++) {
-        float v = 0.f;
-        if (on && i < rows) v = st[(size_t)(i0 + i) * dv + j];
-        s[i] = v;
-    }
     float kv = 0.f;
 #pragma unroll
     for (int i = 0; i < GDN_STEP_MAX_DK / 4; i++)

@@ -33,11 +33,15 @@ impl Gpu {
                 return Ok(y);
             }
         }
-        let gemv_ok = t <= GEMV_MAX_TOKENS && k.is_multiple_of(8);
+        // Small BF16 weights (the GDN's 32-row in_proj_b/a) stay on the row-block GEMV up to the
+        // tensor-core GEMV's batch: through cuBLAS each took a conversion, a split-K GEMM and its
+        // reduction (20 µs a layer at 32 tokens, H200), all for 256 KiB of weights.
+        let small = n < ROWBLOCK_MAX_ROWS && t <= MMA_GEMV_MAX_TOKENS;
+        let gemv_ok = (t <= GEMV_MAX_TOKENS || small) && k.is_multiple_of(8);
         let mut y = self.alloc::<f32>(t * n)?;
         if let (true, GpuWeight::Bf16 { w, scale, .. }) = (gemv_ok, w) {
             let (ni, ki) = (n as i32, k as i32);
-            if n < ROWBLOCK_MAX_ROWS {
+            if small {
                 let cfg = LaunchConfig {
                     grid_dim: (n as u32, t as u32, 1),
                     block_dim: (ROWBLOCK_THREADS, 1, 1),
