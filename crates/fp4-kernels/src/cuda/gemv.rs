@@ -161,18 +161,17 @@ impl Gpu {
     }
 
     /// The tensor-core GEMV for `t` tokens over `tiles` 16-row tiles: from 17 tokens on, the
-    /// row-splitting kernel, over all of K when its blocks of `ROWS_WARPS` tiles give every SM one
-    /// (the wide q/k/v, GDN input and gate/up projections), else over each of the K-splitting
-    /// kernel's ranges with a reduction after (down, o_proj, out_proj); up to 16 tokens the
-    /// K-splitting kernel. All agree bit for bit (see `kernels/gemv.cu`).
+    /// row-splitting kernel when its blocks of `ROWS_WARPS` tiles give every SM one (the wide
+    /// q/k/v, GDN input and gate/up projections), else the K-splitting one. All the kernels agree
+    /// bit for bit (see `kernels/gemv.cu`). The range-splitting `SplitRows`, meant for the narrow
+    /// weights (down, o_proj, out_proj), is not chosen here until selftest's "gemv kernels"
+    /// comparison has measured it on a GPU (it landed while none could be lent).
     pub fn gemv_kernel(&self, t: usize, tiles: usize) -> GemvKernel {
         let nt = t.div_ceil(8).next_power_of_two();
-        if nt < 4 {
-            GemvKernel::SplitK { nt }
-        } else if tiles.div_ceil(geometry::ROWS_WARPS) >= self.sms as usize {
+        if nt >= 4 && tiles.div_ceil(geometry::ROWS_WARPS) >= self.sms as usize {
             GemvKernel::Rows { nt }
         } else {
-            GemvKernel::SplitRows { nt }
+            GemvKernel::SplitK { nt }
         }
     }
 
