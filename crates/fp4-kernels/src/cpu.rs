@@ -8,9 +8,51 @@ use crate::Precision;
 
 /// Dot product accumulated in f64, rounded once: the reference stays closer to the exact value
 /// than any f32 GEMM, so its distance to another implementation is that one's rounding alone.
+/// Four f64 lanes take elements 4c + l in order; on x86-64 with AVX2 and FMA one 4-lane vector
+/// does it (the product of two f32s is exact in f64, so the fused multiply-add rounds as the
+/// separate multiply and add do: the same bits, ~2.5x the speed of the SSE2 baseline).
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked above).
+        return unsafe { dot_avx2(a, b) };
+    }
+    dot_lanes(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2_fma() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"))
+}
+
+/// [`dot_lanes`] with the four lanes in one AVX register.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let chunks = n / 4;
+    let mut acc = _mm256_setzero_pd();
+    for c in 0..chunks {
+        // SAFETY: 4c + 3 < n ≤ both lengths.
+        let (va, vb) = unsafe { (_mm_loadu_ps(a.as_ptr().add(c * 4)), _mm_loadu_ps(b.as_ptr().add(c * 4))) };
+        acc = _mm256_fmadd_pd(_mm256_cvtps_pd(va), _mm256_cvtps_pd(vb), acc);
+    }
+    let mut l = [0f64; 4];
+    // SAFETY: l holds four f64s.
+    unsafe { _mm256_storeu_pd(l.as_mut_ptr(), acc) };
+    let mut s = (l[0] + l[1]) + (l[2] + l[3]);
+    for i in chunks * 4..n {
+        s += a[i] as f64 * b[i] as f64;
+    }
+    s as f32
+}
+
+/// The portable dot: lane l accumulates elements 4c + l, the lanes added pairwise, the tail last.
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f64; 4];
     let chunks = a.len() / 4;
     for c in 0..chunks {
@@ -25,14 +67,46 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s as f32
 }
 
+/// Multiply-adds below which a linear runs on the calling thread (a task costs about a
+/// microsecond; this many f64 multiply-adds take about fifty).
+const LINEAR_SERIAL_MACS: usize = 1 << 16;
+/// Output rows per task: the tile's weights (16 KiB at 256 inputs) stay in L1 while it walks
+/// every token, instead of each token streaming the whole matrix.
+const LINEAR_ROWS_PER_TASK: usize = 16;
+
 /// `y[t, o] = Σ_i x[t, i]·w[o, i] + bias[o]` (PyTorch `nn.Linear`, weight `[out, in]`).
+/// Spread over rayon's threads by tiles of output rows, each tile walking every token; each
+/// output is the same f64-accumulated [`dot`] whichever thread computes it and in whatever
+/// order, so neither the threading nor the tiling changes a bit of the result.
 pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, n_in: usize, n_out: usize, p: Precision) -> Vec<f32> {
+    use rayon::prelude::*;
     let t = x.len() / n_in;
+    let one = |tok: usize, o: usize| {
+        let b = bias.map_or(0.0, |b| b[o]);
+        p.round(dot(&x[tok * n_in..][..n_in], &w[o * n_in..][..n_in]) + b)
+    };
     let mut y = vec![0f32; t * n_out];
-    for (xr, yr) in x.chunks_exact(n_in).zip(y.chunks_exact_mut(n_out)) {
-        for (o, (wr, out)) in w.chunks_exact(n_in).zip(yr.iter_mut()).enumerate() {
-            let b = bias.map_or(0.0, |b| b[o]);
-            *out = p.round(dot(xr, wr) + b);
+    if t * n_in * n_out < LINEAR_SERIAL_MACS {
+        for tok in 0..t {
+            for o in 0..n_out {
+                y[tok * n_out + o] = one(tok, o);
+            }
+        }
+        return y;
+    }
+    // Each tile's outputs token-major ([t, rows of the tile]), then placed into y.
+    let tiles: Vec<Vec<f32>> = (0..n_out.div_ceil(LINEAR_ROWS_PER_TASK))
+        .into_par_iter()
+        .map(|c| {
+            let rows = c * LINEAR_ROWS_PER_TASK..((c + 1) * LINEAR_ROWS_PER_TASK).min(n_out);
+            (0..t).flat_map(|tok| rows.clone().map(move |o| (tok, o))).map(|(tok, o)| one(tok, o)).collect()
+        })
+        .collect();
+    for (c, tile) in tiles.iter().enumerate() {
+        let o0 = c * LINEAR_ROWS_PER_TASK;
+        let nr = tile.len() / t.max(1);
+        for (tok, part) in tile.chunks_exact(nr).enumerate() {
+            y[tok * n_out + o0..][..nr].copy_from_slice(part);
         }
     }
     y
@@ -481,6 +555,42 @@ mod tests {
 
     fn rand_vec(rng: &mut rand::rngs::StdRng, n: usize, scale: f32) -> Vec<f32> {
         (0..n).map(|_| rng.random_range(-1.0..1.0) * scale).collect()
+    }
+
+    /// The AVX2 dot (where the CPU has it) gives the portable dot's bits, lengths with and
+    /// without a tail, values over many binades.
+    #[test]
+    fn dot_paths_agree_bit_for_bit() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for n in [0, 1, 3, 4, 7, 64, 255, 1000] {
+            let a: Vec<f32> =
+                (0..n).map(|_| rng.random_range(-1.0f32..1.0) * 2f32.powi(rng.random_range(-20..20))).collect();
+            let b = rand_vec(&mut rng, n, 3.0);
+            assert_eq!(dot(&a, &b).to_bits(), dot_lanes(&a, &b).to_bits(), "dot of {n}");
+        }
+    }
+
+    /// The threaded, tiled linear gives the bits of one dot per output in plain loops, for
+    /// shapes below and above the serial threshold, one token and many, a partial last tile.
+    #[test]
+    fn linear_tiles_and_threads_change_no_bit() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for (t, n_in, n_out) in [(1, 64, 40), (1, 256, 1000), (3, 64, 1000), (37, 96, 130)] {
+            let x = rand_vec(&mut rng, t * n_in, 1.0);
+            let w = rand_vec(&mut rng, n_out * n_in, 0.3);
+            let b = rand_vec(&mut rng, n_out, 0.1);
+            for p in [Precision::F32, Precision::Bf16] {
+                let got = linear(&x, &w, Some(&b), n_in, n_out, p);
+                let want: Vec<f32> = (0..t * n_out)
+                    .map(|i| {
+                        let (tok, o) = (i / n_out, i % n_out);
+                        p.round(dot(&x[tok * n_in..][..n_in], &w[o * n_in..][..n_in]) + b[o])
+                    })
+                    .collect();
+                let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same && got.len() == want.len(), "linear {t}x{n_in}→{n_out} {p:?}");
+            }
+        }
     }
 
     fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

@@ -164,8 +164,8 @@ impl Gpu {
     /// row-splitting kernel when its blocks of `ROWS_WARPS` tiles give every SM one (the wide
     /// q/k/v, GDN input and gate/up projections), else the K-splitting one. All the kernels agree
     /// bit for bit (see `kernels/gemv.cu`). The range-splitting `SplitRows`, meant for the narrow
-    /// weights (down, o_proj, out_proj), is not chosen here until selftest's "gemv kernels"
-    /// comparison has measured it on a GPU (it landed while none could be lent).
+    /// weights (down, o_proj, out_proj), is checked bit for bit and timed by selftest ("gemv
+    /// kernels"); it is not chosen here until those timings show it faster on a GPU.
     pub fn gemv_kernel(&self, t: usize, tiles: usize) -> GemvKernel {
         let nt = t.div_ceil(8).next_power_of_two();
         if nt >= 4 && tiles.div_ceil(geometry::ROWS_WARPS) >= self.sms as usize {
