@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use serde_json::Value;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -100,9 +100,24 @@ impl Server {
         }
         req.push_str("\r\n");
         req.push_str(body);
-        s.write_all(req.as_bytes())?;
+        // A server may answer (401, 413) and close before it has read a large body: the write
+        // then fails, but the answer it sent is still there to read.
+        let sent = s.write_all(req.as_bytes());
+        let cut_off = |e: &std::io::Error| matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset);
+        if let Err(e) = &sent {
+            if !cut_off(e) {
+                return Err(sent.unwrap_err());
+            }
+        }
         let mut raw = Vec::new();
-        s.read_to_end(&mut raw)?;
+        match s.read_to_end(&mut raw) {
+            Ok(_) => {}
+            Err(e) if cut_off(&e) && !raw.is_empty() => {}
+            Err(e) => return Err(e),
+        }
+        if raw.is_empty() {
+            sent?;
+        }
         let text = String::from_utf8_lossy(&raw).into_owned();
         let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
         let status: u16 = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
