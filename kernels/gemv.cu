@@ -374,9 +374,15 @@ __device__ __forceinline__ void nvfp4_mma_gemv(const GemvGroup& grp, const uint1
 // (each quarter-warp's eight 16-byte loads land in eight different bank groups).
 __device__ __forceinline__ int rows_swizzle(int u, int r) { return u ^ ((u >> 3) & 1) ^ ((r & 1) << 1); }
 
-template <int NT, int W, int D>
+// With SPLIT (nvfp4_mma_split_nt*) a block walks one of the MMA_WARPS ranges only (blockIdx.y) and
+// writes that range's chain to part[range][tile][token][row] for nvfp4_mma_split_reduce, which adds
+// the ranges in order: the same floats again, for weights too narrow to give every SM a block of
+// ROWS_WARPS tiles (the 9B's 4096-row down, o_proj and out_proj), where the K-splitting kernel
+// re-read each token's activations from L2 once per tile.
+template <int NT, int W, int D, bool SPLIT>
 __device__ __forceinline__ void nvfp4_mma_gemv_rows(const GemvGroup& grp, const uint16_t* __restrict__ xh,
-                                                    const float* __restrict__ xinv, int k, int t) {
+                                                    const float* __restrict__ xinv, int k, int t,
+                                                    float* __restrict__ part) {
     __shared__ uint4 xs[ROWS_STAGES][8 * NT][16];
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     int g = lane >> 2, q = lane & 3;
@@ -392,15 +398,18 @@ __device__ __forceinline__ void nvfp4_mma_gemv_rows(const GemvGroup& grp, const 
     const int r0 = tile * 16 + g;
     const int chunks = (k + MMA_CHUNK - 1) / MMA_CHUNK;
     const int range = (chunks + MMA_WARPS - 1) / MMA_WARPS;
+    const int c_begin = SPLIT ? min(chunks, (int)blockIdx.y * range) : 0;
+    const int c_end = SPLIT ? min(chunks, c_begin + range) : chunks;
     auto k_of = [&](int i) { return i * MMA_CHUNK + 32 * q; };
     Chunk buf[D];
 #pragma unroll
-    for (int d = 0; d < D; d++) buf[d] = live && d < chunks ? load_chunk(w, scales, r0, n, k, k_of(d)) : Chunk{};
+    for (int d = 0; d < D; d++)
+        buf[d] = live && c_begin + d < c_end ? load_chunk(w, scales, r0, n, k, k_of(c_begin + d)) : Chunk{};
     pdl_start();
     // Chunk c's activations into slot c % ROWS_STAGES (zeros past t and k); one commit group
     // per chunk, empty past the end, so the wait counts stay uniform.
     auto stage = [&](int c) {
-        if (c < chunks) {
+        if (c < c_end) {
             for (int i = tid; i < 8 * NT * 16; i += W * 32) {
                 int r = i >> 4, u = i & 15, kk = c * MMA_CHUNK + 8 * u;
                 uint4* dst = &xs[c % ROWS_STAGES][r][rows_swizzle(u, r)];
@@ -413,24 +422,24 @@ __device__ __forceinline__ void nvfp4_mma_gemv_rows(const GemvGroup& grp, const 
         cp_async_commit();
     };
 #pragma unroll
-    for (int s = 0; s < ROWS_STAGES - 1; s++) stage(s);
+    for (int s = 0; s < ROWS_STAGES - 1; s++) stage(c_begin + s);
     float c[NT][4], total[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; j++)
 #pragma unroll
         for (int e = 0; e < 4; e++) c[j][e] = total[j][e] = 0.f;
     int ranges_done = 0;
-    for (int base = 0; base < chunks; base += D) {
+    for (int base = c_begin; base < c_end; base += D) {
 #pragma unroll
         for (int d = 0; d < D; d++) {
             int i = base + d;
-            if (i >= chunks) break;  // uniform across the block
+            if (i >= c_end) break;  // uniform across the block
             cp_async_wait<ROWS_STAGES - 2>();
             __syncthreads();  // chunk i visible to all; slot (i - 1) % S free again
             stage(i + ROWS_STAGES - 1);
             if (live) {
                 Chunk cur = buf[d];
-                if (i + D < chunks) buf[d] = load_chunk(w, scales, r0, n, k, k_of(i + D));
+                if (i + D < c_end) buf[d] = load_chunk(w, scales, r0, n, k, k_of(i + D));
                 uint32_t a0[16], a1[16];
                 decode_chunk(cur, a0, a1);
                 const int slot = i % ROWS_STAGES;
@@ -442,7 +451,7 @@ __device__ __forceinline__ void nvfp4_mma_gemv_rows(const GemvGroup& grp, const 
                     for (int v = 0; v < 4; v++) x.v[v] = xs[slot][r][rows_swizzle(4 * q + v, r)];
                     mma_steps(a0, a1, x, c[j]);
                 }
-                if ((i + 1) % range == 0 || i + 1 == chunks) {
+                if (!SPLIT && ((i + 1) % range == 0 || i + 1 == chunks)) {
 #pragma unroll
                     for (int j = 0; j < NT; j++)
 #pragma unroll
@@ -457,6 +466,15 @@ __device__ __forceinline__ void nvfp4_mma_gemv_rows(const GemvGroup& grp, const 
     }
     cp_async_wait<0>();
     if (!live) return;
+    if (SPLIT) {  // this range's chain (zeros for an empty range), reduced in range order later
+        const int tiles = grp.tiles_end[grp.count - 1];
+        float* p = part + ((size_t)blockIdx.y * tiles + gt) * (8 * NT) * 16;
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) p[(8 * j + 2 * q + (e & 1)) * 16 + g + 8 * (e >> 1)] = c[j][e];
+        return;
+    }
     for (; ranges_done < MMA_WARPS; ranges_done++)
 #pragma unroll
         for (int j = 0; j < NT; j++)
@@ -482,13 +500,45 @@ __device__ __forceinline__ void nvfp4_mma_gemv_rows(const GemvGroup& grp, const 
     extern "C" __global__ void __launch_bounds__(W * 32, MINB)                                             \
         NAME(const GemvGroup grp, const uint16_t* __restrict__ xh, const float* __restrict__ xinv, int k,  \
              int t) { /* pdl_wait() in nvfp4_mma_gemv_rows, after its first weight loads */           \
-        nvfp4_mma_gemv_rows<NT, W, MMA_DEPTH>(grp, xh, xinv, k, t);                                         \
+        nvfp4_mma_gemv_rows<NT, W, MMA_DEPTH, false>(grp, xh, xinv, k, t, nullptr);                         \
+    }
+#define SPLIT_ENTRY(NAME, NT, W, MINB)                                                                     \
+    extern "C" __global__ void __launch_bounds__(W * 32, MINB)                                             \
+        NAME(const GemvGroup grp, const uint16_t* __restrict__ xh, const float* __restrict__ xinv, int k,  \
+             int t, float* __restrict__ part) { /* pdl_wait() in nvfp4_mma_gemv_rows */                  \
+        nvfp4_mma_gemv_rows<NT, W, MMA_DEPTH, true>(grp, xh, xinv, k, t, part);                             \
     }
 // Four warps (64 rows) per block: on the 9B's gate/up at 32 tokens 8 warps took 69 µs against
 // 44, and at 16 tokens (two n-tiles) the K-splitting kernel was as fast (selftest's "gemv
 // kernels" lines, 2026-12-01), so there are 32- and 64-token kernels only.
 ROWS_ENTRY(nvfp4_mma_rows_nt4, 4, ROWS_WARPS, 2)
 ROWS_ENTRY(nvfp4_mma_rows_nt8, 8, ROWS_WARPS, 1)
+SPLIT_ENTRY(nvfp4_mma_split_nt4, 4, ROWS_WARPS, 2)
+SPLIT_ENTRY(nvfp4_mma_split_nt8, 8, ROWS_WARPS, 1)
+
+// The ranges of nvfp4_mma_split_nt* added in range order (as nvfp4_mma_gemv_nt*'s warps are),
+// then the epilogue of both: y = acc · scale_2 · 2^7 · 2^-e_t (+ residual). One thread per
+// (token, row) of the group, rows fastest; `cols` = 8·NT, the part rows per tile.
+extern "C" __global__ void nvfp4_mma_split_reduce(const GemvGroup grp, const float* __restrict__ part,
+                                                  const float* __restrict__ xinv, int t, int cols) {
+    pdl_start();
+    const int tiles = grp.tiles_end[grp.count - 1];
+    const size_t rows = (size_t)tiles * 16;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < rows * t; i += (size_t)gridDim.x * blockDim.x) {
+        const int tok = i / rows, grow = i % rows, gt = grow / 16, row = grow % 16;
+        int gi = 0;
+#pragma unroll
+        for (int c = 1; c < GROUP_MAX; c++) gi += (c < grp.count && gt >= grp.tiles_end[c - 1]);
+        const int gr = (gt - (gi ? grp.tiles_end[gi - 1] : 0)) * 16 + row, n = grp.n[gi];
+        if (gr >= n) continue;
+        float acc = 0.f;
+#pragma unroll
+        for (int r = 0; r < MMA_WARPS; r++) acc += part[(((size_t)r * tiles + gt) * cols + tok) * 16 + row];
+        const size_t at = (size_t)tok * n + gr;
+        const float v = acc * (grp.scale_2[gi] * 128.f) * xinv[tok];
+        grp.y[gi][at] = grp.r[gi] ? v + grp.r[gi][at] : v;
+    }
+}
 
 #define GEMV_ENTRY(NAME, NT, W, D, XP, TILED, MINB)                                                         \
     extern "C" __global__ void __launch_bounds__(W * 32, MINB)                                             \

@@ -170,6 +170,9 @@ struct Kernels {
     nvfp4_mma: [CudaFunction; 4],
     /// `nvfp4_mma_rows_nt{4,8}`.
     nvfp4_rows: [CudaFunction; 2],
+    /// `nvfp4_mma_split_nt{4,8}` and their `nvfp4_mma_split_reduce`.
+    nvfp4_split: [CudaFunction; 2],
+    nvfp4_split_reduce: CudaFunction,
     /// `gemv_sweep_*`: the one-n-tile GEMV in other geometries, with their warps per block.
     gemv_sweep: Vec<(&'static str, u32, bool, CudaFunction)>,
     nvfp4_tile: CudaFunction,
@@ -263,6 +266,8 @@ impl Kernels {
             ],
             f16_rowscaled: gemv.load_function("f16_rowscaled")?,
             nvfp4_rows: [gemv.load_function("nvfp4_mma_rows_nt4")?, gemv.load_function("nvfp4_mma_rows_nt8")?],
+            nvfp4_split: [gemv.load_function("nvfp4_mma_split_nt4")?, gemv.load_function("nvfp4_mma_split_nt8")?],
+            nvfp4_split_reduce: gemv.load_function("nvfp4_mma_split_reduce")?,
             gemv_sweep: GEMV_SWEEP
                 .iter()
                 .map(|&(name, warps, tiled)| Ok((name, warps, tiled, gemv.load_function(name)?)))

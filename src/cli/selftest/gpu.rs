@@ -117,6 +117,12 @@ fn mma_group_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) {
             let want = run(cuda::GemvKernel::SplitK { nt });
             let same = run(cuda::GemvKernel::Rows { nt }) == want;
             rep.require(&format!("mma gemv rows kernel = split-K kernel, bit for bit, {t}x{cols}"), same, json!({}));
+            let same = run(cuda::GemvKernel::SplitRows { nt }) == want;
+            rep.require(
+                &format!("mma gemv split-rows kernel = split-K kernel, bit for bit, {t}x{cols}"),
+                same,
+                json!({}),
+            );
         }
     }
 }
@@ -643,11 +649,12 @@ fn kernel_benches(g: &Gpu, copy: f64) -> anyhow::Result<Vec<Value>> {
         }
     }
     // The two tensor-core GEMV designs on the decode groups at 32 and 64 tokens.
-    let cmp: [(&str, &[(usize, usize)]); 4] = [
+    let cmp: [(&str, &[(usize, usize)]); 5] = [
         ("gate, up", &[(12288, 4096), (12288, 4096)]),
         ("qkv, z, b, a", &[(8192, 4096), (4096, 4096), (32, 4096), (32, 4096)]),
         ("q, k, v", &[(8192, 4096), (1024, 4096), (1024, 4096)]),
         ("down", &[(4096, 12288)]),
+        ("o_proj", &[(4096, 4096)]),
     ];
     for (shape, dims) in cmp {
         let ws = random_group(g, dims)?;
@@ -659,7 +666,9 @@ fn kernel_benches(g: &Gpu, copy: f64) -> anyhow::Result<Vec<Value>> {
             let act = g.mma_activations(&x, t, k)?;
             let nt = t.div_ceil(8).next_power_of_two();
             let mut line = format!("gemv kernels {shape:<13} t={t:>2}:");
-            for kern in [cuda::GemvKernel::SplitK { nt }, cuda::GemvKernel::Rows { nt }] {
+            for kern in
+                [cuda::GemvKernel::SplitK { nt }, cuda::GemvKernel::Rows { nt }, cuda::GemvKernel::SplitRows { nt }]
+            {
                 let us = graph_us(g, 20, || {
                     g.nvfp4_mma_gemv_group_with(kern, &act, &refs).expect("gemv");
                 })?;

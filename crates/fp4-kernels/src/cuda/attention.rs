@@ -22,25 +22,9 @@ impl Gpu {
             q.len() == t * hq * d && k.len() == l * hkv * d && v.len() == k.len() && l >= t && hq % hkv == 0,
             "attention shapes"
         );
-        if self.exact_gemm.load(Ordering::Relaxed) || d > FA_MAX_D {
-            self.attention_f32(q, k, v, t, l, dims, scale)
-        } else {
-            self.flash_attention(q, k, v, t, l, dims, scale)
+        if !self.exact_gemm.load(Ordering::Relaxed) && d <= FA_MAX_D {
+            return self.flash_attention(q, k, v, t, l, dims, scale);
         }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn attention_f32(
-        &self,
-        q: &DeviceBuf<f32>,
-        k: &DeviceBuf<f32>,
-        v: &DeviceBuf<f32>,
-        t: usize,
-        l: usize,
-        dims: crate::cpu::AttnDims,
-        scale: f32,
-    ) -> Result<DeviceBuf<f32>> {
-        let crate::cpu::AttnDims { q_heads: hq, kv_heads: hkv, head_dim: d } = dims;
         assert!(d <= ATT_MAX_D, "attention_f32: head_dim {d} > {ATT_MAX_D}");
         let mut out = self.alloc::<f32>(q.len())?;
         let cfg = LaunchConfig {

@@ -162,8 +162,10 @@ impl Gpu {
 
     /// The tensor-core GEMV for `t` tokens over `tiles` 16-row tiles: from 17 tokens on, the
     /// row-splitting kernel when its blocks of `ROWS_WARPS` tiles give every SM one (the wide
-    /// q/k/v, GDN input and gate/up projections), else the K-splitting one (they agree bit for
-    /// bit, see `kernels/gemv.cu`).
+    /// q/k/v, GDN input and gate/up projections), else the K-splitting one. All the kernels agree
+    /// bit for bit (see `kernels/gemv.cu`). The range-splitting `SplitRows`, meant for the narrow
+    /// weights (down, o_proj, out_proj), is checked bit for bit and timed by selftest ("gemv
+    /// kernels"); it is not chosen here until those timings show it faster on a GPU.
     pub fn gemv_kernel(&self, t: usize, tiles: usize) -> GemvKernel {
         let nt = t.div_ceil(8).next_power_of_two();
         if nt >= 4 && tiles.div_ceil(geometry::ROWS_WARPS) >= self.sms as usize {
@@ -173,19 +175,33 @@ impl Gpu {
         }
     }
 
-    /// The function, warps per block and blocks of a launch of `t` tokens over `tiles` tiles.
-    fn gemv_launch<'a>(&'a self, g: &Gemv<'a>, t: usize, tiles: usize) -> (&'a CudaFunction, u32, u32) {
+    /// The function, warps per block, blocks along x and y of a launch of `t` tokens over
+    /// `tiles` tiles, and for the range-splitting kernel the n-tiles its reduction takes.
+    fn gemv_launch<'a>(
+        &'a self,
+        g: &Gemv<'a>,
+        t: usize,
+        tiles: usize,
+    ) -> (&'a CudaFunction, u32, (u32, u32), Option<usize>) {
         let kernel = match *g {
-            Gemv::Fixed(f, warps) => return (f, warps, tiles as u32),
+            Gemv::Fixed(f, warps) => return (f, warps, (tiles as u32, 1), None),
             Gemv::Auto => self.gemv_kernel(t, tiles),
             Gemv::Kernel(k) => k,
         };
+        let row_blocks = tiles.div_ceil(geometry::ROWS_WARPS) as u32;
+        let four_or_eight = |nt: usize| {
+            assert!(nt == 4 || nt == 8, "{kernel:?}: the row-splitting GEMVs have 4 and 8 n-tiles");
+            (nt == 8) as usize
+        };
         match kernel {
-            GemvKernel::SplitK { nt } => (&self.k.nvfp4_mma[nt.trailing_zeros() as usize], MMA_WARPS, tiles as u32),
+            GemvKernel::SplitK { nt } => {
+                (&self.k.nvfp4_mma[nt.trailing_zeros() as usize], MMA_WARPS, (tiles as u32, 1), None)
+            }
             GemvKernel::Rows { nt } => {
-                assert!(nt == 4 || nt == 8, "nvfp4_mma_rows_nt{nt}: the row-splitting GEMV has 4 and 8 n-tiles");
-                let f = &self.k.nvfp4_rows[(nt == 8) as usize];
-                (f, geometry::ROWS_WARPS as u32, tiles.div_ceil(geometry::ROWS_WARPS) as u32)
+                (&self.k.nvfp4_rows[four_or_eight(nt)], geometry::ROWS_WARPS as u32, (row_blocks, 1), None)
+            }
+            GemvKernel::SplitRows { nt } => {
+                (&self.k.nvfp4_split[four_or_eight(nt)], geometry::ROWS_WARPS as u32, (row_blocks, MMA_WARPS), Some(nt))
             }
         }
     }
@@ -275,15 +291,32 @@ impl Gpu {
                 (args.scale_2[i], args.n[i], args.tiles_end[i]) = (q.scale_2, q.rows as i32, tiles);
             }
             args.count = group.len() as i32;
-            let (f, warps, blocks) = self.gemv_launch(&gemv, t, tiles as usize);
-            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (warps * 32, 1, 1), shared_mem_bytes: 0 };
+            let (f, warps, (bx, by), split) = self.gemv_launch(&gemv, t, tiles as usize);
+            let cfg = LaunchConfig { grid_dim: (bx, by, 1), block_dim: (warps * 32, 1, 1), shared_mem_bytes: 0 };
             let (ki, ti) = (k as i32, t as i32);
+            // The range-splitting kernel's chains: [range][tile][8·nt tokens][16 rows].
+            let mut part = match split {
+                Some(nt) => Some(self.alloc::<f32>(MMA_WARPS as usize * tiles as usize * 8 * nt * 16)?),
+                None => None,
+            };
             let mut b = self.stream.launch_builder(f);
             b.arg(&args).arg(&a.xh).arg(&a.inv).arg(&ki).arg(&ti);
-            // SAFETY: the arguments follow nvfp4_mma_gemv_nt*'s signature; xh and inv hold t rows of
-            // k (checked when converted), each weight is [n_i, k] with k % 32 == 0 (the pointers
-            // stay valid: the weights outlive the launch), each output and residual t·n_i floats.
+            if let Some(p) = part.as_mut() {
+                b.arg(p);
+            }
+            // SAFETY: the arguments follow nvfp4_mma_gemv_nt*'s (and nvfp4_mma_split_nt*'s, with
+            // part sized as it indexes) signature; xh and inv hold t rows of k (checked when
+            // converted), each weight is [n_i, k] with k % 32 == 0 (the pointers stay valid: the
+            // weights outlive the launch), each output and residual t·n_i floats.
             unsafe { b.launch(cfg) }?;
+            if let (Some(nt), Some(p)) = (split, part.as_ref()) {
+                let cols = (8 * nt) as i32;
+                let mut b = self.stream.launch_builder(&self.k.nvfp4_split_reduce);
+                b.arg(&args).arg(p).arg(&a.inv).arg(&ti).arg(&cols);
+                // SAFETY: nvfp4_mma_split_reduce's signature; part as written above, the outputs
+                // and residuals of args as checked above.
+                unsafe { b.launch(flat(tiles as usize * 16 * t)) }?;
+            }
             drop(guards);
             drop(res_guards);
             ys.extend(outs);
@@ -378,6 +411,9 @@ pub enum GemvKernel {
     /// `nvfp4_mma_rows_nt*` (`nt` 4 or 8): a warp per 16-row tile over all of K, the block's
     /// activations staged in shared memory.
     Rows { nt: usize },
+    /// `nvfp4_mma_split_nt*` (`nt` 4 or 8) then `nvfp4_mma_split_reduce`: the row-splitting
+    /// kernel over one of the K-splitting kernel's ranges per block, the ranges added after.
+    SplitRows { nt: usize },
 }
 
 /// A GEMV launch's kernel: chosen by size, a named one, or one loaded function (the sweep).
