@@ -160,18 +160,21 @@ impl Gpu {
         Ok(ys.pop().expect("one output per weight"))
     }
 
-    /// The tensor-core GEMV for `t` tokens over `tiles` 16-row tiles: from 17 tokens on, the
-    /// row-splitting kernel when its blocks of `ROWS_WARPS` tiles give every SM one (the wide
-    /// q/k/v, GDN input and gate/up projections), else the K-splitting one. All the kernels agree
-    /// bit for bit (see `kernels/gemv.cu`). The range-splitting `SplitRows`, meant for the narrow
-    /// weights (down, o_proj, out_proj), is checked bit for bit and timed by selftest ("gemv
-    /// kernels"); it is not chosen here until those timings show it faster on a GPU.
+    /// The tensor-core GEMV for `t` tokens over `tiles` 16-row tiles. Up to 16 tokens the
+    /// K-splitting kernel; from 17 on the range-splitting one, except at 17-32 tokens on weights
+    /// wide enough for two blocks of `ROWS_WARPS` tiles per SM (gate/up), where the row-splitting
+    /// one is faster. All agree bit for bit (see `kernels/gemv.cu`). Measured by selftest ("gemv
+    /// kernels", H200, 6181347): down at 32 tokens 40.7 µs split-K, 65.9 rows, 23.1 split-rows;
+    /// gate/up 101.9, 43.5, 51.9; at 64 tokens split-rows is fastest on every 9B shape.
     pub fn gemv_kernel(&self, t: usize, tiles: usize) -> GemvKernel {
         let nt = t.div_ceil(8).next_power_of_two();
-        if nt >= 4 && tiles.div_ceil(geometry::ROWS_WARPS) >= self.sms as usize {
+        let row_blocks = tiles.div_ceil(geometry::ROWS_WARPS);
+        if nt < 4 {
+            GemvKernel::SplitK { nt }
+        } else if nt == 4 && row_blocks >= 2 * self.sms as usize {
             GemvKernel::Rows { nt }
         } else {
-            GemvKernel::SplitK { nt }
+            GemvKernel::SplitRows { nt }
         }
     }
 
