@@ -51,8 +51,8 @@ extern "C" __global__ void kv_write_paged(const float* __restrict__ k, const flo
 // [s·c, min((s+1)·c, L)) with L = pos[b] + 1 and c = ceil(L / splits), and writes each head's
 // running max, sum and unnormalised output to part [B, Hq, splits, D + 2];
 // paged_attention_merge combines the splits. A warp scores PA_GROUP keys at once (lanes split
-// D, the K rows in registers, one dot per head); the V sum walks the keys in order, PA_GROUP
-// loads ahead. Per head the arithmetic is in the order of the one-head-per-block version.
+// D, the K rows in registers, the dots of every head and key reduced together); a warp per head
+// does the tile's softmax; the V sum walks the keys in order, PA_GROUP loads ahead.
 // Compiled for MAXG ≤ PA_MAX_G heads per block of MAXD ≤ PA_MAX_D dims, and for the 9B's 4
 // heads of 256 (paged_attention_split_g4d256): the loops over heads and dims are unrolled to
 // the bounds, so the general bounds would leave most of the 9B's lanes predicated off and hold
@@ -69,6 +69,8 @@ __device__ __forceinline__ void paged_attention_split_impl(const float* __restri
     __shared__ float qs[PA_MAX_G_][PA_MAX_D_];
     __shared__ float sc[PA_MAX_G_][PA_TILE];
     __shared__ size_t off[PA_TILE];
+    __shared__ float ms[PA_MAX_G_], ss[PA_MAX_G_], cs[PA_MAX_G_];  // running max and sum, tile rescale
+    static_assert(PA_TILE == 32, "the tile softmax puts one key on each lane of a warp");
     int b = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z, splits = gridDim.z, tid = threadIdx.x;
     int lane = tid % 32, warp = tid / 32, warps = PA_THREADS / 32;
     const int G = hq / hkv;
@@ -83,13 +85,12 @@ __device__ __forceinline__ void paged_attention_split_impl(const float* __restri
     const uint32_t* tb = table + (size_t)b * max_blocks;
     constexpr int R = PA_MAX_D_ / PA_THREADS;
     float acc[PA_MAX_G_][R];
-    float m[PA_MAX_G_], sum[PA_MAX_G_];
+    if (tid < PA_MAX_G_) ms[tid] = -INFINITY, ss[tid] = 0.f;
+    __syncthreads();
 #pragma unroll
-    for (int g = 0; g < PA_MAX_G_; g++) {
-        m[g] = -INFINITY, sum[g] = 0.f;
+    for (int g = 0; g < PA_MAX_G_; g++)
 #pragma unroll
         for (int r = 0; r < R; r++) acc[g][r] = 0.f;
-    }
     for (int j0 = j_begin; j0 < j_end; j0 += PA_TILE) {
         int n = min(PA_TILE, j_end - j0);
         // The tile's key rows, looked up once: every K/V load below depends on shared memory only.
@@ -109,52 +110,69 @@ __device__ __forceinline__ void paged_attention_split_impl(const float* __restri
                     kr[u][r] = jj < n && i < d ? kp[off[jj] + i] : 0.f;
                 }
             }
+            // Each lane's partial dots of every (head, key), then one reduction of all of them
+            // across the warp: each shuffle step hands half of the values still held to the
+            // partner lane and keeps the other half, so N = heads × keys sums take
+            // N/2 + N/4 + … + 1 (+ 1) shuffles instead of 5 each.
+            constexpr int N = PA_MAX_G_ * PA_GROUP;
+            static_assert(N <= 32 && (N & (N - 1)) == 0, "heads × keys per warp: a power of two ≤ 32");
+            float v[N];
 #pragma unroll
-            for (int g = 0; g < PA_MAX_G_; g++) {
+            for (int g = 0; g < PA_MAX_G_; g++)
 #pragma unroll
                 for (int u = 0; u < PA_GROUP; u++) {
-                    if (g >= G) continue;
                     float dot = 0.f;
 #pragma unroll
                     for (int r = 0; r < PA_MAX_D_ / 32; r++)
-                        if (lane + 32 * r < d) dot += qs[g][lane + 32 * r] * kr[u][r];
-#pragma unroll
-                    for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-                    int jj = jj0 + u * warps;
-                    if (lane == 0 && jj < n) sc[g][jj] = dot * scale;
+                        if (g < G && lane + 32 * r < d) dot += qs[g][lane + 32 * r] * kr[u][r];
+                    v[g * PA_GROUP + u] = dot;
                 }
+            int idx = 0;  // which of the N sums this lane ends with
+#pragma unroll
+            for (int st = 0; st < 5; st++) {
+                const int o = 16 >> st, cnt = N >> st;
+                if (cnt > 1) {
+                    const bool upper = lane & o;
+#pragma unroll
+                    for (int i = 0; i < cnt / 2; i++) {
+                        float send = upper ? v[i] : v[i + cnt / 2], keep = upper ? v[i + cnt / 2] : v[i];
+                        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+                    }
+                    idx += upper ? cnt / 2 : 0;
+                } else {
+                    v[0] += __shfl_xor_sync(0xffffffffu, v[0], o);
+                }
+            }
+            {
+                int g = idx / PA_GROUP, u = idx % PA_GROUP, jj = jj0 + u * warps;
+                if ((lane & (32 / N - 1)) == 0 && g < G && jj < n) sc[g][jj] = v[0] * scale;
             }
         }
         __syncthreads();
-        float corr[PA_MAX_G_];
+        // The tile's online softmax, one warp per head with lane jj on key jj (PA_TILE = 32):
+        // max, rescale factor, exponentials and their sum by shuffles, instead of every thread
+        // walking the tile's scores in shared memory three times.
+        for (int g = warp; g < G; g += warps) {
+            float m_old = ms[g], sv = lane < n ? sc[g][lane] : -INFINITY, tmax = sv;
 #pragma unroll
-        for (int g = 0; g < PA_MAX_G_; g++) {
-            corr[g] = 1.f;
-            if (g >= G) continue;
-            float tile_max = -INFINITY;
-            for (int jj = 0; jj < n; jj++) tile_max = fmaxf(tile_max, sc[g][jj]);
-            float new_m = fmaxf(m[g], tile_max);
-            corr[g] = expf(m[g] - new_m);
-            m[g] = new_m;
+            for (int o = 16; o > 0; o >>= 1) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
+            float new_m = fmaxf(m_old, tmax), e = lane < n ? expf(sv - new_m) : 0.f, tsum = e;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) tsum += __shfl_xor_sync(0xffffffffu, tsum, o);
+            if (lane < n) sc[g][lane] = e;
+            __syncwarp();
+            if (lane == 0) {
+                float c = expf(m_old - new_m);
+                ms[g] = new_m, ss[g] = ss[g] * c + tsum, cs[g] = c;
+            }
         }
         __syncthreads();
-#pragma unroll
-        for (int g = 0; g < PA_MAX_G_; g++)
-            if (g < G && tid < n) sc[g][tid] = expf(sc[g][tid] - m[g]);
-        __syncthreads();
-#pragma unroll
-        for (int g = 0; g < PA_MAX_G_; g++) {
-            if (g >= G) continue;
-            float tile_sum = 0.f;
-            for (int jj = 0; jj < n; jj++) tile_sum += sc[g][jj];
-            sum[g] = sum[g] * corr[g] + tile_sum;
-        }
 #pragma unroll
         for (int r = 0; r < R; r++) {
             int i = tid + r * PA_THREADS;
             if (i < d) {
 #pragma unroll
-                for (int g = 0; g < PA_MAX_G_; g++) acc[g][r] *= corr[g];
+                for (int g = 0; g < PA_MAX_G_; g++) acc[g][r] *= cs[g];
                 for (int jj0 = 0; jj0 < n; jj0 += PA_GROUP) {
                     float vv[PA_GROUP];
 #pragma unroll
@@ -179,8 +197,8 @@ __device__ __forceinline__ void paged_attention_split_impl(const float* __restri
             if (i < d) o[i] = acc[g][r];
         }
         if (tid == 0) {
-            o[d] = m[g];
-            o[d + 1] = sum[g];
+            o[d] = ms[g];
+            o[d + 1] = ss[g];
         }
     }
 }
@@ -348,12 +366,18 @@ extern "C" __global__ void gdn_step_slots(const float* __restrict__ q, const flo
 // gdn_step_slots and rms_norm_gated_f32 in a row, minus the launches and copies between them.
 // GDN_FUSED_THREADS = 4 column groups of 32 × 4 row groups (dk, dv ≤ 128, dk % 4 == 0): thread
 // (cg, r, lane) owns column 32·cg + lane for rows r·dk/4 … in registers, as in gdn_step_slots.
-extern "C" __global__ void __launch_bounds__(GDN_FUSED_THREADS)
-    gdn_decode_fused(const float* __restrict__ mixed, const float* __restrict__ b_proj,
+// Compiled for any dk, dv ≤ 128 (gdn_decode_fused) and for the 9B's 128 × 128
+// (gdn_decode_fused_k128v128): with the sizes known, the 32 state rows a thread holds sit at
+// constant offsets from one address, so the kernel fits two blocks per SM (64 registers, no
+// spills) instead of one (128 registers), and the state loads of one block overlap another's
+// arithmetic (at 32 sequences it ran at 33 % of DRAM bandwidth with one).
+template <int DK, int DV>
+__device__ __forceinline__ void gdn_decode_fused_impl(const float* __restrict__ mixed, const float* __restrict__ b_proj,
                      const float* __restrict__ a_proj, const float* __restrict__ a_log,
                      const float* __restrict__ dt_bias, const float* __restrict__ z, const float* __restrict__ norm_w,
                      float* __restrict__ pool, const uint32_t* __restrict__ slots, float* __restrict__ out, int hk,
-                     int hv, int dk, int dv, float eps) {
+                     int hv, int dk_, int dv_, float eps) {
+    const int dk = DK ? DK : dk_, dv = DV ? DV : dv_;
     __shared__ float ks[GDN_STEP_MAX_DK], qs[GDN_STEP_MAX_DK], os[GDN_FUSED_MAX_D], red[4][4][32], part[2][4], nsum[4];
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, cg = warp >> 2, r = warp & 3;
     int h = blockIdx.x, b = blockIdx.y, j = cg * 32 + lane;
@@ -442,6 +466,26 @@ extern "C" __global__ void __launch_bounds__(GDN_FUSED_THREADS)
         float g = z[th * dv + i];
         out[th * dv + i] = norm_w[i] * (os[i] * rn) * (g / (1.f + expf(-g)));
     }
+}
+
+extern "C" __global__ void __launch_bounds__(GDN_FUSED_THREADS)
+    gdn_decode_fused(const float* __restrict__ mixed, const float* __restrict__ b_proj,
+                     const float* __restrict__ a_proj, const float* __restrict__ a_log,
+                     const float* __restrict__ dt_bias, const float* __restrict__ z, const float* __restrict__ norm_w,
+                     float* __restrict__ pool, const uint32_t* __restrict__ slots, float* __restrict__ out, int hk,
+                     int hv, int dk, int dv, float eps) {  // pdl_start() in the impl, after the state loads
+    gdn_decode_fused_impl<0, 0>(mixed, b_proj, a_proj, a_log, dt_bias, z, norm_w, pool, slots, out, hk, hv, dk, dv, eps);
+}
+
+extern "C" __global__ void __launch_bounds__(GDN_FUSED_THREADS, 2)
+    gdn_decode_fused_k128v128(const float* __restrict__ mixed, const float* __restrict__ b_proj,
+                              const float* __restrict__ a_proj, const float* __restrict__ a_log,
+                              const float* __restrict__ dt_bias, const float* __restrict__ z,
+                              const float* __restrict__ norm_w, float* __restrict__ pool,
+                              const uint32_t* __restrict__ slots, float* __restrict__ out, int hk, int hv, int dk,
+                              int dv, float eps) {  // pdl_start() in the impl, after the state loads
+    gdn_decode_fused_impl<128, 128>(mixed, b_proj, a_proj, a_log, dt_bias, z, norm_w, pool, slots, out, hk, hv, dk, dv,
+                                    eps);
 }
 
 // Attention decode prologue fused: per head of one token (grid (Hq + Hkv, B), one thread per

@@ -230,6 +230,8 @@ struct Kernels {
     silu_mul_f16: CudaFunction,
     sigmoid_gate_f16: CudaFunction,
     gdn_decode_fused: CudaFunction,
+    /// `gdn_decode_fused` compiled for heads of 128 × 128 (the 9B's).
+    gdn_decode_fused_k128v128: CudaFunction,
     attn_decode_prep: CudaFunction,
 }
 
@@ -323,6 +325,7 @@ impl Kernels {
             silu_mul_f16: elem.load_function("silu_mul_f16")?,
             sigmoid_gate_f16: elem.load_function("sigmoid_gate_f16")?,
             gdn_decode_fused: decode.load_function("gdn_decode_fused")?,
+            gdn_decode_fused_k128v128: decode.load_function("gdn_decode_fused_k128v128")?,
             attn_decode_prep: decode.load_function("attn_decode_prep")?,
         })
     }
@@ -515,8 +518,12 @@ pub enum ActQuant {
 
 /// Launches kernel `$f` of `$gpu` with `$cfg` and the arguments in order.
 macro_rules! launch {
-    ($gpu:expr, $f:ident, $cfg:expr $(, $a:expr)* $(,)?) => {{
-        let mut b = $gpu.stream.launch_builder(&$gpu.k.$f);
+    ($gpu:expr, $f:ident, $cfg:expr $(, $a:expr)* $(,)?) => {
+        launch!($gpu, fn &$gpu.k.$f, $cfg $(, $a)*)
+    };
+    // A kernel chosen at run time (a variant compiled for the shapes at hand).
+    ($gpu:expr, fn $f:expr, $cfg:expr $(, $a:expr)* $(,)?) => {{
+        let mut b = $gpu.stream.launch_builder($f);
         $( b.arg($a); )*
         // SAFETY: every launcher passes its kernel's parameters in order and type (kernels/*.cu)
         // after checking the sizes of the buffers the kernel indexes.

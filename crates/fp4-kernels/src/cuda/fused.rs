@@ -167,9 +167,10 @@ impl Gpu {
             shared_mem_bytes: 0,
         };
         let (hki, hvi, dki, dvi) = (hk as i32, hv as i32, dk as i32, dv as i32);
+        let f = if (dk, dv) == (128, 128) { &self.k.gdn_decode_fused_k128v128 } else { &self.k.gdn_decode_fused };
         launch!(
             self,
-            gdn_decode_fused,
+            fn f,
             cfg,
             mixed,
             b_proj,
