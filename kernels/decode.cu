@@ -52,7 +52,9 @@ extern "C" __global__ void kv_write_paged(const float* __restrict__ k, const flo
 // running max, sum and unnormalised output to part [B, Hq, splits, D + 2];
 // paged_attention_merge combines the splits. A warp scores PA_GROUP keys at once (lanes split
 // D, the K rows in registers, the dots of every head and key reduced together); a warp per head
-// does the tile's softmax; the V sum walks the keys in order, PA_GROUP loads ahead.
+// does the tile's softmax; each warp sums V over its own keys (PA_GROUP rows in flight per
+// lane, where a thread per dim walking every key kept only PA_GROUP loads in flight and ran at a
+// third of DRAM bandwidth), and the warps' sums are added at the end.
 // Compiled for MAXG ≤ PA_MAX_G heads per block of MAXD ≤ PA_MAX_D dims, and for the 9B's 4
 // heads of 256 (paged_attention_split_g4d256): the loops over heads and dims are unrolled to
 // the bounds, so the general bounds would leave most of the 9B's lanes predicated off and hold
@@ -83,7 +85,8 @@ __device__ __forceinline__ void paged_attention_split_impl(const float* __restri
     }
     __syncthreads();
     const uint32_t* tb = table + (size_t)b * max_blocks;
-    constexpr int R = PA_MAX_D_ / PA_THREADS;
+    // Lane l of each warp owns dims l, l + 32, … of every head's output over the warp's keys.
+    constexpr int R = PA_MAX_D_ / 32;
     float acc[PA_MAX_G_][R];
     if (tid < PA_MAX_G_) ms[tid] = -INFINITY, ss[tid] = 0.f;
     __syncthreads();
@@ -167,39 +170,60 @@ __device__ __forceinline__ void paged_attention_split_impl(const float* __restri
             }
         }
         __syncthreads();
+        // The V sum: each warp over its keys of the tile (as in the scoring), PA_GROUP rows in
+        // flight per lane, in key order within the warp.
 #pragma unroll
-        for (int r = 0; r < R; r++) {
-            int i = tid + r * PA_THREADS;
-            if (i < d) {
+        for (int g = 0; g < PA_MAX_G_; g++)
 #pragma unroll
-                for (int g = 0; g < PA_MAX_G_; g++) acc[g][r] *= cs[g];
-                for (int jj0 = 0; jj0 < n; jj0 += PA_GROUP) {
-                    float vv[PA_GROUP];
+            for (int r = 0; r < R; r++) acc[g][r] *= cs[g];
+        for (int jj0 = warp; jj0 < n; jj0 += warps * PA_GROUP) {
+            float vr[PA_GROUP][R];
 #pragma unroll
-                    for (int u = 0; u < PA_GROUP; u++) vv[u] = jj0 + u < n ? vp[off[jj0 + u] + i] : 0.f;
+            for (int u = 0; u < PA_GROUP; u++) {
+                int jj = jj0 + u * warps;
 #pragma unroll
-                    for (int g = 0; g < PA_MAX_G_; g++)
+                for (int r = 0; r < R; r++) {
+                    int i = lane + 32 * r;
+                    vr[u][r] = jj < n && i < d ? vp[off[jj] + i] : 0.f;
+                }
+            }
 #pragma unroll
-                        for (int u = 0; u < PA_GROUP; u++)
-                            if (g < G && jj0 + u < n) acc[g][r] += sc[g][jj0 + u] * vv[u];
+            for (int u = 0; u < PA_GROUP; u++) {
+                int jj = jj0 + u * warps;
+                if (jj >= n) break;
+#pragma unroll
+                for (int g = 0; g < PA_MAX_G_; g++) {
+                    float p = g < G ? sc[g][jj] : 0.f;
+#pragma unroll
+                    for (int r = 0; r < R; r++) acc[g][r] += p * vr[u][r];
                 }
             }
         }
         __syncthreads();
     }
+    // The warps' partial outputs added in warp order, one head at a time.
+    __shared__ float red[PA_THREADS / 32][PA_MAX_D_];
 #pragma unroll
     for (int g = 0; g < PA_MAX_G_; g++) {
         if (g >= G) continue;
-        float* o = part + (((size_t)b * hq + kvh * G + g) * splits + s) * (d + 2);
 #pragma unroll
         for (int r = 0; r < R; r++) {
-            int i = tid + r * PA_THREADS;
-            if (i < d) o[i] = acc[g][r];
+            int i = lane + 32 * r;
+            if (i < d) red[warp][i] = acc[g][r];
+        }
+        __syncthreads();
+        float* o = part + (((size_t)b * hq + kvh * G + g) * splits + s) * (d + 2);
+        for (int i = tid; i < d; i += PA_THREADS) {
+            float t = 0.f;
+#pragma unroll
+            for (int w = 0; w < PA_THREADS / 32; w++) t += red[w][i];
+            o[i] = t;
         }
         if (tid == 0) {
             o[d] = ms[g];
             o[d + 1] = ss[g];
         }
+        __syncthreads();
     }
 }
 
