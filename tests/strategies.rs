@@ -139,7 +139,14 @@ fn eval_samples() -> Vec<Vec<u32>> {
 
 fn quantize_to(model: &Path, out: &Path, algorithm: Algorithm, awq: AwqOptions) -> serde_json::Value {
     let ckpt = Checkpoint::open(model).unwrap();
-    let opts = QuantizeOptions { strategy: Strategy::Rtn, algorithm, exclude: vec![], precision: Precision::Bf16, awq };
+    let opts = QuantizeOptions {
+        strategy: Strategy::Rtn,
+        algorithm,
+        exclude: vec![],
+        precision: Precision::Bf16,
+        awq,
+        lm_head: None,
+    };
     let result = quantize(&ckpt, &calib_samples(), &opts, &Silent).unwrap();
     export::write(&ckpt, &result, out, &ExportOptions { force: true, ..Default::default() }).unwrap();
     serde_json::from_str(&std::fs::read_to_string(out.join("quant_report.json")).unwrap()).unwrap()
@@ -278,6 +285,7 @@ fn auto_mixed_meets_its_budget_and_beats_all_nvfp4() {
         exclude: vec![],
         precision: Precision::Bf16,
         awq: AwqOptions::default(),
+        lm_head: None,
     };
     let (result, report) = fp4_quant::mixed::auto_mixed(&ckpt, &samples, &opts, 5.0, 4, &Silent).unwrap();
     eprintln!(
@@ -407,4 +415,121 @@ fn strategy_file_exclusions_that_match_nothing_name_the_file() {
     let o = run(&lenient, "b");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success() && err.contains("warning") && err.contains("layers.31"), "{err}");
+}
+
+/// `--quantize-lm-head`: the head is exported as ModelOpt exports any quantized linear (its
+/// tensors under `lm_head.`, not in `exclude_modules`; FP8 makes the checkpoint
+/// MIXED_PRECISION with the head under `quantized_layers`), its weight bytes are the
+/// round-to-nearest of the source head (the formula ModelOpt's max calibration writes), the
+/// checkpoint loads with a quantized head that changes the logits, and a tied head is refused.
+#[test]
+fn quantized_lm_head_is_exported_like_modelopt_and_loads_quantized() {
+    use fp4_format::nvfp4::{self, Fp8Weight, Nvfp4Weight};
+    use fp4_model::LinearMethod;
+    use fp4_quant::LmHeadFormat;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixtures().join("tiny-quant");
+    let ckpt = Checkpoint::open(&model).unwrap();
+    let cfg = ckpt.config.clone();
+    let head = fp4_model::load_param(&ckpt, "lm_head.weight", &[cfg.vocab_size, cfg.hidden_size], Precision::Bf16)
+        .unwrap()
+        .as_slice()
+        .to_vec();
+    let base = QuantizeOptions {
+        strategy: Strategy::Rtn,
+        algorithm: Algorithm::Max,
+        exclude: vec![],
+        precision: Precision::Bf16,
+        awq: AwqOptions::default(),
+        lm_head: None,
+    };
+    let write = |opts: &QuantizeOptions, name: &str| {
+        let result = quantize(&ckpt, &calib_samples(), opts, &Silent).unwrap();
+        let out = tmp.path().join(name);
+        export::write(&ckpt, &result, &out, &ExportOptions { force: true, ..Default::default() }).unwrap();
+        out
+    };
+    let plain = write(&base, "plain");
+    let opts = LoadOptions::new(Precision::F32);
+    for (format, algo) in [(LmHeadFormat::Nvfp4, "NVFP4"), (LmHeadFormat::Fp8, "MIXED_PRECISION")] {
+        let out = write(&QuantizeOptions { lm_head: Some(format), ..base.clone() }, &format!("{format:?}"));
+        let hf: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("hf_quant_config.json")).unwrap()).unwrap();
+        let q = &hf["quantization"];
+        assert_eq!(q["quant_algo"], algo);
+        assert!(!q["exclude_modules"].as_array().unwrap().iter().any(|m| m == "lm_head"), "{q}");
+        let qc = Checkpoint::open(&out).unwrap();
+        let (dtype, shape, bytes, _) = qc.raw("lm_head.weight").unwrap();
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("quant_report.json")).unwrap()).unwrap();
+        let input_amax = report["layers"]["lm_head"]["input_amax"].as_f64().unwrap() as f32;
+        assert!(input_amax > 0.0 && input_amax.is_finite());
+        let input_scale = to_f32(DType::F32, qc.raw("lm_head.input_scale").unwrap().2).unwrap()[0];
+        match format {
+            LmHeadFormat::Nvfp4 => {
+                let want = Nvfp4Weight::quantize(
+                    &head,
+                    cfg.vocab_size,
+                    cfg.hidden_size,
+                    nvfp4::nvfp4_global_scale(nvfp4::amax(&head)),
+                );
+                assert_eq!(format!("{dtype:?}"), "U8");
+                assert_eq!(shape, [cfg.vocab_size, cfg.hidden_size / 2]);
+                assert!(bytes == want.packed.as_slice(), "NVFP4 codes differ from the RTN of the source head");
+                assert!(qc.raw("lm_head.weight_scale").unwrap().2 == want.scales.as_slice());
+                assert_eq!(to_f32(DType::F32, qc.raw("lm_head.weight_scale_2").unwrap().2).unwrap()[0], want.scale_2);
+                assert_eq!(input_scale, nvfp4::nvfp4_global_scale(input_amax));
+            }
+            LmHeadFormat::Fp8 => {
+                assert_eq!(q["quantized_layers"]["lm_head"]["quant_algo"], "FP8", "{q}");
+                assert_eq!(q["quantized_layers"][ckpt.text_name("layers.1.mlp.up_proj")]["quant_algo"], "NVFP4", "{q}");
+                assert_eq!(format!("{dtype:?}"), "F8_E4M3");
+                assert_eq!(shape, [cfg.vocab_size, cfg.hidden_size]);
+                assert!(
+                    bytes == Fp8Weight::quantize(&head).codes.as_slice(),
+                    "FP8 codes differ from the source head's"
+                );
+                assert_eq!(input_scale, input_amax / nvfp4::E4M3_MAX);
+            }
+        }
+        let m = Qwen35::load(&qc, opts).unwrap();
+        let method = &m.lm_head().expect("untied head").method;
+        assert!(
+            matches!(
+                (format, method),
+                (LmHeadFormat::Nvfp4, LinearMethod::Nvfp4 { .. }) | (LmHeadFormat::Fp8, LinearMethod::Fp8 { .. })
+            ),
+            "{format:?} head loaded as {method:?}"
+        );
+        let kl = kl_mean(&plain, &out, opts);
+        assert!(kl > 0.0 && kl.is_finite(), "{format:?}: KL to the BF16-head export {kl}");
+    }
+    let tied = Checkpoint::open(&fixtures().join("tiny-text")).unwrap();
+    let err =
+        quantize(&tied, &[vec![1, 2, 3]], &QuantizeOptions { lm_head: Some(LmHeadFormat::Nvfp4), ..base }, &Silent)
+            .unwrap_err()
+            .to_string();
+    assert!(err.contains("tie_word_embeddings"), "{err}");
+}
+
+/// `--quantize-lm-head` with an exclusion that keeps lm_head BF16 (strategy A's file names it) is
+/// refused before any work, naming both.
+#[test]
+fn quantize_lm_head_conflicts_with_an_lm_head_exclusion() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_fp4"))
+        .args(["quantize", "--quantize-lm-head", "nvfp4", "--config"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/strategies/A.toml"))
+        .arg("--model")
+        .arg(fixtures().join("tiny-quant"))
+        .arg("--calib-data")
+        .arg(fixtures().join("modelopt/tiny-quant/calib.jsonl"))
+        .arg("--output")
+        .arg(tmp.path().join("out"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("--quantize-lm-head nvfp4") && err.contains("A.toml") && err.contains("(lm_head)"), "{err}");
+    assert!(!tmp.path().join("out").exists());
 }

@@ -6,7 +6,7 @@ use clap::ValueEnum;
 use fp4_format::Checkpoint;
 use fp4_quant::export::{self, ExportOptions};
 use fp4_quant::rtn::Algorithm;
-use fp4_quant::{quantize, AwqOptions, Progress, QuantizeOptions, Strategy};
+use fp4_quant::{quantize, AwqOptions, LmHeadFormat, Progress, QuantizeOptions, Strategy};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::path::PathBuf;
@@ -43,6 +43,14 @@ enum ServeMode {
     W4a16,
 }
 
+/// `--quantize-lm-head`'s formats.
+#[derive(ValueEnum, Clone, Copy, Debug, serde::Deserialize, serde::Serialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum LmHeadArg {
+    Nvfp4,
+    Fp8,
+}
+
 #[derive(ValueEnum, Clone, Copy, Debug, serde::Deserialize, PartialEq)]
 #[serde(rename_all = "snake_case")]
 enum AlgorithmArg {
@@ -67,7 +75,7 @@ pub struct Args {
     #[arg(long, value_enum)]
     algorithm: Option<AlgorithmArg>,
     /// Strategy file (TOML: strategy, algorithm, exclude_layers, calib_samples, calib_seq_len,
-    /// allow_pre_quant_scale); flags given on the command line win.
+    /// allow_pre_quant_scale, quantize_lm_head); flags given on the command line win.
     #[arg(long)]
     config: Option<PathBuf>,
     /// The strategy file's text (set from --config or a built-in strategy), for the report.
@@ -108,6 +116,12 @@ pub struct Args {
     /// Warn instead of failing when an `--exclude-layers` item names nothing in the model.
     #[arg(long)]
     allow_unmatched: bool,
+    /// Quantize the LM head too (default: kept BF16, as ModelOpt does): NVFP4 (a plain NVFP4
+    /// checkpoint) or FP8 (the checkpoint becomes MIXED_PRECISION). Its weight is rounded to
+    /// nearest whatever the strategy; `input_scale` comes from the calibration data. The 9B's
+    /// BF16 head is a third of the bytes a decode step reads.
+    #[arg(long, value_enum)]
+    quantize_lm_head: Option<LmHeadArg>,
     /// How the checkpoint will be served: AWQ-lite's search loss quantizes the activations as a
     /// W4A4 server does (the default: vLLM and `fp4 serve` on the user's SM12x), or not (W4A16).
     #[arg(long, value_enum, default_value_t = ServeMode::W4a4)]
@@ -162,6 +176,7 @@ struct StrategyFile {
     #[serde(default)]
     allow_unmatched: bool,
     effective_bits: Option<f64>,
+    quantize_lm_head: Option<LmHeadArg>,
     /// auto_mixed scoring; only `kl_div` (ModelOpt's forward-only method) exists.
     score: Option<String>,
     /// The file's text, recorded in the report (a run reusing a checkpoint compares it).
@@ -190,6 +205,7 @@ fn merge(mut a: Args, file: StrategyFile) -> anyhow::Result<Args> {
         a.config_toml = Some(file.text.clone());
     }
     a.strategy = a.strategy.or(file.strategy).or(Some(StrategyArg::Rtn));
+    a.quantize_lm_head = a.quantize_lm_head.or(file.quantize_lm_head);
     let default_algo = if a.strategy == Some(StrategyArg::AwqLite) { AlgorithmArg::AwqLite } else { AlgorithmArg::Max };
     a.algorithm = a.algorithm.or(file.algorithm).or(Some(default_algo));
     anyhow::ensure!(
@@ -353,6 +369,21 @@ fn run_merged(a: Args) -> anyhow::Result<()> {
     }
     let exclude: Vec<String> =
         a.exclude_layers.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    if let Some(fmt) = a.quantize_lm_head {
+        let resolved = fp4_quant::plan::resolve_patterns(&exclude, ckpt.config.num_hidden_layers);
+        if let Some((item, _)) =
+            exclude.iter().zip(&resolved).find(|(_, r)| fp4_quant::plan::user_pattern_matches(r, "lm_head"))
+        {
+            let what = match &a.exclude_from {
+                Some(file) => format!("exclude_layers of {file}"),
+                None => "--exclude-layers".to_string(),
+            };
+            anyhow::bail!(
+                "--quantize-lm-head {} asks for lm_head quantized, but {what} keeps it BF16 ({item}): drop one of them",
+                format!("{fmt:?}").to_lowercase()
+            );
+        }
+    }
     let unmatched = fp4_quant::plan::unmatched_patterns(&ckpt, &exclude);
     if !unmatched.is_empty() {
         let layers = ckpt.config.num_hidden_layers;
@@ -393,6 +424,10 @@ fn run_merged(a: Args) -> anyhow::Result<()> {
             w4a4: a.serve_mode == ServeMode::W4a4,
             ..AwqOptions::default()
         },
+        lm_head: a.quantize_lm_head.map(|f| match f {
+            LmHeadArg::Nvfp4 => LmHeadFormat::Nvfp4,
+            LmHeadArg::Fp8 => LmHeadFormat::Fp8,
+        }),
     };
     tracing::info!(
         samples = samples.len(),
@@ -438,6 +473,7 @@ fn run_merged(a: Args) -> anyhow::Result<()> {
             "calib_seq_len": a.calib_seq_len, "exclude_layers": exclude, "calib_dtype": format!("{:?}", a.calib_dtype).to_lowercase(),
             "algorithm": format!("{algorithm:?}"), "config": a.config, "config_toml": a.config_toml,
             "allow_pre_quant_scale": a.allow_pre_quant_scale, "effective_bits": a.effective_bits,
+            "quantize_lm_head": a.quantize_lm_head,
             "score_samples": (strategy == StrategyArg::AutoMixed).then_some(a.score_samples),
         }),
     );

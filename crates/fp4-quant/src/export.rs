@@ -613,10 +613,10 @@ fn producer() -> Value {
     json!({"name": "fp4", "version": env!("CARGO_PKG_VERSION")})
 }
 
-/// `MIXED_PRECISION` for auto_mixed; else `NVFP4`, or `NVFP4_AWQ` when any layer keeps a
-/// `pre_quant_scale` (which vLLM does not load).
+/// `MIXED_PRECISION` for auto_mixed or any FP8 layer (an FP8 LM head); else `NVFP4`, or
+/// `NVFP4_AWQ` when any layer keeps a `pre_quant_scale` (which vLLM does not load).
 pub fn quant_algo(result: &QuantResult) -> &'static str {
-    if result.plan.strategy == crate::Strategy::AutoMixed {
+    if result.plan.strategy == crate::Strategy::AutoMixed || result.layers.values().any(|q| q.fp8.is_some()) {
         "MIXED_PRECISION"
     } else if result.layers.values().any(|q| q.awq.as_ref().is_some_and(|a| a.pre_quant_scale.is_some())) {
         "NVFP4_AWQ"
@@ -722,7 +722,7 @@ fn report(result: &QuantResult, opts: &ExportOptions, files: &[String]) -> Value
         "calibration": {"samples": result.samples, "tokens": result.tokens, "seconds": result.calib_secs},
         "totals": {
             "quantized_layers": result.layers.len(),
-            "unquantized_layers": result.plan.modules.len() - result.layers.len(),
+            "unquantized_layers": result.plan.modules.iter().filter(|m| !m.quantize).count(),
             "quantized_params": q_params,
             "quantized_bytes": q_bytes,
             "mean_weight_rel_error": if result.layers.is_empty() { 0.0 } else {

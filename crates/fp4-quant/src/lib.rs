@@ -36,4 +36,4 @@ pub type Result<T> = std::result::Result<T, QuantError>;
 
 pub use awq::AwqOptions;
 pub use plan::{Plan, Strategy};
-pub use rtn::{quantize, Algorithm, Progress, QuantizeOptions};
+pub use rtn::{quantize, Algorithm, LmHeadFormat, Progress, QuantizeOptions};

@@ -58,6 +58,8 @@ pub struct Plan {
     pub exclude_modules: Vec<String>,
     /// Module groups forced unquantized because a user pattern named only some members.
     pub widened: Vec<String>,
+    /// `--quantize-lm-head`: the LM head is quantized too (else it stays BF16, as in ModelOpt).
+    pub lm_head_quantized: bool,
 }
 
 /// Does a `--exclude-layers` item match a module name? Globs (`*`, `?`, `[`) match the whole
@@ -192,8 +194,8 @@ impl Plan {
                 }
             }
         }
-        let exclude_modules = summarise_exclusions(ckpt, &modules);
-        Plan { strategy, modules, exclude_modules, widened }
+        let exclude_modules = summarise_exclusions(ckpt, &modules, false);
+        Plan { strategy, modules, exclude_modules, widened, lm_head_quantized: false }
     }
 
     pub fn quantized(&self) -> impl Iterator<Item = &Module> {
@@ -209,15 +211,24 @@ impl Plan {
         for m in self.modules.iter_mut().filter(|m| names.contains(&m.name)) {
             m.quantize = false;
         }
-        self.exclude_modules = summarise_exclusions(ckpt, &self.modules);
+        self.exclude_modules = summarise_exclusions(ckpt, &self.modules, self.lm_head_quantized);
+    }
+
+    /// Marks the LM head quantized (`--quantize-lm-head`) and rebuilds `exclude_modules`.
+    pub fn quantize_lm_head(&mut self, ckpt: &Checkpoint) {
+        self.lm_head_quantized = true;
+        self.exclude_modules = summarise_exclusions(ckpt, &self.modules, true);
     }
 }
 
-/// The `exclude_modules` list: lm_head and the embeddings, each unquantized module (a whole
-/// mixer or MLP as `prefix*` when none of it is quantized, as ModelOpt writes it), the GDN conv,
-/// and wildcards for vision and MTP weights when present.
-fn summarise_exclusions(ckpt: &Checkpoint, modules: &[Module]) -> Vec<String> {
-    let mut out = vec!["lm_head".to_string(), ckpt.text_name("embed_tokens")];
+/// The `exclude_modules` list: lm_head (unless quantized) and the embeddings, each unquantized
+/// module (a whole mixer or MLP as `prefix*` when none of it is quantized, as ModelOpt writes
+/// it), the GDN conv, and wildcards for vision and MTP weights when present.
+fn summarise_exclusions(ckpt: &Checkpoint, modules: &[Module], lm_head_quantized: bool) -> Vec<String> {
+    let mut out = vec![ckpt.text_name("embed_tokens")];
+    if !lm_head_quantized {
+        out.insert(0, "lm_head".to_string());
+    }
     let mut parents: Vec<String> = Vec::new();
     for m in modules {
         let parent = m.name.rsplit_once('.').map_or(m.name.as_str(), |(p, _)| p).to_string();

@@ -29,7 +29,20 @@ pub struct QuantizeOptions {
     pub precision: Precision,
     /// AWQ-lite knobs (used with `Algorithm::AwqLite`).
     pub awq: AwqOptions,
+    /// `--quantize-lm-head`: the LM head's format; `None` keeps it BF16 (ModelOpt's default).
+    pub lm_head: Option<LmHeadFormat>,
 }
+
+/// A quantized LM head's format. Its weight is rounded to nearest (max calibration) whatever the
+/// strategy: no AWQ scale is searched for it, and auto_mixed does not score it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LmHeadFormat {
+    Nvfp4,
+    Fp8,
+}
+
+/// The name of the LM head module in every layout.
+pub const LM_HEAD: &str = "lm_head";
 
 /// Long-running steps report here (the CLI draws a progress bar).
 pub trait Progress {
@@ -104,7 +117,14 @@ pub fn quantize(
     }
     crate::source::check_finite(ckpt)?;
     let cfg = &ckpt.config;
-    let plan = Plan::new(ckpt, opts.strategy, &opts.exclude);
+    if opts.lm_head.is_some() && cfg.tie_word_embeddings {
+        return Err(QuantError::Invalid(format!(
+            "--quantize-lm-head: {} ties the LM head to the embeddings (config.json tie_word_embeddings: true), \
+             so there is no lm_head weight to quantize",
+            ckpt.dir.display()
+        )));
+    }
+    let mut plan = Plan::new(ckpt, opts.strategy, &opts.exclude);
     let started = Instant::now();
     let p = opts.precision;
     let ctx = LayerCtx::new(cfg, p, fp4_kernels::Device::Cpu);
@@ -133,7 +153,7 @@ pub fn quantize(
                 recorders.insert(m.group, r);
             }
         }
-        if !observers.is_empty() || i + 1 < cfg.num_hidden_layers {
+        if !observers.is_empty() || i + 1 < cfg.num_hidden_layers || opts.lm_head.is_some() {
             for h in hidden.iter_mut() {
                 let mut cache = LayerCache::new(cfg, cfg.layer_types[i], fp4_kernels::Device::Cpu);
                 let state = MixerState::Sequence { cache: &mut cache, pos0: 0, algo: GdnAlgo::Chunked };
@@ -145,6 +165,10 @@ pub fn quantize(
         progress.inc();
     }
     progress.finish();
+    if let Some(format) = opts.lm_head {
+        layers.insert(LM_HEAD.to_string(), quantize_lm_head(ckpt, &hidden, &ctx, format)?);
+        plan.quantize_lm_head(ckpt);
+    }
     Ok(QuantResult {
         plan,
         layers,
@@ -352,9 +376,7 @@ fn quantize_layer(
         let (w_amax, x_amax) = group_amax[&group_of(&l.name)];
         let w = l.weight().as_slice();
         let q = Nvfp4Weight::quantize(w, l.out_features, l.in_features, nvfp4::nvfp4_global_scale(w_amax));
-        let d = q.dequantize();
-        let err: f64 = w.iter().zip(&d).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>();
-        let norm: f64 = w.iter().map(|a| (*a as f64).powi(2)).sum::<f64>();
+        let weight_rel_error = rel_error(w, &q.dequantize());
         out.insert(
             l.name.clone(),
             QuantizedLinear {
@@ -362,11 +384,59 @@ fn quantize_layer(
                 input_scale: nvfp4::nvfp4_global_scale(x_amax),
                 weight_amax: w_amax,
                 input_amax: x_amax,
-                weight_rel_error: if norm > 0.0 { (err / norm).sqrt() as f32 } else { 0.0 },
+                weight_rel_error,
                 awq: awq.get(&group_of(&l.name)).cloned(),
                 fp8: None,
             },
         );
+    }
+}
+
+/// The LM head in `format`: weight rounded to nearest, `input_scale` from the calibration inputs
+/// it reads (the final norm of the last layer's outputs `hidden`).
+fn quantize_lm_head(
+    ckpt: &Checkpoint,
+    hidden: &[Tensor],
+    ctx: &LayerCtx,
+    format: LmHeadFormat,
+) -> Result<QuantizedLinear> {
+    let cfg = &ckpt.config;
+    let p = ctx.precision;
+    let norm = fp4_model::load_param(ckpt, &ckpt.text_name("norm.weight"), &[cfg.hidden_size], p)?;
+    let x_amax =
+        hidden.iter().map(|h| nvfp4::amax(ops::rms_norm(h, &norm, ctx.eps, 1.0, p).as_slice())).fold(0f32, f32::max);
+    let (rows, cols) = (cfg.vocab_size, cfg.hidden_size);
+    let w = fp4_model::load_param(ckpt, &format!("{LM_HEAD}.weight"), &[rows, cols], p)?;
+    let w = w.as_slice();
+    let w_amax = nvfp4::amax(w);
+    let weight = Nvfp4Weight::quantize(w, rows, cols, nvfp4::nvfp4_global_scale(w_amax));
+    let (fp8, input_scale, deq) = match format {
+        LmHeadFormat::Nvfp4 => (None, nvfp4::nvfp4_global_scale(x_amax), weight.dequantize()),
+        LmHeadFormat::Fp8 => {
+            let f8 = Fp8Weight::quantize(w);
+            let deq = f8.dequantize();
+            (Some(f8), x_amax / nvfp4::E4M3_MAX, deq)
+        }
+    };
+    Ok(QuantizedLinear {
+        weight_rel_error: rel_error(w, &deq),
+        weight,
+        input_scale,
+        weight_amax: w_amax,
+        input_amax: x_amax,
+        awq: None,
+        fp8,
+    })
+}
+
+/// ‖w − d‖ / ‖w‖ (0 for an all-zero weight).
+fn rel_error(w: &[f32], d: &[f32]) -> f32 {
+    let err: f64 = w.iter().zip(d).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>();
+    let norm: f64 = w.iter().map(|a| (*a as f64).powi(2)).sum::<f64>();
+    if norm > 0.0 {
+        (err / norm).sqrt() as f32
+    } else {
+        0.0
     }
 }
 
