@@ -547,3 +547,37 @@ fn auto_tool_choice_needs_the_flags() {
     let (status, v) = s.post("/v1/chat/completions", &hostile);
     assert_eq!((status, v["error"]["param"].as_str()), (400, Some("tools[0].function.name")), "{v}");
 }
+
+/// Prefix caching: a prompt that starts with an earlier prompt resumes from its snapshot and
+/// prefills only the rest (`usage.prompt_tokens_details.cached_tokens`, /metrics), and greedy
+/// output is what the same prompt gives with prefix caching off.
+#[test]
+fn prefix_cache_resumes_the_next_turn_with_the_same_output() {
+    let turn1: Vec<u32> = (0..40u32).map(|i| (i * 37 + 11) % 200 + 5).collect();
+    let mut turn2 = turn1.clone();
+    turn2.extend((0..9u32).map(|i| (i * 13 + 3) % 200 + 5));
+    let body = |p: &[u32]| json!({"model": "tiny", "prompt": p, "max_tokens": 8, "temperature": 0});
+    let run = |extra: &[&str]| {
+        let s = start(extra);
+        let (st1, a) = s.post("/v1/completions", &body(&turn1));
+        let (st2, b) = s.post("/v1/completions", &body(&turn2));
+        assert_eq!((st1, st2), (200, 200), "{a} {b}");
+        let (_, metrics) = s.request("GET", "/metrics", None, &[]).unwrap();
+        (a, b, metrics)
+    };
+    let (a, b, metrics) = run(&[]);
+    assert_eq!(a["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "{a}");
+    assert_eq!(b["usage"]["prompt_tokens_details"]["cached_tokens"], turn1.len(), "{b}");
+    assert_eq!(b["usage"]["prompt_tokens"], turn2.len(), "{b}");
+    // (The server's own warm-up request at start is a miss too.)
+    for line in
+        ["fp4_prefix_cache_hits_total 1", "fp4_prefix_cache_misses_total ", "fp4_prefix_cache_cached_tokens_total 40"]
+    {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
+    let (a_off, b_off, metrics_off) = run(&["--no-enable-prefix-caching"]);
+    assert_eq!(b_off["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "{b_off}");
+    assert!(metrics_off.contains("fp4_prefix_cache_hits_total 0"), "{metrics_off}");
+    assert_eq!(a["choices"][0]["text"], a_off["choices"][0]["text"]);
+    assert_eq!(b["choices"][0]["text"], b_off["choices"][0]["text"], "resumed: {b}\nprefilled: {b_off}");
+}

@@ -36,9 +36,19 @@ pub struct Args {
     #[arg(long, default_value_t = 64)]
     max_waiting_requests: usize,
     /// Bytes for all sequences' caches (KV + GDN state), e.g. 2GiB or 512MiB: GDN state slots
-    /// for --max-num-seqs sequences, the rest paged KV blocks.
+    /// for --max-num-seqs sequences, the rest paged KV blocks, less the prefix cache's share.
     #[arg(long, default_value = "2GiB")]
     cache_budget: String,
+    /// Keep each prompt's state (KV and GDN state) so that a later prompt starting with it (the
+    /// next turn of a conversation) prefills only the rest (vLLM's flag; on by default).
+    #[arg(long, overrides_with = "no_enable_prefix_caching")]
+    enable_prefix_caching: bool,
+    #[arg(long, overrides_with = "enable_prefix_caching")]
+    no_enable_prefix_caching: bool,
+    /// Bytes of --cache-budget set aside for prefix-cache snapshots (default: a quarter of it),
+    /// least recently used first out.
+    #[arg(long)]
+    prefix_cache_budget: Option<String>,
     /// Require `Authorization: Bearer KEY` on /v1 routes.
     #[arg(long, env = "FP4_API_KEY")]
     api_key: Option<String>,
@@ -181,6 +191,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let max_model_len = a.max_model_len.unwrap_or(positions);
     anyhow::ensure!(max_model_len >= 2, "--max-model-len must be at least 2");
     let cache_budget = parse_bytes(&a.cache_budget)?;
+    // With overrides_with, the later of the two flags is the one set.
+    let prefix_caching = a.enable_prefix_caching || !a.no_enable_prefix_caching;
+    let prefix_cache_bytes = if !prefix_caching {
+        0
+    } else {
+        match &a.prefix_cache_budget {
+            Some(b) => parse_bytes(b).with_context(|| format!("--prefix-cache-budget {b}"))?,
+            None => cache_budget / 4,
+        }
+    };
+    anyhow::ensure!(
+        prefix_cache_bytes < cache_budget,
+        "--prefix-cache-budget ({prefix_cache_bytes} bytes) must leave room in --cache-budget ({cache_budget} bytes) for the running sequences"
+    );
     let started = std::time::Instant::now();
     let opts: LoadOptions = a.compute.load_options()?;
     let model = Qwen35::load(&ckpt, opts).with_context(|| format!("cannot load model {}", model_path.display()))?;
@@ -201,6 +225,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             max_waiting: a.max_waiting_requests,
             cache_budget_bytes: cache_budget,
             cuda_graphs: !a.enforce_eager,
+            prefix_cache_bytes,
         },
     )
     .with_context(|| format!("--cache-budget {} with --max-num-seqs {}", a.cache_budget, a.max_num_seqs))?;

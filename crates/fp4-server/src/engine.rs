@@ -7,8 +7,11 @@
 //! per batch-size bucket). Greedy sequences without penalties or logprobs pick their token on the
 //! device; the others get their logits row and sample on the host. A request whose receiver is
 //! gone (client disconnected, stop string seen) is cancelled and its slot freed at the next step.
-//! Requests beyond the waiting-queue bound are refused at once (HTTP 429).
+//! Requests beyond the waiting-queue bound are refused at once (HTTP 429). With prefix caching
+//! on, a prompt that starts with an earlier prompt resumes from that prompt's snapshot
+//! ([`crate::prefix`]) and prefills only the rest.
 
+use crate::prefix::PrefixCache;
 use fp4_model::runner::RunnerError;
 use fp4_model::{Cache, DecodeRunner, Logits, Qwen35, RunnerConfig, Sampler, SamplingParams, SeqState};
 use std::collections::{HashMap, VecDeque};
@@ -33,6 +36,9 @@ pub struct EngineConfig {
     pub cache_budget_bytes: usize,
     /// Replay decode steps from CUDA graphs (GPU); `false` = `--enforce-eager`.
     pub cuda_graphs: bool,
+    /// Bytes of prompt snapshots kept for prefix caching, taken out of `cache_budget_bytes`
+    /// (0: prefix caching off).
+    pub prefix_cache_bytes: usize,
 }
 
 /// Penalties applied to logits before sampling (vLLM semantics).
@@ -78,6 +84,8 @@ pub enum Event {
         reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// Prompt tokens restored from the prefix cache instead of prefilled.
+        cached_tokens: usize,
     },
     Failed(String),
 }
@@ -110,6 +118,13 @@ pub struct Stats {
     pub decode_batch_tokens: AtomicU64,
     pub graph_replays: AtomicU64,
     pub decode_step_micros: AtomicU64,
+    /// Prefix cache: admitted prompts that resumed from a snapshot, those that did not, the
+    /// prompt tokens restored instead of prefilled, and the snapshots held and their bytes.
+    pub prefix_hits: AtomicU64,
+    pub prefix_misses: AtomicU64,
+    pub prefix_cached_tokens: AtomicU64,
+    pub prefix_entries: AtomicUsize,
+    pub prefix_bytes: AtomicUsize,
 }
 
 struct Submission {
@@ -183,6 +198,8 @@ struct Sequence {
     cache: SeqCache,
     /// Prompt tokens processed so far.
     prefilled: usize,
+    /// Of those, restored from the prefix cache.
+    cached: usize,
     generated: Vec<u32>,
     counts: HashMap<u32, u32>,
     sampler: Sampler,
@@ -209,6 +226,7 @@ impl Sequence {
             reason,
             prompt_tokens: self.req.prompt.len(),
             completion_tokens: self.generated.len(),
+            cached_tokens: self.cached,
         });
     }
 
@@ -254,7 +272,7 @@ pub fn start(model: Qwen35, cfg: EngineConfig) -> Result<EngineHandle, RunnerErr
         cfg.max_num_seqs,
         cfg.max_model_len,
         KV_BLOCK,
-        cfg.cache_budget_bytes,
+        cfg.cache_budget_bytes.saturating_sub(cfg.prefix_cache_bytes),
         cfg.cuda_graphs,
     )?;
     let (tx, rx) = mpsc::sync_channel::<Submission>(cfg.max_waiting);
@@ -288,6 +306,7 @@ fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Rec
     let mut reserved = 0usize;
     let (slot_bytes, block_bytes) =
         (fp4_model::Pools::slot_bytes(&model.config), fp4_model::Pools::block_bytes(&model.config, rc.block_size));
+    let mut prefixes = PrefixCache::new(cfg.prefix_cache_bytes);
     loop {
         // Take new submissions; block only when there is nothing to do.
         if running.is_empty() && waiting.is_empty() {
@@ -328,9 +347,21 @@ fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Rec
                 Ok(sampler) => {
                     reserved += need;
                     stats.prompt_tokens.fetch_add(s.req.prompt.len() as u64, Ordering::Relaxed);
+                    let (cache, cached) = match prefixes.lookup(&s.req.prompt) {
+                        Some((cache, n)) => {
+                            stats.prefix_hits.fetch_add(1, Ordering::Relaxed);
+                            stats.prefix_cached_tokens.fetch_add(n as u64, Ordering::Relaxed);
+                            (cache, n)
+                        }
+                        None => {
+                            stats.prefix_misses.fetch_add(1, Ordering::Relaxed);
+                            (model.new_cache(), 0)
+                        }
+                    };
                     running.push(Sequence {
-                        cache: SeqCache::Prefill(model.new_cache()),
-                        prefilled: 0,
+                        cache: SeqCache::Prefill(cache),
+                        prefilled: cached,
+                        cached,
                         generated: Vec::new(),
                         counts: HashMap::new(),
                         sampler,
@@ -356,7 +387,7 @@ fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Rec
                 stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
                 done[i] = true;
             } else if matches!(seq.cache, SeqCache::Prefill(_)) {
-                done[i] = prefill_step(&model, &mut runner, seq, &stats);
+                done[i] = prefill_step(&model, &mut runner, seq, &mut prefixes, &stats);
             }
         }
         // One batched decode step for every sequence in the runner.
@@ -394,7 +425,13 @@ fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Rec
 
 /// One prefill chunk of `seq`; after the last one, its first token (choices, penalties and the
 /// sampler on the host) and the move of its cache into the runner. Returns true when finished.
-fn prefill_step(model: &Qwen35, runner: &mut DecodeRunner, seq: &mut Sequence, stats: &Stats) -> bool {
+fn prefill_step(
+    model: &Qwen35,
+    runner: &mut DecodeRunner,
+    seq: &mut Sequence,
+    prefixes: &mut PrefixCache,
+    stats: &Stats,
+) -> bool {
     let fail = |seq: &Sequence, e: String| {
         let _ = seq.events.send(Event::Failed(e));
         true
@@ -409,6 +446,11 @@ fn prefill_step(model: &Qwen35, runner: &mut DecodeRunner, seq: &mut Sequence, s
     if seq.prefilled < seq.req.prompt.len() {
         return false;
     }
+    // The state after the whole prompt: where this conversation's next turn resumes.
+    prefixes.insert(&seq.req.prompt, cache);
+    let (entries, bytes) = prefixes.usage();
+    stats.prefix_entries.store(entries, Ordering::Relaxed);
+    stats.prefix_bytes.store(bytes, Ordering::Relaxed);
     if !seq.req.choices.is_empty() {
         if let Err(e) = force_best_choice(model, seq, stats) {
             return fail(seq, e);

@@ -362,6 +362,8 @@ struct TextStream<'a> {
     /// Bytes of `text` handed out.
     sent: usize,
     prompt_tokens: usize,
+    /// Of the prompt, tokens restored from the prefix cache.
+    cached_tokens: usize,
     tokens: usize,
     finish: Option<FinishReason>,
     done: bool,
@@ -387,6 +389,7 @@ impl<'a> TextStream<'a> {
             text: String::new(),
             sent: 0,
             prompt_tokens,
+            cached_tokens: 0,
             tokens: 0,
             finish: None,
             done: false,
@@ -436,11 +439,12 @@ impl<'a> TextStream<'a> {
                     self.done = true;
                     return Some(Piece::Failed(e));
                 }
-                Some(Event::Finished { reason, .. }) => {
+                Some(Event::Finished { reason, cached_tokens, .. }) => {
                     if let Ok(Some(rest)) = self.detok.finish() {
                         self.text.push_str(&rest);
                     }
                     self.finish = Some(reason);
+                    self.cached_tokens = cached_tokens;
                 }
                 Some(Event::Token { id, logprob }) => {
                     let now = Instant::now();
@@ -537,8 +541,12 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
     }
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+/// OpenAI's usage object; `prompt_tokens_details.cached_tokens` counts the prompt tokens the
+/// prefix cache restored instead of prefilling.
+fn usage(ts: &TextStream) -> Value {
+    let (prompt, completion) = (ts.prompt_tokens, ts.tokens);
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": ts.cached_tokens}})
 }
 
 async fn chat_whole(
@@ -566,7 +574,7 @@ async fn chat_whole(
     Json(json!({
         "id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": s.cfg.served_model_name,
         "choices": [{"index": 0, "message": msg, "logprobs": logprobs, "finish_reason": finish}],
-        "usage": usage(ts.prompt_tokens, ts.tokens),
+        "usage": usage(&ts),
     }))
     .into_response()
 }
@@ -632,7 +640,7 @@ fn chat_stream(
             yield sse(&chunk(json!({}), Some(finish), None));
             if req.opts.include_usage {
                 yield sse(&json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                                  "choices": [], "usage": usage(ts.prompt_tokens, ts.tokens)}));
+                                  "choices": [], "usage": usage(&ts)}));
             }
         }
         yield Ok(SseEvent::default().data("[DONE]"));
@@ -691,7 +699,7 @@ async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
                         yield sse(&chunk("", Some(finish_name(r))));
                         if req.opts.include_usage {
                             yield sse(&json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                                              "choices": [], "usage": usage(ts.prompt_tokens, ts.tokens)}));
+                                              "choices": [], "usage": usage(&ts)}));
                         }
                         break;
                     }
@@ -720,7 +728,7 @@ async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
     Json(json!({
         "id": id, "object": "text_completion", "created": created, "model": s.cfg.served_model_name,
         "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_name(reason)}],
-        "usage": usage(ts.prompt_tokens, ts.tokens),
+        "usage": usage(&ts),
     }))
     .into_response()
 }

@@ -3,6 +3,7 @@
 pub mod engine;
 pub mod http;
 pub mod metrics;
+pub mod prefix;
 pub mod protocol;
 
 pub use engine::{EngineConfig, EngineHandle};

@@ -119,6 +119,36 @@ impl Metrics {
             "Wall time of the batched decode steps.",
             r(&stats.decode_step_micros),
         );
+        counter(
+            &mut out,
+            "fp4_prefix_cache_hits_total",
+            "Prompts resumed from a prefix-cache snapshot.",
+            r(&stats.prefix_hits),
+        );
+        counter(
+            &mut out,
+            "fp4_prefix_cache_misses_total",
+            "Prompts prefilled from the start.",
+            r(&stats.prefix_misses),
+        );
+        counter(
+            &mut out,
+            "fp4_prefix_cache_cached_tokens_total",
+            "Prompt tokens restored from the prefix cache instead of prefilled.",
+            r(&stats.prefix_cached_tokens),
+        );
+        gauge(
+            &mut out,
+            "fp4_prefix_cache_entries",
+            "Prompt snapshots held.",
+            stats.prefix_entries.load(Ordering::Relaxed) as u64,
+        );
+        gauge(
+            &mut out,
+            "fp4_prefix_cache_bytes",
+            "Bytes of the prompt snapshots held (within --cache-budget).",
+            stats.prefix_bytes.load(Ordering::Relaxed) as u64,
+        );
         self.ttft.render(&mut out, "fp4_time_to_first_token_seconds", "Time from request to first generated token.");
         self.itl.render(&mut out, "fp4_inter_token_latency_seconds", "Time between generated tokens.");
         out
