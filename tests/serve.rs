@@ -581,3 +581,28 @@ fn prefix_cache_resumes_the_next_turn_with_the_same_output() {
     assert_eq!(a["choices"][0]["text"], a_off["choices"][0]["text"]);
     assert_eq!(b["choices"][0]["text"], b_off["choices"][0]["text"], "resumed: {b}\nprefilled: {b_off}");
 }
+
+/// Prefix caching shares the system prompt: a request with the same system message and another
+/// user message resumes from the first one's snapshot at the end of the system block, and its
+/// greedy answer is the same as with prefix caching off.
+#[test]
+fn prefix_cache_shares_the_system_prompt_across_requests() {
+    let body = |text: &str| json!({"model": "tiny", "messages": user(text), "max_tokens": 6, "temperature": 0});
+    let run = |extra: &[&str]| {
+        let s = start(extra);
+        let (sa, a) = s.post("/v1/chat/completions", &body("What is the capital of France?"));
+        let (sb, b) = s.post("/v1/chat/completions", &body("Tell me a joke about cats."));
+        assert_eq!((sa, sb), (200, 200), "{a} {b}");
+        (a, b)
+    };
+    let cached = |v: &Value| v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    let (a, b) = run(&[]);
+    assert_eq!(cached(&a), 0, "{a}");
+    let prompt = b["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(cached(&b) > 0 && cached(&b) + 5 < prompt, "the system block only: {b}");
+    let (a_off, b_off) = run(&["--no-enable-prefix-caching"]);
+    assert_eq!(cached(&b_off), 0, "{b_off}");
+    for (on, off) in [(&a, &a_off), (&b, &b_off)] {
+        assert_eq!(on["choices"][0]["message"], off["choices"][0]["message"], "resumed: {on}\nprefilled: {off}");
+    }
+}

@@ -325,6 +325,7 @@ async fn serve(
         stop_ids: vec![],
         logprobs: None,
         choices: vec![],
+        snapshot_at: vec![],
     };
     let mut rx = state.engine.submit(warm)?;
     while let Some(e) = rx.recv().await {

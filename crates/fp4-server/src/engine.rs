@@ -65,6 +65,11 @@ pub struct GenRequest {
     /// log-probabilities, teacher-forced on a copy of the cache) and emits the likeliest, then
     /// samples freely. Used to pick the function for `tool_choice: required`.
     pub choices: Vec<Vec<u32>>,
+    /// Prompt positions (ascending, inside the prompt) where the state is also kept for the
+    /// prefix cache: the end of the rendered system prompt, which later requests share. The
+    /// prefill always splits its chunks there, so a prompt resumed from such a snapshot
+    /// computes exactly what it computes prefilled from the start.
+    pub snapshot_at: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -437,20 +442,26 @@ fn prefill_step(
         true
     };
     let SeqCache::Prefill(cache) = &mut seq.cache else { unreachable!("prefill of a decoding sequence") };
-    let end = (seq.prefilled + PREFILL_CHUNK).min(seq.req.prompt.len());
+    let mut end = (seq.prefilled + PREFILL_CHUNK).min(seq.req.prompt.len());
+    if let Some(&at) = seq.req.snapshot_at.iter().find(|&&at| at > seq.prefilled && at < end) {
+        end = at;
+    }
     match model.forward(&seq.req.prompt[seq.prefilled..end], cache, Logits::Last) {
         Ok(l) => seq.logits = l.into_vec(),
         Err(e) => return fail(seq, e.to_string()),
     }
     seq.prefilled = end;
+    // The state after the whole prompt (where this conversation's next turn resumes) and at the
+    // request's snapshot points (the system prompt other requests share).
+    if end == seq.req.prompt.len() || seq.req.snapshot_at.contains(&end) {
+        prefixes.insert(&seq.req.prompt[..end], cache);
+        let (entries, bytes) = prefixes.usage();
+        stats.prefix_entries.store(entries, Ordering::Relaxed);
+        stats.prefix_bytes.store(bytes, Ordering::Relaxed);
+    }
     if seq.prefilled < seq.req.prompt.len() {
         return false;
     }
-    // The state after the whole prompt: where this conversation's next turn resumes.
-    prefixes.insert(&seq.req.prompt, cache);
-    let (entries, bytes) = prefixes.usage();
-    stats.prefix_entries.store(entries, Ordering::Relaxed);
-    stats.prefix_bytes.store(bytes, Ordering::Relaxed);
     if !seq.req.choices.is_empty() {
         if let Err(e) = force_best_choice(model, seq, stats) {
             return fail(seq, e);
@@ -605,6 +616,7 @@ mod tests {
             stop_ids: vec![],
             logprobs: None,
             choices: vec![],
+            snapshot_at: vec![],
         };
         let mut logits = vec![2.0f32, -2.0, 1.0, 3.0];
         let counts: HashMap<u32, u32> = [(1, 2), (2, 1)].into_iter().collect();

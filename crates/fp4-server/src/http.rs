@@ -254,6 +254,7 @@ fn gen_request(s: &AppState, prompt: Vec<u32>, prompt_param: &str, opts: &GenOpt
         stop_ids: if opts.ignore_eos { vec![] } else { s.cfg.eos_ids.clone() },
         logprobs: opts.logprobs,
         choices: vec![],
+        snapshot_at: vec![],
     })
 }
 
@@ -297,6 +298,27 @@ fn encode_chat(s: &AppState, text: &str, lit: Option<&fp4_chat::Literals>) -> Ap
     .map_err(|e| ApiError::new(500, "server_error", e.to_string()))
 }
 
+/// Where the part of the prompt `ids` that every request with the same system message (and
+/// tools, which the template puts there) shares ends, when the conversation opens with one:
+/// the longest common prefix with the system message followed by an empty user message (the
+/// system block and the next turn's opening), rendered the same way. Requests that share it
+/// resume from its snapshot. `None` when the template will not render that.
+fn system_prompt_end(
+    s: &AppState,
+    req: &protocol::ChatRequest,
+    ids: &[u32],
+    kwargs: &Map<String, Value>,
+) -> Option<usize> {
+    if req.messages.len() < 2 || req.messages[0]["role"] != "system" {
+        return None;
+    }
+    let probe = [req.messages[0].clone(), json!({"role": "user", "content": ""})];
+    let (text, lit) = render_protected(s, &probe, req.tools.as_deref(), false, kwargs.clone()).ok()?;
+    let sys = encode_chat(s, &text, lit.as_ref()).ok()?;
+    let shared = ids.iter().zip(&sys).take_while(|(a, b)| a == b).count();
+    (shared > 0 && shared < ids.len()).then_some(shared)
+}
+
 fn prepare_chat(s: &AppState, req: &protocol::ChatRequest) -> ApiResult<Prepared> {
     // vLLM's answer (its wording, which clients match on): a server without a tool parser cannot
     // find calls in free text. `required` and named choices force the call's markup themselves.
@@ -309,7 +331,7 @@ fn prepare_chat(s: &AppState, req: &protocol::ChatRequest) -> ApiResult<Prepared
     let mut kwargs = s.cfg.default_chat_template_kwargs.clone();
     kwargs.extend(req.chat_template_kwargs.clone());
     let thinking = kwargs.get("enable_thinking").and_then(Value::as_bool) != Some(false);
-    let (prompt, lit) = render_protected(s, &req.messages, req.tools.as_deref(), true, kwargs)?;
+    let (prompt, lit) = render_protected(s, &req.messages, req.tools.as_deref(), true, kwargs.clone())?;
     // tool_choice required/named: start the answer with the call (closing an open think block).
     let mut forced = String::new();
     if matches!(req.tool_choice, ToolChoice::Required | ToolChoice::Named(_)) {
@@ -324,6 +346,7 @@ fn prepare_chat(s: &AppState, req: &protocol::ChatRequest) -> ApiResult<Prepared
     }
     let ids = encode_chat(s, &format!("{prompt}{forced}"), lit.as_ref())?;
     let mut gen = gen_request(s, ids.clone(), "messages", &req.opts)?;
+    gen.snapshot_at = system_prompt_end(s, req, &ids, &kwargs).into_iter().collect();
     if req.tool_choice == ToolChoice::Required {
         // The model must name one of the tools: the engine picks the likeliest `NAME>\n`.
         for t in req.tools.iter().flatten() {
