@@ -75,7 +75,12 @@ fn endpoints_streaming_and_tools() {
     assert_eq!(content, msg["content"].as_str().unwrap_or(""));
     assert_eq!(reasoning, msg["reasoning_content"].as_str().unwrap_or(""));
     assert!(calls.is_empty() && finish == "length");
-    assert_eq!(usage, whole["usage"]);
+    // The same counts; the second request resumed from the first one's system-prompt snapshot.
+    for k in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(usage[k], whole["usage"][k], "{k}");
+    }
+    assert_eq!(whole["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert!(usage["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() > 0, "{usage}");
 
     // Thinking off: everything is content.
     let mut off = req.clone();
