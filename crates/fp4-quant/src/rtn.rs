@@ -136,7 +136,9 @@ pub fn quantize(
     let mut layers = BTreeMap::new();
     let mut overrides = BTreeMap::new();
     let awq_on = opts.algorithm == Algorithm::AwqLite;
-    progress.start("calibrating and quantizing layers", cfg.num_hidden_layers as u64);
+    // The layers, then the LM head when it is quantized too (one more step of the bar).
+    let steps = cfg.num_hidden_layers + usize::from(opts.lm_head.is_some());
+    progress.start("calibrating and quantizing layers", steps as u64);
     for i in 0..cfg.num_hidden_layers {
         let mut layer = DecoderLayer::load(ckpt, i, LoadOptions::new(p))?;
         let mut observers: BTreeMap<String, AmaxObserver> = BTreeMap::new();
@@ -164,11 +166,12 @@ pub fn quantize(
         quantize_layer(&mut layer, &plan, &observers, &awq, &mut layers);
         progress.inc();
     }
-    progress.finish();
     if let Some(format) = opts.lm_head {
         layers.insert(LM_HEAD.to_string(), quantize_lm_head(ckpt, &hidden, &ctx, format)?);
         plan.quantize_lm_head(ckpt);
+        progress.inc();
     }
+    progress.finish();
     Ok(QuantResult {
         plan,
         layers,
