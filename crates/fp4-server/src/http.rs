@@ -307,13 +307,13 @@ fn system_prompt_end(
     s: &AppState,
     req: &protocol::ChatRequest,
     ids: &[u32],
-    kwargs: &Map<String, Value>,
+    kwargs: Map<String, Value>,
 ) -> Option<usize> {
     if req.messages.len() < 2 || req.messages[0]["role"] != "system" {
         return None;
     }
     let probe = [req.messages[0].clone(), json!({"role": "user", "content": ""})];
-    let (text, lit) = render_protected(s, &probe, req.tools.as_deref(), false, kwargs.clone()).ok()?;
+    let (text, lit) = render_protected(s, &probe, req.tools.as_deref(), false, kwargs).ok()?;
     let sys = encode_chat(s, &text, lit.as_ref()).ok()?;
     let shared = ids.iter().zip(&sys).take_while(|(a, b)| a == b).count();
     (shared > 0 && shared < ids.len()).then_some(shared)
@@ -346,7 +346,7 @@ fn prepare_chat(s: &AppState, req: &protocol::ChatRequest) -> ApiResult<Prepared
     }
     let ids = encode_chat(s, &format!("{prompt}{forced}"), lit.as_ref())?;
     let mut gen = gen_request(s, ids.clone(), "messages", &req.opts)?;
-    gen.snapshot_at = system_prompt_end(s, req, &ids, &kwargs).into_iter().collect();
+    gen.snapshot_at = system_prompt_end(s, req, &ids, kwargs).into_iter().collect();
     if req.tool_choice == ToolChoice::Required {
         // The model must name one of the tools: the engine picks the likeliest `NAME>\n`.
         for t in req.tools.iter().flatten() {
