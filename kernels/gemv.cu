@@ -72,6 +72,68 @@ extern "C" __global__ void bf16_gemv_f32(const uint16_t* __restrict__ w, float s
     if (lane == 0) y[(size_t)blockIdx.y * n + row] = acc * scale;
 }
 
+// The same product for 2..T tokens with each weight read once for all of them (a batch's LM
+// head: at 8 sequences the one-token kernel above streamed the 2 GB head 8 times per step).
+// A warp owns R consecutive rows and walks K as bf16_gemv_f32 does; per chunk it loads the R
+// rows' 16 bytes once and each token's two float4s once, R rows sharing them (with R = 1 a
+// warp would read every token's activations from L1 for each row: 16 B per weight at 8 tokens).
+// Each (row, token) sum is the one-token kernel's: the same chunks in the same order, the same
+// bf16x8_dot and warp_sum, so a token's logits do not depend on the batch it is in.
+template <int T, int R>
+__device__ __forceinline__ void bf16_gemv_batch(const uint16_t* __restrict__ w, float scale,
+                                                const float* __restrict__ x, float* __restrict__ y, int n, int k,
+                                                int t) {
+    pdl_start();
+    const int row0 = (blockIdx.x * ROWS_PER_BLOCK + threadIdx.y) * R;
+    if (row0 >= n) return;
+    const int lane = threadIdx.x;
+    const uint4* wrow[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) wrow[r] = reinterpret_cast<const uint4*>(w + (size_t)min(row0 + r, n - 1) * k);
+    float acc[R][T];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int j = 0; j < T; j++) acc[r][j] = 0.f;
+#pragma unroll 2
+    for (int c = lane; c < k / 8; c += 32) {
+        uint4 q[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) q[r] = __ldg(wrow[r] + c);
+#pragma unroll
+        for (int j = 0; j < T; j++) {
+            if (j < t) {
+                const float4* x4 = reinterpret_cast<const float4*>(x + (size_t)j * k);
+                float4 a = __ldg(x4 + 2 * c), b = __ldg(x4 + 2 * c + 1);
+#pragma unroll
+                for (int r = 0; r < R; r++) acc[r][j] += bf16x8_dot(q[r], a, b);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int j = 0; j < T; j++) {
+            float v = warp_sum(acc[r][j]);
+            if (lane == 0 && j < t && row0 + r < n) y[(size_t)j * n + row0 + r] = v * scale;
+        }
+}
+
+#define BF16_BATCH_ENTRY(NAME, T, R)                                                                     \
+    extern "C" __global__ void NAME(const uint16_t* __restrict__ w, float scale, const float* __restrict__ x, \
+                                    float* __restrict__ y, int n, int k, int t) {                            \
+        /* pdl_start() in bf16_gemv_batch */                                                                 \
+        bf16_gemv_batch<T, R>(w, scale, x, y, n, k, t);                                                      \
+    }
+// A row per warp for weights too narrow to give every SM several blocks of BF16_WIDE_ROWS-row
+// warps; BF16_WIDE_ROWS rows per warp for the wide ones (the LM head).
+BF16_BATCH_ENTRY(bf16_gemv_t2, 2, 1)
+BF16_BATCH_ENTRY(bf16_gemv_t4, 4, 1)
+BF16_BATCH_ENTRY(bf16_gemv_t8, 8, 1)
+BF16_BATCH_ENTRY(bf16_gemv_wide_t2, 2, BF16_WIDE_ROWS)
+BF16_BATCH_ENTRY(bf16_gemv_wide_t4, 4, BF16_WIDE_ROWS)
+BF16_BATCH_ENTRY(bf16_gemv_wide_t8, 8, BF16_WIDE_ROWS)
+
 // The same product for few rows (the GDN's [32, 4096] in_proj_b/a): one block of
 // ROWBLOCK_THREADS per (row, token), the row's chunks spread over all its warps and their sums
 // added in warp order, so a handful of rows still keeps many loads in flight.

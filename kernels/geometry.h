@@ -6,6 +6,7 @@
 
 // gemv.cu
 #define ROWS_PER_BLOCK 4      // CUDA-core GEMVs: output rows (warps) per block
+#define BF16_WIDE_ROWS 4      // bf16_gemv_wide_t*: output rows per warp
 #define ROWBLOCK_THREADS 256  // bf16_gemv_rowblock_f32: threads per (row, token)
 #define MMA_WARPS 8           // tensor-core GEMV: warps per 16-row tile
 #define MMA_CHUNK 128         // tensor-core GEMV: k per chunk

@@ -40,7 +40,8 @@ fp4 = {
     "aggregate_decode": e.get("aggregate_decode_nvfp4"),
     "aggregate_decode_bf16": e.get("aggregate_decode_bf16"),
     "decode_depth": e.get("decode_depth"),
-    "server_overhead_fraction": None,
+    "server_overhead_fraction": e.get("server_overhead_fraction"),
+    "decode_bs1_nvfp4_served": e.get("decode_bs1_nvfp4_served"),
     "copy_gb_per_s": st.get("copy_gb_per_s"),
     "bytes_per_token_nvfp4": e.get("bytes_per_token_nvfp4"),
 }

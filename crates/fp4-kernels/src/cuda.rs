@@ -178,6 +178,8 @@ struct Kernels {
     nvfp4_tile: CudaFunction,
     f16_rowscaled: CudaFunction,
     bf16_gemv: CudaFunction,
+    /// `bf16_gemv_t{2,4,8}` (a row per warp) and `bf16_gemv_wide_t{2,4,8}` (`BF16_WIDE_ROWS`).
+    bf16_gemv_batch: [[CudaFunction; 3]; 2],
     bf16_gemv_rowblock: CudaFunction,
     nvfp4_dequant_bf16: CudaFunction,
     nvfp4_dequant_f32: CudaFunction,
@@ -276,6 +278,18 @@ impl Kernels {
                 .collect::<Result<_>>()?,
             nvfp4_tile: gemv.load_function("nvfp4_tile")?,
             bf16_gemv: gemv.load_function("bf16_gemv_f32")?,
+            bf16_gemv_batch: [
+                [
+                    gemv.load_function("bf16_gemv_t2")?,
+                    gemv.load_function("bf16_gemv_t4")?,
+                    gemv.load_function("bf16_gemv_t8")?,
+                ],
+                [
+                    gemv.load_function("bf16_gemv_wide_t2")?,
+                    gemv.load_function("bf16_gemv_wide_t4")?,
+                    gemv.load_function("bf16_gemv_wide_t8")?,
+                ],
+            ],
             bf16_gemv_rowblock: gemv.load_function("bf16_gemv_rowblock_f32")?,
             nvfp4_dequant_bf16: dequant.load_function("nvfp4_dequant_bf16")?,
             nvfp4_dequant_f32: dequant.load_function("nvfp4_dequant_f32")?,

@@ -250,9 +250,6 @@ pub(super) fn ttft_runs_ms(model: &Qwen35, n: usize) -> anyhow::Result<Vec<f64>>
     Ok(runs)
 }
 
-/// The engine benchmarks (schema `fp4.engine-bench.v1`'s `fp4` part): decode at batch 1 through
-/// the runner (graph and eager), aggregate decode of 1/8/32/64 streams after a 1k prompt, decode
-/// at context depth, TTFT of 1k and 4k prompts.
 /// Graph decode of `batch` sequences (a 1k-token prompt each) of the synthetic NVFP4 model and
 /// nothing else, for a profiler's trace.
 pub(super) fn profile_decode(g: &Gpu, name: &str, steps: usize, batch: usize) -> anyhow::Result<()> {
@@ -271,6 +268,58 @@ pub(super) fn profile_decode(g: &Gpu, name: &str, steps: usize, batch: usize) ->
     Ok(())
 }
 
+/// Decode tokens per second of one greedy request through the serving engine (`fp4 serve`'s
+/// scheduler thread: admission, chunked prefill, the batched runner's graph step, per-token
+/// events), counted from its first token to its last: what the server adds to the runner's step.
+/// The HTTP layer runs on other threads and is not in this figure.
+fn served_decode_rate(model: Qwen35, prompt: &[u32], tokens: usize) -> anyhow::Result<f64> {
+    use fp4_server::engine::{self, EngineConfig, Event, GenRequest, Penalties};
+    let cfg = EngineConfig {
+        max_num_seqs: 8,
+        max_model_len: 4096,
+        max_waiting: 8,
+        cache_budget_bytes: 4 << 30,
+        cuda_graphs: true,
+        prefix_cache_bytes: 0,
+    };
+    let handle = engine::start(model, cfg)?;
+    let request = || GenRequest {
+        prompt: prompt.to_vec(),
+        sampling: fp4_model::SamplingParams::default(),
+        penalties: Penalties::default(),
+        max_tokens: tokens + 1,
+        stop_ids: vec![],
+        logprobs: None,
+        choices: vec![],
+        snapshot_at: vec![],
+    };
+    let mut rate = 0.0;
+    // The first request captures the step's graph; the second is timed.
+    for _ in 0..2 {
+        let mut events = handle.submit(request())?;
+        let (mut first, mut n) = (None, 0usize);
+        loop {
+            match events.blocking_recv() {
+                Some(Event::Token { .. }) => {
+                    first.get_or_insert_with(Instant::now);
+                    n += 1;
+                }
+                Some(Event::Finished { .. }) => break,
+                Some(Event::Failed(e)) => anyhow::bail!("the serving engine failed the request: {e}"),
+                None => anyhow::bail!("the serving engine stopped"),
+            }
+        }
+        let first = first.context("the serving engine returned no tokens")?;
+        rate = (n - 1) as f64 / first.elapsed().as_secs_f64();
+    }
+    handle.shutdown();
+    Ok(rate)
+}
+
+/// The engine benchmarks (schema `fp4.engine-bench.v1`'s `fp4` part): decode at batch 1 through
+/// the runner (graph and eager), aggregate decode of 1/8/32/64 streams after a 1k prompt, decode
+/// at context depth, TTFT of 1k and 4k prompts, and
+/// decode at batch 1 through the serving engine.
 pub(super) fn engine_benches(g: &Gpu, _a: &Args, name: &str, copy: f64) -> anyhow::Result<Value> {
     g.set_exact_gemm(false);
     let mut out = json!({"copy_gb_per_s": copy / 1e9});
@@ -338,6 +387,15 @@ pub(super) fn engine_benches(g: &Gpu, _a: &Args, name: &str, copy: f64) -> anyho
                 println!("engine {name} {label}: TTFT {n} tokens {ms:.1} ms");
                 out[format!("ttft_{}k_nvfp4_ms", n / 1000)] = json!(ms);
             }
+            let served = served_decode_rate(model, &prompt, 128)?;
+            let overhead = 1.0 - served / bs1;
+            println!(
+                "engine {name} {label}: decode bs=1 through the serving engine {served:.1} tok/s \
+                 (runner alone {bs1:.1}: the engine's own cost {:.1} % of a step)",
+                100.0 * overhead
+            );
+            out["decode_bs1_nvfp4_served"] = json!(served);
+            out["server_overhead_fraction"] = json!(overhead);
         }
     }
     Ok(out)

@@ -127,6 +127,35 @@ fn mma_group_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) {
     }
 }
 
+/// The batched bf16 GEMV (2–8 tokens, each weight read once): a narrow weight (a row per warp)
+/// and one wide enough for several rows per warp (rows not a multiple of them), against the CPU,
+/// and every token's outputs the same bits as that token alone (the one-token kernel).
+fn bf16_batch_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) {
+    for (rows, cols) in [(1536, 512), (8451, 256)] {
+        let w: Vec<f32> = rng.vec(rows * cols, 0.05).into_iter().map(fp4_format::dtype::round_bf16).collect();
+        let scale = 0.37;
+        let gw = g.upload_bf16(&w, rows, cols, scale);
+        let w = Tensor::from_vec(w.iter().map(|v| v * scale).collect(), &[rows, cols]);
+        let x = rng.tensor(&[cuda::GEMV_MAX_TOKENS, cols], 1.0);
+        let alone: Vec<Vec<u32>> = (0..cuda::GEMV_MAX_TOKENS)
+            .map(|i| {
+                let xi = Tensor::from_vec(x.as_slice()[i * cols..(i + 1) * cols].to_vec(), &[1, cols]);
+                ops::linear_gpu(&gpu_t(&xi), &gw, None, None, None).to_vec().into_iter().map(f32::to_bits).collect()
+            })
+            .collect();
+        let (mut err, mut same) = (0f64, true);
+        for t in 2..=cuda::GEMV_MAX_TOKENS {
+            let xt = Tensor::from_vec(x.as_slice()[..t * cols].to_vec(), &[t, cols]);
+            let got = ops::linear_gpu(&gpu_t(&xt), &gw, None, None, None);
+            err = err.max(rel_err(&got, &ops::linear(&xt, &w, None, F32)));
+            let bits: Vec<u32> = got.to_vec().into_iter().map(f32::to_bits).collect();
+            same &= bits.chunks(rows).zip(&alone).all(|(b, a)| b == a.as_slice());
+        }
+        rep.check(&format!("linear bf16 batched gemv 2..8 tokens x{cols}→{rows}"), err, 1e-5);
+        rep.require(&format!("bf16 batched gemv = one token alone, bit for bit ({rows} rows)"), same, json!({}));
+    }
+}
+
 /// Linear layers: NVFP4 and bf16 (scale 1 and an FP8-style per-tensor scale) through the GEMV
 /// (≤ 8 tokens) and the GEMM (exact f32 and bf16 tensor cores), with bias and pre_quant_scale.
 fn linear_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) {
@@ -165,6 +194,7 @@ fn linear_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) {
         }
     }
     mma_group_checks(g, rep, rng);
+    bf16_batch_checks(g, rep, rng);
     g.set_exact_gemm(true);
     // Bias and AWQ pre_quant_scale on both paths; an f32 weight (tied LM head) through cuBLAS.
     let (rows, cols) = (80, 256);

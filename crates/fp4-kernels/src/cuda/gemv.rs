@@ -48,8 +48,12 @@ impl Gpu {
                     shared_mem_bytes: 0,
                 };
                 launch!(self, bf16_gemv_rowblock, cfg, w, scale, x, &mut y, &ni, &ki);
-            } else {
+            } else if t == 1 {
                 launch!(self, bf16_gemv, gemv_cfg(n, t), w, scale, x, &mut y, &ni, &ki);
+            } else {
+                let (f, cfg) = self.bf16_gemv_batch(n, t);
+                let ti = t as i32;
+                launch!(self, fn f, cfg, w, scale, x, &mut y, &ni, &ki, &ti);
             }
             return Ok(y);
         }
@@ -79,6 +83,23 @@ impl Gpu {
             }
         }
         Ok(y)
+    }
+
+    /// The batched bf16 GEMV for `2 ≤ t ≤ GEMV_MAX_TOKENS` tokens over `n` rows (each weight
+    /// read once for all tokens): `BF16_WIDE_ROWS` rows per warp where that still gives every SM
+    /// four blocks, else one.
+    fn bf16_gemv_batch(&self, n: usize, t: usize) -> (&CudaFunction, LaunchConfig) {
+        debug_assert!((2..=GEMV_MAX_TOKENS).contains(&t));
+        let per_block = GEMV_ROWS_PER_BLOCK as usize * geometry::BF16_WIDE_ROWS;
+        let wide = n.div_ceil(per_block) >= 4 * self.sms as usize;
+        let rows_per_block = if wide { per_block } else { GEMV_ROWS_PER_BLOCK as usize };
+        let f = &self.k.bf16_gemv_batch[wide as usize][t.next_power_of_two().trailing_zeros() as usize - 1];
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(rows_per_block) as u32, 1, 1),
+            block_dim: (32, GEMV_ROWS_PER_BLOCK, 1),
+            shared_mem_bytes: 0,
+        };
+        (f, cfg)
     }
 
     /// The GEMV paths of an NVFP4 linear, when one applies: the tensor-core GEMV for up to
