@@ -201,6 +201,34 @@ __device__ __forceinline__ void e2m1x8_to_f16x2(uint32_t q, uint32_t* p) {
     }
 }
 
+// The same 4 pairs from a word in the repacked layout (`nvfp4_repack`, GEMV sweep only for now):
+// each code's sign and magnitude bits moved so that a pair needs one AND (two of them) or two
+// shifted copies and two LOP3s, 11 instructions a word instead of 16 (ModelOpt's nibbles keep the
+// sign one bit above the magnitude, four short of f16's layout). Codes 3/7: magnitude at bits
+// 12/28, sign 1/17; 2/6: 9/25, 15/31; 1/5: 5/21, 0/16; 0/4: 2/18, 8/24 (magnitude lsb given).
+__device__ __forceinline__ void e2m1x8_repacked_to_f16x2(uint32_t q, uint32_t* p) {
+    const uint32_t mag = 0x0E000E00u, sign = 0x80008000u;
+    p[0] = ((q >> 3) & mag) | ((q << 14) & sign);
+    p[1] = q & (mag | sign);
+    p[2] = ((q << 4) & mag) | ((q << 15) & sign);
+    p[3] = (q << 7) & (mag | sign);
+}
+
+// ModelOpt words (code c at bits 4c..4c+3) → the repacked layout above, one thread per word.
+extern "C" __global__ void nvfp4_repack(const uint32_t* __restrict__ in, uint32_t* __restrict__ out, size_t words) {
+    pdl_start();
+    const int mag_at[8] = {2, 5, 9, 12, 18, 21, 25, 28}, sign_at[8] = {8, 0, 15, 1, 24, 16, 31, 17};
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < words; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t q = in[i], r = 0;
+#pragma unroll
+        for (int c = 0; c < 8; c++) {
+            uint32_t v = (q >> (4 * c)) & 15u;
+            r |= ((v & 7u) << mag_at[c]) | ((v >> 3) << sign_at[c]);
+        }
+        out[i] = r;
+    }
+}
+
 __device__ __forceinline__ uint32_t hmul2(uint32_t a, uint32_t b) {
     uint32_t d;
     asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
@@ -247,14 +275,17 @@ __device__ __forceinline__ Chunk load_chunk(const uint8_t* __restrict__ w, const
                                             int r0, int n, int k, int k0) {
     Chunk c = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), 0, 0};
     int r1 = r0 + 8;
+    // Unsigned offsets (k, k0 ≥ 0): a signed k0 / 2 costs three instructions per use, and this
+    // runs once per chunk in the GEMV's inner loop.
+    const size_t wk = (unsigned)k >> 1, sk = (unsigned)k >> 4, wo = (unsigned)k0 >> 1, so = (unsigned)k0 >> 4;
     if (k0 < k) {
         if (r0 < n) {
-            c.w0 = __ldg(reinterpret_cast<const uint4*>(w + (size_t)r0 * (k / 2) + k0 / 2));
-            c.s0 = __ldg(reinterpret_cast<const uint16_t*>(scales + (size_t)r0 * (k / 16) + k0 / 16));
+            c.w0 = __ldg(reinterpret_cast<const uint4*>(w + (size_t)r0 * wk + wo));
+            c.s0 = __ldg(reinterpret_cast<const uint16_t*>(scales + (size_t)r0 * sk + so));
         }
         if (r1 < n) {
-            c.w1 = __ldg(reinterpret_cast<const uint4*>(w + (size_t)r1 * (k / 2) + k0 / 2));
-            c.s1 = __ldg(reinterpret_cast<const uint16_t*>(scales + (size_t)r1 * (k / 16) + k0 / 16));
+            c.w1 = __ldg(reinterpret_cast<const uint4*>(w + (size_t)r1 * wk + wo));
+            c.s1 = __ldg(reinterpret_cast<const uint16_t*>(scales + (size_t)r1 * sk + so));
         }
     }
     return c;
@@ -306,7 +337,9 @@ extern "C" __global__ void nvfp4_tile(const uint8_t* __restrict__ w, const uint8
     }
 }
 
-// The chunk's weights as MMA A fragments (e2m1 · scale · 2^-7 in f16, see above).
+// The chunk's weights as MMA A fragments (e2m1 · scale · 2^-7 in f16, see above); REPACKED:
+// words in `nvfp4_repack`'s layout.
+template <bool REPACKED = false>
 __device__ __forceinline__ void decode_chunk(const Chunk& ch, uint32_t* a0, uint32_t* a1) {
     uint32_t sa[2], sb[2];
     block_scales(ch.s0, sa);
@@ -314,8 +347,13 @@ __device__ __forceinline__ void decode_chunk(const Chunk& ch, uint32_t* a0, uint
     const uint32_t wa[4] = {ch.w0.x, ch.w0.y, ch.w0.z, ch.w0.w}, wb[4] = {ch.w1.x, ch.w1.y, ch.w1.z, ch.w1.w};
 #pragma unroll
     for (int j = 0; j < 4; j++) {
-        e2m1x8_to_f16x2(wa[j], a0 + 4 * j);
-        e2m1x8_to_f16x2(wb[j], a1 + 4 * j);
+        if (REPACKED) {
+            e2m1x8_repacked_to_f16x2(wa[j], a0 + 4 * j);
+            e2m1x8_repacked_to_f16x2(wb[j], a1 + 4 * j);
+        } else {
+            e2m1x8_to_f16x2(wa[j], a0 + 4 * j);
+            e2m1x8_to_f16x2(wb[j], a1 + 4 * j);
+        }
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             a0[4 * j + i] = hmul2(a0[4 * j + i], sa[j >> 1]);
@@ -338,7 +376,11 @@ __device__ __forceinline__ void mma_steps(const uint32_t* a0, const uint32_t* a1
 // arithmetic. With XP (one n-tile only) the chunk's activations ride in the same pipeline.
 // Each n-tile has one accumulator chain walking the chunks in the same order whatever NT is,
 // so a token's result does not depend on the batch it is in.
-template <int NT, int W, int D, bool XP, bool TILED>
+// Weight layouts the K-splitting GEMV reads: ModelOpt's, `nvfp4_tile`'s, `nvfp4_repack`'s.
+#define LAYOUT_MODELOPT 0
+#define LAYOUT_TILED 1
+#define LAYOUT_REPACKED 2
+template <int NT, int W, int D, bool XP, int LAYOUT>
 __device__ __forceinline__ void nvfp4_mma_gemv(const GemvGroup& grp, const uint16_t* __restrict__ xh,
                                                const float* __restrict__ xinv, int k, int t) {
     static_assert(!XP || NT == 1, "activations ride in the pipeline for one n-tile only");
@@ -360,7 +402,7 @@ __device__ __forceinline__ void nvfp4_mma_gemv(const GemvGroup& grp, const uint1
     const int mine = max(0, min(range, chunks - first));
     auto k_of = [&](int i) { return (first + i) * MMA_CHUNK + 32 * q; };
     auto load = [&](int i) {
-        return TILED ? load_chunk_tiled(w, scales, tile, chunks, first + i, lane) : load_chunk(w, scales, r0, n, k, k_of(i));
+        return LAYOUT == LAYOUT_TILED ? load_chunk_tiled(w, scales, tile, chunks, first + i, lane) : load_chunk(w, scales, r0, n, k, k_of(i));
     };
     Chunk buf[D];
     Xs xbuf[XP ? D : 1];
@@ -387,7 +429,7 @@ __device__ __forceinline__ void nvfp4_mma_gemv(const GemvGroup& grp, const uint1
                 if (XP) xbuf[XP ? d : 0] = load_x(xh, g, k, t, k_of(i + D));
             }
             uint32_t a0[16], a1[16];
-            decode_chunk(cur, a0, a1);
+            decode_chunk<LAYOUT == LAYOUT_REPACKED>(cur, a0, a1);
 #pragma unroll
             for (int j = 0; j < NT; j++) mma_steps(a0, a1, XP ? xcur : load_x(xh, 8 * j + g, k, t, k_of(i)), c[j]);
         }
@@ -602,25 +644,26 @@ extern "C" __global__ void nvfp4_mma_split_reduce(const GemvGroup grp, const flo
     }
 }
 
-#define GEMV_ENTRY(NAME, NT, W, D, XP, TILED, MINB)                                                         \
+#define GEMV_ENTRY(NAME, NT, W, D, XP, LAYOUT, MINB)                                                         \
     extern "C" __global__ void __launch_bounds__(W * 32, MINB)                                             \
         NAME(const GemvGroup grp, const uint16_t* __restrict__ xh, const float* __restrict__ xinv, int k,  \
              int t) { /* pdl_wait() in nvfp4_mma_gemv, after its first weight loads */                \
-        nvfp4_mma_gemv<NT, W, D, XP, TILED>(grp, xh, xinv, k, t);                                           \
+        nvfp4_mma_gemv<NT, W, D, XP, LAYOUT>(grp, xh, xinv, k, t);                                          \
     }
 // Three blocks per SM (≤ 85 registers) for one n-tile, two (≤ 128) for two, else one (no
 // spills). Measured on the 9B's shapes (selftest --gemv-sweep): deeper pipelines, activations in
 // the pipeline, 2/4/16 warps or a tile-contiguous weight layout were no faster or ≤ 6 % faster.
-GEMV_ENTRY(nvfp4_mma_gemv_nt1, 1, MMA_WARPS, MMA_DEPTH, false, false, 3)
-GEMV_ENTRY(nvfp4_mma_gemv_nt2, 2, MMA_WARPS, MMA_DEPTH, false, false, 2)
-GEMV_ENTRY(nvfp4_mma_gemv_nt4, 4, MMA_WARPS, MMA_DEPTH, false, false, 1)
-GEMV_ENTRY(nvfp4_mma_gemv_nt8, 8, MMA_WARPS, MMA_DEPTH, false, false, 1)
+GEMV_ENTRY(nvfp4_mma_gemv_nt1, 1, MMA_WARPS, MMA_DEPTH, false, LAYOUT_MODELOPT, 3)
+GEMV_ENTRY(nvfp4_mma_gemv_nt2, 2, MMA_WARPS, MMA_DEPTH, false, LAYOUT_MODELOPT, 2)
+GEMV_ENTRY(nvfp4_mma_gemv_nt4, 4, MMA_WARPS, MMA_DEPTH, false, LAYOUT_MODELOPT, 1)
+GEMV_ENTRY(nvfp4_mma_gemv_nt8, 8, MMA_WARPS, MMA_DEPTH, false, LAYOUT_MODELOPT, 1)
 // Geometry sweep (selftest --gemv-sweep): name = warps, depth, x: activations in the pipeline,
-// t: tiled layout.
-GEMV_ENTRY(gemv_sweep_w8d4, 1, 8, 4, false, false, 2)
-GEMV_ENTRY(gemv_sweep_w8d2t, 1, 8, 2, false, true, 3)
-GEMV_ENTRY(gemv_sweep_w4d2xt, 1, 4, 2, true, true, 4)
-GEMV_ENTRY(gemv_sweep_w2d4t, 1, 2, 4, false, true, 8)
+// t: tiled layout, p: repacked layout (the shipped geometry otherwise).
+GEMV_ENTRY(gemv_sweep_w8d4, 1, 8, 4, false, LAYOUT_MODELOPT, 2)
+GEMV_ENTRY(gemv_sweep_w8d2t, 1, 8, 2, false, LAYOUT_TILED, 3)
+GEMV_ENTRY(gemv_sweep_w4d2xt, 1, 4, 2, true, LAYOUT_TILED, 4)
+GEMV_ENTRY(gemv_sweep_w2d4t, 1, 2, 4, false, LAYOUT_TILED, 8)
+GEMV_ENTRY(gemv_sweep_w8d2p, 1, MMA_WARPS, MMA_DEPTH, false, LAYOUT_REPACKED, 3)
 
 // x [T, K] f32 → f16 · 2^e_t per row (one block of ROWSCALE_THREADS per row; K % 8 == 0), e_t
 // putting the row's amax in [2^14, 2^15), in the GEMV's pair order: within each 8, (x3,x7)

@@ -89,13 +89,23 @@ const MMA_WARPS: u32 = geometry::MMA_WARPS as u32;
 const MMA_GROUP_MAX: usize = geometry::GROUP_MAX;
 /// `ROWSCALE_THREADS` of `f16_rowscaled`.
 const ROWSCALE_THREADS: u32 = geometry::ROWSCALE_THREADS as u32;
-/// The `gemv_sweep_*` kernels (name, warps per block, reads the tiled layout).
-const GEMV_SWEEP: [(&str, u32, bool); 4] = [
-    ("gemv_sweep_w8d4", 8, false),
-    ("gemv_sweep_w8d2t", 8, true),
-    ("gemv_sweep_w4d2xt", 4, true),
-    ("gemv_sweep_w2d4t", 2, true),
+/// The `gemv_sweep_*` kernels (name, warps per block, the weight layout they read).
+const GEMV_SWEEP: [(&str, u32, SweepLayout); 5] = [
+    ("gemv_sweep_w8d4", 8, SweepLayout::ModelOpt),
+    ("gemv_sweep_w8d2t", 8, SweepLayout::Tiled),
+    ("gemv_sweep_w4d2xt", 4, SweepLayout::Tiled),
+    ("gemv_sweep_w2d4t", 2, SweepLayout::Tiled),
+    ("gemv_sweep_w8d2p", MMA_WARPS, SweepLayout::Repacked),
 ];
+
+/// The NVFP4 weight layout a GEMV sweep kernel reads: ModelOpt's, `nvfp4_tile`'s 16-row tiles, or
+/// `nvfp4_repack`'s bit order within each 8-code word (see `kernels/gemv.cu`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SweepLayout {
+    ModelOpt,
+    Tiled,
+    Repacked,
+}
 /// `MAX_CONV_K` and `CONV_T` (tokens per thread) of `causal_conv1d_silu_f32`.
 const MAX_CONV_K: usize = geometry::MAX_CONV_K;
 const CONV_T: usize = geometry::CONV_T;
@@ -174,7 +184,8 @@ struct Kernels {
     nvfp4_split: [CudaFunction; 2],
     nvfp4_split_reduce: CudaFunction,
     /// `gemv_sweep_*`: the one-n-tile GEMV in other geometries, with their warps per block.
-    gemv_sweep: Vec<(&'static str, u32, bool, CudaFunction)>,
+    gemv_sweep: Vec<(&'static str, u32, SweepLayout, CudaFunction)>,
+    nvfp4_repack: CudaFunction,
     nvfp4_tile: CudaFunction,
     f16_rowscaled: CudaFunction,
     bf16_gemv: CudaFunction,
@@ -274,8 +285,9 @@ impl Kernels {
             nvfp4_split_reduce: gemv.load_function("nvfp4_mma_split_reduce")?,
             gemv_sweep: GEMV_SWEEP
                 .iter()
-                .map(|&(name, warps, tiled)| Ok((name, warps, tiled, gemv.load_function(name)?)))
+                .map(|&(name, warps, layout)| Ok((name, warps, layout, gemv.load_function(name)?)))
                 .collect::<Result<_>>()?,
+            nvfp4_repack: gemv.load_function("nvfp4_repack")?,
             nvfp4_tile: gemv.load_function("nvfp4_tile")?,
             bf16_gemv: gemv.load_function("bf16_gemv_f32")?,
             bf16_gemv_batch: [

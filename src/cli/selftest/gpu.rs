@@ -582,6 +582,7 @@ fn gemv_sweep(g: &Gpu, out: Option<&Path>) -> anyhow::Result<()> {
         let ws = random_group(g, dims)?;
         let refs: Vec<&cuda::GpuNvfp4> = ws.iter().collect();
         let tiled = ws.iter().map(|w| g.nvfp4_tiled(w)).collect::<cuda::Result<Vec<_>>>()?;
+        let repacked = ws.iter().map(|w| g.nvfp4_repacked(w)).collect::<cuda::Result<Vec<_>>>()?;
         let bytes: usize = ws.iter().map(|w| w.bytes()).sum();
         let k = dims[0].1;
         for t in [1, 8] {
@@ -593,7 +594,7 @@ fn gemv_sweep(g: &Gpu, out: Option<&Path>) -> anyhow::Result<()> {
                 let name = names.get(v).copied().unwrap_or("shipped (nt1)");
                 let run = || {
                     if v < names.len() {
-                        g.nvfp4_mma_gemv_sweep(v, &act, &refs, &tiled)
+                        g.nvfp4_mma_gemv_sweep(v, &act, &refs, &tiled, &repacked)
                     } else {
                         g.nvfp4_mma_gemv_group(&act, &refs)
                     }

@@ -235,22 +235,36 @@ impl Gpu {
         self.k.gemv_sweep.iter().map(|v| v.0).collect()
     }
 
-    /// [`Gpu::nvfp4_mma_gemv_group`] through sweep kernel `i` (`a.t ≤ 8`); `tiled` holds each
-    /// weight in the tiled layout (`nvfp4_tile`) for the kernels that read it.
+    /// [`Gpu::nvfp4_mma_gemv_group`] through sweep kernel `i` (`a.t ≤ 8`); `tiled` and
+    /// `repacked` hold each weight in those layouts (`nvfp4_tile`, `nvfp4_repack`) for the kernels
+    /// that read them.
     pub fn nvfp4_mma_gemv_sweep(
         &self,
         i: usize,
         a: &MmaActivations,
         ws: &[&GpuNvfp4],
         tiled: &[GpuNvfp4],
+        repacked: &[GpuNvfp4],
     ) -> Result<Vec<DeviceBuf<f32>>> {
         assert!(a.t <= 8, "the sweep kernels take one n-tile");
-        let (_, warps, is_tiled, f) = &self.k.gemv_sweep[i];
-        if *is_tiled {
-            let refs: Vec<&GpuNvfp4> = tiled.iter().collect();
-            return self.gemv_group_on(f, *warps, a, &refs);
-        }
-        self.gemv_group_on(f, *warps, a, ws)
+        let (_, warps, layout, f) = &self.k.gemv_sweep[i];
+        let copies = match layout {
+            SweepLayout::ModelOpt => return self.gemv_group_on(f, *warps, a, ws),
+            SweepLayout::Tiled => tiled,
+            SweepLayout::Repacked => repacked,
+        };
+        let refs: Vec<&GpuNvfp4> = copies.iter().collect();
+        self.gemv_group_on(f, *warps, a, &refs)
+    }
+
+    /// `q` with each 8-code word's bits in the order of `nvfp4_repack` (`kernels/gemv.cu`: the
+    /// decode of the sweep's repacked kernel); rows, cols, scales and scale_2 as they were.
+    pub fn nvfp4_repacked(&self, q: &GpuNvfp4) -> Result<GpuNvfp4> {
+        let words = q.packed.len() / 4;
+        assert_eq!(q.packed.len() % 4, 0, "nvfp4_repack: whole 8-code words");
+        let mut out = self.alloc::<u8>(q.packed.len())?;
+        launch!(self, nvfp4_repack, flat(words), &q.packed, &mut out, &words);
+        Ok(GpuNvfp4 { rows: q.rows, cols: q.cols, packed: out, scales: q.scales.clone(), scale_2: q.scale_2 })
     }
 
     /// `q` in the tiled layout of `kernels/gemv.cu` (same rows, cols, scale_2).
