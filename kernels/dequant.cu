@@ -6,9 +6,9 @@
 
 // One thread per 16-weight block (8 packed bytes, one E4M3 scale): 16 bf16 = e2m1 · e4m3, no
 // scale_2, written as two 16-byte stores (byte-wide loads and 2-byte stores ran at 42 % of copy
-// bandwidth on an H200).
+// bandwidth on an H200). `repacked`: the codes are in the GEMV layout (nvfp4.cuh).
 extern "C" __global__ void nvfp4_dequant_bf16(const uint8_t* __restrict__ w, const uint8_t* __restrict__ scales,
-                                              uint16_t* __restrict__ out, size_t blocks) {
+                                              uint16_t* __restrict__ out, size_t blocks, int repacked) {
     pdl_wait();  // no early trigger: cuBLAS kernels follow these (see kernels/pdl.cuh)
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < blocks; i += (size_t)gridDim.x * blockDim.x) {
         uint2 q = reinterpret_cast<const uint2*>(w)[i];
@@ -16,8 +16,10 @@ extern "C" __global__ void nvfp4_dequant_bf16(const uint8_t* __restrict__ w, con
         uint32_t o[8];
 #pragma unroll
         for (int b = 0; b < 8; b++) {
-            uint32_t byte = ((b < 4 ? q.x : q.y) >> (8 * (b % 4))) & 255u;
-            o[b] = (uint32_t)to_bf16(e2m1(byte & 15u) * s) | ((uint32_t)to_bf16(e2m1(byte >> 4) * s) << 16);
+            uint32_t word = b < 4 ? q.x : q.y;
+            int c = 2 * (b % 4);
+            o[b] = (uint32_t)to_bf16(e2m1(code_of(word, c, repacked)) * s) |
+                   ((uint32_t)to_bf16(e2m1(code_of(word, c + 1, repacked)) * s) << 16);
         }
         uint4* dst = reinterpret_cast<uint4*>(out) + 2 * i;
         dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
@@ -25,15 +27,16 @@ extern "C" __global__ void nvfp4_dequant_bf16(const uint8_t* __restrict__ w, con
     }
 }
 
-// Same, to f32 (the exact-GEMM mode used to compare against the CPU reference).
+// Same, to f32 (the exact-GEMM mode used to compare against the CPU reference), one thread per
+// 8-code word.
 extern "C" __global__ void nvfp4_dequant_f32(const uint8_t* __restrict__ w, const uint8_t* __restrict__ scales,
-                                             float* __restrict__ out, size_t bytes) {
+                                             float* __restrict__ out, size_t words, int repacked) {
     pdl_wait();  // no early trigger: cuBLAS kernels follow these (see kernels/pdl.cuh)
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < bytes; i += (size_t)gridDim.x * blockDim.x) {
-        uint32_t b = w[i];
-        float s = e4m3(scales[i / 8]);
-        out[2 * i] = e2m1(b & 15u) * s;
-        out[2 * i + 1] = e2m1(b >> 4) * s;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < words; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t q = reinterpret_cast<const uint32_t*>(w)[i];
+        float s = e4m3(scales[i / 2]);
+#pragma unroll
+        for (int c = 0; c < 8; c++) out[8 * i + c] = e2m1(code_of(q, c, repacked)) * s;
     }
 }
 

@@ -14,14 +14,14 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-// NVFP4 (W4A16) as ModelOpt stores it: packed u8 [N, K/2] (element 2i in the low nibble), E4M3
-// block scales [N, K/16], one f32 scale_2. Lane l of a row's warp takes 8-weight words l, l+32, …:
+// NVFP4 (W4A16): packed u8 [N, K/2] (ModelOpt's element 2i in the low nibble, or the repacked
+// layout of nvfp4.cuh), E4M3 block scales [N, K/16], one f32 scale_2. Lane l of a row's warp takes 8-weight words l, l+32, …:
 // each warp load reads 128 contiguous bytes of weights and each lane's 8 activations are two
 // float4s 32 bytes from its neighbour's, so both streams coalesce (16-byte-per-lane weight loads
 // put lanes 128 bytes apart in x: 8x slower).
 extern "C" __global__ void nvfp4_gemv_f32(const uint8_t* __restrict__ w, const uint8_t* __restrict__ scales,
                                           float scale_2, const float* __restrict__ x, float* __restrict__ y,
-                                          int n, int k) {
+                                          int n, int k, int repacked) {
     pdl_start();
     int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.y;
     if (row >= n) return;
@@ -37,7 +37,7 @@ extern "C" __global__ void nvfp4_gemv_f32(const uint8_t* __restrict__ w, const u
         float xs[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
         float dot = 0.f;
 #pragma unroll
-        for (int i = 0; i < 8; i++) dot += e2m1((q >> (4 * i)) & 15u) * xs[i];
+        for (int i = 0; i < 8; i++) dot += e2m1(code_of(q, i, repacked)) * xs[i];
         acc += e4m3(__ldg(srow + (c >> 1))) * dot;
     }
     acc = warp_sum(acc);
@@ -201,11 +201,10 @@ __device__ __forceinline__ void e2m1x8_to_f16x2(uint32_t q, uint32_t* p) {
     }
 }
 
-// The same 4 pairs from a word in the repacked layout (`nvfp4_repack`, GEMV sweep only for now):
-// each code's sign and magnitude bits moved so that a pair needs one AND (two of them) or two
-// shifted copies and two LOP3s, 11 instructions a word instead of 16 (ModelOpt's nibbles keep the
-// sign one bit above the magnitude, four short of f16's layout). Codes 3/7: magnitude at bits
-// 12/28, sign 1/17; 2/6: 9/25, 15/31; 1/5: 5/21, 0/16; 0/4: 2/18, 8/24 (magnitude lsb given).
+// The same 4 pairs from a word in the repacked layout (nvfp4.cuh): two pairs need one AND, the
+// other two two shifted copies and two LOP3s, 11 instructions a word instead of 16 (ModelOpt's
+// nibbles keep the sign one bit above the magnitude, four short of f16's layout; no layout lets
+// every pair decode with one shift and one AND).
 __device__ __forceinline__ void e2m1x8_repacked_to_f16x2(uint32_t q, uint32_t* p) {
     const uint32_t mag = 0x0E000E00u, sign = 0x80008000u;
     p[0] = ((q >> 3) & mag) | ((q << 14) & sign);
@@ -214,16 +213,15 @@ __device__ __forceinline__ void e2m1x8_repacked_to_f16x2(uint32_t q, uint32_t* p
     p[3] = (q << 7) & (mag | sign);
 }
 
-// ModelOpt words (code c at bits 4c..4c+3) → the repacked layout above, one thread per word.
+// ModelOpt words → the repacked layout (nvfp4.cuh), one thread per word.
 extern "C" __global__ void nvfp4_repack(const uint32_t* __restrict__ in, uint32_t* __restrict__ out, size_t words) {
     pdl_start();
-    const int mag_at[8] = {2, 5, 9, 12, 18, 21, 25, 28}, sign_at[8] = {8, 0, 15, 1, 24, 16, 31, 17};
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < words; i += (size_t)gridDim.x * blockDim.x) {
         uint32_t q = in[i], r = 0;
 #pragma unroll
         for (int c = 0; c < 8; c++) {
             uint32_t v = (q >> (4 * c)) & 15u;
-            r |= ((v & 7u) << mag_at[c]) | ((v >> 3) << sign_at[c]);
+            r |= ((v & 7u) << REPACK_MAG_AT[c]) | ((v >> 3) << REPACK_SIGN_AT[c]);
         }
         out[i] = r;
     }
@@ -545,7 +543,7 @@ __device__ __forceinline__ void nvfp4_mma_gemv_rows(const GemvGroup& grp, const 
                 Chunk cur = buf[d];
                 if (i + D < c_end) buf[d] = load_chunk(w, scales, r0, n, k, k_of(i + D));
                 uint32_t a0[16], a1[16];
-                decode_chunk(cur, a0, a1);
+                decode_chunk<true>(cur, a0, a1);
                 const int slot = i % ROWS_STAGES;
 #pragma unroll
                 for (int j = 0; j < NT; j++) {
@@ -653,17 +651,19 @@ extern "C" __global__ void nvfp4_mma_split_reduce(const GemvGroup grp, const flo
 // Three blocks per SM (≤ 85 registers) for one n-tile, two (≤ 128) for two, else one (no
 // spills). Measured on the 9B's shapes (selftest --gemv-sweep): deeper pipelines, activations in
 // the pipeline, 2/4/16 warps or a tile-contiguous weight layout were no faster or ≤ 6 % faster.
-GEMV_ENTRY(nvfp4_mma_gemv_nt1, 1, MMA_WARPS, MMA_DEPTH, false, LAYOUT_MODELOPT, 3)
-GEMV_ENTRY(nvfp4_mma_gemv_nt2, 2, MMA_WARPS, MMA_DEPTH, false, LAYOUT_MODELOPT, 2)
-GEMV_ENTRY(nvfp4_mma_gemv_nt4, 4, MMA_WARPS, MMA_DEPTH, false, LAYOUT_MODELOPT, 1)
-GEMV_ENTRY(nvfp4_mma_gemv_nt8, 8, MMA_WARPS, MMA_DEPTH, false, LAYOUT_MODELOPT, 1)
-// Geometry sweep (selftest --gemv-sweep): name = warps, depth, x: activations in the pipeline,
-// t: tiled layout, p: repacked layout (the shipped geometry otherwise).
+GEMV_ENTRY(nvfp4_mma_gemv_nt1, 1, MMA_WARPS, MMA_DEPTH, false, LAYOUT_REPACKED, 3)
+GEMV_ENTRY(nvfp4_mma_gemv_nt2, 2, MMA_WARPS, MMA_DEPTH, false, LAYOUT_REPACKED, 2)
+GEMV_ENTRY(nvfp4_mma_gemv_nt4, 4, MMA_WARPS, MMA_DEPTH, false, LAYOUT_REPACKED, 1)
+GEMV_ENTRY(nvfp4_mma_gemv_nt8, 8, MMA_WARPS, MMA_DEPTH, false, LAYOUT_REPACKED, 1)
+// Weights in ModelOpt's layout (W4A4 layers, whose prefill GEMM reads that layout, decoding up to 8
+// fake-quantized tokens through this GEMV).
+GEMV_ENTRY(nvfp4_mma_gemv_nt1_modelopt, 1, MMA_WARPS, MMA_DEPTH, false, LAYOUT_MODELOPT, 3)
+// Geometry sweep (selftest --gemv-sweep) on ModelOpt's layout or the tiled one (both decoded the
+// ModelOpt way): name = warps, depth, x: activations in the pipeline, t: tiled layout.
 GEMV_ENTRY(gemv_sweep_w8d4, 1, 8, 4, false, LAYOUT_MODELOPT, 2)
 GEMV_ENTRY(gemv_sweep_w8d2t, 1, 8, 2, false, LAYOUT_TILED, 3)
 GEMV_ENTRY(gemv_sweep_w4d2xt, 1, 4, 2, true, LAYOUT_TILED, 4)
 GEMV_ENTRY(gemv_sweep_w2d4t, 1, 2, 4, false, LAYOUT_TILED, 8)
-GEMV_ENTRY(gemv_sweep_w8d2p, 1, MMA_WARPS, MMA_DEPTH, false, LAYOUT_REPACKED, 3)
 
 // x [T, K] f32 → f16 · 2^e_t per row (one block of ROWSCALE_THREADS per row; K % 8 == 0), e_t
 // putting the row's amax in [2^14, 2^15), in the GEMV's pair order: within each 8, (x3,x7)

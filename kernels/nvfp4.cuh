@@ -9,6 +9,21 @@ __device__ __forceinline__ float e2m1(uint32_t code) {
     return __uint_as_float(((code & 7u) << 22) | ((code & 8u) << 28)) * 0x1p126f;
 }
 
+// The GEMV weight layout (fp4_format::nvfp4::gemv_repack, the Rust twin of these tables): within
+// each 32-bit word of 8 codes (ModelOpt: code c at bits 4c..4c+3, sign bit 3), code c's 3
+// magnitude bits start at REPACK_MAG_AT[c] and its sign sits at REPACK_SIGN_AT[c], placed so that
+// the tensor-core GEMV turns a word into four f16x2 pairs with 11 instructions instead of 16
+// (gemv.cu, e2m1x8_repacked_to_f16x2). Every W4A16 NVFP4 weight on the GPU is held this way;
+// W4A4 weights keep ModelOpt's layout (the block-scaled MMA reads it as it is).
+__device__ __constant__ const int REPACK_MAG_AT[8] = {2, 5, 9, 12, 18, 21, 25, 28};
+__device__ __constant__ const int REPACK_SIGN_AT[8] = {8, 0, 15, 1, 24, 16, 31, 17};
+
+// Code c (0..7, ModelOpt's order) of a word in either layout.
+__device__ __forceinline__ uint32_t code_of(uint32_t q, int c, bool repacked) {
+    if (!repacked) return (q >> (4 * c)) & 15u;
+    return ((q >> REPACK_MAG_AT[c]) & 7u) | (((q >> REPACK_SIGN_AT[c]) & 1u) << 3);
+}
+
 // E4M3 (fn) → f32: bias 7, 3 mantissa bits, subnormals m·2^-9. Block scales are never NaN.
 __device__ __forceinline__ float e4m3(uint32_t b) {
     uint32_t e = (b >> 3) & 15u, m = b & 7u;

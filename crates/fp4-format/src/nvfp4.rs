@@ -282,6 +282,37 @@ impl Fp8Weight {
     }
 }
 
+/// Where the GPU's W4A16 layout puts code c (0..7, ModelOpt's order) of each 32-bit word of 8
+/// codes: the lowest of its 3 magnitude bits, and its sign bit (`kernels/nvfp4.cuh` holds the same
+/// tables). Chosen so that the tensor-core GEMV decodes a word into four f16x2 pairs (code i in
+/// the low half, code i + 4 in the high one: sign at bit 15/31, magnitude at 9..11/25..27) with
+/// 11 instructions instead of the 16 that ModelOpt's nibbles need.
+pub const GEMV_MAG_AT: [u32; 8] = [2, 5, 9, 12, 18, 21, 25, 28];
+pub const GEMV_SIGN_AT: [u32; 8] = [8, 0, 15, 1, 24, 16, 31, 17];
+
+/// ModelOpt's packed codes (`[rows, cols/2]`, code 2i in the low nibble of byte i) in the GPU's
+/// W4A16 layout: each little-endian 32-bit word's 8 codes moved to [`GEMV_MAG_AT`] /
+/// [`GEMV_SIGN_AT`]. `packed.len()` is a multiple of 4 (NVFP4 rows are multiples of 16 codes).
+pub fn gemv_repack(packed: &[u8]) -> Vec<u8> {
+    assert!(packed.len().is_multiple_of(4), "gemv_repack: whole 8-code words");
+    let mut out = Vec::with_capacity(packed.len());
+    for w in packed.chunks_exact(4) {
+        let q = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        let mut r = 0u32;
+        for c in 0..8 {
+            let v = (q >> (4 * c)) & 15;
+            r |= ((v & 7) << GEMV_MAG_AT[c]) | ((v >> 3) << GEMV_SIGN_AT[c]);
+        }
+        out.extend_from_slice(&r.to_le_bytes());
+    }
+    out
+}
+
+/// Code c (0..7) of a word in [`gemv_repack`]'s layout.
+pub fn gemv_code(word: u32, c: usize) -> u8 {
+    (((word >> GEMV_MAG_AT[c]) & 7) | (((word >> GEMV_SIGN_AT[c]) & 1) << 3)) as u8
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,5 +460,43 @@ mod tests {
         assert_eq!(q.codes[2], 0x7E);
         let d = q.dequantize();
         assert!(w.iter().zip(&d).all(|(a, b)| (a - b).abs() <= a.abs() * 0.07));
+    }
+
+    #[test]
+    fn gemv_repack_moves_every_code_and_its_f16_pairs_decode_with_shifts_and_masks() {
+        // Every code value in every slot, and a spread of words.
+        let mut words: Vec<u32> = (0..16u32).map(|v| v * 0x1111_1111).collect();
+        let mut x = 0x9e37_79b9u32;
+        for _ in 0..4096 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            words.push(x);
+        }
+        let packed: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let repacked = gemv_repack(&packed);
+        assert_eq!(repacked.len(), packed.len());
+        for (q, r) in words.iter().zip(repacked.chunks_exact(4)) {
+            let r = u32::from_le_bytes([r[0], r[1], r[2], r[3]]);
+            for c in 0..8 {
+                assert_eq!(gemv_code(r, c), ((q >> (4 * c)) & 15) as u8, "word {q:#010x} code {c}");
+            }
+            // The GEMV's decode (kernels/gemv.cu, e2m1x8_repacked_to_f16x2) equals ModelOpt's
+            // (e2m1x8_to_f16x2): pairs (3,7) (2,6) (1,5) (0,4), each e2m1 · 2^-14 as f16.
+            let (mag, sign) = (0x0E00_0E00u32, 0x8000_8000u32);
+            let new = [
+                ((r >> 3) & mag) | ((r << 14) & sign),
+                r & (mag | sign),
+                ((r << 4) & mag) | ((r << 15) & sign),
+                (r << 7) & (mag | sign),
+            ];
+            let mut old = [0u32; 4];
+            let mut s = *q;
+            for o in old.iter_mut() {
+                *o = (s & sign) | ((s & 0x7000_7000) >> 3);
+                s <<= 4;
+            }
+            assert_eq!(new, old, "word {q:#010x}");
+        }
     }
 }

@@ -89,21 +89,31 @@ const MMA_WARPS: u32 = geometry::MMA_WARPS as u32;
 const MMA_GROUP_MAX: usize = geometry::GROUP_MAX;
 /// `ROWSCALE_THREADS` of `f16_rowscaled`.
 const ROWSCALE_THREADS: u32 = geometry::ROWSCALE_THREADS as u32;
-/// The `gemv_sweep_*` kernels (name, warps per block, the weight layout they read).
+/// The `gemv_sweep_*` kernels (name, warps per block, the weight layout they read), and the
+/// shipped kernel for ModelOpt's layout (the one before the repacked layout) beside them.
 const GEMV_SWEEP: [(&str, u32, SweepLayout); 5] = [
     ("gemv_sweep_w8d4", 8, SweepLayout::ModelOpt),
     ("gemv_sweep_w8d2t", 8, SweepLayout::Tiled),
     ("gemv_sweep_w4d2xt", 4, SweepLayout::Tiled),
     ("gemv_sweep_w2d4t", 2, SweepLayout::Tiled),
-    ("gemv_sweep_w8d2p", MMA_WARPS, SweepLayout::Repacked),
+    ("nvfp4_mma_gemv_nt1_modelopt", MMA_WARPS, SweepLayout::ModelOpt),
 ];
 
-/// The NVFP4 weight layout a GEMV sweep kernel reads: ModelOpt's, `nvfp4_tile`'s 16-row tiles, or
-/// `nvfp4_repack`'s bit order within each 8-code word (see `kernels/gemv.cu`).
+/// The weight layout a GEMV sweep kernel reads: ModelOpt's or `nvfp4_tile`'s 16-row tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SweepLayout {
     ModelOpt,
     Tiled,
+}
+
+/// How an NVFP4 weight's codes sit in device memory: ModelOpt's order (code 2i in the low nibble
+/// of byte i), or the GEMV's repacked order within each 8-code word (`kernels/nvfp4.cuh`,
+/// [`fp4_format::nvfp4::gemv_repack`]), which the tensor-core GEMV decodes in fewer instructions.
+/// W4A16 weights are held repacked; W4A4 weights in ModelOpt's order (the block-scaled GEMM of
+/// their prefill reads it as it is).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Nvfp4Layout {
+    ModelOpt,
     Repacked,
 }
 /// `MAX_CONV_K` and `CONV_T` (tokens per thread) of `causal_conv1d_silu_f32`.
@@ -185,6 +195,8 @@ struct Kernels {
     nvfp4_split_reduce: CudaFunction,
     /// `gemv_sweep_*`: the one-n-tile GEMV in other geometries, with their warps per block.
     gemv_sweep: Vec<(&'static str, u32, SweepLayout, CudaFunction)>,
+    /// `nvfp4_mma_gemv_nt1_modelopt`: the one-n-tile GEMV on ModelOpt's layout (W4A4 layers).
+    nvfp4_mma_modelopt: CudaFunction,
     nvfp4_repack: CudaFunction,
     nvfp4_tile: CudaFunction,
     f16_rowscaled: CudaFunction,
@@ -287,6 +299,7 @@ impl Kernels {
                 .iter()
                 .map(|&(name, warps, layout)| Ok((name, warps, layout, gemv.load_function(name)?)))
                 .collect::<Result<_>>()?,
+            nvfp4_mma_modelopt: gemv.load_function("nvfp4_mma_gemv_nt1_modelopt")?,
             nvfp4_repack: gemv.load_function("nvfp4_repack")?,
             nvfp4_tile: gemv.load_function("nvfp4_tile")?,
             bf16_gemv: gemv.load_function("bf16_gemv_f32")?,
@@ -472,13 +485,15 @@ impl GpuWeight {
     }
 }
 
-/// An NVFP4 weight in device memory, in ModelOpt's layout.
+/// An NVFP4 weight in device memory: codes `[rows, cols/2]` in `layout`, E4M3 block scales
+/// `[rows, cols/16]`, the per-tensor scale.
 pub struct GpuNvfp4 {
     pub rows: usize,
     pub cols: usize,
     pub packed: DeviceBuf<u8>,
     pub scales: DeviceBuf<u8>,
     pub scale_2: f32,
+    pub layout: Nvfp4Layout,
 }
 
 impl GpuNvfp4 {

@@ -437,8 +437,10 @@ impl LinearMethod {
         bias: Option<&Tensor>,
         act: Option<fp4_kernels::cuda::ActQuant>,
     ) -> LinearMethod {
-        let w = fp4_kernels::cuda::GpuWeight::Nvfp4(fp4_kernels::cuda::gpu().upload_nvfp4(q));
-        LinearMethod::gpu(w, pre_quant_scale, bias, act, "nvfp4")
+        // W4A4 layers keep ModelOpt's layout (their prefill GEMM reads it); W4A16 ones the GEMV's.
+        let g = fp4_kernels::cuda::gpu();
+        let q = if act.is_some() { g.upload_nvfp4_modelopt(q) } else { g.upload_nvfp4(q) };
+        LinearMethod::gpu(fp4_kernels::cuda::GpuWeight::Nvfp4(q), pre_quant_scale, bias, act, "nvfp4")
     }
 
     /// E4M3 values are exact in bf16; the per-tensor scale rides along as the GEMM's alpha.

@@ -145,15 +145,20 @@ impl WeightSource for Synthetic {
             #[cfg(feature = "cuda")]
             Device::Cuda => {
                 let g = fp4_kernels::cuda::gpu();
+                let act = (quantized && o.quantize_activations)
+                    .then_some(fp4_kernels::cuda::ActQuant::Nvfp4 { input_scale: INPUT_SCALE });
+                // As a checkpoint's weights are held: W4A4 in ModelOpt's layout, W4A16 repacked.
+                let layout = match act {
+                    Some(_) => fp4_kernels::cuda::Nvfp4Layout::ModelOpt,
+                    None => fp4_kernels::cuda::Nvfp4Layout::Repacked,
+                };
                 let weight = if quantized {
-                    g.random_nvfp4(n_out, n_in, seed, scale_2)
+                    g.random_nvfp4(n_out, n_in, seed, scale_2, layout)
                 } else {
                     g.random_bf16(n_out, n_in, seed, a)
                 }
                 .map_err(|e| ModelError::Unsupported(format!("{name}: {e}")))?;
                 let format = if quantized { "nvfp4" } else { "bf16" };
-                let act = (quantized && o.quantize_activations)
-                    .then_some(fp4_kernels::cuda::ActQuant::Nvfp4 { input_scale: INPUT_SCALE });
                 LinearMethod::Gpu { weight: std::sync::Arc::new(weight), pre_quant_scale: None, bias, act, format }
             }
             #[cfg(not(feature = "cuda"))]

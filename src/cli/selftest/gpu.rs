@@ -4,7 +4,7 @@ use super::Args;
 use anyhow::Context;
 use fp4_format::nvfp4::{self, Nvfp4Weight};
 use fp4_format::Checkpoint;
-use fp4_kernels::cuda::{self, Gpu, GpuWeight};
+use fp4_kernels::cuda::{self, Gpu, GpuWeight, Nvfp4Layout};
 use fp4_kernels::ops::{self, GdnAlgo, GdnDims, SampleParams};
 use fp4_kernels::{cpu, Device, Precision, Tensor};
 use fp4_model::{LoadOptions, Logits, Qwen35, Synthetic, SyntheticFormat, WeightSource};
@@ -82,6 +82,12 @@ pub(super) fn random_nvfp4(rng: &mut Normal, rows: usize, cols: usize) -> Nvfp4W
 /// whatever batch it is in (1, 13 or 64 tokens: each n-tile walks K in the same order).
 fn mma_group_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) {
     g.set_exact_gemm(false);
+    // The device repack (nvfp4_repack) = the host one (fp4_format::nvfp4::gemv_repack) that W4A16
+    // uploads use.
+    let q = random_nvfp4(rng, 48, 4096);
+    let on_device = g.download(&g.nvfp4_repacked(&g.upload_nvfp4_modelopt(&q)).expect("repack").packed);
+    let same = on_device == nvfp4::gemv_repack(&q.packed);
+    rep.require("nvfp4_repack on the device = gemv_repack on the host, bytes", same, json!({}));
     for cols in [160, 4096] {
         // More weights than one launch takes (4), rows not multiples of the 16-row tile.
         let rows = [131, 16, 7, 64, 50];
@@ -236,7 +242,7 @@ fn w4a4_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) -> anyhow::Result<()
             *v *= 1.0 + (i / 16 % 5) as f32; // block magnitudes vary
         }
         let q = random_nvfp4(rng, n, k);
-        let gw = GpuWeight::Nvfp4(g.upload_nvfp4(&q));
+        let gw = GpuWeight::Nvfp4(g.upload_nvfp4_modelopt(&q));
         let GpuWeight::Nvfp4(gq) = &gw else { unreachable!() };
         let calibrated = nvfp4::nvfp4_global_scale(nvfp4::amax(&x));
         for (label, input_scale) in [("calibrated", calibrated), ("saturating", calibrated * 0.25)] {
@@ -556,11 +562,11 @@ fn graph_us(g: &Gpu, calls: usize, mut f: impl FnMut()) -> anyhow::Result<f64> {
     Ok(ms * 1e3 / (calls * replays) as f64)
 }
 
-/// Random NVFP4 weights of the given `(rows, cols)`.
-fn random_group(g: &Gpu, dims: &[(usize, usize)]) -> cuda::Result<Vec<cuda::GpuNvfp4>> {
+/// Random NVFP4 weights of the given `(rows, cols)` in `layout`.
+fn random_group(g: &Gpu, dims: &[(usize, usize)], layout: Nvfp4Layout) -> cuda::Result<Vec<cuda::GpuNvfp4>> {
     dims.iter()
         .enumerate()
-        .map(|(i, &(r, c))| match g.random_nvfp4(r, c, 3 + i as u64, 1e-4)? {
+        .map(|(i, &(r, c))| match g.random_nvfp4(r, c, 3 + i as u64, 1e-4, layout)? {
             GpuWeight::Nvfp4(q) => Ok(q),
             GpuWeight::Bf16 { .. } => unreachable!("random_nvfp4 makes NVFP4"),
         })
@@ -579,24 +585,27 @@ fn gemv_sweep(g: &Gpu, out: Option<&Path>) -> anyhow::Result<()> {
     ];
     let mut rows = Vec::new();
     for (shape, dims) in groups {
-        let ws = random_group(g, dims)?;
+        // ModelOpt's layout for the sweep kernels; the shipped kernel reads the same weights
+        // repacked on the device.
+        let ws = random_group(g, dims, Nvfp4Layout::ModelOpt)?;
         let refs: Vec<&cuda::GpuNvfp4> = ws.iter().collect();
         let tiled = ws.iter().map(|w| g.nvfp4_tiled(w)).collect::<cuda::Result<Vec<_>>>()?;
         let repacked = ws.iter().map(|w| g.nvfp4_repacked(w)).collect::<cuda::Result<Vec<_>>>()?;
+        let shipped: Vec<&cuda::GpuNvfp4> = repacked.iter().collect();
         let bytes: usize = ws.iter().map(|w| w.bytes()).sum();
         let k = dims[0].1;
         for t in [1, 8] {
             let x = g.random_f32(t * k, 9, 0.0, 1.0)?;
             let act = g.mma_activations(&x, t, k)?;
-            let want: Vec<f32> = g.nvfp4_mma_gemv_group(&act, &refs)?.iter().flat_map(|y| g.download(y)).collect();
+            let want: Vec<f32> = g.nvfp4_mma_gemv_group(&act, &shipped)?.iter().flat_map(|y| g.download(y)).collect();
             let names = g.gemv_sweep_names();
             for v in 0..=names.len() {
                 let name = names.get(v).copied().unwrap_or("shipped (nt1)");
                 let run = || {
                     if v < names.len() {
-                        g.nvfp4_mma_gemv_sweep(v, &act, &refs, &tiled, &repacked)
+                        g.nvfp4_mma_gemv_sweep(v, &act, &refs, &tiled)
                     } else {
-                        g.nvfp4_mma_gemv_group(&act, &refs)
+                        g.nvfp4_mma_gemv_group(&act, &shipped)
                     }
                 };
                 let got: Vec<f32> = run()?.iter().flat_map(|y| g.download(y)).collect();
@@ -639,8 +648,10 @@ fn kernel_benches(g: &Gpu, copy: f64) -> anyhow::Result<Vec<Value>> {
         ("o_proj / out_proj", 4096, 4096),
     ];
     for (shape, rows, cols) in shapes {
-        for (fmt, w) in [("nvfp4", g.random_nvfp4(rows, cols, 1, 1e-4)?), ("bf16", g.random_bf16(rows, cols, 1, 0.02)?)]
-        {
+        for (fmt, w) in [
+            ("nvfp4", g.random_nvfp4(rows, cols, 1, 1e-4, Nvfp4Layout::Repacked)?),
+            ("bf16", g.random_bf16(rows, cols, 1, 0.02)?),
+        ] {
             let tokens: &[usize] = if fmt == "nvfp4" { &[1, 8, 32, 64] } else { &[1] };
             for &t in tokens {
                 let (us, bw) = gemv_bandwidth(g, &w, t)?;
@@ -661,7 +672,7 @@ fn kernel_benches(g: &Gpu, copy: f64) -> anyhow::Result<Vec<Value>> {
         ("q, k, v (grouped)", &[(8192, 4096), (1024, 4096), (1024, 4096)]),
     ];
     for (shape, dims) in groups {
-        let ws = random_group(g, dims)?;
+        let ws = random_group(g, dims, Nvfp4Layout::Repacked)?;
         let refs: Vec<&cuda::GpuNvfp4> = ws.iter().collect();
         let bytes: usize = ws.iter().map(|w| w.bytes()).sum();
         for t in [1, 8, 32, 64] {
@@ -688,7 +699,7 @@ fn kernel_benches(g: &Gpu, copy: f64) -> anyhow::Result<Vec<Value>> {
         ("o_proj", &[(4096, 4096)]),
     ];
     for (shape, dims) in cmp {
-        let ws = random_group(g, dims)?;
+        let ws = random_group(g, dims, Nvfp4Layout::Repacked)?;
         let refs: Vec<&cuda::GpuNvfp4> = ws.iter().collect();
         let bytes: usize = ws.iter().map(|w| w.bytes()).sum();
         let k = dims[0].1;

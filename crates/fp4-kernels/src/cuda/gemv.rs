@@ -3,13 +3,27 @@
 use super::*;
 
 impl Gpu {
+    /// An NVFP4 weight for W4A16 layers, its codes in the GEMV's repacked layout.
     pub fn upload_nvfp4(&self, w: &Nvfp4Weight) -> GpuNvfp4 {
+        GpuNvfp4 {
+            rows: w.rows,
+            cols: w.cols,
+            packed: self.upload(&fp4_format::nvfp4::gemv_repack(&w.packed)),
+            scales: self.upload(&w.scales),
+            scale_2: w.scale_2,
+            layout: Nvfp4Layout::Repacked,
+        }
+    }
+
+    /// An NVFP4 weight in ModelOpt's layout (W4A4 layers: the block-scaled GEMM reads it).
+    pub fn upload_nvfp4_modelopt(&self, w: &Nvfp4Weight) -> GpuNvfp4 {
         GpuNvfp4 {
             rows: w.rows,
             cols: w.cols,
             packed: self.upload(&w.packed),
             scales: self.upload(&w.scales),
             scale_2: w.scale_2,
+            layout: Nvfp4Layout::ModelOpt,
         }
     }
 
@@ -63,13 +77,15 @@ impl Gpu {
                 let mut wd = self.alloc::<u16>(elems)?;
                 // One thread per 16-weight block (k is a multiple of 16 in every NVFP4 weight).
                 let blocks = elems / 16;
-                launch!(self, nvfp4_dequant_bf16, flat(blocks), &q.packed, &q.scales, &mut wd, &blocks);
+                let repacked = (q.layout == Nvfp4Layout::Repacked) as i32;
+                launch!(self, nvfp4_dequant_bf16, flat(blocks), &q.packed, &q.scales, &mut wd, &blocks, &repacked);
                 let xb = self.to_bf16(x, t * k)?;
                 self.gemm(&xb, &wd, &mut y, t, n, k, q.scale_2, blas_sys::cudaDataType::CUDA_R_16BF)?;
             }
             (GpuWeight::Nvfp4(q), true) => {
                 let mut wd = self.alloc::<f32>(elems)?;
-                launch!(self, nvfp4_dequant_f32, flat(bytes), &q.packed, &q.scales, &mut wd, &bytes);
+                let (words, repacked) = (bytes / 4, (q.layout == Nvfp4Layout::Repacked) as i32);
+                launch!(self, nvfp4_dequant_f32, flat(words), &q.packed, &q.scales, &mut wd, &words, &repacked);
                 self.gemm(x, &wd, &mut y, t, n, k, q.scale_2, blas_sys::cudaDataType::CUDA_R_32F)?;
             }
             (GpuWeight::Bf16 { w, scale, .. }, false) => {
@@ -129,9 +145,14 @@ impl Gpu {
         self.nvfp4_mma_gemv_on(&act, q)
     }
 
-    /// Whether an NVFP4 linear of `t` tokens runs on the tensor-core GEMV (in the current mode).
+    /// Whether an NVFP4 linear of `t` tokens runs on the tensor-core GEMV (in the current mode):
+    /// up to 64 tokens in the repacked layout, up to 8 in ModelOpt's (W4A4 layers' decode).
     pub fn mma_gemv_applies(&self, t: usize, q: &GpuNvfp4) -> bool {
-        !self.exact_gemm.load(Ordering::Relaxed) && (1..=MMA_GEMV_MAX_TOKENS).contains(&t) && q.cols.is_multiple_of(32)
+        let max = match q.layout {
+            Nvfp4Layout::Repacked => MMA_GEMV_MAX_TOKENS,
+            Nvfp4Layout::ModelOpt => 8,
+        };
+        !self.exact_gemm.load(Ordering::Relaxed) && (1..=max).contains(&t) && q.cols.is_multiple_of(32)
     }
 
     /// `x [t, k]` as the tensor-core GEMV reads it (`f16_rowscaled`): converted once, it serves
@@ -206,11 +227,19 @@ impl Gpu {
         g: &Gemv<'a>,
         t: usize,
         tiles: usize,
+        layout: Nvfp4Layout,
     ) -> (&'a CudaFunction, u32, (u32, u32), Option<usize>) {
         let kernel = match *g {
             Gemv::Fixed(f, warps) => return (f, warps, (tiles as u32, 1), None),
+            Gemv::Auto if layout == Nvfp4Layout::ModelOpt => {
+                assert!(t <= 8, "the tensor-core GEMV takes up to 8 tokens of a weight in ModelOpt's layout");
+                return (&self.k.nvfp4_mma_modelopt, MMA_WARPS, (tiles as u32, 1), None);
+            }
             Gemv::Auto => self.gemv_kernel(t, tiles),
-            Gemv::Kernel(k) => k,
+            Gemv::Kernel(k) => {
+                assert_eq!(layout, Nvfp4Layout::Repacked, "{k:?} reads the repacked layout");
+                k
+            }
         };
         let row_blocks = tiles.div_ceil(geometry::ROWS_WARPS) as u32;
         let four_or_eight = |nt: usize| {
@@ -235,45 +264,47 @@ impl Gpu {
         self.k.gemv_sweep.iter().map(|v| v.0).collect()
     }
 
-    /// [`Gpu::nvfp4_mma_gemv_group`] through sweep kernel `i` (`a.t ≤ 8`); `tiled` and
-    /// `repacked` hold each weight in those layouts (`nvfp4_tile`, `nvfp4_repack`) for the kernels
-    /// that read them.
+    /// [`Gpu::nvfp4_mma_gemv_group`] through sweep kernel `i` (`a.t ≤ 8`) over weights in
+    /// ModelOpt's layout (`ws`), or `tiled`, the same in the tiled layout (`nvfp4_tile`), for the
+    /// kernels that read it.
     pub fn nvfp4_mma_gemv_sweep(
         &self,
         i: usize,
         a: &MmaActivations,
         ws: &[&GpuNvfp4],
         tiled: &[GpuNvfp4],
-        repacked: &[GpuNvfp4],
     ) -> Result<Vec<DeviceBuf<f32>>> {
         assert!(a.t <= 8, "the sweep kernels take one n-tile");
+        assert!(ws.iter().all(|w| w.layout == Nvfp4Layout::ModelOpt), "the sweep kernels read ModelOpt's layout");
         let (_, warps, layout, f) = &self.k.gemv_sweep[i];
-        let copies = match layout {
-            SweepLayout::ModelOpt => return self.gemv_group_on(f, *warps, a, ws),
-            SweepLayout::Tiled => tiled,
-            SweepLayout::Repacked => repacked,
-        };
-        let refs: Vec<&GpuNvfp4> = copies.iter().collect();
-        self.gemv_group_on(f, *warps, a, &refs)
+        if *layout == SweepLayout::Tiled {
+            let refs: Vec<&GpuNvfp4> = tiled.iter().collect();
+            return self.gemv_group_on(f, *warps, a, &refs);
+        }
+        self.gemv_group_on(f, *warps, a, ws)
     }
 
-    /// `q` with each 8-code word's bits in the order of `nvfp4_repack` (`kernels/gemv.cu`: the
-    /// decode of the sweep's repacked kernel); rows, cols, scales and scale_2 as they were.
+    /// `q` (ModelOpt's layout) in the GEMV's repacked layout, on the device; the rest as it was.
     pub fn nvfp4_repacked(&self, q: &GpuNvfp4) -> Result<GpuNvfp4> {
-        let words = q.packed.len() / 4;
+        assert_eq!(q.layout, Nvfp4Layout::ModelOpt, "nvfp4_repack: from ModelOpt's layout");
         assert_eq!(q.packed.len() % 4, 0, "nvfp4_repack: whole 8-code words");
+        let words = q.packed.len() / 4;
         let mut out = self.alloc::<u8>(q.packed.len())?;
         launch!(self, nvfp4_repack, flat(words), &q.packed, &mut out, &words);
-        Ok(GpuNvfp4 { rows: q.rows, cols: q.cols, packed: out, scales: q.scales.clone(), scale_2: q.scale_2 })
+        let (rows, cols, scale_2) = (q.rows, q.cols, q.scale_2);
+        Ok(GpuNvfp4 { rows, cols, packed: out, scales: q.scales.clone(), scale_2, layout: Nvfp4Layout::Repacked })
     }
 
     /// `q` in the tiled layout of `kernels/gemv.cu` (same rows, cols, scale_2).
     pub fn nvfp4_tiled(&self, q: &GpuNvfp4) -> Result<GpuNvfp4> {
         let (tiles, chunks) = (q.rows.div_ceil(16), q.cols.div_ceil(geometry::MMA_CHUNK));
         let (mut wt, mut st) = (self.alloc::<u8>(tiles * chunks * 1024)?, self.alloc::<u8>(tiles * chunks * 128)?);
+        assert_eq!(q.layout, Nvfp4Layout::ModelOpt, "nvfp4_tile: from ModelOpt's layout");
         let (ni, ki) = (q.rows as i32, q.cols as i32);
         launch!(self, nvfp4_tile, flat(tiles * chunks * 32), &q.packed, &q.scales, &mut wt, &mut st, &ni, &ki);
-        Ok(GpuNvfp4 { rows: q.rows, cols: q.cols, packed: wt, scales: st, scale_2: q.scale_2 })
+        // Tiled codes keep ModelOpt's order within each word (the sweep's tiled kernels read it).
+        let layout = Nvfp4Layout::ModelOpt;
+        Ok(GpuNvfp4 { rows: q.rows, cols: q.cols, packed: wt, scales: st, scale_2: q.scale_2, layout })
     }
 
     /// Converts `x [t, k]` for the tensor-core GEMV (timing the conversion alone).
@@ -329,7 +360,9 @@ impl Gpu {
                 (args.scale_2[i], args.n[i], args.tiles_end[i]) = (q.scale_2, q.rows as i32, tiles);
             }
             args.count = group.len() as i32;
-            let (f, warps, (bx, by), split) = self.gemv_launch(&gemv, t, tiles as usize);
+            let layout = group[0].layout;
+            assert!(group.iter().all(|q| q.layout == layout), "nvfp4_mma_gemv: one weight layout per launch");
+            let (f, warps, (bx, by), split) = self.gemv_launch(&gemv, t, tiles as usize, layout);
             let cfg = LaunchConfig { grid_dim: (bx, by, 1), block_dim: (warps * 32, 1, 1), shared_mem_bytes: 0 };
             let (ki, ti) = (k as i32, t as i32);
             // The range-splitting kernel's chains: [range][tile][8·nt tokens][16 rows].
@@ -368,7 +401,8 @@ impl Gpu {
         assert!(x.len() >= t * k && k.is_multiple_of(8), "nvfp4_gemv: x [{t}, {k}]");
         let mut y = self.alloc::<f32>(t * n)?;
         let (ni, ki) = (n as i32, k as i32);
-        launch!(self, nvfp4_gemv, gemv_cfg(n, t), &q.packed, &q.scales, &q.scale_2, x, &mut y, &ni, &ki);
+        let repacked = (q.layout == Nvfp4Layout::Repacked) as i32;
+        launch!(self, nvfp4_gemv, gemv_cfg(n, t), &q.packed, &q.scales, &q.scale_2, x, &mut y, &ni, &ki, &repacked);
         Ok(y)
     }
 

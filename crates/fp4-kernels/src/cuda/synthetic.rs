@@ -18,14 +18,22 @@ impl Gpu {
         Ok(out)
     }
 
-    /// A random NVFP4 weight (any codes, positive block scales), generated on the device.
-    pub fn random_nvfp4(&self, rows: usize, cols: usize, seed: u64, scale_2: f32) -> Result<GpuWeight> {
+    /// A random NVFP4 weight (any codes, positive block scales), generated on the device; its
+    /// bytes read as codes in `layout`.
+    pub fn random_nvfp4(
+        &self,
+        rows: usize,
+        cols: usize,
+        seed: u64,
+        scale_2: f32,
+        layout: Nvfp4Layout,
+    ) -> Result<GpuWeight> {
         assert!(cols.is_multiple_of(16), "NVFP4 needs cols % 16 == 0");
         let (nb, ns) = (rows * cols / 2, rows * cols / 16);
         let (mut packed, mut scales) = (self.alloc::<u8>(nb)?, self.alloc::<u8>(ns)?);
         let seed2 = seed ^ 0x5ca1e;
         launch!(self, fill_bytes, flat(nb), &mut packed, &nb, &seed);
         launch!(self, fill_e4m3, flat(ns), &mut scales, &ns, &seed2);
-        Ok(GpuWeight::Nvfp4(GpuNvfp4 { rows, cols, packed, scales, scale_2 }))
+        Ok(GpuWeight::Nvfp4(GpuNvfp4 { rows, cols, packed, scales, scale_2, layout }))
     }
 }

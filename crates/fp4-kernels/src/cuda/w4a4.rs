@@ -47,6 +47,7 @@ impl Gpu {
     ) -> Result<DeviceBuf<f32>> {
         let (n, k) = (w.rows, w.cols);
         assert!(a_codes.len() >= t * k / 2 && a_scales.len() >= t * k / 16, "w4a4_gemm: activations [{t}, {k}]");
+        assert_eq!(w.layout, Nvfp4Layout::ModelOpt, "w4a4_gemm reads ModelOpt's layout");
         let mut y = self.alloc::<f32>(t * n)?;
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(W4A4_BN) as u32, t.div_ceil(W4A4_BM) as u32, 1),
