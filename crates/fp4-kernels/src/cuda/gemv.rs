@@ -3,16 +3,24 @@
 use super::*;
 
 impl Gpu {
-    /// An NVFP4 weight for W4A16 layers, its codes in the GEMV's repacked layout.
+    /// An NVFP4 weight for W4A16 layers, its codes in the GEMV's repacked layout (repacked on
+    /// the device: a 9B's codes take seconds through the host's `gemv_repack`, which selftest
+    /// checks this against).
     pub fn upload_nvfp4(&self, w: &Nvfp4Weight) -> GpuNvfp4 {
-        GpuNvfp4 {
-            rows: w.rows,
-            cols: w.cols,
-            packed: self.upload(&fp4_format::nvfp4::gemv_repack(&w.packed)),
-            scales: self.upload(&w.scales),
-            scale_2: w.scale_2,
-            layout: Nvfp4Layout::Repacked,
-        }
+        let packed = self
+            .repack_codes(&self.upload(&w.packed))
+            .unwrap_or_else(|e| panic!("nvfp4_repack of a [{}, {}] weight: {e}", w.rows, w.cols));
+        let (rows, cols, scale_2) = (w.rows, w.cols, w.scale_2);
+        GpuNvfp4 { rows, cols, packed, scales: self.upload(&w.scales), scale_2, layout: Nvfp4Layout::Repacked }
+    }
+
+    /// ModelOpt-ordered codes in the repacked layout (`nvfp4_repack`).
+    fn repack_codes(&self, packed: &DeviceBuf<u8>) -> Result<DeviceBuf<u8>> {
+        assert_eq!(packed.len() % 4, 0, "nvfp4_repack: whole 8-code words");
+        let words = packed.len() / 4;
+        let mut out = self.alloc::<u8>(packed.len())?;
+        launch!(self, nvfp4_repack, flat(words), packed, &mut out, &words);
+        Ok(out)
     }
 
     /// An NVFP4 weight in ModelOpt's layout (W4A4 layers: the block-scaled GEMM reads it).
@@ -287,10 +295,7 @@ impl Gpu {
     /// `q` (ModelOpt's layout) in the GEMV's repacked layout, on the device; the rest as it was.
     pub fn nvfp4_repacked(&self, q: &GpuNvfp4) -> Result<GpuNvfp4> {
         assert_eq!(q.layout, Nvfp4Layout::ModelOpt, "nvfp4_repack: from ModelOpt's layout");
-        assert_eq!(q.packed.len() % 4, 0, "nvfp4_repack: whole 8-code words");
-        let words = q.packed.len() / 4;
-        let mut out = self.alloc::<u8>(q.packed.len())?;
-        launch!(self, nvfp4_repack, flat(words), &q.packed, &mut out, &words);
+        let out = self.repack_codes(&q.packed)?;
         let (rows, cols, scale_2) = (q.rows, q.cols, q.scale_2);
         Ok(GpuNvfp4 { rows, cols, packed: out, scales: q.scales.clone(), scale_2, layout: Nvfp4Layout::Repacked })
     }
