@@ -83,6 +83,9 @@ pub const GEMV_MAX_TOKENS: usize = 8;
 /// each weight read once for the whole batch, f16 activations); beyond it, dequantize + cuBLAS.
 /// In exact mode (f32, for the golden checks) the CUDA-core GEMV above serves decode instead.
 pub const MMA_GEMV_MAX_TOKENS: usize = 64;
+/// Up to this many tokens (one n-tile) a weight in ModelOpt's layout (a W4A4 layer decoding its
+/// fake-quantized activations) runs on the tensor-core GEMV, `nvfp4_mma_gemv_nt1_modelopt`.
+const MMA_MODELOPT_MAX_TOKENS: usize = 8;
 /// `MMA_WARPS` and `GROUP_MAX` of `nvfp4_mma_gemv_nt*`: warps per block (one 16-row tile each,
 /// the whole of K), and how many weights of one input a launch takes.
 const MMA_WARPS: u32 = geometry::MMA_WARPS as u32;

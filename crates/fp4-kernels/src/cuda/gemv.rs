@@ -158,7 +158,7 @@ impl Gpu {
     pub fn mma_gemv_applies(&self, t: usize, q: &GpuNvfp4) -> bool {
         let max = match q.layout {
             Nvfp4Layout::Repacked => MMA_GEMV_MAX_TOKENS,
-            Nvfp4Layout::ModelOpt => 8,
+            Nvfp4Layout::ModelOpt => MMA_MODELOPT_MAX_TOKENS,
         };
         !self.exact_gemm.load(Ordering::Relaxed) && (1..=max).contains(&t) && q.cols.is_multiple_of(32)
     }
@@ -240,7 +240,7 @@ impl Gpu {
         let kernel = match *g {
             Gemv::Fixed(f, warps) => return (f, warps, (tiles as u32, 1), None),
             Gemv::Auto if layout == Nvfp4Layout::ModelOpt => {
-                assert!(t <= 8, "the tensor-core GEMV takes up to 8 tokens of a weight in ModelOpt's layout");
+                assert!(t <= MMA_MODELOPT_MAX_TOKENS, "nvfp4_mma_gemv_nt1_modelopt takes up to 8 tokens");
                 return (&self.k.nvfp4_mma_modelopt, MMA_WARPS, (tiles as u32, 1), None);
             }
             Gemv::Auto => self.gemv_kernel(t, tiles),
