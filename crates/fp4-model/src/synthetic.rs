@@ -147,7 +147,8 @@ impl WeightSource for Synthetic {
                 let g = fp4_kernels::cuda::gpu();
                 let act = (quantized && o.quantize_activations)
                     .then_some(fp4_kernels::cuda::ActQuant::Nvfp4 { input_scale: INPUT_SCALE });
-                // As a checkpoint's weights are held: W4A4 in ModelOpt's layout, W4A16 repacked.
+                // As a checkpoint's weights are held: W4A4 in ModelOpt's layout, W4A16 repacked
+                // (the same codes as the CPU's, moved).
                 let layout = match act {
                     Some(_) => fp4_kernels::cuda::Nvfp4Layout::ModelOpt,
                     None => fp4_kernels::cuda::Nvfp4Layout::Repacked,

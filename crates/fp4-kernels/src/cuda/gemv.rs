@@ -15,7 +15,7 @@ impl Gpu {
     }
 
     /// ModelOpt-ordered codes in the repacked layout (`nvfp4_repack`).
-    fn repack_codes(&self, packed: &DeviceBuf<u8>) -> Result<DeviceBuf<u8>> {
+    pub(super) fn repack_codes(&self, packed: &DeviceBuf<u8>) -> Result<DeviceBuf<u8>> {
         assert_eq!(packed.len() % 4, 0, "nvfp4_repack: whole 8-code words");
         let words = packed.len() / 4;
         let mut out = self.alloc::<u8>(packed.len())?;

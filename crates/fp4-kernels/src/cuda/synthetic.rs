@@ -18,8 +18,9 @@ impl Gpu {
         Ok(out)
     }
 
-    /// A random NVFP4 weight (any codes, positive block scales), generated on the device; its
-    /// bytes read as codes in `layout`.
+    /// A random NVFP4 weight (any codes, positive block scales), generated on the device in
+    /// ModelOpt's layout (the bytes `fp4_model`'s synthetic weights make on the CPU), then
+    /// repacked for the GEMV when `layout` says so.
     pub fn random_nvfp4(
         &self,
         rows: usize,
@@ -34,6 +35,10 @@ impl Gpu {
         let seed2 = seed ^ 0x5ca1e;
         launch!(self, fill_bytes, flat(nb), &mut packed, &nb, &seed);
         launch!(self, fill_e4m3, flat(ns), &mut scales, &ns, &seed2);
+        let packed = match layout {
+            Nvfp4Layout::ModelOpt => packed,
+            Nvfp4Layout::Repacked => self.repack_codes(&packed)?,
+        };
         Ok(GpuWeight::Nvfp4(GpuNvfp4 { rows, cols, packed, scales, scale_2, layout }))
     }
 }
