@@ -6,16 +6,11 @@
 # (schema fp4.engine-bench.v1: both sides of the same lease, with ratios).
 #   bash scripts/gpu_engine_bench.sh [seconds to wait for the peer, default 420]
 # If the peer is not done in time, run `bash scripts/gpu_engine_bench.sh --collect` in the next call.
-# dist/ may carry the binary as dist/fp4.xz (xz -T2 -9 -k): unpacked here.
 set -uo pipefail
 out=${OUT:-/tmp/fp4-out}
 mkdir -p "$out"
 export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-# dist/fp4.xz (the binary compressed, so that it and .peer/ fit in one call's 64 MiB) → dist/fp4.
-if [ -f dist/fp4.xz ] && [ ! -x dist/fp4 ]; then
-    python3 -c 'import lzma, shutil; shutil.copyfileobj(lzma.open("dist/fp4.xz"), open("dist/fp4", "wb"))'
-    chmod +x dist/fp4
-fi
+source scripts/gpu_unpack.sh
 if [ "${1:-}" != "--collect" ]; then
     if [ -d .peer ] && [ ! -f /tmp/peer.done ]; then
         setsid nohup bash .peer/run.sh tests/fixtures/chat > /dev/null 2>&1 < /dev/null &

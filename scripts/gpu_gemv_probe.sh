@@ -4,6 +4,7 @@
 # kernels at batch ${1:-1}, into $OUT/gemv-probe.txt.
 #   bash scripts/gpu_gemv_probe.sh [BATCH] [KERNEL REGEX]
 set -uo pipefail
+source scripts/gpu_unpack.sh
 export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 out=${OUT:-/tmp/fp4-out}
 mkdir -p "$out"

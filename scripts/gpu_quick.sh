@@ -6,6 +6,7 @@
 # $OUT/profile.csv.
 #   bash scripts/gpu_quick.sh [profile [BATCH]]
 set -euo pipefail
+source scripts/gpu_unpack.sh
 export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 out=${OUT:-/tmp/fp4-out}
 mkdir -p "$out"

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (device tool), from the repository root, with dist/ carried:
-#   dist/fp4 (built here: cargo build --release --features cuda; strip -o dist/fp4 target/release/fp4)
+#   dist/fp4.xz (scripts/gpu_build.sh: the stripped cuda binary, compressed; unpacked by
+#   scripts/gpu_unpack.sh)
 #   dist/commit (git rev-parse --short HEAD of that build)
 #   dist/mixed (optional: a MIXED_PRECISION checkpoint from `fp4 quantize --strategy auto_mixed`,
 #   see scripts/gpu_build.sh)
 # Checks every CUDA op against its CPU reference, whole models on GPU vs CPU (fixtures, every
 # checkpoint format, synthetic), then benchmarks kernels and the synthetic 9B; JSON into $OUT.
 set -euo pipefail
+source scripts/gpu_unpack.sh
 export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 out=${OUT:-/tmp/fp4-out}
 mkdir -p "$out"
