@@ -15,8 +15,8 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // NVFP4 (W4A16): packed u8 [N, K/2] (ModelOpt's element 2i in the low nibble, or the repacked
-// layout of nvfp4.cuh), E4M3 block scales [N, K/16], one f32 scale_2. Lane l of a row's warp takes 8-weight words l, l+32, …:
-// each warp load reads 128 contiguous bytes of weights and each lane's 8 activations are two
+// layout of nvfp4.cuh), E4M3 block scales [N, K/16], one f32 scale_2. Lane l of a row's warp
+// takes 8-weight words l, l+32, …: each warp load reads 128 contiguous bytes of weights and each lane's 8 activations are two
 // float4s 32 bytes from its neighbour's, so both streams coalesce (16-byte-per-lane weight loads
 // put lanes 128 bytes apart in x: 8x slower).
 extern "C" __global__ void nvfp4_gemv_f32(const uint8_t* __restrict__ w, const uint8_t* __restrict__ scales,
@@ -337,7 +337,7 @@ extern "C" __global__ void nvfp4_tile(const uint8_t* __restrict__ w, const uint8
 
 // The chunk's weights as MMA A fragments (e2m1 · scale · 2^-7 in f16, see above); REPACKED:
 // words in `nvfp4_repack`'s layout.
-template <bool REPACKED = false>
+template <bool REPACKED>
 __device__ __forceinline__ void decode_chunk(const Chunk& ch, uint32_t* a0, uint32_t* a1) {
     uint32_t sa[2], sb[2];
     block_scales(ch.s0, sa);
@@ -367,17 +367,18 @@ __device__ __forceinline__ void mma_steps(const uint32_t* a0, const uint32_t* a1
     for (int s = 0; s < 8; s++) mma_f16(c, a0[2 * s], a1[2 * s], a0[2 * s + 1], a1[2 * s + 1], xw[2 * s], xw[2 * s + 1]);
 }
 
+// Weight layouts the K-splitting GEMV reads: ModelOpt's, `nvfp4_tile`'s, `nvfp4_repack`'s.
+#define LAYOUT_MODELOPT 0
+#define LAYOUT_TILED 1
+#define LAYOUT_REPACKED 2
+
 // NT n-tiles of 8 tokens (t ≤ 8·NT). A block of W warps owns one 16-row tile of one weight of
 // the group and the whole of K: warp w takes the w-th of W contiguous ranges of chunks (the last
 // ones may be short or empty) and keeps D of them in flight
 // (the next loads are issued before a chunk's MMAs), so the weight stream never waits on the
 // arithmetic. With XP (one n-tile only) the chunk's activations ride in the same pipeline.
 // Each n-tile has one accumulator chain walking the chunks in the same order whatever NT is,
-// so a token's result does not depend on the batch it is in.
-// Weight layouts the K-splitting GEMV reads: ModelOpt's, `nvfp4_tile`'s, `nvfp4_repack`'s.
-#define LAYOUT_MODELOPT 0
-#define LAYOUT_TILED 1
-#define LAYOUT_REPACKED 2
+// so a token's result does not depend on the batch it is in. LAYOUT: how the weights are stored.
 template <int NT, int W, int D, bool XP, int LAYOUT>
 __device__ __forceinline__ void nvfp4_mma_gemv(const GemvGroup& grp, const uint16_t* __restrict__ xh,
                                                const float* __restrict__ xinv, int k, int t) {
