@@ -191,6 +191,8 @@ struct Kernels {
     nvfp4_gemv: CudaFunction,
     /// `nvfp4_mma_gemv_nt{1,2,4,8}`: 8, 16, 32, 64 tokens.
     nvfp4_mma: [CudaFunction; 4],
+    /// `nvfp4_mma_gemv_nt1_deep`: nt1 with twice the chunks in flight (narrow weights).
+    nvfp4_mma_deep: CudaFunction,
     /// `nvfp4_mma_rows_nt{4,8}`.
     nvfp4_rows: [CudaFunction; 2],
     /// `nvfp4_mma_split_nt{4,8}` and their `nvfp4_mma_split_reduce`.
@@ -294,6 +296,7 @@ impl Kernels {
                 gemv.load_function("nvfp4_mma_gemv_nt4")?,
                 gemv.load_function("nvfp4_mma_gemv_nt8")?,
             ],
+            nvfp4_mma_deep: gemv.load_function("nvfp4_mma_gemv_nt1_deep")?,
             f16_rowscaled: gemv.load_function("f16_rowscaled")?,
             nvfp4_rows: [gemv.load_function("nvfp4_mma_rows_nt4")?, gemv.load_function("nvfp4_mma_rows_nt8")?],
             nvfp4_split: [gemv.load_function("nvfp4_mma_split_nt4")?, gemv.load_function("nvfp4_mma_split_nt8")?],

@@ -111,7 +111,17 @@ fn mma_group_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) {
         let same = first_token.iter().all(|r| r.iter().zip(&first_token[0]).all(|(a, b)| a.to_bits() == b.to_bits()));
         rep.require(&format!("mma gemv token 0 bit-identical at batch 1/13/64 (k={cols})"), same, json!({}));
         // Both kernels and every geometry give the same bits (the row-splitting kernel folds K in
-        // the K-splitting kernel's order).
+        // the K-splitting kernel's order; the deep pipeline only loads earlier).
+        for t in [1, 5, 8] {
+            let xt = g.upload(&x.as_slice()[..t * cols]);
+            let act = g.mma_activations(&xt, t, cols).expect("activations");
+            let run = |k: cuda::GemvKernel| -> Vec<u32> {
+                let ys = g.nvfp4_mma_gemv_group_with(k, &act, &refs).expect("gemv");
+                ys.iter().flat_map(|y| g.download(y)).map(f32::to_bits).collect()
+            };
+            let same = run(cuda::GemvKernel::SplitKDeep) == run(cuda::GemvKernel::SplitK { nt: 1 });
+            rep.require(&format!("mma gemv deep pipeline = split-K kernel, bit for bit, {t}x{cols}"), same, json!({}));
+        }
         for t in [17, 33, 64] {
             let xt = g.upload(&x.as_slice()[..t * cols]);
             let act = g.mma_activations(&xt, t, cols).expect("activations");
@@ -599,14 +609,19 @@ fn gemv_sweep(g: &Gpu, out: Option<&Path>) -> anyhow::Result<()> {
             let act = g.mma_activations(&x, t, k)?;
             let want: Vec<f32> = g.nvfp4_mma_gemv_group(&act, &shipped)?.iter().flat_map(|y| g.download(y)).collect();
             let names = g.gemv_sweep_names();
-            for v in 0..=names.len() {
-                let name = names.get(v).copied().unwrap_or("shipped (nt1)");
-                let run = || {
-                    if v < names.len() {
-                        g.nvfp4_mma_gemv_sweep(v, &act, &refs, &tiled)
-                    } else {
-                        g.nvfp4_mma_gemv_group(&act, &shipped)
-                    }
+            // Then the shipped kernels: split-K at depth 2 and 4, and the one chosen by size.
+            let shipped_kernels = [
+                ("nt1 (depth 2)", Some(cuda::GemvKernel::SplitK { nt: 1 })),
+                ("nt1_deep (depth 4)", Some(cuda::GemvKernel::SplitKDeep)),
+                ("shipped (chosen)", None),
+            ];
+            for v in 0..names.len() + shipped_kernels.len() {
+                let shipped_kernel = v.checked_sub(names.len()).map(|i| shipped_kernels[i]);
+                let name = shipped_kernel.map_or_else(|| names[v], |s| s.0);
+                let run = || match shipped_kernel {
+                    None => g.nvfp4_mma_gemv_sweep(v, &act, &refs, &tiled),
+                    Some((_, Some(kernel))) => g.nvfp4_mma_gemv_group_with(kernel, &act, &shipped),
+                    Some((_, None)) => g.nvfp4_mma_gemv_group(&act, &shipped),
                 };
                 let got: Vec<f32> = run()?.iter().flat_map(|y| g.download(y)).collect();
                 let m = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);

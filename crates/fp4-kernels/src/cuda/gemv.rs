@@ -211,7 +211,8 @@ impl Gpu {
     }
 
     /// The tensor-core GEMV for `t` tokens over `tiles` 16-row tiles. Up to 16 tokens the
-    /// K-splitting kernel; from 17 on the range-splitting one, except at 17-32 tokens on weights
+    /// K-splitting kernel, its deep-pipeline twin up to 8 tokens on weights of at most two tiles
+    /// per SM (too few blocks to keep the memory system busy at depth 2); from 17 on the range-splitting one, except at 17-32 tokens on weights
     /// wide enough for two blocks of `ROWS_WARPS` tiles per SM (gate/up), where the row-splitting
     /// one is faster. All agree bit for bit (see `kernels/gemv.cu`). Measured by selftest ("gemv
     /// kernels", H200, 6181347): down at 32 tokens 40.7 µs split-K, 65.9 rows, 23.1 split-rows;
@@ -219,7 +220,9 @@ impl Gpu {
     pub fn gemv_kernel(&self, t: usize, tiles: usize) -> GemvKernel {
         let nt = t.div_ceil(8).next_power_of_two();
         let row_blocks = tiles.div_ceil(geometry::ROWS_WARPS);
-        if nt < 4 {
+        if nt == 1 && tiles <= 2 * self.sms as usize {
+            GemvKernel::SplitKDeep
+        } else if nt < 4 {
             GemvKernel::SplitK { nt }
         } else if nt == 4 && row_blocks >= 2 * self.sms as usize {
             GemvKernel::Rows { nt }
@@ -257,6 +260,10 @@ impl Gpu {
         match kernel {
             GemvKernel::SplitK { nt } => {
                 (&self.k.nvfp4_mma[nt.trailing_zeros() as usize], MMA_WARPS, (tiles as u32, 1), None)
+            }
+            GemvKernel::SplitKDeep => {
+                assert!(t <= 8, "nvfp4_mma_gemv_nt1_deep takes up to 8 tokens");
+                (&self.k.nvfp4_mma_deep, MMA_WARPS, (tiles as u32, 1), None)
             }
             GemvKernel::Rows { nt } => {
                 (&self.k.nvfp4_rows[four_or_eight(nt)], geometry::ROWS_WARPS as u32, (row_blocks, 1), None)
@@ -485,6 +492,9 @@ pub enum GemvKernel {
     /// `nvfp4_mma_gemv_nt*` (`nt` n-tiles of 8 tokens): a block per 16-row tile, its warps
     /// splitting K.
     SplitK { nt: usize },
+    /// `nvfp4_mma_gemv_nt1_deep` (up to 8 tokens): `SplitK { nt: 1 }` with twice the chunks in
+    /// flight per warp, for weights of too few tiles to fill the GPU (bit-identical to it).
+    SplitKDeep,
     /// `nvfp4_mma_rows_nt*` (`nt` 4 or 8): a warp per 16-row tile over all of K, the block's
     /// activations staged in shared memory.
     Rows { nt: usize },
