@@ -136,13 +136,18 @@ BF16_BATCH_ENTRY(bf16_gemv_wide_t8, 8, BF16_WIDE_ROWS)
 
 // The same product for few rows (the GDN's [32, 4096] in_proj_b/a): one block of
 // ROWBLOCK_THREADS per (row, token), the row's chunks spread over all its warps and their sums
-// added in warp order, so a handful of rows still keeps many loads in flight.
+// added in warp order, so a handful of rows still keeps many loads in flight. Two weights of the
+// same input in one launch (b and a: blocks past n0 take weight 1; n1 = 0 for one weight), each
+// row's sum the same whichever launch it is in.
 extern "C" __global__ void __launch_bounds__(ROWBLOCK_THREADS)
-    bf16_gemv_rowblock_f32(const uint16_t* __restrict__ w, float scale, const float* __restrict__ x,
-                           float* __restrict__ y, int n, int k) {
+    bf16_gemv_rowblock_f32(const uint16_t* __restrict__ w0, float scale0, float* __restrict__ y0, int n0,
+                           const uint16_t* __restrict__ w1, float scale1, float* __restrict__ y1, int n1,
+                           const float* __restrict__ x, int k) {
     pdl_start();
     __shared__ float part[ROWBLOCK_THREADS / 32];
-    int row = blockIdx.x;
+    const bool second = (int)blockIdx.x >= n0;
+    const int row = second ? blockIdx.x - n0 : blockIdx.x, n = second ? n1 : n0;
+    const uint16_t* w = second ? w1 : w0;
     const uint4* wrow = reinterpret_cast<const uint4*>(w + (size_t)row * k);
     const float4* x4 = reinterpret_cast<const float4*>(x + (size_t)blockIdx.y * k);
     float acc = 0.f;
@@ -158,7 +163,7 @@ extern "C" __global__ void __launch_bounds__(ROWBLOCK_THREADS)
         float sum = 0.f;
 #pragma unroll
         for (int i = 0; i < ROWBLOCK_THREADS / 32; i++) sum += part[i];
-        y[(size_t)blockIdx.y * n + row] = sum * scale;
+        (second ? y1 : y0)[(size_t)blockIdx.y * n + row] = sum * (second ? scale1 : scale0);
     }
 }
 

@@ -94,6 +94,20 @@ pub fn nvfp4_same_input(x: &Tensor, ws: &[&cuda::GpuNvfp4]) -> Option<Vec<Tensor
     Some(ys.into_iter().zip(ws).map(|(y, w)| Tensor::from_cuda(y, &[t, w.rows])).collect())
 }
 
+/// `x [T, in]` through two small bf16 weights held on the GPU (the GDN's in_proj_b and
+/// in_proj_a) in one launch, each output what [`cuda::Gpu::linear`] gives alone. `None` when
+/// the row-block GEMV does not take both: run the linears one by one.
+#[cfg(feature = "cuda")]
+pub fn bf16_small_pair(x: &Tensor, ws: [&cuda::GpuWeight; 2]) -> Option<[Tensor; 2]> {
+    let t = x.rows();
+    if !matches!(x.storage(), Storage::Cuda(_)) || ws.iter().any(|w| w.cols() != x.row_len()) {
+        return None;
+    }
+    let ys = ok(gpu().bf16_small_pair(x.cuda(), t, ws), "linear")?;
+    let [a, b] = ys;
+    Some([Tensor::from_cuda(a, &[t, ws[0].rows()]), Tensor::from_cuda(b, &[t, ws[1].rows()])])
+}
+
 /// `f` on `x [T, K]` in the tensor-core GEMV's input format: the copy its producer attached,
 /// else converted here.
 #[cfg(feature = "cuda")]

@@ -376,32 +376,45 @@ impl Linear {
 
 /// `x` through several linears of the same input (q/k/v, gate/up, the GDN input projections):
 /// the same as each one's [`Linear::forward`]; on the GPU, the W4A16 NVFP4 ones among them share
-/// one conversion of the activations and one launch, the others run one by one.
+/// one conversion of the activations and one launch, two small bf16 ones (the GDN's in_proj_b
+/// and in_proj_a) one launch, the others run one by one.
 pub fn forward_many<const N: usize>(x: &Tensor, linears: [&Linear; N], p: Precision) -> [Tensor; N] {
     #[cfg(feature = "cuda")]
     {
-        let plain: Vec<Option<&fp4_kernels::cuda::GpuNvfp4>> = linears
+        use fp4_kernels::cuda::GpuWeight;
+        let plain: Vec<Option<&GpuWeight>> = linears
             .iter()
             .map(|l| match &l.method {
-                LinearMethod::Gpu { weight, pre_quant_scale: None, bias: None, act: None, .. } => match weight.as_ref()
-                {
-                    fp4_kernels::cuda::GpuWeight::Nvfp4(q) => Some(q),
-                    _ => None,
-                },
+                LinearMethod::Gpu { weight, pre_quant_scale: None, bias: None, act: None, .. } => Some(weight.as_ref()),
                 _ => None,
             })
             .collect();
-        let grouped: Vec<&fp4_kernels::cuda::GpuNvfp4> = plain.iter().flatten().copied().collect();
-        if grouped.len() > 1 {
-            if let Some(ys) = ops::nvfp4_same_input(x, &grouped) {
-                let mut ys = ys.into_iter();
-                return std::array::from_fn(|i| match plain[i] {
-                    Some(_) => ys.next().expect("one output per grouped linear"),
-                    None => linears[i].forward(x, p),
-                });
+        let mut out: [Option<Tensor>; N] = std::array::from_fn(|_| None);
+        let nvfp4: Vec<usize> = (0..N).filter(|&i| matches!(plain[i], Some(GpuWeight::Nvfp4(_)))).collect();
+        if nvfp4.len() > 1 {
+            let ws: Vec<_> = nvfp4
+                .iter()
+                .map(|&i| match plain[i] {
+                    Some(GpuWeight::Nvfp4(q)) => q,
+                    _ => unreachable!("filtered above"),
+                })
+                .collect();
+            if let Some(ys) = ops::nvfp4_same_input(x, &ws) {
+                for (&i, y) in nvfp4.iter().zip(ys) {
+                    out[i] = Some(y);
+                }
             }
         }
+        let bf16: Vec<usize> = (0..N).filter(|&i| matches!(plain[i], Some(GpuWeight::Bf16 { .. }))).collect();
+        if let [b, a] = bf16[..] {
+            let pair = [plain[b], plain[a]].map(|w| w.expect("filtered above"));
+            if let Some([yb, ya]) = ops::bf16_small_pair(x, pair) {
+                (out[b], out[a]) = (Some(yb), Some(ya));
+            }
+        }
+        return std::array::from_fn(|i| out[i].take().unwrap_or_else(|| linears[i].forward(x, p)));
     }
+    #[allow(unreachable_code)]
     linears.map(|l| l.forward(x, p))
 }
 

@@ -170,6 +170,28 @@ fn bf16_batch_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) {
         rep.check(&format!("linear bf16 batched gemv 2..8 tokens x{cols}→{rows}"), err, 1e-5);
         rep.require(&format!("bf16 batched gemv = one token alone, bit for bit ({rows} rows)"), same, json!({}));
     }
+    // Two small weights of one input in one launch (the GDN's in_proj_b and in_proj_a) = each alone.
+    let cols = 4096;
+    let small: Vec<GpuWeight> = [(32, 1.0), (48, 0.37)]
+        .iter()
+        .map(|&(rows, scale)| {
+            let w: Vec<f32> = rng.vec(rows * cols, 0.05).into_iter().map(fp4_format::dtype::round_bf16).collect();
+            g.upload_bf16(&w, rows, cols, scale)
+        })
+        .collect();
+    for t in [1, 7, 64] {
+        let x = gpu_t(&rng.tensor(&[t, cols], 1.0));
+        let bits = |y: &Tensor| -> Vec<u32> { y.to_vec().into_iter().map(f32::to_bits).collect() };
+        let pair = ops::bf16_small_pair(&x, [&small[0], &small[1]]);
+        let same = pair.is_some_and(|ys| {
+            ys.iter().zip(&small).all(|(y, w)| bits(y) == bits(&ops::linear_gpu(&x, w, None, None, None)))
+        });
+        rep.require(
+            &format!("bf16 pair of small weights in one launch = each alone, bit for bit ({t} tokens)"),
+            same,
+            json!({}),
+        );
+    }
 }
 
 /// Linear layers: NVFP4 and bf16 (scale 1 and an FP8-style per-tensor scale) through the GEMV

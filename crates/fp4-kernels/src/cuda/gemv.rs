@@ -60,17 +60,13 @@ impl Gpu {
         // reduction (20 µs a layer at 32 tokens, H200), all for 256 KiB of weights.
         let small = n < ROWBLOCK_MAX_ROWS && t <= MMA_GEMV_MAX_TOKENS;
         let gemv_ok = (t <= GEMV_MAX_TOKENS || small) && k.is_multiple_of(8);
+        if let (true, true, GpuWeight::Bf16 { w, scale, .. }) = (gemv_ok, small, w) {
+            return Ok(self.bf16_rowblock(x, t, &[(w, *scale, n)])?.pop().expect("one output"));
+        }
         let mut y = self.alloc::<f32>(t * n)?;
         if let (true, GpuWeight::Bf16 { w, scale, .. }) = (gemv_ok, w) {
             let (ni, ki) = (n as i32, k as i32);
-            if small {
-                let cfg = LaunchConfig {
-                    grid_dim: (n as u32, t as u32, 1),
-                    block_dim: (ROWBLOCK_THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                launch!(self, bf16_gemv_rowblock, cfg, w, scale, x, &mut y, &ni, &ki);
-            } else if t == 1 {
+            if t == 1 {
                 launch!(self, bf16_gemv, gemv_cfg(n, t), w, scale, x, &mut y, &ni, &ki);
             } else {
                 let (f, cfg) = self.bf16_gemv_batch(n, t);
@@ -107,6 +103,73 @@ impl Gpu {
             }
         }
         Ok(y)
+    }
+
+    /// `[y_b, y_a] = x · [W_b, W_a]ᵀ` for two small bf16 weights of one input (the GDN's
+    /// in_proj_b and in_proj_a) in one launch, when the row-block GEMV takes both (each row's
+    /// sum is the one [`Gpu::linear`] gives it alone); `None` otherwise.
+    pub fn bf16_small_pair(
+        &self,
+        x: &DeviceBuf<f32>,
+        t: usize,
+        ws: [&GpuWeight; 2],
+    ) -> Result<Option<[DeviceBuf<f32>; 2]>> {
+        let k = ws[0].cols();
+        fn small(w: &GpuWeight, k: usize) -> Option<(&DeviceBuf<u16>, f32, usize)> {
+            match w {
+                GpuWeight::Bf16 { w, rows, cols, scale } if *rows < ROWBLOCK_MAX_ROWS && *cols == k => {
+                    Some((w, *scale, *rows))
+                }
+                _ => None,
+            }
+        }
+        let (Some(b), Some(a)) = (small(ws[0], k), small(ws[1], k)) else { return Ok(None) };
+        // Where [`Gpu::linear`] takes the row-block GEMV.
+        if !(1..=MMA_GEMV_MAX_TOKENS).contains(&t) || !k.is_multiple_of(8) {
+            return Ok(None);
+        }
+        assert!(x.len() >= t * k, "bf16_small_pair: x has {} elements, needs {t}×{k}", x.len());
+        let [yb, ya]: [DeviceBuf<f32>; 2] = self.bf16_rowblock(x, t, &[b, a])?.try_into().expect("two outputs");
+        Ok(Some([yb, ya]))
+    }
+
+    /// `bf16_gemv_rowblock_f32` over one or two `(weight, scale, rows)` of `x [t, k]`.
+    fn bf16_rowblock(
+        &self,
+        x: &DeviceBuf<f32>,
+        t: usize,
+        ws: &[(&DeviceBuf<u16>, f32, usize)],
+    ) -> Result<Vec<DeviceBuf<f32>>> {
+        assert!((1..=2).contains(&ws.len()), "bf16_gemv_rowblock_f32 takes one or two weights");
+        let n: usize = ws.iter().map(|w| w.2).sum();
+        let k = ws[0].0.len() / ws[0].2;
+        let mut ys = ws.iter().map(|w| self.alloc::<f32>(t * w.2)).collect::<Result<Vec<_>>>()?;
+        let mut ptrs = Vec::new();
+        let mut guards = Vec::new();
+        for ((w, _, _), y) in ws.iter().zip(ys.iter_mut()) {
+            let (wp, gw) = w.device_ptr(&self.stream);
+            let (yp, gy) = y.device_ptr_mut(&self.stream);
+            ptrs.push((wp, yp));
+            guards.push((gw, gy));
+        }
+        // One weight: the second slot repeats the first with no rows (never read).
+        let second = if ws.len() == 2 { (ptrs[1], ws[1].1, ws[1].2 as i32) } else { (ptrs[0], ws[0].1, 0) };
+        let (n0, ki) = (ws[0].2 as i32, k as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, t as u32, 1),
+            block_dim: (ROWBLOCK_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&self.k.bf16_gemv_rowblock);
+        b.arg(&ptrs[0].0).arg(&ws[0].1).arg(&ptrs[0].1).arg(&n0);
+        b.arg(&second.0 .0).arg(&second.1).arg(&second.0 .1).arg(&second.2);
+        b.arg(x).arg(&ki);
+        // SAFETY: bf16_gemv_rowblock_f32's signature; each weight holds rows × k bf16, each
+        // output t × rows floats, x t × k (checked by the callers); the guards keep the
+        // pointers' buffers ordered on this stream until the launch is queued.
+        unsafe { b.launch(cfg) }?;
+        drop(guards);
+        Ok(ys)
     }
 
     /// The batched bf16 GEMV for `2 ≤ t ≤ GEMV_MAX_TOKENS` tokens over `n` rows (each weight
