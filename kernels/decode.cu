@@ -388,23 +388,28 @@ extern "C" __global__ void gdn_step_slots(const float* __restrict__ q, const flo
 // 2·Hk·dk + Hv·dv] (q | k | v), b and a [B, Hv] the gate projections, z [B, Hv·dv]; out [B, Hv·dv]
 // is the normed, gated output out_proj reads. The same arithmetic as gdn_gates_f32,
 // gdn_step_slots and rms_norm_gated_f32 in a row, minus the launches and copies between them.
-// GDN_FUSED_THREADS = 4 column groups of 32 × 4 row groups (dk, dv ≤ 128, dk % 4 == 0): thread
-// (cg, r, lane) owns column 32·cg + lane for rows r·dk/4 … in registers, as in gdn_step_slots.
+// A block is CG column groups of 32 × 4 row groups (dk, dv ≤ 128, dk % 4 == 0): thread (cg, r,
+// lane) owns column 32·(CG·blockIdx.z + cg) + lane for rows r·dk/4 … in registers, as in
+// gdn_step_slots. With CG·32 ≥ dv a block holds the whole head and applies the gated norm itself;
+// with fewer (gdn_decode_cols, CG = 1: four times the blocks, so a batch of one sequence reads its
+// 2 MiB of state per layer with 128 blocks instead of 32) out gets the head's raw outputs and
+// rms_norm_gated_f16 normalises them after.
 // Compiled for any dk, dv ≤ 128 (gdn_decode_fused) and for the 9B's 128 × 128
-// (gdn_decode_fused_k128v128): with the sizes known, the 32 state rows a thread holds sit at
-// constant offsets from one address, so the kernel fits two blocks per SM (64 registers, no
-// spills) instead of one (128 registers), and the state loads of one block overlap another's
-// arithmetic (at 32 sequences it ran at 33 % of DRAM bandwidth with one).
-template <int DK, int DV>
+// (gdn_decode_fused_k128v128, gdn_decode_cols_k128v128): with the sizes known, the 32 state rows
+// a thread holds sit at constant offsets from one address, so the kernel fits two blocks per SM
+// (64 registers, no spills) instead of one (128 registers), and the state loads of one block
+// overlap another's arithmetic (at 32 sequences it ran at 33 % of DRAM bandwidth with one).
+template <int DK, int DV, int CG>
 __device__ __forceinline__ void gdn_decode_fused_impl(const float* __restrict__ mixed, const float* __restrict__ b_proj,
                      const float* __restrict__ a_proj, const float* __restrict__ a_log,
                      const float* __restrict__ dt_bias, const float* __restrict__ z, const float* __restrict__ norm_w,
                      float* __restrict__ pool, const uint32_t* __restrict__ slots, float* __restrict__ out, int hk,
                      int hv, int dk_, int dv_, float eps) {
     const int dk = DK ? DK : dk_, dv = DV ? DV : dv_;
-    __shared__ float ks[GDN_STEP_MAX_DK], qs[GDN_STEP_MAX_DK], os[GDN_FUSED_MAX_D], red[4][4][32], part[2][4], nsum[4];
+    const bool whole_head = CG * 32 >= dv;
+    __shared__ float ks[GDN_STEP_MAX_DK], qs[GDN_STEP_MAX_DK], os[GDN_FUSED_MAX_D], red[CG][4][32], part[2][4], nsum[4];
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, cg = warp >> 2, r = warp & 3;
-    int h = blockIdx.x, b = blockIdx.y, j = cg * 32 + lane;
+    int h = blockIdx.x, b = blockIdx.y, j = (CG * blockIdx.z + cg) * 32 + lane;
     int kh = h / (hv / hk);
     // This thread's slice of the state, loaded before the wait: the pool was last written by this
     // layer a step ago and the slot table before the step (kernels/pdl.cuh), so the largest read
@@ -441,7 +446,7 @@ __device__ __forceinline__ void gdn_decode_fused_impl(const float* __restrict__ 
     __syncthreads();
     float rk = 1.f / sqrtf(part[0][0] + part[0][1] + part[0][2] + part[0][3] + 1e-6f);
     float rq = 1.f / sqrtf(part[1][0] + part[1][1] + part[1][2] + part[1][3] + 1e-6f);
-    for (int i = tid; i < dk; i += GDN_FUSED_THREADS) {
+    for (int i = tid; i < dk; i += CG * 128) {
         ks[i] = kt[i] * rk;
         qs[i] = qt[i] * rq / sqrtf((float)dk);
     }
@@ -474,7 +479,12 @@ __device__ __forceinline__ void gdn_decode_fused_impl(const float* __restrict__ 
     __syncthreads();
     red[cg][r][lane] = o;
     __syncthreads();
-    if (r == 0 && on) os[j] = red[cg][0][lane] + red[cg][1][lane] + red[cg][2][lane] + red[cg][3][lane];
+    o = red[cg][0][lane] + red[cg][1][lane] + red[cg][2][lane] + red[cg][3][lane];
+    if (!whole_head) {
+        if (r == 0 && on) out[th * dv + j] = o;
+        return;
+    }
+    if (r == 0 && on) os[j] = o;
     __syncthreads();
     // Gated RMSNorm over the head's dv outputs (rms_norm_gated_f32), the first 4 warps.
     if (warp < 4) {
@@ -486,30 +496,33 @@ __device__ __forceinline__ void gdn_decode_fused_impl(const float* __restrict__ 
     }
     __syncthreads();
     float rn = rsqrtf((nsum[0] + nsum[1] + nsum[2] + nsum[3]) / dv + eps);
-    for (int i = tid; i < dv; i += GDN_FUSED_THREADS) {
+    for (int i = tid; i < dv; i += CG * 128) {
         float g = z[th * dv + i];
         out[th * dv + i] = norm_w[i] * (os[i] * rn) * (g / (1.f + expf(-g)));
     }
 }
 
-extern "C" __global__ void __launch_bounds__(GDN_FUSED_THREADS)
-    gdn_decode_fused(const float* __restrict__ mixed, const float* __restrict__ b_proj,
-                     const float* __restrict__ a_proj, const float* __restrict__ a_log,
-                     const float* __restrict__ dt_bias, const float* __restrict__ z, const float* __restrict__ norm_w,
-                     float* __restrict__ pool, const uint32_t* __restrict__ slots, float* __restrict__ out, int hk,
-                     int hv, int dk, int dv, float eps) {  // pdl_start() in the impl, after the state loads
-    gdn_decode_fused_impl<0, 0>(mixed, b_proj, a_proj, a_log, dt_bias, z, norm_w, pool, slots, out, hk, hv, dk, dv, eps);
+#define GDN_DECODE_ARGS                                                                                           \
+    const float *__restrict__ mixed, const float *__restrict__ b_proj, const float *__restrict__ a_proj,          \
+        const float *__restrict__ a_log, const float *__restrict__ dt_bias, const float *__restrict__ z,          \
+        const float *__restrict__ norm_w, float *__restrict__ pool, const uint32_t *__restrict__ slots,           \
+        float *__restrict__ out, int hk, int hv, int dk, int dv, float eps
+#define GDN_DECODE_PASS mixed, b_proj, a_proj, a_log, dt_bias, z, norm_w, pool, slots, out, hk, hv, dk, dv, eps
+
+extern "C" __global__ void __launch_bounds__(GDN_FUSED_THREADS) gdn_decode_fused(GDN_DECODE_ARGS) {
+    // pdl_start() in the impl, after the state loads.
+    gdn_decode_fused_impl<0, 0, GDN_FUSED_THREADS / 128>(GDN_DECODE_PASS);
 }
 
-extern "C" __global__ void __launch_bounds__(GDN_FUSED_THREADS, 2)
-    gdn_decode_fused_k128v128(const float* __restrict__ mixed, const float* __restrict__ b_proj,
-                              const float* __restrict__ a_proj, const float* __restrict__ a_log,
-                              const float* __restrict__ dt_bias, const float* __restrict__ z,
-                              const float* __restrict__ norm_w, float* __restrict__ pool,
-                              const uint32_t* __restrict__ slots, float* __restrict__ out, int hk, int hv, int dk,
-                              int dv, float eps) {  // pdl_start() in the impl, after the state loads
-    gdn_decode_fused_impl<128, 128>(mixed, b_proj, a_proj, a_log, dt_bias, z, norm_w, pool, slots, out, hk, hv, dk, dv,
-                                    eps);
+extern "C" __global__ void __launch_bounds__(GDN_FUSED_THREADS, 2) gdn_decode_fused_k128v128(GDN_DECODE_ARGS) {
+    // pdl_start() in the impl, after the state loads.
+    gdn_decode_fused_impl<128, 128, GDN_FUSED_THREADS / 128>(GDN_DECODE_PASS);
+}
+
+// One column group per block, grid (Hv, B, dv / 32): out gets the raw outputs (see above).
+extern "C" __global__ void __launch_bounds__(128, 6) gdn_decode_cols_k128v128(GDN_DECODE_ARGS) {
+    // pdl_start() in the impl, after the state loads.
+    gdn_decode_fused_impl<128, 128, 1>(GDN_DECODE_PASS);
 }
 
 // Attention decode prologue fused: per head of one token (grid (Hq + Hkv, B), one thread per

@@ -37,6 +37,7 @@
 #define GDN_STEP_MAX_DK 128
 #define GDN_FUSED_THREADS 512 // gdn_decode_fused: 4 column groups × 4 row groups of 32
 #define GDN_FUSED_MAX_D 128
+#define GATED_F16_D 128      // rms_norm_gated_f16: the head width (a float4 per lane of a warp)
 #define ATT_PREP_MAX_D 512    // attn_decode_prep: one thread per dim
 // gdn.cu
 #define GDN_C 64              // chunked prefill: tokens per chunk

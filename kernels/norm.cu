@@ -145,3 +145,28 @@ extern "C" __global__ void rms_norm_gated_f32(const float* __restrict__ x, const
         y[row * d + i] = w[i] * (xr[i] * r) * (g / (1.f + expf(-g)));
     }
 }
+
+// rms_norm_gated_f32 over the heads of a whole token at once, the output also in the
+// tensor-core GEMV's format (out_proj's input): one block of 32·H threads per token row of H
+// heads of GATED_F16_D (gdn_decode_cols's raw outputs, H ≤ 32), warp h holding head h a float4
+// per lane, so each head's sum stays in its warp and the row's amax is one block reduction.
+extern "C" __global__ void rms_norm_gated_f16(const float* __restrict__ x, const float* __restrict__ z,
+                                              const float* __restrict__ w, float* __restrict__ y,
+                                              uint16_t* __restrict__ yh, float* __restrict__ inv, float eps) {
+    pdl_start();
+    __shared__ float shared_max[32];
+    const int n4 = blockDim.x, lane = threadIdx.x & 31;
+    const size_t row = blockIdx.x, at = row * n4 + threadIdx.x;
+    const float4 v = reinterpret_cast<const float4*>(x)[at], g = reinterpret_cast<const float4*>(z)[at];
+    const float4 wv = reinterpret_cast<const float4*>(w)[lane];
+    float ss = v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    const float r = rsqrtf(ss / GATED_F16_D + eps);
+    auto gate = [](float a) { return a / (1.f + expf(-a)); };
+    float4 out[1];
+    out[0] = make_float4(wv.x * (v.x * r) * gate(g.x), wv.y * (v.y * r) * gate(g.y), wv.z * (v.z * r) * gate(g.z),
+                         wv.w * (v.w * r) * gate(g.w));
+    reinterpret_cast<float4*>(y)[at] = out[0];
+    store_rowscaled<1>(out, n4, block_max(absmax4(out[0]), shared_max), yh + row * n4 * 4, inv + row);
+}

@@ -71,30 +71,36 @@ pub(super) fn fused_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) {
         );
     }
 
-    // The fused GDN step on slots 3, 0, 5, 1 of 6: the 9B's heads and a grouped small geometry.
-    let slots = vec![3u32, 0, 5, 1];
-    let (sc, sg) = ids_both(slots.clone());
-    for d in [
-        GdnDims { key_heads: 16, value_heads: 32, key_dim: 128, value_dim: 128 },
-        GdnDims { key_heads: 2, value_heads: 6, key_dim: 16, value_dim: 40 },
-    ] {
-        let b = slots.len();
-        let width = 2 * d.key_heads * d.key_dim + d.value_heads * d.value_dim;
-        let mixed = rng.tensor(&[b, width], 1.0);
-        let (bp, ap) = (rng.tensor(&[b, d.value_heads], 2.0), rng.tensor(&[b, d.value_heads], 2.0));
-        let z = rng.tensor(&[b, d.value_heads * d.value_dim], 1.0);
-        let (a_log, dt, norm) =
-            (rng.tensor(&[d.value_heads], 1.0), rng.tensor(&[d.value_heads], 1.0), rng.tensor(&[d.value_dim], 0.5));
-        let pool = rng.tensor(&[6 * d.value_heads, d.key_dim, d.value_dim], 0.3);
-        let wc = ops::GdnStepParams { a_log: &a_log, dt_bias: &dt, norm: &norm, eps: 1e-6, dims: d };
-        let (ga, gd, gn) = (gpu_t(&a_log), gpu_t(&dt), gpu_t(&norm));
-        let wg = ops::GdnStepParams { a_log: &ga, dt_bias: &gd, norm: &gn, eps: 1e-6, dims: d };
-        let (mut pc, mut pg) = (pool.clone(), gpu_t(&pool));
-        let want = ops::gdn_decode(&mixed, &bp, &ap, z.clone(), wc, &mut pc, &sc, F32);
-        let got = ops::gdn_decode(&gpu_t(&mixed), &gpu_t(&bp), &gpu_t(&ap), gpu_t(&z), wg, &mut pg, &sg, F32);
-        let what =
-            format!("gdn_decode (fused) 4 seqs, {}x{}/{}x{}", d.key_heads, d.key_dim, d.value_heads, d.value_dim);
-        rep.check(&what, rel_err(&got, &want).max(rel_err(&pg, &pc)), 1e-4);
+    // The fused GDN step on slots 3, 0, 5, 1 of 6 and on slot 4 alone: the 9B's heads (a block
+    // per 32 state columns, the gated norm writing out_proj's GEMV input) and a grouped small
+    // geometry (a block per head).
+    for slots in [vec![3u32, 0, 5, 1], vec![4]] {
+        let (sc, sg) = ids_both(slots.clone());
+        for d in [
+            GdnDims { key_heads: 16, value_heads: 32, key_dim: 128, value_dim: 128 },
+            GdnDims { key_heads: 2, value_heads: 6, key_dim: 16, value_dim: 40 },
+        ] {
+            let b = slots.len();
+            let width = 2 * d.key_heads * d.key_dim + d.value_heads * d.value_dim;
+            let mixed = rng.tensor(&[b, width], 1.0);
+            let (bp, ap) = (rng.tensor(&[b, d.value_heads], 2.0), rng.tensor(&[b, d.value_heads], 2.0));
+            let z = rng.tensor(&[b, d.value_heads * d.value_dim], 1.0);
+            let (a_log, dt, norm) =
+                (rng.tensor(&[d.value_heads], 1.0), rng.tensor(&[d.value_heads], 1.0), rng.tensor(&[d.value_dim], 0.5));
+            let pool = rng.tensor(&[6 * d.value_heads, d.key_dim, d.value_dim], 0.3);
+            let wc = ops::GdnStepParams { a_log: &a_log, dt_bias: &dt, norm: &norm, eps: 1e-6, dims: d };
+            let (ga, gd, gn) = (gpu_t(&a_log), gpu_t(&dt), gpu_t(&norm));
+            let wg = ops::GdnStepParams { a_log: &ga, dt_bias: &gd, norm: &gn, eps: 1e-6, dims: d };
+            let (mut pc, mut pg) = (pool.clone(), gpu_t(&pool));
+            let want = ops::gdn_decode(&mixed, &bp, &ap, z.clone(), wc, &mut pc, &sc, F32);
+            let got = ops::gdn_decode(&gpu_t(&mixed), &gpu_t(&bp), &gpu_t(&ap), gpu_t(&z), wg, &mut pg, &sg, F32);
+            let what =
+                format!("gdn_decode (fused) {b} seqs, {}x{}/{}x{}", d.key_heads, d.key_dim, d.value_heads, d.value_dim);
+            rep.check(&what, rel_err(&got, &want).max(rel_err(&pg, &pc)), 1e-4);
+            if d.value_dim == 128 {
+                rep.require(&format!("{what}: GEMV input = f16_rowscaled"), gemv_input_matches(g, &got), json!({}));
+            }
+        }
     }
 
     // The fused attention prologue: 16/4 heads of 256 (rotary 64), shuffled blocks of 8.

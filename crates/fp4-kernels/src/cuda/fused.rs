@@ -130,7 +130,10 @@ impl Gpu {
 
     /// The GDN decode step after the conv, fused (`gdn_decode_fused`): gates from `b, a [B, Hv]`,
     /// l2norm, delta rule on the state pool at `slots`, gated RMSNorm with `z` and `norm_w`.
-    /// `mixed` is the conv output `[B, 2·Hk·dk + Hv·dv]`; returns `[B, Hv·dv]`.
+    /// `mixed` is the conv output `[B, 2·Hk·dk + Hv·dv]`; returns `[B, Hv·dv]`, and for the 9B's
+    /// heads (128 × 128, up to 32 value heads) also that output as out_proj's GEMV input: there a
+    /// block per 32 state columns (`gdn_decode_cols_k128v128`, four times the blocks of one per
+    /// head, for a batch of one) and the gated norm after it (`rms_norm_gated_f16`).
     #[allow(clippy::too_many_arguments)]
     pub fn gdn_decode(
         &self,
@@ -145,7 +148,7 @@ impl Gpu {
         pool: &mut DeviceBuf<f32>,
         slots: &DeviceBuf<u32>,
         dims: GdnDims,
-    ) -> Result<DeviceBuf<f32>> {
+    ) -> Result<(DeviceBuf<f32>, Option<MmaActivations>)> {
         let GdnDims { key_heads: hk, value_heads: hv, key_dim: dk, value_dim: dv } = dims;
         let b = b_proj.len() / hv;
         assert!(
@@ -161,13 +164,25 @@ impl Gpu {
             "gdn_decode shapes"
         );
         let mut out = self.alloc::<f32>(b * hv * dv)?;
-        let cfg = LaunchConfig {
-            grid_dim: (hv as u32, b as u32, 1),
-            block_dim: (GDN_FUSED_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+        let by_cols =
+            (dk, dv) == (128, 128) && dv == geometry::GATED_F16_D && hv <= 32 && self.gemv_input_applies(b, hv * dv);
+        let (f, cfg) = if by_cols {
+            let cfg = LaunchConfig {
+                grid_dim: (hv as u32, b as u32, (dv / 32) as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            (&self.k.gdn_decode_cols_k128v128, cfg)
+        } else {
+            let cfg = LaunchConfig {
+                grid_dim: (hv as u32, b as u32, 1),
+                block_dim: (GDN_FUSED_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let f = if (dk, dv) == (128, 128) { &self.k.gdn_decode_fused_k128v128 } else { &self.k.gdn_decode_fused };
+            (f, cfg)
         };
         let (hki, hvi, dki, dvi) = (hk as i32, hv as i32, dk as i32, dv as i32);
-        let f = if (dk, dv) == (128, 128) { &self.k.gdn_decode_fused_k128v128 } else { &self.k.gdn_decode_fused };
         launch!(
             self,
             fn f,
@@ -188,7 +203,14 @@ impl Gpu {
             &dvi,
             &eps
         );
-        Ok(out)
+        if !by_cols {
+            return Ok((out, None));
+        }
+        // out holds the raw outputs: the gated norm, one block of 32 · Hv threads per token.
+        let (mut y, mut act) = (self.alloc::<f32>(b * hv * dv)?, self.gemv_input_buffers(b, hv * dv)?);
+        let cfg = LaunchConfig { grid_dim: (b as u32, 1, 1), block_dim: (32 * hv as u32, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, rms_norm_gated_f16, cfg, &out, z, norm_w, &mut y, &mut act.xh, &mut act.inv, &eps);
+        Ok((y, Some(act)))
     }
 
     /// Whether [`Gpu::attention_decode_prep`] takes heads of `d` with `half` rotary pairs.

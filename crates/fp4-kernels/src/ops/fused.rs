@@ -58,7 +58,12 @@ pub fn gdn_decode(
                 slots.cuda(),
                 d,
             );
-            return Tensor::from_cuda(ok(o, "gdn_decode"), &[t, value_width]);
+            let (o, act) = ok(o, "gdn_decode");
+            let o = Tensor::from_cuda(o, &[t, value_width]);
+            return match act {
+                Some(a) => o.with_gemv_input(a),
+                None => o,
+            };
         }
     }
     let [q, k, v]: [Tensor; 3] =
