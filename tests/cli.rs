@@ -145,6 +145,15 @@ fn generate_from_prompt_text_samples_reproducibly() {
 
 /// Copies a fixture into a temp dir, rewriting its weights with `edit` (tensor name → keep/replace).
 fn edited_copy(name: &str, edit: impl Fn(&str, &[usize], &[u8]) -> Option<(Vec<usize>, Vec<u8>)>) -> tempfile::TempDir {
+    rewritten_copy(name, edit, Vec::new())
+}
+
+/// [`edited_copy`] plus `extra` f32 tensors (name, shape, values).
+fn rewritten_copy(
+    name: &str,
+    edit: impl Fn(&str, &[usize], &[u8]) -> Option<(Vec<usize>, Vec<u8>)>,
+    extra: Vec<(String, Vec<usize>, Vec<f32>)>,
+) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for entry in std::fs::read_dir(fixture(name)).unwrap() {
         let p = entry.unwrap().path();
@@ -158,6 +167,9 @@ fn edited_copy(name: &str, edit: impl Fn(&str, &[usize], &[u8]) -> Option<(Vec<u
         if let Some((shape, data)) = edit(&n, t.shape(), t.data()) {
             kept.push((n, t.dtype(), shape, data));
         }
+    }
+    for (n, shape, values) in extra {
+        kept.push((n, safetensors::Dtype::F32, shape, values.iter().flat_map(|v| v.to_le_bytes()).collect()));
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = kept
         .iter()
@@ -373,4 +385,82 @@ fn every_broken_header_names_its_tensor_and_file() {
             assert!(err.contains(w), "{header}: `{w}` in {err}");
         }
     }
+}
+
+/// tiny-text with a random MTP head (`mtp.*`, f32), shaped from its config.
+fn tiny_text_with_mtp() -> tempfile::TempDir {
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny-text").join("config.json")).unwrap()).unwrap();
+    let n = |k: &str| c[k].as_u64().unwrap() as usize;
+    let (h, i, hq, hkv, d) =
+        (n("hidden_size"), n("intermediate_size"), n("num_attention_heads"), n("num_key_value_heads"), n("head_dim"));
+    let shapes: Vec<(&str, Vec<usize>)> = vec![
+        ("fc.weight", vec![h, 2 * h]),
+        ("pre_fc_norm_embedding.weight", vec![h]),
+        ("pre_fc_norm_hidden.weight", vec![h]),
+        ("norm.weight", vec![h]),
+        ("layers.0.input_layernorm.weight", vec![h]),
+        ("layers.0.post_attention_layernorm.weight", vec![h]),
+        ("layers.0.self_attn.q_proj.weight", vec![hq * d * 2, h]),
+        ("layers.0.self_attn.k_proj.weight", vec![hkv * d, h]),
+        ("layers.0.self_attn.v_proj.weight", vec![hkv * d, h]),
+        ("layers.0.self_attn.o_proj.weight", vec![h, hq * d]),
+        ("layers.0.self_attn.q_norm.weight", vec![d]),
+        ("layers.0.self_attn.k_norm.weight", vec![d]),
+        ("layers.0.mlp.gate_proj.weight", vec![i, h]),
+        ("layers.0.mlp.up_proj.weight", vec![i, h]),
+        ("layers.0.mlp.down_proj.weight", vec![h, i]),
+    ];
+    let mut state = 0x2545f4914f6cdd1du64;
+    let extra = shapes
+        .into_iter()
+        .map(|(name, shape)| {
+            let count: usize = shape.iter().product();
+            let values = (0..count)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
+                })
+                .collect();
+            (format!("mtp.{name}"), shape, values)
+        })
+        .collect();
+    rewritten_copy("tiny-text", |_, s, b| Some((s.to_vec(), b.to_vec())), extra)
+}
+
+#[test]
+fn generate_with_the_mtp_head_gives_the_same_tokens() {
+    let dir = tiny_text_with_mtp();
+    let model = dir.path().to_str().unwrap();
+    let base =
+        ["generate", "--model", model, "--input-ids", "5,9,2,77,31", "--max-tokens", "12", "--ignore-eos", "--json"];
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let o = fp4(&[&base[..], extra].concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_str(stdout(&o).lines().last().unwrap()).unwrap()
+    };
+    let plain = run(&[]);
+    for k in ["1", "3"] {
+        let cfg = format!(r#"{{"method": "mtp", "num_speculative_tokens": {k}}}"#);
+        let spec = run(&["--speculative-config", &cfg]);
+        assert_eq!(spec["output_ids"], plain["output_ids"], "k = {k}");
+        let s = &spec["speculative"];
+        assert!(s["verify_steps"].as_u64().unwrap() >= 1, "{s}");
+        assert_eq!(s["drafted"].as_u64(), Some(s["verify_steps"].as_u64().unwrap() * k.parse::<u64>().unwrap()));
+    }
+    // Bad input is named: the flag, the checkpoint without a head, sampling.
+    let err = fp4_err(
+        &[&base[..], &["--speculative-config", r#"{"method": "eagle", "num_speculative_tokens": 2}"#]].concat(),
+    );
+    assert!(err.contains("--speculative-config") && err.contains("eagle"), "{err}");
+    let mtp = r#"{"method": "mtp", "num_speculative_tokens": 2}"#;
+    let err = fp4_err(&[&base[..], &["--speculative-config", mtp, "--temperature", "0.7"]].concat());
+    assert!(err.contains("greedy"), "{err}");
+    let fixture_dir = fixture("tiny-text");
+    let no_head =
+        ["generate", "--model", fixture_dir.to_str().unwrap(), "--input-ids", "5,9", "--speculative-config", mtp];
+    let err = fp4_err(&no_head);
+    assert!(err.contains("no MTP head") && err.contains("tiny-text"), "{err}");
 }

@@ -292,6 +292,21 @@ pub fn cat_rows(a: &Tensor, b: &Tensor) -> Tensor {
     }
 }
 
+/// `[a | b]` row by row: `a [T, m]` and `b [T, n]` → `[T, m + n]` (the MTP head's input). GPU
+/// tensors go through the host (the MTP head runs in the CPU reference for now).
+pub fn cat_cols(a: &Tensor, b: &Tensor) -> Tensor {
+    let two_d = |t: &Tensor| t.shape().len() == 2 && t.row_len() > 0;
+    check(two_d(a) && two_d(b) && a.rows() == b.rows(), "cat_cols", || format!("{:?} vs {:?}", a.shape(), b.shape()));
+    let (m, n) = (a.row_len(), b.row_len());
+    let (av, bv) = (a.to_vec(), b.to_vec());
+    let mut out = Vec::with_capacity(av.len() + bv.len());
+    for (ra, rb) in av.chunks_exact(m).zip(bv.chunks_exact(n)) {
+        out.extend_from_slice(ra);
+        out.extend_from_slice(rb);
+    }
+    Tensor::from_vec(out, &[a.rows(), m + n]).into_device(a.device())
+}
+
 /// The last row of `x` as a `[1, ...]` tensor.
 pub fn last_row(x: &Tensor) -> Tensor {
     let n = x.row_len();
@@ -662,5 +677,19 @@ pub fn rows(x: &Tensor, r0: usize, r1: usize) -> Tensor {
         Storage::Cpu(xs) => Tensor::from_vec(xs[r0 * n..r1 * n].to_vec(), &shape),
         #[cfg(feature = "cuda")]
         Storage::Cuda(xs) => Tensor::from_cuda(ok(gpu().copy_range(xs, r0 * n, (r1 - r0) * n), "rows"), &shape),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cat_cols_joins_rows_side_by_side() {
+        let a = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0], &[2, 2]);
+        let b = Tensor::from_vec(vec![5.0, 6.0], &[2, 1]);
+        let c = cat_cols(&a, &b);
+        assert_eq!(c.shape(), &[2, 3]);
+        assert_eq!(c.to_vec(), vec![1.0, 2.0, 5.0, 3.0, 4.0, 6.0]);
     }
 }

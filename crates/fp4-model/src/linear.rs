@@ -44,6 +44,8 @@ pub trait WeightSource {
     fn linear(&self, name: &str, n_in: usize, n_out: usize, bias: bool, o: LoadOptions) -> crate::Result<Linear>;
     /// A float parameter, placed on `o.device`.
     fn param(&self, name: &str, shape: &[usize], o: LoadOptions) -> crate::Result<Tensor>;
+    /// Whether tensor `name` (a full name) is there: optional parts such as the MTP head.
+    fn has(&self, name: &str) -> bool;
 }
 
 impl WeightSource for Checkpoint {
@@ -61,6 +63,10 @@ impl WeightSource for Checkpoint {
 
     fn param(&self, name: &str, shape: &[usize], o: LoadOptions) -> crate::Result<Tensor> {
         Ok(load_param(self, name, shape, o.precision)?.into_device(o.device))
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.contains(name)
     }
 }
 

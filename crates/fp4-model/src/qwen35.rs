@@ -252,8 +252,14 @@ impl DecoderLayer {
     /// Loads layer `i` (the quantizer loads one layer at a time through this).
     pub fn load(w: &dyn WeightSource, i: usize, o: LoadOptions) -> Result<DecoderLayer> {
         let cfg = w.config();
-        let prefix = w.text_name(&format!("layers.{i}"));
-        let mixer = match cfg.layer_types[i] {
+        DecoderLayer::load_at(w, &w.text_name(&format!("layers.{i}")), cfg.layer_types[i], o)
+    }
+
+    /// Loads the layer of type `kind` whose tensors are under `prefix` (the MTP head's layer is
+    /// `mtp.layers.0`, full attention).
+    pub fn load_at(w: &dyn WeightSource, prefix: &str, kind: LayerType, o: LoadOptions) -> Result<DecoderLayer> {
+        let cfg = w.config();
+        let mixer = match kind {
             LayerType::FullAttention => {
                 Mixer::Attention(Box::new(Attention::load(w, &format!("{prefix}.self_attn"), cfg, o)?))
             }
@@ -376,6 +382,19 @@ impl Qwen35 {
     /// Runs `ids` after whatever `cache` already holds and returns f32 logits (rounded to bf16
     /// in bf16 mode, as HF's lm_head output is).
     pub fn forward(&self, ids: &[u32], cache: &mut Cache, which: Logits) -> Result<Tensor> {
+        Ok(self.head(&self.forward_normed(ids, cache, which)?))
+    }
+
+    /// [`Qwen35::forward`] up to the final norm: the normed hidden states the LM head (and the
+    /// MTP head) reads.
+    pub fn forward_normed(&self, ids: &[u32], cache: &mut Cache, which: Logits) -> Result<Tensor> {
+        let algo = if ids.len() == 1 { GdnAlgo::Recurrent } else { self.prefill_algo };
+        self.forward_normed_with(ids, cache, which, algo)
+    }
+
+    /// [`Qwen35::forward_normed`] with the GDN layers walking the tokens by `algo` (the
+    /// recurrent walk computes each token as a one-token step does).
+    pub fn forward_normed_with(&self, ids: &[u32], cache: &mut Cache, which: Logits, algo: GdnAlgo) -> Result<Tensor> {
         if ids.is_empty() {
             return Err(ModelError::EmptyInput);
         }
@@ -384,7 +403,6 @@ impl Qwen35 {
             return Err(ModelError::TokenOutOfRange { id, pos: cache.seq_len + i, vocab });
         }
         let pos0 = cache.seq_len;
-        let algo = if ids.len() == 1 { GdnAlgo::Recurrent } else { self.prefill_algo };
         let mut h = ops::embedding(&self.embed_tokens, ids);
         for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
             h = layer.forward(&h, MixerState::Sequence { cache: lc, pos0, algo }, &self.ctx);
@@ -394,17 +412,36 @@ impl Qwen35 {
             Logits::All => h,
             Logits::Last => ops::last_row(&h),
         };
-        Ok(self.logits(&h))
+        Ok(self.final_norm(&h))
+    }
+
+    /// The final norm over the rows of `h`.
+    fn final_norm(&self, h: &Tensor) -> Tensor {
+        ops::rms_norm(h, &self.norm, self.ctx.eps, 1.0, self.ctx.precision)
+    }
+
+    /// The LM head over normed rows (the model's or the MTP head's).
+    pub fn head(&self, normed: &Tensor) -> Tensor {
+        let p = self.ctx.precision;
+        match &self.lm_head {
+            Some(head) => head.forward(normed, p),
+            None => ops::linear(normed, &self.embed_tokens, None, p),
+        }
     }
 
     /// Final norm and LM head over the rows of `h`.
     fn logits(&self, h: &Tensor) -> Tensor {
-        let p = self.ctx.precision;
-        let h = ops::rms_norm(h, &self.norm, self.ctx.eps, 1.0, p);
-        match &self.lm_head {
-            Some(head) => head.forward(&h, p),
-            None => ops::linear(&h, &self.embed_tokens, None, p),
-        }
+        self.head(&self.final_norm(h))
+    }
+
+    /// The token embeddings `[vocab, hidden]` (the MTP head shares them).
+    pub(crate) fn embeddings(&self) -> &Tensor {
+        &self.embed_tokens
+    }
+
+    /// What every layer needs besides its weights (the MTP head's layer too).
+    pub(crate) fn layer_ctx(&self) -> &LayerCtx {
+        &self.ctx
     }
 
     /// One decode step of a batch: token `ids[b]` of sequence b at position `index.pos[b]`, its

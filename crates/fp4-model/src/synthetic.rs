@@ -27,6 +27,8 @@ pub struct Synthetic {
     config: TextConfig,
     format: SyntheticFormat,
     seed: u64,
+    /// Whether it has an MTP head (`mtp.*`, random like the rest).
+    mtp: bool,
 }
 
 /// The shapes `--synthetic` knows.
@@ -63,14 +65,23 @@ impl Synthetic {
             }
         };
         let config = TextConfig::from_json(&json, std::path::Path::new(&format!("<synthetic {name}>")))?;
-        Ok(Synthetic { config, format, seed })
+        Ok(Synthetic { config, format, seed, mtp: false })
+    }
+
+    /// The same model with an MTP head (`mtp.*`, kept BF16 as checkpoints keep it).
+    pub fn with_mtp(mut self) -> Synthetic {
+        self.mtp = true;
+        self
     }
 
     fn quantized(&self, name: &str, n_in: usize) -> bool {
         match self.format {
             SyntheticFormat::Bf16 => false,
             SyntheticFormat::Nvfp4 { mlp_only } => {
-                let excluded = name == "lm_head" || name.ends_with("in_proj_a") || name.ends_with("in_proj_b");
+                let excluded = name == "lm_head"
+                    || name.starts_with("mtp.")
+                    || name.ends_with("in_proj_a")
+                    || name.ends_with("in_proj_b");
                 !excluded && (!mlp_only || name.contains(".mlp.")) && n_in.is_multiple_of(16)
             }
         }
@@ -166,6 +177,10 @@ impl WeightSource for Synthetic {
             Device::Cuda => unreachable!("Qwen35::load refuses the GPU in builds without cuda"),
         };
         Ok(Linear::from_method(name, n_in, n_out, method, false))
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.mtp || !name.starts_with("mtp.")
     }
 
     fn param(&self, name: &str, shape: &[usize], o: LoadOptions) -> Result<Tensor> {
