@@ -84,6 +84,18 @@ pub struct SeqState {
     pub len: usize,
 }
 
+impl SeqState {
+    /// KV blocks it holds.
+    pub fn blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Whether its next step takes a new KV block (its next position starts one).
+    pub fn needs_block(&self, block_size: usize) -> bool {
+        self.blocks.len() * block_size <= self.len
+    }
+}
+
 /// One bucket's step inputs and outputs (fixed device buffers) and its captured graph.
 struct Bucket {
     size: usize,
@@ -204,7 +216,7 @@ impl DecodeRunner {
             if s.len >= self.cfg.max_model_len {
                 return Err(RunnerError::ContextFull(self.cfg.max_model_len));
             }
-            while s.blocks.len() * self.cfg.block_size <= s.len {
+            while s.needs_block(self.cfg.block_size) {
                 let b = self.free_blocks.pop().ok_or(RunnerError::OutOfBlocks { need: 1, free: 0 })?;
                 s.blocks.push(b);
             }

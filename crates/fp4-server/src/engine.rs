@@ -1,6 +1,10 @@
 //! The engine: one scheduler thread that owns the model and every sequence's state.
 //!
-//! Each step it admits waiting requests while slots and KV blocks allow, advances every
+//! Each step it admits waiting requests while slots and KV blocks allow (the blocks a request's
+//! prompt needs now, not its whole prompt + max_tokens: sequences take blocks as they grow, and
+//! when the next step's growth does not fit, the most recently admitted sequences are preempted:
+//! their state is dropped and recomputed from their tokens once blocks are free, their output
+//! unchanged), advances every
 //! prefilling sequence by one chunk of its prompt (on its own contiguous cache), and then decodes
 //! one token for every running sequence in one batched forward of the model runner
 //! ([`DecodeRunner`]: GDN state slots and paged KV from the cache budget; on the GPU a CUDA graph
@@ -130,6 +134,8 @@ pub struct Stats {
     pub prefix_cached_tokens: AtomicU64,
     pub prefix_entries: AtomicUsize,
     pub prefix_bytes: AtomicUsize,
+    /// Sequences preempted (state dropped, recomputed later) because the KV blocks ran out.
+    pub preemptions: AtomicU64,
 }
 
 struct Submission {
@@ -155,7 +161,8 @@ impl EngineHandle {
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err(SubmitError::ShuttingDown);
         }
-        // The KV blocks reserved at admission: prompt + max_tokens and the next position.
+        // A sequence must fit the KV pool alone (prompt + max_tokens and the next position): it
+        // can always finish, preempting the others.
         let need = req.prompt.len().saturating_add(req.max_tokens).min(self.max_model_len) + 1;
         if need > self.kv_tokens {
             return Err(SubmitError::TooLarge { need, capacity: self.kv_tokens, budget: self.budget });
@@ -191,10 +198,12 @@ pub fn cache_bytes(model: &Qwen35, tokens: usize) -> usize {
     fp4_model::Pools::slot_bytes(c) + tokens.div_ceil(KV_BLOCK) * fp4_model::Pools::block_bytes(c, KV_BLOCK)
 }
 
-/// Where a sequence's state lives: its own cache while the prompt is prefilled, then the runner.
+/// Where a sequence's state lives: its own cache while the prompt is prefilled, then the runner;
+/// nowhere while it waits, preempted, to be recomputed.
 enum SeqCache {
     Prefill(Cache),
     Decode(SeqState),
+    Preempted,
 }
 
 struct Sequence {
@@ -210,11 +219,31 @@ struct Sequence {
     sampler: Sampler,
     /// Last logits row (after prefill or the last host-sampled decode).
     logits: Vec<f32>,
-    /// KV blocks set aside for the whole sequence (prompt + max_tokens) at admission.
-    reserved_blocks: usize,
+    /// After a preemption: the tokens to prefill again (the prompt and every generated token
+    /// but the last, which is the next decode step's input); empty otherwise.
+    resume: Vec<u32>,
+    /// Admission order (the most recently admitted are preempted first).
+    admitted: u64,
 }
 
 impl Sequence {
+    /// The tokens its prefill runs over: the prompt, or after a preemption what it resumes from.
+    fn prefill_tokens(&self) -> &[u32] {
+        if self.resume.is_empty() {
+            &self.req.prompt
+        } else {
+            &self.resume
+        }
+    }
+
+    /// KV blocks it holds or will take when its prefill moves into the runner.
+    fn blocks(&self, runner: &DecodeRunner) -> usize {
+        match &self.cache {
+            SeqCache::Prefill(_) | SeqCache::Preempted => runner.blocks_for(self.prefill_tokens().len() + 1),
+            SeqCache::Decode(state) => state.blocks(),
+        }
+    }
+
     /// Greedy with nothing that needs the logits on the host: the device picks the token.
     fn device_greedy(&self) -> bool {
         let p = self.req.penalties;
@@ -305,16 +334,20 @@ pub fn start(model: Qwen35, cfg: EngineConfig) -> Result<EngineHandle, RunnerErr
 
 fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Receiver<Submission>, stats: Arc<Stats>) {
     let mut waiting: VecDeque<Submission> = VecDeque::new();
+    // Sequences preempted for KV blocks, in preemption order: admitted again before new requests.
+    let mut preempted: VecDeque<Sequence> = VecDeque::new();
     let mut running: Vec<Sequence> = Vec::new();
     let rc = runner.config();
     let total_blocks = rc.kv_blocks;
-    let mut reserved = 0usize;
+    let mut admissions = 0u64;
     let (slot_bytes, block_bytes) =
         (fp4_model::Pools::slot_bytes(&model.config), fp4_model::Pools::block_bytes(&model.config, rc.block_size));
     let mut prefixes = PrefixCache::new(cfg.prefix_cache_bytes);
+    let committed =
+        |running: &[Sequence], runner: &DecodeRunner| running.iter().map(|s| s.blocks(runner)).sum::<usize>();
     loop {
         // Take new submissions; block only when there is nothing to do.
-        if running.is_empty() && waiting.is_empty() {
+        if running.is_empty() && waiting.is_empty() && preempted.is_empty() {
             match rx.recv() {
                 Ok(s) => waiting.push_back(s),
                 Err(_) => return,
@@ -323,9 +356,29 @@ fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Rec
         while let Ok(s) = rx.try_recv() {
             waiting.push_back(s);
         }
-        // Admit while slots and KV blocks allow (reserving the sequence's whole length, so that a
-        // running sequence never waits for a block).
+        // Admit while slots and KV blocks allow: the blocks a prompt needs now, beside what the
+        // running sequences hold and one block of headroom each for their growth.
         while running.len() < rc.max_seqs {
+            let free = total_blocks.saturating_sub(committed(&running, &runner) + running.len());
+            if let Some(seq) = preempted.front() {
+                if seq.events.is_closed() {
+                    preempted.pop_front();
+                    stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                if seq.blocks(&runner) > free && !running.is_empty() {
+                    break;
+                }
+                let mut seq = preempted.pop_front().expect("front exists");
+                // Recomputed from a prefix snapshot where one matches (not counted as a hit: the
+                // request was counted when first admitted).
+                let (cache, n) = prefixes.lookup(seq.prefill_tokens()).unwrap_or_else(|| (model.new_cache(), 0));
+                (seq.cache, seq.prefilled) = (SeqCache::Prefill(cache), n);
+                admissions += 1;
+                seq.admitted = admissions;
+                running.push(seq);
+                continue;
+            }
             let Some(s) = waiting.front() else { break };
             if s.events.is_closed() {
                 waiting.pop_front();
@@ -333,24 +386,25 @@ fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Rec
                 stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let tokens = s.req.prompt.len().saturating_add(s.req.max_tokens).min(cfg.max_model_len);
-            let need = runner.blocks_for(tokens + 1);
-            if reserved + need > total_blocks && !running.is_empty() {
+            let need = runner.blocks_for(s.req.prompt.len() + 1);
+            if need > free && !running.is_empty() {
                 break;
             }
             let s = waiting.pop_front().expect("front exists");
             stats.waiting.fetch_sub(1, Ordering::Relaxed);
-            if need > total_blocks {
+            // A sequence must be able to finish alone (preemption frees everything else for it).
+            let whole =
+                runner.blocks_for(s.req.prompt.len().saturating_add(s.req.max_tokens).min(cfg.max_model_len) + 1);
+            if whole > total_blocks {
                 let _ = s.events.send(Event::Failed(format!(
                     "the request needs {} bytes of cache but the whole budget is {} bytes",
-                    slot_bytes + need * block_bytes,
+                    slot_bytes + whole * block_bytes,
                     cfg.cache_budget_bytes
                 )));
                 continue;
             }
             match Sampler::new(s.req.sampling) {
                 Ok(sampler) => {
-                    reserved += need;
                     stats.prompt_tokens.fetch_add(s.req.prompt.len() as u64, Ordering::Relaxed);
                     let (cache, cached) = match prefixes.lookup(&s.req.prompt) {
                         Some((cache, n)) => {
@@ -363,6 +417,7 @@ fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Rec
                             (model.new_cache(), 0)
                         }
                     };
+                    admissions += 1;
                     running.push(Sequence {
                         cache: SeqCache::Prefill(cache),
                         prefilled: cached,
@@ -371,7 +426,8 @@ fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Rec
                         counts: HashMap::new(),
                         sampler,
                         logits: Vec::new(),
-                        reserved_blocks: need,
+                        resume: Vec::new(),
+                        admitted: admissions,
                         req: s.req,
                         events: s.events,
                     });
@@ -381,8 +437,11 @@ fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Rec
                 }
             }
         }
+        let cache_used = |running: &[Sequence], runner: &DecodeRunner| {
+            running.len() * slot_bytes + committed(running, runner) * block_bytes
+        };
         stats.running.store(running.len(), Ordering::Relaxed);
-        stats.cache_bytes.store(running.len() * slot_bytes + reserved * block_bytes, Ordering::Relaxed);
+        stats.cache_bytes.store(cache_used(&running, &runner), Ordering::Relaxed);
 
         // Prefill chunks (one sequence at a time), first tokens, hand-over to the runner.
         let step_started = Instant::now();
@@ -394,6 +453,22 @@ fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Rec
             } else if matches!(seq.cache, SeqCache::Prefill(_)) {
                 done[i] = prefill_step(&model, &mut runner, seq, &mut prefixes, &stats);
             }
+        }
+        // The blocks this step's decode takes must fit beside what every other sequence holds or
+        // is promised: else the most recently admitted sequences give theirs up.
+        loop {
+            let live = || (0..running.len()).filter(|&i| !done[i]);
+            let held: usize = live().map(|i| running[i].blocks(&runner)).sum();
+            let growth = live()
+                .filter(|&i| matches!(&running[i].cache, SeqCache::Decode(st) if st.needs_block(rc.block_size)))
+                .count();
+            if held + growth <= total_blocks || live().count() < 2 {
+                break;
+            }
+            let victim = live().max_by_key(|&i| running[i].admitted).expect("two live sequences");
+            done.swap_remove(victim);
+            let seq = preempt(running.swap_remove(victim), &mut runner, &stats);
+            preempted.push_back(seq);
         }
         // One batched decode step for every sequence in the runner.
         let decoding: Vec<usize> =
@@ -412,20 +487,40 @@ fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Rec
             stats.graph_replays.fetch_add(runner.graph_replays - replays, Ordering::Relaxed);
             stats.decode_step_micros.fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
         }
-        // Finished and cancelled sequences give their slot, blocks and reservation back.
+        // Finished and cancelled sequences give their slot and blocks back.
         for i in (0..running.len()).rev() {
             if done[i] {
                 let seq = running.swap_remove(i);
-                reserved -= seq.reserved_blocks;
                 if let SeqCache::Decode(state) = seq.cache {
                     runner.release(state);
                 }
             }
         }
         stats.running.store(running.len(), Ordering::Relaxed);
-        stats.cache_bytes.store(running.len() * slot_bytes + reserved * block_bytes, Ordering::Relaxed);
+        stats.cache_bytes.store(cache_used(&running, &runner), Ordering::Relaxed);
         tracing::trace!(secs = step_started.elapsed().as_secs_f64(), running = running.len(), "step");
     }
+}
+
+/// Drops a sequence's state (its runner slot and blocks, or its prefill cache) so that it can be
+/// recomputed later from its tokens: the prompt and every generated token but the last, which
+/// stays the next decode step's input.
+fn preempt(mut seq: Sequence, runner: &mut DecodeRunner, stats: &Stats) -> Sequence {
+    if let SeqCache::Decode(state) = std::mem::replace(&mut seq.cache, SeqCache::Preempted) {
+        runner.release(state);
+    }
+    seq.resume = match seq.generated.split_last() {
+        Some((_, before)) => seq.req.prompt.iter().chain(before).copied().collect(),
+        None => Vec::new(),
+    };
+    seq.prefilled = 0;
+    stats.preemptions.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(
+        tokens = seq.prefill_tokens().len(),
+        generated = seq.generated.len(),
+        "KV cache full: a sequence is preempted and will be recomputed"
+    );
+    seq
 }
 
 /// One prefill chunk of `seq`; after the last one, its first token (choices, penalties and the
@@ -441,26 +536,35 @@ fn prefill_step(
         let _ = seq.events.send(Event::Failed(e));
         true
     };
-    let SeqCache::Prefill(cache) = &mut seq.cache else { unreachable!("prefill of a decoding sequence") };
-    let mut end = (seq.prefilled + PREFILL_CHUNK).min(seq.req.prompt.len());
+    let (total, resuming) = (seq.prefill_tokens().len(), !seq.resume.is_empty());
+    let mut end = (seq.prefilled + PREFILL_CHUNK).min(total);
     if let Some(&at) = seq.req.snapshot_at.iter().find(|&&at| at > seq.prefilled && at < end) {
         end = at;
     }
-    match model.forward(&seq.req.prompt[seq.prefilled..end], cache, Logits::Last) {
+    let chunk = seq.prefill_tokens()[seq.prefilled..end].to_vec();
+    let SeqCache::Prefill(cache) = &mut seq.cache else { unreachable!("prefill of a decoding sequence") };
+    match model.forward(&chunk, cache, Logits::Last) {
         Ok(l) => seq.logits = l.into_vec(),
         Err(e) => return fail(seq, e.to_string()),
     }
     seq.prefilled = end;
     // The state after the whole prompt (where this conversation's next turn resumes) and at the
-    // request's snapshot points (the system prompt other requests share).
-    if end == seq.req.prompt.len() || seq.req.snapshot_at.contains(&end) {
+    // request's snapshot points (the system prompt other requests share); a recomputation after
+    // a preemption kept them the first time.
+    if !resuming && (end == seq.req.prompt.len() || seq.req.snapshot_at.contains(&end)) {
         prefixes.insert(&seq.req.prompt[..end], cache);
         let (entries, bytes) = prefixes.usage();
         stats.prefix_entries.store(entries, Ordering::Relaxed);
         stats.prefix_bytes.store(bytes, Ordering::Relaxed);
     }
-    if seq.prefilled < seq.req.prompt.len() {
+    if seq.prefilled < total {
         return false;
+    }
+    if resuming {
+        // Recomputed up to the last generated token, the next decode step's input.
+        seq.resume.clear();
+        seq.logits.clear();
+        return admit(runner, seq);
     }
     if !seq.req.choices.is_empty() {
         if let Err(e) = force_best_choice(model, seq, stats) {
@@ -475,13 +579,22 @@ fn prefill_step(
     if seq.sample_host(logits, stats) {
         return true;
     }
+    admit(runner, seq)
+}
+
+/// Moves a prefilled sequence's cache into the runner; returns true when that failed (the
+/// sequence is finished with the error).
+fn admit(runner: &mut DecodeRunner, seq: &mut Sequence) -> bool {
     let SeqCache::Prefill(cache) = &seq.cache else { unreachable!("still prefilling") };
     match runner.admit(cache) {
         Ok(state) => {
             seq.cache = SeqCache::Decode(state);
             false
         }
-        Err(e) => fail(seq, format!("cannot continue the sequence: {e}")),
+        Err(e) => {
+            let _ = seq.events.send(Event::Failed(format!("cannot continue the sequence: {e}")));
+            true
+        }
     }
 }
 
@@ -505,7 +618,7 @@ fn decode_step(
         .filter(|(i, _)| group.contains(i))
         .map(|(_, seq)| match &mut seq.cache {
             SeqCache::Decode(state) => state,
-            SeqCache::Prefill(_) => unreachable!("only decoding sequences are grouped"),
+            SeqCache::Prefill(_) | SeqCache::Preempted => unreachable!("only decoding sequences are grouped"),
         })
         .collect();
     let fail_all = |running: &mut [Sequence], done: &mut [bool], e: RunnerError| {
@@ -622,6 +735,74 @@ mod tests {
         let counts: HashMap<u32, u32> = [(1, 2), (2, 1)].into_iter().collect();
         apply_penalties(&mut logits, &req, &counts);
         assert_eq!(logits, vec![1.0, -4.0 - 0.5 - 0.5, 0.5 - 0.5 - 0.25, 3.0]);
+    }
+
+    /// Greedy outputs of `prompts` (each to `max_tokens`) through an engine whose KV pool has
+    /// `kv_blocks` blocks, all submitted at once; and its preemption count.
+    fn serve_all(prompts: &[Vec<u32>], max_tokens: usize, kv_blocks: usize, prefix: bool) -> (Vec<Vec<u32>>, u64) {
+        use fp4_model::{LoadOptions, Pools, Precision, Synthetic, SyntheticFormat};
+        let src = Synthetic::named("tiny", SyntheticFormat::Bf16, 5).unwrap();
+        let model = Qwen35::load(&src, LoadOptions::new(Precision::F32)).unwrap();
+        let max_num_seqs = 3;
+        let prefix_cache_bytes = if prefix { 64 << 20 } else { 0 };
+        let c = &model.config;
+        let pools = (max_num_seqs + 1) * Pools::slot_bytes(c) + (kv_blocks + 1) * Pools::block_bytes(c, KV_BLOCK);
+        let cfg = EngineConfig {
+            max_num_seqs,
+            max_model_len: 512,
+            max_waiting: 8,
+            cache_budget_bytes: pools + prefix_cache_bytes,
+            cuda_graphs: false,
+            prefix_cache_bytes,
+        };
+        let handle = start(model, cfg).unwrap();
+        let request = |prompt: &Vec<u32>| GenRequest {
+            prompt: prompt.clone(),
+            sampling: SamplingParams::default(),
+            penalties: Penalties::default(),
+            max_tokens,
+            stop_ids: vec![],
+            logprobs: None,
+            choices: vec![],
+            snapshot_at: vec![],
+        };
+        let mut receivers: Vec<_> = prompts.iter().map(|p| handle.submit(request(p)).unwrap()).collect();
+        let outputs = receivers
+            .iter_mut()
+            .map(|rx| {
+                let mut ids = Vec::new();
+                loop {
+                    match rx.blocking_recv() {
+                        Some(Event::Token { id, .. }) => ids.push(id),
+                        Some(Event::Finished { completion_tokens, .. }) => {
+                            assert_eq!(completion_tokens, ids.len());
+                            return ids;
+                        }
+                        other => panic!("unexpected event {other:?}"),
+                    }
+                }
+            })
+            .collect();
+        let preemptions = handle.stats.preemptions.load(Ordering::Relaxed);
+        handle.shutdown();
+        (outputs, preemptions)
+    }
+
+    /// Sequences are admitted by the blocks their prompts need, not prompt + max_tokens; when
+    /// their growth runs out of blocks the newest are preempted and recomputed, and every output
+    /// is what the sequence gives with room to spare.
+    #[test]
+    fn preempted_sequences_are_recomputed_with_the_same_output() {
+        let prompts: Vec<Vec<u32>> =
+            (0..3u32).map(|s| (0..20 + 7 * s).map(|i| (i * 31 + s * 101 + 3) % 512).collect()).collect();
+        // 60 tokens each: 6 blocks of 16 per sequence at the end, 18 for the three; 12 in the pool.
+        let (roomy, none) = serve_all(&prompts, 60, 64, false);
+        assert_eq!(none, 0);
+        for prefix in [false, true] {
+            let (tight, preemptions) = serve_all(&prompts, 60, 12, prefix);
+            assert!(preemptions > 0, "prefix cache {prefix}: no preemption in a pool too small for all three");
+            assert_eq!(tight, roomy, "prefix cache {prefix}");
+        }
     }
 
     #[test]

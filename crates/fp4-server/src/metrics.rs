@@ -97,8 +97,14 @@ impl Metrics {
         gauge(
             &mut out,
             "fp4_cache_bytes_used",
-            "Cache bytes reserved by running sequences.",
+            "Cache bytes held by running sequences (their GDN state slots and the KV blocks they hold or will take when their prefill ends).",
             stats.cache_bytes.load(Ordering::Relaxed) as u64,
+        );
+        counter(
+            &mut out,
+            "fp4_num_preemptions_total",
+            "Sequences preempted because the KV blocks ran out (recomputed later, output unchanged).",
+            r(&stats.preemptions),
         );
         counter(&mut out, "fp4_decode_steps_total", "Batched decode steps.", r(&stats.decode_steps));
         counter(
