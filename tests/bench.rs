@@ -119,3 +119,68 @@ fn bench_two_servers_writes_json_markdown_and_plots() {
     assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("gates failed"));
 }
+
+/// `--conversation`: TTFT turn by turn over one growing conversation, the same requests on both
+/// backends; the one with prefix caching resumes every turn from the one before.
+#[test]
+fn conversation_benchmark_times_every_turn_on_both_backends() {
+    let a = common::start(&[]);
+    let b = common::start(&["--no-enable-prefix-caching"]);
+    let dir = tempfile::tempdir().unwrap();
+    let suite = dir.path().join("mini.toml");
+    std::fs::write(&suite, SUITE).unwrap();
+    let out = dir.path().join("conversation.json");
+    let md = dir.path().join("conversation.md");
+    let url = |p: u16| format!("http://127.0.0.1:{p}");
+    let turns = 6;
+    let o = Command::new(env!("CARGO_BIN_EXE_fp4"))
+        .args(["bench", "--backend-a", "cached", &url(a.port), "--backend-b", "uncached", &url(b.port)])
+        .args(["--suite", suite.to_str().unwrap(), "--conversation", &turns.to_string(), "--reply-tokens", "6"])
+        .args(["--warmup", "1", "--output", out.to_str().unwrap(), "--markdown", md.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(v["schema"], "fp4.conversation-bench.v1");
+    let backends = v["backends"].as_array().unwrap();
+    assert_eq!(backends.len(), 2);
+    let column = |b: &serde_json::Value, key: &str| -> Vec<u64> {
+        b["turns"].as_array().unwrap().iter().map(|t| t[key].as_u64().unwrap()).collect()
+    };
+    for b in backends {
+        assert_eq!(b["turns"].as_array().unwrap().len(), turns, "{b}");
+        assert!(
+            b["turns"].as_array().unwrap().iter().all(|t| t["error"].is_null() && t["ttft_any_ms"].is_f64()),
+            "{b}"
+        );
+        let prompts = column(b, "prompt_tokens");
+        assert!(prompts.windows(2).all(|w| w[1] > w[0]), "the history grows: {prompts:?}");
+    }
+    assert_eq!(column(&backends[0], "prompt_tokens"), column(&backends[1], "prompt_tokens"), "same requests");
+    let cached = column(&backends[0], "cached_tokens");
+    assert!(cached[1..].iter().all(|&c| c > 0), "each turn resumes from the one before: {cached:?}");
+    assert!(column(&backends[1], "cached_tokens").iter().all(|&c| c == 0));
+    let report = std::fs::read_to_string(&md).unwrap();
+    assert!(
+        report.contains("| turn | prompt tokens | cached TTFT ms | cached cached | uncached TTFT ms |"),
+        "{report}"
+    );
+    assert!(report.contains("max ÷ min"), "{report}");
+    // A dead backend B is reported as not measured, not as a result.
+    let dead = format!(
+        "http://127.0.0.1:{}",
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    );
+    let out2 = dir.path().join("c2.json");
+    let o = Command::new(env!("CARGO_BIN_EXE_fp4"))
+        .args(["bench", "--backend-a", "cached", &url(a.port), "--backend-b", "dead", &dead])
+        .args(["--suite", suite.to_str().unwrap(), "--conversation", "2", "--reply-tokens", "4", "--warmup", "0"])
+        .args(["--output", out2.to_str().unwrap(), "--timeout", "5"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out2).unwrap()).unwrap();
+    assert!(v["backends"][1]["error"].as_str().unwrap().contains("unavailable"), "{v}");
+    assert!(v["backends"][1]["turns"].as_array().unwrap().is_empty());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("dead"));
+}

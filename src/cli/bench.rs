@@ -2,7 +2,7 @@
 
 use fp4_bench::client::Backend;
 use fp4_bench::run::{self, RunOptions};
-use fp4_bench::{report, suite::Suite};
+use fp4_bench::{conversation, report, suite::Suite};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -22,7 +22,7 @@ pub struct Args {
     #[arg(long, default_value_t = 2)]
     warmup: usize,
     /// Measured requests per test and backend.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, conflicts_with = "conversation")]
     runs: usize,
     /// JSON results (schema fp4.bench.v1).
     #[arg(long, default_value = "results.json")]
@@ -31,10 +31,10 @@ pub struct Args {
     #[arg(long)]
     markdown: Option<PathBuf>,
     /// Directory for SVG plots (ttft.svg, decode.svg).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "conversation")]
     plots: Option<PathBuf>,
     /// Exit with status 1 if any gate of backend A fails.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "conversation")]
     require_gates: bool,
     /// Per-request timeout in seconds.
     #[arg(long, default_value_t = 120)]
@@ -42,6 +42,15 @@ pub struct Args {
     /// Bearer token sent to both backends.
     #[arg(long, env = "OPENAI_API_KEY")]
     api_key: Option<String>,
+    /// Instead of the suite's tests: one conversation of this many turns (the suite's system
+    /// prompt and tools, its test prompts as the user's turns, each request carrying the whole
+    /// history; backend A's replies make the history and B gets the same requests), TTFT turn by
+    /// turn (JSON schema fp4.conversation-bench.v1).
+    #[arg(long, value_name = "TURNS", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    conversation: Option<u32>,
+    /// Tokens per reply in --conversation (the history grows by each reply).
+    #[arg(long, default_value_t = 48, requires = "conversation")]
+    reply_tokens: u32,
 }
 
 fn unix_now() -> u64 {
@@ -62,6 +71,32 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .progress_chars("=> "),
     );
     let started = unix_now();
+    if let Some(turns) = a.conversation {
+        let copts = conversation::ConversationOptions {
+            turns: turns as usize,
+            warmup: a.warmup,
+            max_tokens: a.reply_tokens,
+            timeout: opts.timeout,
+        };
+        let results = conversation::run(&suite, &backends, &copts, &|done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        });
+        bar.finish_and_clear();
+        report::write_json(&a.output, &conversation::json_report(&suite, &copts, &results, started, unix_now()))?;
+        let md = conversation::markdown(&copts, &results);
+        if let Some(p) = &a.markdown {
+            report::write_text(p, &md)?;
+        }
+        println!("{md}");
+        for b in &results {
+            if let Some(e) = &b.error {
+                eprintln!("backend {} ({}) was unreachable: {e}", b.name, b.url);
+            }
+        }
+        anyhow::ensure!(results[0].error.is_none(), "backend {} was not measured", results[0].name);
+        return Ok(());
+    }
     let results = run::run(&suite, &backends, &opts, &|done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);

@@ -49,6 +49,9 @@ pub struct Reply {
     /// Server usage count when sent, else the number of content/reasoning deltas.
     pub completion_tokens: usize,
     pub usage_reported: bool,
+    /// `usage.prompt_tokens` and `usage.prompt_tokens_details.cached_tokens` when reported.
+    pub prompt_tokens: Option<usize>,
+    pub cached_tokens: Option<usize>,
     /// Request sent → first delta of any kind.
     pub ttft_any_ms: Option<f64>,
     /// Request sent → first delta with visible content (what a voice pipeline waits for).
@@ -111,6 +114,12 @@ pub fn chat(backend: &Backend, model: &str, body: &Value, timeout: Duration) -> 
         if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
             reply.completion_tokens = n as usize;
             reply.usage_reported = true;
+        }
+        if let Some(n) = v["usage"]["prompt_tokens"].as_u64() {
+            reply.prompt_tokens = Some(n as usize);
+        }
+        if let Some(n) = v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64() {
+            reply.cached_tokens = Some(n as usize);
         }
         let Some(choice) = v["choices"].get(0) else { continue };
         let now = Instant::now();

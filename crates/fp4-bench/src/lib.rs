@@ -1,8 +1,10 @@
 //! `fp4 bench`: speed (TTFT, decode tok/s) and behaviour gates (thinking leak, tool calling,
 //! markdown, factual, reasoning, verbosity) for one or two OpenAI-compatible endpoints side by
-//! side, over plain HTTP: it works against llama-server, vLLM and fp4 alike.
+//! side, over plain HTTP: it works against llama-server, vLLM and fp4 alike; and TTFT turn by
+//! turn over a growing conversation (`conversation`).
 
 pub mod client;
+pub mod conversation;
 pub mod gates;
 pub mod report;
 pub mod run;
