@@ -157,8 +157,16 @@ fn conversation_benchmark_times_every_turn_on_both_backends() {
         assert!(prompts.windows(2).all(|w| w[1] > w[0]), "the history grows: {prompts:?}");
     }
     assert_eq!(column(&backends[0], "prompt_tokens"), column(&backends[1], "prompt_tokens"), "same requests");
-    let cached = column(&backends[0], "cached_tokens");
-    assert!(cached[1..].iter().all(|&c| c > 0), "each turn resumes from the one before: {cached:?}");
+    let (cached, prompts) = (column(&backends[0], "cached_tokens"), column(&backends[0], "prompt_tokens"));
+    // Each turn resumes from where the one before ended its conversation (before its generation
+    // prompt, a few tokens short of its whole prompt), not just from the system prompt.
+    for t in 1..turns {
+        assert!(
+            cached[t] + 32 >= prompts[t - 1] && cached[t] < prompts[t],
+            "turn {}: {cached:?} of {prompts:?}",
+            t + 1
+        );
+    }
     assert!(column(&backends[1], "cached_tokens").iter().all(|&c| c == 0));
     let report = std::fs::read_to_string(&md).unwrap();
     assert!(

@@ -51,6 +51,8 @@ pub struct ConversationResult {
     pub ttft_ms: Dist,
     /// Largest over smallest TTFT: ≈ 1 when the TTFT stays flat over the conversation.
     pub ttft_max_over_min: Option<f64>,
+    /// The same from the second turn on (the first cannot resume from anything).
+    pub ttft_max_over_min_after_first: Option<f64>,
 }
 
 /// The request of every turn, built while `first` answers them (its replies become the history).
@@ -125,13 +127,25 @@ fn turn_of(turn: usize, r: &Reply) -> Turn {
 }
 
 fn result(b: &Backend, model: Option<String>, error: Option<String>, turns: Vec<Turn>) -> ConversationResult {
-    let ttfts: Vec<f64> = turns.iter().filter_map(|t| t.ttft_ms.or(t.ttft_any_ms)).collect();
-    let ttft_ms = Dist::of(ttfts);
-    let ttft_max_over_min = match (ttft_ms.min, ttft_ms.max) {
+    let ttfts = |from: usize| -> Dist {
+        Dist::of(turns.iter().skip(from).filter_map(|t| t.ttft_ms.or(t.ttft_any_ms)).collect())
+    };
+    let spread = |d: &Dist| match (d.min, d.max) {
         (Some(lo), Some(hi)) if lo > 0.0 => Some(hi / lo),
         _ => None,
     };
-    ConversationResult { name: b.name.clone(), url: b.url.clone(), model, error, turns, ttft_ms, ttft_max_over_min }
+    let ttft_ms = ttfts(0);
+    let (ttft_max_over_min, ttft_max_over_min_after_first) = (spread(&ttft_ms), spread(&ttfts(1)));
+    ConversationResult {
+        name: b.name.clone(),
+        url: b.url.clone(),
+        model,
+        error,
+        turns,
+        ttft_ms,
+        ttft_max_over_min,
+        ttft_max_over_min_after_first,
+    }
 }
 
 /// Runs the conversation on every backend, the first one's replies making the history.
@@ -231,13 +245,15 @@ pub fn markdown(opts: &ConversationOptions, results: &[ConversationResult]) -> S
         match &r.error {
             Some(e) => md += &format!("- {}: not measured ({e})\n", r.name),
             None => {
+                let ratio = |x: Option<f64>| x.map_or("–".into(), |x| format!("{x:.2}"));
                 md += &format!(
-                    "- {}: TTFT min {} / p50 {} / max {} ms, max ÷ min {}\n",
+                    "- {}: TTFT min {} / p50 {} / max {} ms, max ÷ min {} ({} from turn 2 on)\n",
                     r.name,
                     num(r.ttft_ms.min),
                     num(r.ttft_ms.p50),
                     num(r.ttft_ms.max),
-                    r.ttft_max_over_min.map_or("–".into(), |x| format!("{x:.2}"))
+                    ratio(r.ttft_max_over_min),
+                    ratio(r.ttft_max_over_min_after_first)
                 )
             }
         }
@@ -280,6 +296,7 @@ mod tests {
         };
         let r = result(&b, None, None, vec![t(10.0), t(12.0), t(25.0)]);
         assert_eq!(r.ttft_max_over_min, Some(2.5));
+        assert_eq!(r.ttft_max_over_min_after_first, Some(25.0 / 12.0));
         let md = markdown(
             &ConversationOptions { turns: 3, warmup: 0, max_tokens: 8, timeout: Duration::from_secs(1) },
             &[r],

@@ -69,10 +69,12 @@ pub struct GenRequest {
     /// log-probabilities, teacher-forced on a copy of the cache) and emits the likeliest, then
     /// samples freely. Used to pick the function for `tool_choice: required`.
     pub choices: Vec<Vec<u32>>,
-    /// Prompt positions (ascending, inside the prompt) where the state is also kept for the
-    /// prefix cache: the end of the rendered system prompt, which later requests share. The
-    /// prefill always splits its chunks there, so a prompt resumed from such a snapshot
-    /// computes exactly what it computes prefilled from the start.
+    /// Prompt positions (ascending, up to the prompt's length) where the state is kept for the
+    /// prefix cache: the prompt's end, where a continuation resumes; in a chat, the end of the
+    /// rendered system prompt, which later requests share, and the end of the conversation
+    /// before the generation prompt, where its next turn resumes. The prefill always splits its
+    /// chunks there, so a prompt resumed from such a snapshot computes exactly what it computes
+    /// prefilled from the start. Empty: no snapshot.
     pub snapshot_at: Vec<usize>,
 }
 
@@ -548,10 +550,9 @@ fn prefill_step(
         Err(e) => return fail(seq, e.to_string()),
     }
     seq.prefilled = end;
-    // The state after the whole prompt (where this conversation's next turn resumes) and at the
-    // request's snapshot points (the system prompt other requests share); a recomputation after
-    // a preemption kept them the first time.
-    if !resuming && (end == seq.req.prompt.len() || seq.req.snapshot_at.contains(&end)) {
+    // The state at the request's snapshot points (see GenRequest::snapshot_at); a recomputation
+    // after a preemption kept them the first time.
+    if !resuming && end <= seq.req.prompt.len() && seq.req.snapshot_at.contains(&end) {
         prefixes.insert(&seq.req.prompt[..end], cache);
         let (entries, bytes) = prefixes.usage();
         stats.prefix_entries.store(entries, Ordering::Relaxed);

@@ -236,6 +236,7 @@ fn gen_request(s: &AppState, prompt: Vec<u32>, prompt_param: &str, opts: &GenOpt
     if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
         return Err(ApiError::bad(prompt_param, format!("token id {id} is outside the vocabulary (size {vocab})")));
     }
+    let prompt_len = prompt.len();
     Ok(GenRequest {
         prompt,
         sampling: SamplingParams {
@@ -254,7 +255,8 @@ fn gen_request(s: &AppState, prompt: Vec<u32>, prompt_param: &str, opts: &GenOpt
         stop_ids: if opts.ignore_eos { vec![] } else { s.cfg.eos_ids.clone() },
         logprobs: opts.logprobs,
         choices: vec![],
-        snapshot_at: vec![],
+        // Where a continuation of this prompt resumes (chat requests choose their own points).
+        snapshot_at: vec![prompt_len],
     })
 }
 
@@ -319,6 +321,21 @@ fn system_prompt_end(
     (shared > 0 && shared < ids.len()).then_some(shared)
 }
 
+/// Where the conversation `ids` renders ends before the generation prompt: the longest common
+/// prefix with the messages rendered without it. The next turn of the conversation starts with
+/// this part. `None` when the template will not render that or nothing is shared.
+fn conversation_end(
+    s: &AppState,
+    req: &protocol::ChatRequest,
+    ids: &[u32],
+    kwargs: Map<String, Value>,
+) -> Option<usize> {
+    let (text, lit) = render_protected(s, &req.messages, req.tools.as_deref(), false, kwargs).ok()?;
+    let history = encode_chat(s, &text, lit.as_ref()).ok()?;
+    let shared = ids.iter().zip(&history).take_while(|(a, b)| a == b).count();
+    (shared > 0 && shared < ids.len()).then_some(shared)
+}
+
 fn prepare_chat(s: &AppState, req: &protocol::ChatRequest) -> ApiResult<Prepared> {
     // vLLM's answer (its wording, which clients match on): a server without a tool parser cannot
     // find calls in free text. `required` and named choices force the call's markup themselves.
@@ -346,7 +363,13 @@ fn prepare_chat(s: &AppState, req: &protocol::ChatRequest) -> ApiResult<Prepared
     }
     let ids = encode_chat(s, &format!("{prompt}{forced}"), lit.as_ref())?;
     let mut gen = gen_request(s, ids.clone(), "messages", &req.opts)?;
-    gen.snapshot_at = system_prompt_end(s, req, &ids, kwargs).into_iter().collect();
+    // The system prompt's end (shared by other conversations) and the conversation's end before
+    // the generation prompt (the next turn renders this turn's reply there, so the prompt's own
+    // end, inside the generation prompt, is no prefix of it); the prompt's end only without one.
+    let system = system_prompt_end(s, req, &ids, kwargs.clone());
+    let conversation = conversation_end(s, req, &ids, kwargs);
+    gen.snapshot_at = [system, conversation.or(Some(ids.len()))].into_iter().flatten().collect();
+    gen.snapshot_at.dedup();
     if req.tool_choice == ToolChoice::Required {
         // The model must name one of the tools: the engine picks the likeliest `NAME>\n`.
         for t in req.tools.iter().flatten() {
