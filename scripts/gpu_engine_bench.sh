@@ -49,6 +49,8 @@ fp4 = {
     "decode_bs1_nvfp4_served": e.get("decode_bs1_nvfp4_served"),
     "copy_gb_per_s": st.get("copy_gb_per_s"),
     "bytes_per_token_nvfp4": e.get("bytes_per_token_nvfp4"),
+    # Issue 16: TTFT turn by turn over a 20-turn conversation, prefix caching on and off.
+    "conversation_ttft_ms": e.get("conversation_ttft_ms"),
 }
 peer = {"engine": "llama.cpp 0c1e570 (llama-bench, llama-batched-bench; FA on, all layers on the GPU)"}
 def bench(q):

@@ -194,6 +194,64 @@ impl EngineHandle {
     }
 }
 
+/// One turn of [`conversation_ttfts`].
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct TurnTiming {
+    /// Submission → first token.
+    pub ttft_ms: f64,
+    pub prompt_tokens: usize,
+    /// Prompt tokens restored from the prefix cache.
+    pub cached_tokens: usize,
+}
+
+/// Times to first token over a conversation of token ids through a running engine (the offline
+/// form of `fp4 bench --conversation`): turn t's prompt is turn t−1's prompt, its reply (greedy,
+/// `reply_tokens` long) and `new_tokens` fresh ids standing for the user's next message; each
+/// prompt is snapshotted at its end, where the next turn resumes.
+pub fn conversation_ttfts(
+    handle: &EngineHandle,
+    first_prompt: Vec<u32>,
+    turns: usize,
+    new_tokens: usize,
+    reply_tokens: usize,
+    vocab: usize,
+) -> Result<Vec<TurnTiming>, String> {
+    let mut prompt = first_prompt;
+    let mut out = Vec::with_capacity(turns);
+    for turn in 0..turns {
+        let request = GenRequest {
+            prompt: prompt.clone(),
+            sampling: SamplingParams::default(),
+            penalties: Penalties::default(),
+            max_tokens: reply_tokens,
+            stop_ids: vec![],
+            logprobs: None,
+            choices: vec![],
+            snapshot_at: vec![prompt.len()],
+        };
+        let started = Instant::now();
+        let mut events = handle.submit(request).map_err(|e| e.to_string())?;
+        let (mut ttft, mut reply) = (None, Vec::with_capacity(reply_tokens));
+        let cached = loop {
+            match events.blocking_recv() {
+                Some(Event::Token { id, .. }) => {
+                    ttft.get_or_insert_with(|| started.elapsed().as_secs_f64() * 1e3);
+                    reply.push(id);
+                }
+                Some(Event::Finished { cached_tokens, .. }) => break cached_tokens,
+                Some(Event::Failed(e)) => return Err(format!("turn {}: {e}", turn + 1)),
+                None => return Err("the engine stopped".into()),
+            }
+        };
+        let ttft_ms = ttft.ok_or_else(|| format!("turn {}: no token", turn + 1))?;
+        out.push(TurnTiming { ttft_ms, prompt_tokens: prompt.len(), cached_tokens: cached });
+        prompt.extend(reply);
+        let seed = prompt.len() as u64;
+        prompt.extend((0..new_tokens as u64).map(|i| ((seed * 7919 + i * 2654435761) % vocab as u64) as u32));
+    }
+    Ok(out)
+}
+
 /// Cache bytes one sequence of `tokens` tokens needs (f32 KV and GDN state).
 pub fn cache_bytes(model: &Qwen35, tokens: usize) -> usize {
     let c = &model.config;
@@ -803,6 +861,35 @@ mod tests {
             let (tight, preemptions) = serve_all(&prompts, 60, 12, prefix);
             assert!(preemptions > 0, "prefix cache {prefix}: no preemption in a pool too small for all three");
             assert_eq!(tight, roomy, "prefix cache {prefix}");
+        }
+    }
+
+    /// The offline conversation: with prefix caching every turn resumes from the one before.
+    #[test]
+    fn conversation_turns_resume_from_the_turn_before() {
+        use fp4_model::{LoadOptions, Precision, Synthetic, SyntheticFormat};
+        for prefix in [true, false] {
+            let src = Synthetic::named("tiny", SyntheticFormat::Bf16, 5).unwrap();
+            let model = Qwen35::load(&src, LoadOptions::new(Precision::F32)).unwrap();
+            let prefix_cache_bytes = if prefix { 64 << 20 } else { 0 };
+            let cfg = EngineConfig {
+                max_num_seqs: 2,
+                max_model_len: 1024,
+                max_waiting: 4,
+                cache_budget_bytes: (256 << 20) + prefix_cache_bytes,
+                cuda_graphs: false,
+                prefix_cache_bytes,
+            };
+            let handle = start(model, cfg).unwrap();
+            let first: Vec<u32> = (0..40).map(|i| (i * 13 + 1) % 512).collect();
+            let turns = conversation_ttfts(&handle, first, 4, 7, 5, 512).unwrap();
+            handle.shutdown();
+            assert_eq!(turns.len(), 4);
+            for (t, w) in turns.iter().zip(turns.iter().skip(1)) {
+                assert_eq!(w.prompt_tokens, t.prompt_tokens + 5 + 7, "reply and new message appended");
+                assert_eq!(w.cached_tokens, if prefix { t.prompt_tokens } else { 0 }, "prefix caching {prefix}");
+            }
+            assert!(turns.iter().all(|t| t.ttft_ms > 0.0));
         }
     }
 

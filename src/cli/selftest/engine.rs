@@ -316,6 +316,39 @@ fn served_decode_rate(model: Qwen35, prompt: &[u32], tokens: usize) -> anyhow::R
     Ok(rate)
 }
 
+/// TTFT turn by turn over a 20-turn conversation through the serving engine (a 1k-token start,
+/// 32-token replies and 30-token user messages), with and without prefix caching: issue 16's
+/// `ttft_ms_per_turn: {cached, uncached}`, plus each turn's prompt and cached tokens.
+fn conversation_bench(name: &str) -> anyhow::Result<Value> {
+    use fp4_server::engine::{self, EngineConfig};
+    let mut out = json!({});
+    for (label, prefix_cache_bytes) in [("cached", 8usize << 30), ("uncached", 0)] {
+        let src = Synthetic::named(name, SyntheticFormat::Nvfp4 { mlp_only: false }, 1)?;
+        let model = Qwen35::load(&src, LoadOptions::new(F32).on(Device::Cuda))?;
+        let vocab = model.config.vocab_size;
+        let cfg = EngineConfig {
+            max_num_seqs: 8,
+            max_model_len: 8192,
+            max_waiting: 8,
+            cache_budget_bytes: (4 << 30) + prefix_cache_bytes,
+            cuda_graphs: true,
+            prefix_cache_bytes,
+        };
+        let handle = engine::start(model, cfg)?;
+        let first: Vec<u32> = (0..1000u64).map(|i| ((i * 2654435761 + 17) % vocab as u64) as u32).collect();
+        let turns = engine::conversation_ttfts(&handle, first, 20, 30, 32, vocab).map_err(|e| anyhow::anyhow!(e))?;
+        handle.shutdown();
+        let ttfts: Vec<f64> = turns.iter().map(|t| t.ttft_ms).collect();
+        println!(
+            "engine {name} conversation ({label}): TTFT per turn {:?} ms",
+            ttfts.iter().map(|x| x.round()).collect::<Vec<_>>()
+        );
+        out[label] = json!(ttfts);
+        out[format!("{label}_turns")] = json!(turns);
+    }
+    Ok(out)
+}
+
 /// The engine benchmarks (schema `fp4.engine-bench.v1`'s `fp4` part): decode at batch 1 through
 /// the runner (graph and eager), aggregate decode of 1/8/32/64 streams after a 1k prompt, decode
 /// at context depth, TTFT of 1k and 4k prompts, and
@@ -396,6 +429,7 @@ pub(super) fn engine_benches(g: &Gpu, _a: &Args, name: &str, copy: f64) -> anyho
             );
             out["decode_bs1_nvfp4_served"] = json!(served);
             out["server_overhead_fraction"] = json!(overhead);
+            out["conversation_ttft_ms"] = conversation_bench(name)?;
         }
     }
     Ok(out)
