@@ -70,6 +70,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .expect("static template")
             .progress_chars("=> "),
     );
+    let progress = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
     let started = unix_now();
     if let Some(turns) = a.conversation {
         let copts = conversation::ConversationOptions {
@@ -78,49 +82,44 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             max_tokens: a.reply_tokens,
             timeout: opts.timeout,
         };
-        let results = conversation::run(&suite, &backends, &copts, &|done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        });
+        let results = conversation::run(&suite, &backends, &copts, &progress);
         bar.finish_and_clear();
         report::write_json(&a.output, &conversation::json_report(&suite, &copts, &results, started, unix_now()))?;
         let md = conversation::markdown(&copts, &results);
-        if let Some(p) = &a.markdown {
-            report::write_text(p, &md)?;
-        }
-        println!("{md}");
-        for b in &results {
-            if let Some(e) = &b.error {
-                eprintln!("backend {} ({}) was unreachable: {e}", b.name, b.url);
-            }
-        }
+        write_markdown(&a, &md)?;
+        results.iter().for_each(|b| say_unreachable(&b.name, &b.url, &b.error));
         anyhow::ensure!(results[0].error.is_none(), "backend {} was not measured", results[0].name);
         return Ok(());
     }
-    let results = run::run(&suite, &backends, &opts, &|done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    })?;
+    let results = run::run(&suite, &backends, &opts, &progress)?;
     bar.finish_and_clear();
     let doc = report::json_report(&suite, &opts, &results, started, unix_now());
     report::write_json(&a.output, &doc)?;
     let md = report::markdown(&suite, &opts, &results);
-    if let Some(p) = &a.markdown {
-        report::write_text(p, &md)?;
-    }
     if let Some(dir) = &a.plots {
         report::write_plots(dir, &results)?;
     }
-    println!("{md}");
-    for b in &results {
-        if let Some(e) = &b.error {
-            eprintln!("backend {} ({}) was unreachable: {e}", b.name, b.url);
-        }
-    }
+    write_markdown(&a, &md)?;
+    results.iter().for_each(|b| say_unreachable(&b.name, &b.url, &b.error));
     if a.require_gates && !results[0].all_gates_pass() {
         let failed: Vec<&str> = results[0].gates.iter().filter(|g| !g.pass).map(|g| g.name).collect();
         // An error like any other (exit status 1), after every report is written.
         anyhow::bail!("gates failed for {}: {}", results[0].name, failed.join(", "));
     }
     Ok(())
+}
+
+/// The Markdown report to `--markdown` when given, and to stdout.
+fn write_markdown(a: &Args, md: &str) -> anyhow::Result<()> {
+    if let Some(p) = &a.markdown {
+        report::write_text(p, md)?;
+    }
+    println!("{md}");
+    Ok(())
+}
+
+fn say_unreachable(name: &str, url: &str, error: &Option<String>) {
+    if let Some(e) = error {
+        eprintln!("backend {name} ({url}) was unreachable: {e}");
+    }
 }

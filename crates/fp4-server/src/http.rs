@@ -315,10 +315,7 @@ fn system_prompt_end(
         return None;
     }
     let probe = [req.messages[0].clone(), json!({"role": "user", "content": ""})];
-    let (text, lit) = render_protected(s, &probe, req.tools.as_deref(), false, kwargs).ok()?;
-    let sys = encode_chat(s, &text, lit.as_ref()).ok()?;
-    let shared = ids.iter().zip(&sys).take_while(|(a, b)| a == b).count();
-    (shared > 0 && shared < ids.len()).then_some(shared)
+    shared_with_rendering(s, &probe, req, ids, kwargs)
 }
 
 /// Where the conversation `ids` renders ends before the generation prompt: the longest common
@@ -330,9 +327,21 @@ fn conversation_end(
     ids: &[u32],
     kwargs: Map<String, Value>,
 ) -> Option<usize> {
-    let (text, lit) = render_protected(s, &req.messages, req.tools.as_deref(), false, kwargs).ok()?;
-    let history = encode_chat(s, &text, lit.as_ref()).ok()?;
-    let shared = ids.iter().zip(&history).take_while(|(a, b)| a == b).count();
+    shared_with_rendering(s, &req.messages, req, ids, kwargs)
+}
+
+/// How many leading tokens `ids` shares with `messages` (and the request's tools) rendered
+/// without a generation prompt; `None` when that fails, or when nothing or everything is shared.
+fn shared_with_rendering(
+    s: &AppState,
+    messages: &[Value],
+    req: &protocol::ChatRequest,
+    ids: &[u32],
+    kwargs: Map<String, Value>,
+) -> Option<usize> {
+    let (text, lit) = render_protected(s, messages, req.tools.as_deref(), false, kwargs).ok()?;
+    let rendered = encode_chat(s, &text, lit.as_ref()).ok()?;
+    let shared = ids.iter().zip(&rendered).take_while(|(a, b)| a == b).count();
     (shared > 0 && shared < ids.len()).then_some(shared)
 }
 

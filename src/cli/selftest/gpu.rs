@@ -112,23 +112,22 @@ fn mma_group_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) {
         rep.require(&format!("mma gemv token 0 bit-identical at batch 1/13/64 (k={cols})"), same, json!({}));
         // Both kernels and every geometry give the same bits (the row-splitting kernel folds K in
         // the K-splitting kernel's order; the deep pipeline only loads earlier).
-        for t in [1, 5, 8] {
+        let weights = &refs;
+        let bits_of = |t: usize| {
             let xt = g.upload(&x.as_slice()[..t * cols]);
             let act = g.mma_activations(&xt, t, cols).expect("activations");
-            let run = |k: cuda::GemvKernel| -> Vec<u32> {
-                let ys = g.nvfp4_mma_gemv_group_with(k, &act, &refs).expect("gemv");
+            move |k: cuda::GemvKernel| -> Vec<u32> {
+                let ys = g.nvfp4_mma_gemv_group_with(k, &act, weights).expect("gemv");
                 ys.iter().flat_map(|y| g.download(y)).map(f32::to_bits).collect()
-            };
+            }
+        };
+        for t in [1, 5, 8] {
+            let run = bits_of(t);
             let same = run(cuda::GemvKernel::SplitKDeep) == run(cuda::GemvKernel::SplitK { nt: 1 });
             rep.require(&format!("mma gemv deep pipeline = split-K kernel, bit for bit, {t}x{cols}"), same, json!({}));
         }
         for t in [17, 33, 64] {
-            let xt = g.upload(&x.as_slice()[..t * cols]);
-            let act = g.mma_activations(&xt, t, cols).expect("activations");
-            let run = |k: cuda::GemvKernel| -> Vec<u32> {
-                let ys = g.nvfp4_mma_gemv_group_with(k, &act, &refs).expect("gemv");
-                ys.iter().flat_map(|y| g.download(y)).map(f32::to_bits).collect()
-            };
+            let run = bits_of(t);
             let nt = t.div_ceil(8).next_power_of_two();
             let want = run(cuda::GemvKernel::SplitK { nt });
             let same = run(cuda::GemvKernel::Rows { nt }) == want;
