@@ -259,11 +259,12 @@ pub fn cache_bytes(model: &Qwen35, tokens: usize) -> usize {
 }
 
 /// Where a sequence's state lives: its own cache while the prompt is prefilled, then the runner;
-/// nowhere while it waits, preempted, to be recomputed.
+/// nowhere once dropped (preempted, waiting to be recomputed; or finished, its slot and blocks
+/// given back).
 enum SeqCache {
     Prefill(Cache),
     Decode(SeqState),
-    Preempted,
+    Dropped,
 }
 
 struct Sequence {
@@ -299,7 +300,7 @@ impl Sequence {
     /// KV blocks it holds or will take when its prefill moves into the runner.
     fn blocks(&self, runner: &DecodeRunner) -> usize {
         match &self.cache {
-            SeqCache::Prefill(_) | SeqCache::Preempted => runner.blocks_for(self.prefill_tokens().len() + 1),
+            SeqCache::Prefill(_) | SeqCache::Dropped => runner.blocks_for(self.prefill_tokens().len() + 1),
             SeqCache::Decode(state) => state.blocks(),
         }
     }
@@ -514,6 +515,13 @@ fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Rec
                 done[i] = prefill_step(&model, &mut runner, seq, &mut prefixes, &stats);
             }
         }
+        // Sequences finished or cancelled so far give their slot and blocks back before the
+        // decode takes new blocks.
+        for (seq, _) in running.iter_mut().zip(&done).filter(|(_, &d)| d) {
+            if let SeqCache::Decode(state) = std::mem::replace(&mut seq.cache, SeqCache::Dropped) {
+                runner.release(state);
+            }
+        }
         // The blocks this step's decode takes must fit beside what every other sequence holds or
         // is promised: else the most recently admitted sequences give theirs up.
         loop {
@@ -566,7 +574,7 @@ fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Rec
 /// recomputed later from its tokens: the prompt and every generated token but the last, which
 /// stays the next decode step's input.
 fn preempt(mut seq: Sequence, runner: &mut DecodeRunner, stats: &Stats) -> Sequence {
-    if let SeqCache::Decode(state) = std::mem::replace(&mut seq.cache, SeqCache::Preempted) {
+    if let SeqCache::Decode(state) = std::mem::replace(&mut seq.cache, SeqCache::Dropped) {
         runner.release(state);
     }
     seq.resume = match seq.generated.split_last() {
@@ -677,7 +685,7 @@ fn decode_step(
         .filter(|(i, _)| group.contains(i))
         .map(|(_, seq)| match &mut seq.cache {
             SeqCache::Decode(state) => state,
-            SeqCache::Prefill(_) | SeqCache::Preempted => unreachable!("only decoding sequences are grouped"),
+            SeqCache::Prefill(_) | SeqCache::Dropped => unreachable!("only decoding sequences are grouped"),
         })
         .collect();
     let fail_all = |running: &mut [Sequence], done: &mut [bool], e: RunnerError| {
