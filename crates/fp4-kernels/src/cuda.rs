@@ -692,10 +692,13 @@ impl Gpu {
         use cudarc::driver::sys::CUstreamCaptureMode;
         self.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
         *self.capturing.lock().expect("capture flag") = Some(std::thread::current().id());
-        let queued = f();
-        *self.capturing.lock().expect("capture flag") = None;
+        // A panicking op (a failed launch) still ends the capture, so that the stream takes work
+        // again once the caller has recovered from the panic.
+        let queued = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        *self.capturing.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let modules: Vec<cudarc::driver::sys::CUmodule> = self.modules.iter().map(|&m| m as _).collect();
         let graph = graph::end_capture(&self.stream, self.pdl.load(Ordering::Relaxed), &modules);
+        let queued = queued.unwrap_or_else(|p| std::panic::resume_unwind(p));
         queued?;
         graph?.ok_or_else(|| CudaError("stream capture produced no graph".into()))
     }

@@ -512,7 +512,11 @@ fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Rec
                 stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
                 done[i] = true;
             } else if matches!(seq.cache, SeqCache::Prefill(_)) {
-                done[i] = prefill_step(&model, &mut runner, seq, &mut prefixes, &stats);
+                done[i] = guarded("the prefill", || prefill_step(&model, &mut runner, seq, &mut prefixes, &stats))
+                    .unwrap_or_else(|e| {
+                        let _ = seq.events.send(Event::Failed(e));
+                        true
+                    });
             }
         }
         // Sequences finished or cancelled so far give their slot and blocks back before the
@@ -546,8 +550,15 @@ fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Rec
             let replays = runner.graph_replays;
             let (fast, host): (Vec<usize>, Vec<usize>) = decoding.iter().partition(|&&i| running[i].device_greedy());
             for (group, on_device) in [(fast, true), (host, false)] {
-                if !group.is_empty() {
-                    decode_step(&model, &mut runner, &mut running, &group, on_device, &mut done, &stats);
+                if group.is_empty() {
+                    continue;
+                }
+                let step = || decode_step(&model, &mut runner, &mut running, &group, on_device, &mut done, &stats);
+                if let Err(e) = guarded("the decode step", step) {
+                    for &i in &group {
+                        let _ = running[i].events.send(Event::Failed(e.clone()));
+                        done[i] = true;
+                    }
                 }
             }
             stats.decode_steps.fetch_add(1, Ordering::Relaxed);
@@ -569,6 +580,28 @@ fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Rec
         tracing::trace!(secs = step_started.elapsed().as_secs_f64(), running = running.len(), "step");
     }
 }
+
+/// Runs `f`, one piece of a step, turning a panic into an error naming `what`: a failed GPU call
+/// panics in the op that made it, and then only the requests of that piece fail (their state is
+/// given back as for any finished request) while the engine keeps serving the others.
+fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown error".into());
+        tracing::error!(%msg, "{what} failed; its requests fail, the engine goes on");
+        format!("{what} failed: {msg}")
+    })
+}
+
+#[cfg(test)]
+/// Makes the next decode step of a sequence whose prompt starts with [`FAIL_PROMPT`] panic, as a
+/// failed GPU call does (the engine's recovery test; other tests' sequences never match).
+static FAIL_NEXT_DECODE: AtomicBool = AtomicBool::new(false);
+#[cfg(test)]
+const FAIL_PROMPT: [u32; 3] = [509, 510, 511];
 
 /// Drops a sequence's state (its runner slot and blocks, or its prefill cache) so that it can be
 /// recomputed later from its tokens: the prompt and every generated token but the last, which
@@ -676,6 +709,12 @@ fn decode_step(
     done: &mut [bool],
     stats: &Stats,
 ) {
+    #[cfg(test)]
+    if group.iter().any(|&i| running[i].req.prompt.starts_with(&FAIL_PROMPT))
+        && FAIL_NEXT_DECODE.swap(false, Ordering::SeqCst)
+    {
+        panic!("injected failure");
+    }
     let inputs: Vec<u32> =
         group.iter().map(|&i| *running[i].generated.last().expect("decode follows a token")).collect();
     // The group's runner states in group order (`group` is sorted).
@@ -899,6 +938,47 @@ mod tests {
             }
             assert!(turns.iter().all(|t| t.ttft_ms > 0.0));
         }
+    }
+
+    /// A step that panics (as a failed GPU call does) fails its requests with an error event and
+    /// the engine goes on serving the next ones.
+    #[test]
+    fn a_failed_step_fails_its_requests_and_the_engine_goes_on() {
+        use fp4_model::{LoadOptions, Precision, Synthetic, SyntheticFormat};
+        let src = Synthetic::named("tiny", SyntheticFormat::Bf16, 5).unwrap();
+        let model = Qwen35::load(&src, LoadOptions::new(Precision::F32)).unwrap();
+        let cfg = EngineConfig {
+            max_num_seqs: 2,
+            max_model_len: 256,
+            max_waiting: 4,
+            cache_budget_bytes: 64 << 20,
+            cuda_graphs: false,
+            prefix_cache_bytes: 0,
+        };
+        let handle = start(model, cfg).unwrap();
+        let request = || GenRequest {
+            prompt: [&FAIL_PROMPT[..], &[3, 1, 4]].concat(),
+            sampling: SamplingParams::default(),
+            penalties: Penalties::default(),
+            max_tokens: 6,
+            stop_ids: vec![],
+            logprobs: None,
+            choices: vec![],
+            snapshot_at: vec![],
+        };
+        let outcome = |rx: &mut tmpsc::UnboundedReceiver<Event>| loop {
+            match rx.blocking_recv() {
+                Some(Event::Token { .. }) => {}
+                Some(Event::Finished { completion_tokens, .. }) => return Ok(completion_tokens),
+                Some(Event::Failed(e)) => return Err(e),
+                None => panic!("the engine stopped"),
+            }
+        };
+        FAIL_NEXT_DECODE.store(true, Ordering::SeqCst);
+        let err = outcome(&mut handle.submit(request()).unwrap()).unwrap_err();
+        assert!(err.contains("the decode step failed") && err.contains("injected failure"), "{err}");
+        assert_eq!(outcome(&mut handle.submit(request()).unwrap()), Ok(6), "the next request is served");
+        handle.shutdown();
     }
 
     #[test]
