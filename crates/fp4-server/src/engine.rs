@@ -3,8 +3,8 @@
 //! Each step it admits waiting requests while slots and KV blocks allow (the blocks a request's
 //! prompt needs now, not its whole prompt + max_tokens: sequences take blocks as they grow, and
 //! when the next step's growth does not fit, the most recently admitted sequences are preempted:
-//! their state is dropped and recomputed from their tokens once blocks are free, their output
-//! unchanged), advances every
+//! their state is dropped and recomputed by a prefill of their tokens so far once blocks are
+//! free, which their clients do not see), advances every
 //! prefilling sequence by one chunk of its prompt (on its own contiguous cache), and then decodes
 //! one token for every running sequence in one batched forward of the model runner
 //! ([`DecodeRunner`]: GDN state slots and paged KV from the cache budget; on the GPU a CUDA graph
@@ -896,7 +896,8 @@ mod tests {
 
     /// Sequences are admitted by the blocks their prompts need, not prompt + max_tokens; when
     /// their growth runs out of blocks the newest are preempted and recomputed, and every output
-    /// is what the sequence gives with room to spare.
+    /// is what the sequence gives with room to spare (here bit for bit; in general the recomputing
+    /// prefill rounds differently from the step-by-step decode, as vLLM's recomputation does).
     #[test]
     fn preempted_sequences_are_recomputed_with_the_same_output() {
         let prompts: Vec<Vec<u32>> =

@@ -103,7 +103,7 @@ impl Metrics {
         counter(
             &mut out,
             "fp4_num_preemptions_total",
-            "Sequences preempted because the KV blocks ran out (recomputed later, output unchanged).",
+            "Sequences preempted because the KV blocks ran out (their state recomputed later by a prefill).",
             r(&stats.preemptions),
         );
         counter(&mut out, "fp4_decode_steps_total", "Batched decode steps.", r(&stats.decode_steps));
