@@ -307,12 +307,18 @@ impl Sequence {
 
     /// Greedy with nothing that needs the logits on the host: the device picks the token.
     fn device_greedy(&self) -> bool {
+        self.req.sampling.temperature == 0.0 && !self.needs_host_logits()
+    }
+
+    /// Whether its next token needs the whole logits row on the host (penalties over the tokens
+    /// so far, logprobs); otherwise its sampler runs where the logits are (on the GPU only the
+    /// chosen id comes back, not the 248k-float row).
+    fn needs_host_logits(&self) -> bool {
         let p = self.req.penalties;
-        self.req.sampling.temperature == 0.0
-            && self.req.logprobs.is_none()
-            && p.presence == 0.0
-            && p.frequency == 0.0
-            && (p.repetition == 1.0 || p.repetition <= 0.0)
+        self.req.logprobs.is_some()
+            || p.presence != 0.0
+            || p.frequency != 0.0
+            || (p.repetition != 1.0 && p.repetition > 0.0)
     }
 
     fn finish(&self, reason: FinishReason, stats: &Stats) {
@@ -746,9 +752,19 @@ fn decode_step(
         match runner.step_logits(model, &mut states, &inputs) {
             Ok(logits) => {
                 let vocab = logits.row_len();
-                let rows = logits.into_vec();
-                for (&i, row) in group.iter().zip(rows.chunks(vocab)) {
-                    done[i] = running[i].sample_host(row.to_vec(), stats);
+                // The rows come to the host only when some sequence needs them there.
+                let host = group.iter().any(|&i| running[i].needs_host_logits()).then(|| logits.to_vec());
+                for (r, &i) in group.iter().enumerate() {
+                    let seq = &mut running[i];
+                    done[i] = match &host {
+                        Some(rows) if seq.needs_host_logits() => {
+                            seq.sample_host(rows[r * vocab..(r + 1) * vocab].to_vec(), stats)
+                        }
+                        _ => {
+                            let id = seq.sampler.sample_tensor(&fp4_kernels::ops::rows(&logits, r, r + 1));
+                            seq.emit(id, None, stats)
+                        }
+                    };
                 }
             }
             Err(e) => fail_all(running, done, e),
@@ -979,6 +995,66 @@ mod tests {
         let err = outcome(&mut handle.submit(request()).unwrap()).unwrap_err();
         assert!(err.contains("the decode step failed") && err.contains("injected failure"), "{err}");
         assert_eq!(outcome(&mut handle.submit(request()).unwrap()), Ok(6), "the next request is served");
+        handle.shutdown();
+    }
+
+    /// Sampled requests (seeded) give the single-sequence sampler's tokens, whether their token is
+    /// drawn where the logits are or from the row on the host (logprobs), and batched together.
+    #[test]
+    fn sampled_requests_match_the_single_sequence_sampler() {
+        use fp4_model::{generate, GenerateOptions, LoadOptions, Precision, Sampler, Synthetic, SyntheticFormat};
+        let src = Synthetic::named("tiny", SyntheticFormat::Bf16, 5).unwrap();
+        let load = || Qwen35::load(&src, LoadOptions::new(Precision::F32)).unwrap();
+        let sampling = |seed| SamplingParams { temperature: 0.8, top_p: 0.9, top_k: 0, min_p: 0.0, seed };
+        let prompts: Vec<Vec<u32>> = (0..3u32).map(|s| (0..9).map(|i| (i * 41 + s * 7 + 2) % 512).collect()).collect();
+        let model = load();
+        let want: Vec<Vec<u32>> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let mut sampler = Sampler::new(sampling(i as u64)).unwrap();
+                generate(&model, p, &GenerateOptions { max_tokens: 12, stop_ids: vec![] }, &mut sampler, |_| {})
+                    .unwrap()
+            })
+            .collect();
+        let cfg = EngineConfig {
+            max_num_seqs: 4,
+            max_model_len: 256,
+            max_waiting: 4,
+            cache_budget_bytes: 64 << 20,
+            cuda_graphs: false,
+            prefix_cache_bytes: 0,
+        };
+        let handle = start(model, cfg).unwrap();
+        let mut receivers: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let req = GenRequest {
+                    prompt: p.clone(),
+                    sampling: sampling(i as u64),
+                    penalties: Penalties { repetition: 1.0, ..Default::default() },
+                    max_tokens: 12,
+                    stop_ids: vec![],
+                    // The second request's rows come to the host; the others' do not.
+                    logprobs: (i == 1).then_some(2),
+                    choices: vec![],
+                    snapshot_at: vec![],
+                };
+                handle.submit(req).unwrap()
+            })
+            .collect();
+        for (rx, want) in receivers.iter_mut().zip(&want) {
+            let mut got = Vec::new();
+            loop {
+                match rx.blocking_recv() {
+                    Some(Event::Token { id, .. }) => got.push(id),
+                    Some(Event::Finished { .. }) => break,
+                    other => panic!("unexpected event {other:?}"),
+                }
+            }
+            assert_eq!(&got, want);
+        }
         handle.shutdown();
     }
 
