@@ -4,7 +4,7 @@
 # (Q4_K_M and BF16 of the same random 9B shape) detached, runs fp4's selftest and engine benchmarks
 # while the peer builds, waits for the peer, and writes $OUT/engine-bench.json
 # (schema fp4.engine-bench.v1: both sides of the same lease, with ratios).
-#   bash scripts/gpu_engine_bench.sh [seconds to wait for the peer, default 420]
+#   [PROFILE="1 8"] bash scripts/gpu_engine_bench.sh [seconds to wait for the peer, default 420]
 # If the peer is not done in time, run `bash scripts/gpu_engine_bench.sh --collect` in the next call.
 set -uo pipefail
 out=${OUT:-/tmp/fp4-out}
@@ -88,3 +88,10 @@ res = {"schema": "fp4.engine-bench.v1", "device": st.get("device"), "commit": st
 json.dump(res, open(f"{out}/engine-bench.json", "w"), indent=2)
 print(json.dumps(res, indent=1))
 PY
+# With PROFILE="1 8": per-kernel decode profiles at those batch sizes once the peer is done (they
+# would disturb its timings), as far as the call's time allows (ncu takes ~1 min a batch).
+for b in ${PROFILE:-}; do
+    if [ "$SECONDS" -lt 470 ]; then
+        bash scripts/gpu_profile.sh "$b" | head -25
+    fi
+done
