@@ -274,12 +274,13 @@ impl Gpu {
     }
 
     /// The tensor-core GEMV for `t` tokens over `tiles` 16-row tiles. Up to 16 tokens the
-    /// K-splitting kernel, its deep-pipeline twin up to 8 tokens on weights of at most two tiles
-    /// per SM (too few blocks to keep the memory system busy at depth 2); from 17 on the range-splitting one, except at 17-32 tokens on weights
-    /// wide enough for two blocks of `ROWS_WARPS` tiles per SM (gate/up), where the row-splitting
-    /// one is faster. All agree bit for bit (see `kernels/gemv.cu`). Measured by selftest ("gemv
-    /// kernels", H200, 6181347): down at 32 tokens 40.7 µs split-K, 65.9 rows, 23.1 split-rows;
-    /// gate/up 101.9, 43.5, 51.9; at 64 tokens split-rows is fastest on every 9B shape.
+    /// K-splitting kernel (up to 8 its deep-pipeline twin on weights of at most two tiles per
+    /// SM: too few blocks to keep the memory system busy at depth 2); from 17 on the
+    /// range-splitting one, except at 17-32 tokens on weights wide enough for two blocks of
+    /// `ROWS_WARPS` tiles per SM (gate/up), where the row-splitting one is faster. All agree bit
+    /// for bit (see `kernels/gemv.cu`). Measured by selftest ("gemv kernels", H200, 6181347):
+    /// down at 32 tokens 40.7 µs split-K, 65.9 rows, 23.1 split-rows; gate/up 101.9, 43.5,
+    /// 51.9; at 64 tokens split-rows is fastest on every 9B shape.
     pub fn gemv_kernel(&self, t: usize, tiles: usize) -> GemvKernel {
         let nt = t.div_ceil(8).next_power_of_two();
         let row_blocks = tiles.div_ceil(geometry::ROWS_WARPS);
