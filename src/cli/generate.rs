@@ -2,7 +2,7 @@ use super::{load_model, parse_ids, ComputeArgs};
 use anyhow::Context;
 use fp4_chat::Tokenizer;
 use fp4_model::{
-    generate, generate_greedy_speculative, GenerateOptions, Mtp, MtpDrafter, Sampler, SamplingParams, SpeculativeConfig,
+    generate, generate_speculative, GenerateOptions, Mtp, MtpDrafter, Sampler, SamplingParams, SpeculativeConfig,
 };
 use std::io::Write;
 use std::path::PathBuf;
@@ -36,8 +36,9 @@ pub struct Args {
     #[command(flatten)]
     compute: ComputeArgs,
     /// Speculative decoding with the checkpoint's MTP head, as vLLM spells it:
-    /// '{"method": "mtp", "num_speculative_tokens": K}' (greedy only). The output is the same as
-    /// without; the acceptance is logged and, with --json, reported.
+    /// '{"method": "mtp", "num_speculative_tokens": K}'. Greedy output is the same as without;
+    /// sampled output follows the same distribution (speculative sampling), though not the same
+    /// tokens for a seed. The acceptance is logged and, with --json, reported.
     #[arg(long, value_name = "JSON")]
     speculative_config: Option<String>,
     /// Print one JSON object as the last line: {"input_ids","output_ids","text"} (and
@@ -48,14 +49,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let speculative = match &a.speculative_config {
-        Some(json) => {
-            let cfg = SpeculativeConfig::parse(json).map_err(|e| anyhow::anyhow!("--speculative-config: {e}"))?;
-            anyhow::ensure!(
-                a.temperature == 0.0,
-                "--speculative-config: MTP decoding is greedy only for now; drop it or use --temperature 0"
-            );
-            Some(cfg)
-        }
+        Some(json) => Some(SpeculativeConfig::parse(json).map_err(|e| anyhow::anyhow!("--speculative-config: {e}"))?),
         None => None,
     };
     let params =
@@ -89,7 +83,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         (Some(mtp), Some(cfg)) => {
             let mut drafter = MtpDrafter::new(mtp)?;
             let k = cfg.num_speculative_tokens;
-            let (ids, stats) = generate_greedy_speculative(&model, &mut drafter, &input_ids, &opts, k, |_| {})?;
+            let (ids, stats) = generate_speculative(&model, &mut drafter, &input_ids, &opts, k, params, |_| {})?;
             (ids, Some(stats))
         }
         _ => (generate(&model, &input_ids, &opts, &mut sampler, |_| {})?, None),

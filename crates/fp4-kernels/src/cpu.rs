@@ -499,51 +499,15 @@ pub struct SampleParams {
 /// after transformers' TopK warper. The GPU kernel (`kernels/sampling.cu`) implements exactly this.
 pub fn sample(logits: &[f32], p: SampleParams, u: f32) -> u32 {
     if p.temperature == 0.0 {
-        let mut best = 0;
-        for (i, &l) in logits.iter().enumerate() {
-            if l > logits[best] {
-                best = i;
-            }
-        }
-        return best as u32;
+        return argmax(logits);
     }
-    let z: Vec<f32> = logits.iter().map(|l| l / p.temperature).collect();
-    // The values in descending order, sorted only as far as needed: the top-k floor and the
-    // top-p prefix are usually among the first few hundred of 248k (a full sort per token took
-    // ~10 ms on one core).
-    let mut order = Descending::new(&z);
-    let max = order.get(0);
-    let top_k_floor = if p.top_k > 0 && p.top_k < z.len() { order.get(p.top_k - 1) } else { f32::NEG_INFINITY };
-    // Sums in f64: exact next to the GPU's f32 tree sums, whose error is then the only difference
-    // (a sequential f32 sum over 248k tokens drifts by ~1e-4 and moves the top-p cut).
-    let s1 = z.iter().filter(|&&v| v >= top_k_floor).map(|&v| (v - max).exp() as f64).sum::<f64>() as f32;
-    let prob = |v: f32| (v - max).exp() / s1;
-    let min_p_floor = p.min_p * (1.0 / s1);
-    let kept = |v: f32| v >= top_k_floor && (p.min_p == 0.0 || prob(v) >= min_p_floor);
-    // top-p: the smallest descending prefix of kept tokens whose mass reaches top_p; its last
-    // value is the threshold (all kept tokens if the mass never reaches it).
-    let mut top_p_floor = f32::NEG_INFINITY;
-    if p.top_p < 1.0 {
-        let mut mass = 0f64;
-        for i in 0..z.len() {
-            let v = order.get(i);
-            if !kept(v) {
-                continue;
-            }
-            mass += prob(v) as f64;
-            if mass >= p.top_p as f64 {
-                top_p_floor = v;
-                break;
-            }
-        }
-    }
-    let chosen = |v: f32| kept(v) && v >= top_p_floor;
-    let total: f64 = z.iter().filter(|&&v| chosen(v)).map(|&v| prob(v) as f64).sum();
+    let kept = Kept::new(logits, p);
+    let total: f64 = kept.z.iter().filter(|&&v| kept.chosen(v)).map(|&v| kept.prob(v) as f64).sum();
     let mut r = u as f64 * total;
     let mut last = 0;
-    for (i, &v) in z.iter().enumerate() {
-        if chosen(v) {
-            let pr = prob(v) as f64;
+    for (i, &v) in kept.z.iter().enumerate() {
+        if kept.chosen(v) {
+            let pr = kept.prob(v) as f64;
             if r < pr {
                 return i as u32;
             }
@@ -552,6 +516,100 @@ pub fn sample(logits: &[f32], p: SampleParams, u: f32) -> u32 {
         }
     }
     last as u32
+}
+
+/// The distribution [`sample`] draws from: every token it can pick, in index order, with its
+/// probability (summing to 1); greedy is the first maximum with probability 1.
+pub fn sample_probs(logits: &[f32], p: SampleParams) -> Vec<(u32, f64)> {
+    if p.temperature == 0.0 {
+        return vec![(argmax(logits), 1.0)];
+    }
+    let kept = Kept::new(logits, p);
+    let chosen: Vec<(u32, f64)> = (0..kept.z.len() as u32)
+        .filter(|&i| kept.chosen(kept.z[i as usize]))
+        .map(|i| (i, kept.prob(kept.z[i as usize]) as f64))
+        .collect();
+    let total: f64 = chosen.iter().map(|c| c.1).sum();
+    chosen.into_iter().map(|(i, pr)| (i, pr / total)).collect()
+}
+
+/// The first maximum.
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// What a sampling step keeps: logits / temperature, then top-k, min-p and top-p as thresholds
+/// on the scaled logit (see [`sample`]).
+struct Kept {
+    z: Vec<f32>,
+    max: f32,
+    /// The softmax normaliser over the top-k set.
+    s1: f32,
+    top_k_floor: f32,
+    min_p: f32,
+    min_p_floor: f32,
+    top_p_floor: f32,
+}
+
+impl Kept {
+    fn new(logits: &[f32], p: SampleParams) -> Kept {
+        let z: Vec<f32> = logits.iter().map(|l| l / p.temperature).collect();
+        // The values in descending order, sorted only as far as needed: the top-k floor and the
+        // top-p prefix are usually among the first few hundred of 248k (a full sort per token
+        // took ~10 ms on one core).
+        let mut order = Descending::new(&z);
+        let max = order.get(0);
+        let top_k_floor = if p.top_k > 0 && p.top_k < z.len() { order.get(p.top_k - 1) } else { f32::NEG_INFINITY };
+        // Sums in f64: exact next to the GPU's f32 tree sums, whose error is then the only
+        // difference (a sequential f32 sum over 248k tokens drifts by ~1e-4 and moves the top-p cut).
+        let s1 = z.iter().filter(|&&v| v >= top_k_floor).map(|&v| (v - max).exp() as f64).sum::<f64>() as f32;
+        let mut kept = Kept {
+            z,
+            max,
+            s1,
+            top_k_floor,
+            min_p: p.min_p,
+            min_p_floor: p.min_p * (1.0 / s1),
+            top_p_floor: f32::NEG_INFINITY,
+        };
+        // top-p: the smallest descending prefix of kept tokens whose mass reaches top_p; its
+        // last value is the threshold (all kept tokens if the mass never reaches it).
+        if p.top_p < 1.0 {
+            let mut mass = 0f64;
+            for i in 0..kept.z.len() {
+                let v = order.get(i);
+                if !kept.kept(v) {
+                    continue;
+                }
+                mass += kept.prob(v) as f64;
+                if mass >= p.top_p as f64 {
+                    kept.top_p_floor = v;
+                    break;
+                }
+            }
+        }
+        kept
+    }
+
+    fn prob(&self, v: f32) -> f32 {
+        (v - self.max).exp() / self.s1
+    }
+
+    /// Within top-k and min-p.
+    fn kept(&self, v: f32) -> bool {
+        v >= self.top_k_floor && (self.min_p == 0.0 || self.prob(v) >= self.min_p_floor)
+    }
+
+    /// Within top-p too: the tokens the draw walks over.
+    fn chosen(&self, v: f32) -> bool {
+        self.kept(v) && v >= self.top_p_floor
+    }
 }
 
 /// The values of a slice in descending `total_cmp` order, sorted lazily: the first `SORTED_HEAD`
@@ -626,6 +684,29 @@ mod tests {
             }
         }
         last as u32
+    }
+
+    /// The distribution `sample_probs` gives is the one `sample` draws from: walking it with the
+    /// same draw picks the same token.
+    #[test]
+    fn sample_probs_is_what_sample_draws_from() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let logits = rand_vec(&mut rng, 3000, 6.0);
+        for (t, k, tp, mp) in [(0.0, 0, 1.0, 0.0), (0.7, 0, 0.9, 0.0), (1.0, 20, 1.0, 0.0), (1.2, 0, 1.0, 0.02)] {
+            let p = SampleParams { temperature: t, top_k: k, top_p: tp, min_p: mp };
+            let probs = sample_probs(&logits, p);
+            assert!((probs.iter().map(|x| x.1).sum::<f64>() - 1.0).abs() < 1e-9);
+            assert!(probs.windows(2).all(|w| w[0].0 < w[1].0), "index order");
+            for u in [0.0f32, 0.2, 0.5, 0.93] {
+                let mut r = u as f64;
+                let walked = probs.iter().find(|x| {
+                    r -= x.1;
+                    r < 0.0
+                });
+                let walked = walked.unwrap_or(probs.last().unwrap()).0;
+                assert_eq!(walked, sample(&logits, p, u), "{p:?} u {u}");
+            }
+        }
     }
 
     /// The lazily sorted sampler picks what the fully sorted one picks: flat and peaked logits

@@ -14,8 +14,11 @@ use crate::qwen35::{DecoderLayer, Logits, MixerState, Qwen35};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::{GenerateOptions, ModelError, Result};
 use fp4_format::LayerType;
+use fp4_kernels::cpu;
 use fp4_kernels::ops::{self, GdnAlgo};
 use fp4_kernels::Tensor;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 /// The MTP head of a checkpoint (one layer; Qwen3.5 ships `mtp_num_hidden_layers` = 1).
 pub struct Mtp {
@@ -197,24 +200,35 @@ impl Drafter for MtpDrafter<'_> {
     }
 }
 
-/// Greedy generation with `k` drafts per step: the same tokens as [`crate::generate`] with a
-/// greedy sampler, whatever the drafter guesses. The main model verifies with the recurrent GDN
-/// walk, which computes each token as a one-token step does; rejected drafts are undone by
-/// restoring the state from before the verify and running the kept tokens again (the
+/// Generation with `k` drafts per step under `params` (speculative sampling): each draft is kept
+/// with the probability the main model gives it under the sampling controls, and where one is
+/// not, the token is drawn from the main model's distribution without it ([`verify_draft`]), so
+/// every token follows the main model's distribution whatever the drafter guesses. Greedy
+/// (temperature 0) gives the same tokens as [`crate::generate`]. The main model verifies with the
+/// recurrent GDN walk, which computes each token as a one-token step does; rejected drafts are
+/// undone by restoring the state from before the verify and running the kept tokens again (the
 /// reference; the batched engine will keep the GDN state after each draft position instead).
-pub fn generate_greedy_speculative(
+/// The draws come from `params.seed`, so a seeded run repeats, but not the tokens of the same
+/// seed without drafts (the draws are used differently).
+pub fn generate_speculative(
     model: &Qwen35,
     drafter: &mut dyn Drafter,
     prompt: &[u32],
     opts: &GenerateOptions,
     k: usize,
+    params: SamplingParams,
     mut on_token: impl FnMut(u32),
 ) -> Result<(Vec<u32>, SpecStats)> {
     if k == 0 {
         return Err(ModelError::Unsupported("speculative decoding needs at least one draft token".into()));
     }
-    let mut greedy = Sampler::new(SamplingParams::default())?;
-    let mut pick = |normed: &Tensor, row: usize| greedy.sample_tensor(&model.head(&ops::rows(normed, row, row + 1)));
+    params.validate()?;
+    let mut rng = StdRng::seed_from_u64(params.seed);
+    let mut draw = move || rng.random::<f64>();
+    let controls = params.kernel();
+    let probs = |normed: &Tensor, row: usize| {
+        cpu::sample_probs(&model.head(&ops::rows(normed, row, row + 1)).to_vec(), controls)
+    };
     let mut stats = SpecStats::default();
     let mut out = Vec::with_capacity(opts.max_tokens);
     if opts.max_tokens == 0 {
@@ -222,7 +236,7 @@ pub fn generate_greedy_speculative(
     }
     let mut cache: Cache = model.new_cache();
     let h = model.forward_normed(prompt, &mut cache, Logits::All)?;
-    let mut next = pick(&h, h.rows() - 1);
+    let mut next = draw_from(&probs(&h, h.rows() - 1), draw());
     // Positions the drafter has not seen yet: the token after each and the main model's hidden.
     let mut pending_ids: Vec<u32> = prompt[1..].iter().copied().chain([next]).collect();
     let mut pending_hidden = h;
@@ -240,11 +254,16 @@ pub fn generate_greedy_speculative(
         let input: Vec<u32> = [next].into_iter().chain(drafts.iter().copied()).collect();
         let mut hv = model.forward_normed_with(&input, &mut cache, Logits::All, GdnAlgo::Recurrent)?;
         let mut kept = 0;
-        let mut own = pick(&hv, 0);
-        while kept < k && drafts[kept] == own {
-            kept += 1;
-            own = pick(&hv, kept);
-        }
+        let own = loop {
+            let row = probs(&hv, kept);
+            if kept == k {
+                break draw_from(&row, draw());
+            }
+            match verify_draft(&row, drafts[kept], draw(), draw()) {
+                None => kept += 1,
+                Some(token) => break token,
+            }
+        };
         stats.drafted += k;
         stats.accepted += kept;
         stats.verify_steps += 1;
@@ -266,6 +285,39 @@ pub fn generate_greedy_speculative(
         pending_hidden = ops::rows(&hv, 0, kept + 1);
         next = own;
     }
+}
+
+/// One verified draft position of speculative sampling: `d`, proposed with certainty, is kept
+/// (`None`) when `u` falls under the main model's probability of it in `probs` (the tokens the
+/// sampler can pick and their probabilities, `cpu::sample_probs`); otherwise the token is drawn
+/// with `v` from `probs` without `d`, renormalised. Either way the result follows `probs`.
+pub fn verify_draft(probs: &[(u32, f64)], d: u32, u: f64, v: f64) -> Option<u32> {
+    let p_d = probs.iter().find(|x| x.0 == d).map_or(0.0, |x| x.1);
+    if u < p_d {
+        return None;
+    }
+    let mut r = v * (1.0 - p_d);
+    let mut last = d;
+    for &(token, p) in probs.iter().filter(|x| x.0 != d) {
+        if r < p {
+            return Some(token);
+        }
+        r -= p;
+        last = token;
+    }
+    Some(last)
+}
+
+/// The token `v ∈ [0, 1)` falls on, walking `probs` in order.
+fn draw_from(probs: &[(u32, f64)], v: f64) -> u32 {
+    let mut r = v;
+    for &(token, p) in probs {
+        if r < p {
+            return token;
+        }
+        r -= p;
+    }
+    probs.last().map_or(0, |x| x.0)
 }
 
 #[cfg(test)]
@@ -362,7 +414,10 @@ mod tests {
             let mut streamed = Vec::new();
             let mut drafter = MtpDrafter::new(mtp).unwrap();
             let (got, stats) =
-                generate_greedy_speculative(model, &mut drafter, &prompt, &opts, k, |t| streamed.push(t)).unwrap();
+                generate_speculative(model, &mut drafter, &prompt, &opts, k, SamplingParams::default(), |t| {
+                    streamed.push(t)
+                })
+                .unwrap();
             assert_eq!(got, want, "k = {k}");
             assert_eq!(streamed, want, "k = {k}: streamed tokens");
             assert_eq!(stats.drafted, k * stats.verify_steps);
@@ -380,7 +435,7 @@ mod tests {
         let run = |max_tokens: usize, wrong: fn(usize, usize) -> bool| {
             let mut oracle = Oracle { truth: truth.clone(), prompt_len: prompt.len(), seen: 0, step: 0, wrong };
             let opts = GenerateOptions { max_tokens, stop_ids: vec![] };
-            generate_greedy_speculative(&model, &mut oracle, &prompt, &opts, k, |_| {}).unwrap()
+            generate_speculative(&model, &mut oracle, &prompt, &opts, k, SamplingParams::default(), |_| {}).unwrap()
         };
         // Always right: every step keeps all k drafts and adds its own token.
         let (got, stats) = run(1 + 4 * (k + 1), |_, _| false);
@@ -401,8 +456,77 @@ mod tests {
         let mut oracle =
             Oracle { truth: truth.clone(), prompt_len: prompt.len(), seen: 0, step: 0, wrong: |_, _| false };
         let opts = GenerateOptions { max_tokens: 40, stop_ids: vec![stop] };
-        let (got, _) = generate_greedy_speculative(&model, &mut oracle, &prompt, &opts, k, |_| {}).unwrap();
+        let (got, _) =
+            generate_speculative(&model, &mut oracle, &prompt, &opts, k, SamplingParams::default(), |_| {}).unwrap();
         assert_eq!(got, truth[..=first]);
+    }
+
+    /// A verified draft position yields each token with the main model's probability, whether the
+    /// draft is likely, unlikely or impossible.
+    #[test]
+    fn verify_draft_keeps_the_main_models_distribution() {
+        let probs = [(2u32, 0.1), (5, 0.45), (7, 0.05), (9, 0.4)];
+        let mut rng = StdRng::seed_from_u64(9);
+        for d in [5u32, 7, 3] {
+            let n = 200_000;
+            let mut counts = std::collections::HashMap::new();
+            for _ in 0..n {
+                let t = verify_draft(&probs, d, rng.random(), rng.random()).unwrap_or(d);
+                *counts.entry(t).or_insert(0usize) += 1;
+            }
+            for &(t, p) in &probs {
+                let f = counts.get(&t).copied().unwrap_or(0) as f64 / n as f64;
+                assert!((f - p).abs() < 0.005, "draft {d}: token {t} at {f}, want {p}");
+            }
+            assert!(!counts.contains_key(&3), "a token outside the distribution");
+        }
+    }
+
+    /// End to end at temperature > 0: the first two tokens, drafted by a random MTP head (mostly
+    /// rejected) or by an oracle proposing the likeliest token (mostly kept), are distributed as
+    /// plain sampling's.
+    #[test]
+    fn speculative_sampling_matches_plain_sampling() {
+        let (src, o) = tiny(true);
+        let model = Qwen35::load(&src, o).unwrap();
+        let mtp = Mtp::load(&src, o).unwrap().expect("an MTP head");
+        let prompt: Vec<u32> = (0..7).map(|i| (i * 29 + 3) % 512).collect();
+        let params = |seed| SamplingParams { temperature: 1.0, top_k: 3, top_p: 1.0, min_p: 0.0, seed };
+        let opts = GenerateOptions { max_tokens: 2, stop_ids: vec![] };
+        let runs = 1500u64;
+        let histogram = |sample: &mut dyn FnMut(u64) -> Vec<u32>| {
+            let mut h = std::collections::HashMap::new();
+            (0..runs).for_each(|seed| *h.entry(sample(seed)).or_insert(0usize) += 1);
+            h
+        };
+        let plain = histogram(&mut |seed| {
+            generate(&model, &prompt, &opts, &mut Sampler::new(params(seed)).unwrap(), |_| {}).unwrap()
+        });
+        let greedy2 = plain_greedy(&model, &prompt, 3);
+        let drafted: [&mut dyn FnMut(u64) -> Vec<u32>; 2] = [
+            &mut |seed| {
+                let mut d = MtpDrafter::new(&mtp).unwrap();
+                generate_speculative(&model, &mut d, &prompt, &opts, 2, params(seed), |_| {}).unwrap().0
+            },
+            &mut |seed| {
+                let mut d =
+                    Oracle { truth: greedy2.clone(), prompt_len: prompt.len(), seen: 0, step: 0, wrong: |_, _| false };
+                generate_speculative(&model, &mut d, &prompt, &opts, 2, params(seed + 10_000), |_| {}).unwrap().0
+            },
+        ];
+        for (which, sample) in drafted.into_iter().enumerate() {
+            let spec = histogram(sample);
+            let keys: std::collections::HashSet<&Vec<u32>> = plain.keys().chain(spec.keys()).collect();
+            let tv: f64 = keys
+                .iter()
+                .map(|k| {
+                    let f = |h: &std::collections::HashMap<Vec<u32>, usize>| h.get(*k).copied().unwrap_or(0) as f64;
+                    (f(&plain) - f(&spec)).abs() / runs as f64
+                })
+                .sum::<f64>()
+                / 2.0;
+            assert!(tv < 0.08, "drafter {which}: total variation {tv:.3} between plain and speculative sampling");
+        }
     }
 
     #[test]

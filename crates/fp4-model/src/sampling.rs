@@ -28,6 +28,11 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// The controls the sampling op takes.
+    pub(crate) fn kernel(&self) -> SampleParams {
+        SampleParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, min_p: self.min_p }
+    }
+
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return Err(ModelError::Sampling(format!("temperature must be >= 0, got {}", self.temperature)));
@@ -75,8 +80,7 @@ impl Sampler {
     }
 
     fn kernel_params(&self) -> SampleParams {
-        let p = &self.params;
-        SampleParams { temperature: p.temperature, top_k: p.top_k, top_p: p.top_p, min_p: p.min_p }
+        self.params.kernel()
     }
 }
 
