@@ -430,6 +430,18 @@ pub fn sample(logits: &Tensor, p: SampleParams, u: f32) -> u32 {
     }
 }
 
+/// The distribution [`sample`] draws from for one row of logits (`cpu::sample_probs`): on the
+/// GPU greedy stays there (only the id comes back), other controls read the row on the host.
+pub fn sample_probs(logits: &Tensor, p: SampleParams) -> Vec<(u32, f64)> {
+    match logits.storage() {
+        Storage::Cpu(l) => cpu::sample_probs(l, p),
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(_) if p.temperature == 0.0 => vec![(sample(logits, p, 0.0), 1.0)],
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(_) => cpu::sample_probs(&logits.to_vec(), p),
+    }
+}
+
 // ---- Decode over a batch of sequences (one token each) with state in pools ----
 //
 // The per-step values (positions, pool slots, KV block tables) are `Ids`, so on the GPU they stay

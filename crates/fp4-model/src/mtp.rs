@@ -1,12 +1,13 @@
-//! Qwen3.5's multi-token-prediction head (`mtp.*`) and greedy speculative decoding with it.
+//! Qwen3.5's multi-token-prediction head (`mtp.*`) and speculative decoding with it.
 //!
 //! The head (vLLM `qwen3_5_mtp.py`): at position i it reads the token after i and the main
 //! model's final-normed hidden state at i, `fc([pre_fc_norm_embedding(embed(x_{i+1})) |
 //! pre_fc_norm_hidden(h_i)])`, one full-attention decoder layer with its own KV cache, then
 //! `mtp.norm`; the main model's LM head turns that into a guess of x_{i+2}. Drafting K tokens
 //! feeds each guess and the head's own output back in. The main model then checks the K drafts
-//! in one forward over K + 1 tokens and keeps the longest prefix it agrees with, plus its own
-//! next token, so the output is the main model's greedy output whatever the head guesses.
+//! in one forward over K + 1 tokens and keeps the prefix it accepts, plus its own next token, so
+//! the output is what the main model alone gives (greedy: the same tokens; sampled: the same
+//! distribution) whatever the head guesses.
 
 use crate::cache::{Cache, LayerCache};
 use crate::linear::{Linear, LoadOptions, WeightSource};
@@ -14,7 +15,6 @@ use crate::qwen35::{DecoderLayer, Logits, MixerState, Qwen35};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::{GenerateOptions, ModelError, Result};
 use fp4_format::LayerType;
-use fp4_kernels::cpu;
 use fp4_kernels::ops::{self, GdnAlgo};
 use fp4_kernels::Tensor;
 use rand::rngs::StdRng;
@@ -226,9 +226,8 @@ pub fn generate_speculative(
     let mut rng = StdRng::seed_from_u64(params.seed);
     let mut draw = move || rng.random::<f64>();
     let controls = params.kernel();
-    let probs = |normed: &Tensor, row: usize| {
-        cpu::sample_probs(&model.head(&ops::rows(normed, row, row + 1)).to_vec(), controls)
-    };
+    let probs =
+        |normed: &Tensor, row: usize| ops::sample_probs(&model.head(&ops::rows(normed, row, row + 1)), controls);
     let mut stats = SpecStats::default();
     let mut out = Vec::with_capacity(opts.max_tokens);
     if opts.max_tokens == 0 {
@@ -334,6 +333,12 @@ mod tests {
         (if mtp { s.with_mtp() } else { s }, LoadOptions::new(p))
     }
 
+    /// The tiny model (bf16/f32) and its MTP head.
+    fn tiny_with_head() -> (Qwen35, Mtp) {
+        let (src, o) = tiny(true);
+        (Qwen35::load(&src, o).unwrap(), Mtp::load(&src, o).unwrap().expect("an MTP head"))
+    }
+
     fn plain_greedy(model: &Qwen35, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
         let opts = GenerateOptions { max_tokens, stop_ids: vec![] };
         generate(model, prompt, &opts, &mut Sampler::new(SamplingParams::default()).unwrap(), |_| {}).unwrap()
@@ -346,6 +351,12 @@ mod tests {
         seen: usize,
         step: usize,
         wrong: fn(usize, usize) -> bool,
+    }
+
+    impl Oracle {
+        fn new(truth: Vec<u32>, prompt_len: usize, wrong: fn(usize, usize) -> bool) -> Oracle {
+            Oracle { truth, prompt_len, seen: 0, step: 0, wrong }
+        }
     }
 
     impl Drafter for Oracle {
@@ -433,7 +444,7 @@ mod tests {
         let k = 3;
         let truth = plain_greedy(&model, &prompt, 40 + k);
         let run = |max_tokens: usize, wrong: fn(usize, usize) -> bool| {
-            let mut oracle = Oracle { truth: truth.clone(), prompt_len: prompt.len(), seen: 0, step: 0, wrong };
+            let mut oracle = Oracle::new(truth.clone(), prompt.len(), wrong);
             let opts = GenerateOptions { max_tokens, stop_ids: vec![] };
             generate_speculative(&model, &mut oracle, &prompt, &opts, k, SamplingParams::default(), |_| {}).unwrap()
         };
@@ -453,8 +464,7 @@ mod tests {
         // A stop token among kept drafts ends the output there.
         let stop = truth[6];
         let first = truth.iter().position(|&t| t == stop).unwrap();
-        let mut oracle =
-            Oracle { truth: truth.clone(), prompt_len: prompt.len(), seen: 0, step: 0, wrong: |_, _| false };
+        let mut oracle = Oracle::new(truth.clone(), prompt.len(), |_, _| false);
         let opts = GenerateOptions { max_tokens: 40, stop_ids: vec![stop] };
         let (got, _) =
             generate_speculative(&model, &mut oracle, &prompt, &opts, k, SamplingParams::default(), |_| {}).unwrap();
@@ -487,9 +497,7 @@ mod tests {
     /// plain sampling's.
     #[test]
     fn speculative_sampling_matches_plain_sampling() {
-        let (src, o) = tiny(true);
-        let model = Qwen35::load(&src, o).unwrap();
-        let mtp = Mtp::load(&src, o).unwrap().expect("an MTP head");
+        let (model, mtp) = tiny_with_head();
         let prompt: Vec<u32> = (0..7).map(|i| (i * 29 + 3) % 512).collect();
         let params = |seed| SamplingParams { temperature: 1.0, top_k: 3, top_p: 1.0, min_p: 0.0, seed };
         let opts = GenerateOptions { max_tokens: 2, stop_ids: vec![] };
@@ -509,8 +517,7 @@ mod tests {
                 generate_speculative(&model, &mut d, &prompt, &opts, 2, params(seed), |_| {}).unwrap().0
             },
             &mut |seed| {
-                let mut d =
-                    Oracle { truth: greedy2.clone(), prompt_len: prompt.len(), seen: 0, step: 0, wrong: |_, _| false };
+                let mut d = Oracle::new(greedy2.clone(), prompt.len(), |_, _| false);
                 generate_speculative(&model, &mut d, &prompt, &opts, 2, params(seed + 10_000), |_| {}).unwrap().0
             },
         ];
@@ -531,9 +538,7 @@ mod tests {
 
     #[test]
     fn truncated_head_cache_recomputes_what_it_forgot() {
-        let (src, o) = tiny(true);
-        let model = Qwen35::load(&src, o).unwrap();
-        let mtp = Mtp::load(&src, o).unwrap().expect("an MTP head");
+        let (model, mtp) = tiny_with_head();
         let ids: Vec<u32> = (0..6).map(|i| (i * 53 + 1) % 512).collect();
         let hidden = model.forward_normed(&ids, &mut model.new_cache(), Logits::All).unwrap();
         let mut cache = mtp.new_cache();

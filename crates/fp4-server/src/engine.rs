@@ -859,27 +859,36 @@ mod tests {
         assert_eq!(logits, vec![1.0, -4.0 - 0.5 - 0.5, 0.5 - 0.5 - 0.25, 3.0]);
     }
 
-    /// Greedy outputs of `prompts` (each to `max_tokens`) through an engine whose KV pool has
-    /// `kv_blocks` blocks, all submitted at once; and its preemption count.
-    fn serve_all(prompts: &[Vec<u32>], max_tokens: usize, kv_blocks: usize, prefix: bool) -> (Vec<Vec<u32>>, u64) {
-        use fp4_model::{LoadOptions, Pools, Precision, Synthetic, SyntheticFormat};
-        let src = Synthetic::named("tiny", SyntheticFormat::Bf16, 5).unwrap();
-        let model = Qwen35::load(&src, LoadOptions::new(Precision::F32)).unwrap();
-        let max_num_seqs = 3;
-        let prefix_cache_bytes = if prefix { 64 << 20 } else { 0 };
-        let c = &model.config;
-        let pools = (max_num_seqs + 1) * Pools::slot_bytes(c) + (kv_blocks + 1) * Pools::block_bytes(c, KV_BLOCK);
+    /// The tiny synthetic model (bf16 weights, f32 compute) on the CPU.
+    fn tiny_model() -> Qwen35 {
+        use fp4_model::{LoadOptions, Precision, Synthetic, SyntheticFormat};
+        Qwen35::load(&Synthetic::named("tiny", SyntheticFormat::Bf16, 5).unwrap(), LoadOptions::new(Precision::F32))
+            .unwrap()
+    }
+
+    /// An engine without CUDA graphs; `cache_budget_bytes` besides the prefix cache's bytes.
+    fn test_engine(
+        model: Qwen35,
+        max_num_seqs: usize,
+        max_model_len: usize,
+        cache_budget_bytes: usize,
+        prefix_cache_bytes: usize,
+    ) -> EngineHandle {
         let cfg = EngineConfig {
             max_num_seqs,
-            max_model_len: 512,
+            max_model_len,
             max_waiting: 8,
-            cache_budget_bytes: pools + prefix_cache_bytes,
+            cache_budget_bytes: cache_budget_bytes + prefix_cache_bytes,
             cuda_graphs: false,
             prefix_cache_bytes,
         };
-        let handle = start(model, cfg).unwrap();
-        let request = |prompt: &Vec<u32>| GenRequest {
-            prompt: prompt.clone(),
+        start(model, cfg).unwrap()
+    }
+
+    /// A request of `max_tokens` tokens, greedy, without stop ids or snapshots.
+    fn greedy_request(prompt: Vec<u32>, max_tokens: usize) -> GenRequest {
+        GenRequest {
+            prompt,
             sampling: SamplingParams::default(),
             penalties: Penalties::default(),
             max_tokens,
@@ -887,24 +896,37 @@ mod tests {
             logprobs: None,
             choices: vec![],
             snapshot_at: vec![],
-        };
-        let mut receivers: Vec<_> = prompts.iter().map(|p| handle.submit(request(p)).unwrap()).collect();
-        let outputs = receivers
-            .iter_mut()
-            .map(|rx| {
-                let mut ids = Vec::new();
-                loop {
-                    match rx.blocking_recv() {
-                        Some(Event::Token { id, .. }) => ids.push(id),
-                        Some(Event::Finished { completion_tokens, .. }) => {
-                            assert_eq!(completion_tokens, ids.len());
-                            return ids;
-                        }
-                        other => panic!("unexpected event {other:?}"),
-                    }
+        }
+    }
+
+    /// A request's tokens once it has finished (as many as it reports), or its error.
+    fn outcome(rx: &mut tmpsc::UnboundedReceiver<Event>) -> Result<Vec<u32>, String> {
+        let mut ids = Vec::new();
+        loop {
+            match rx.blocking_recv() {
+                Some(Event::Token { id, .. }) => ids.push(id),
+                Some(Event::Finished { completion_tokens, .. }) => {
+                    assert_eq!(completion_tokens, ids.len());
+                    return Ok(ids);
                 }
-            })
-            .collect();
+                Some(Event::Failed(e)) => return Err(e),
+                None => panic!("the engine stopped"),
+            }
+        }
+    }
+
+    /// Greedy outputs of `prompts` (each to `max_tokens`) through an engine whose KV pool has
+    /// `kv_blocks` blocks, all submitted at once; and its preemption count.
+    fn serve_all(prompts: &[Vec<u32>], max_tokens: usize, kv_blocks: usize, prefix: bool) -> (Vec<Vec<u32>>, u64) {
+        use fp4_model::Pools;
+        let model = tiny_model();
+        let max_num_seqs = 3;
+        let c = &model.config;
+        let pools = (max_num_seqs + 1) * Pools::slot_bytes(c) + (kv_blocks + 1) * Pools::block_bytes(c, KV_BLOCK);
+        let handle = test_engine(model, max_num_seqs, 512, pools, if prefix { 64 << 20 } else { 0 });
+        let mut receivers: Vec<_> =
+            prompts.iter().map(|p| handle.submit(greedy_request(p.clone(), max_tokens)).unwrap()).collect();
+        let outputs = receivers.iter_mut().map(|rx| outcome(rx).unwrap()).collect();
         let preemptions = handle.stats.preemptions.load(Ordering::Relaxed);
         handle.shutdown();
         (outputs, preemptions)
@@ -931,20 +953,8 @@ mod tests {
     /// The offline conversation: with prefix caching every turn resumes from the one before.
     #[test]
     fn conversation_turns_resume_from_the_turn_before() {
-        use fp4_model::{LoadOptions, Precision, Synthetic, SyntheticFormat};
         for prefix in [true, false] {
-            let src = Synthetic::named("tiny", SyntheticFormat::Bf16, 5).unwrap();
-            let model = Qwen35::load(&src, LoadOptions::new(Precision::F32)).unwrap();
-            let prefix_cache_bytes = if prefix { 64 << 20 } else { 0 };
-            let cfg = EngineConfig {
-                max_num_seqs: 2,
-                max_model_len: 1024,
-                max_waiting: 4,
-                cache_budget_bytes: (256 << 20) + prefix_cache_bytes,
-                cuda_graphs: false,
-                prefix_cache_bytes,
-            };
-            let handle = start(model, cfg).unwrap();
+            let handle = test_engine(tiny_model(), 2, 1024, 256 << 20, if prefix { 64 << 20 } else { 0 });
             let first: Vec<u32> = (0..40).map(|i| (i * 13 + 1) % 512).collect();
             let turns = conversation_ttfts(&handle, first, 4, 7, 5, 512).unwrap();
             handle.shutdown();
@@ -961,40 +971,13 @@ mod tests {
     /// the engine goes on serving the next ones.
     #[test]
     fn a_failed_step_fails_its_requests_and_the_engine_goes_on() {
-        use fp4_model::{LoadOptions, Precision, Synthetic, SyntheticFormat};
-        let src = Synthetic::named("tiny", SyntheticFormat::Bf16, 5).unwrap();
-        let model = Qwen35::load(&src, LoadOptions::new(Precision::F32)).unwrap();
-        let cfg = EngineConfig {
-            max_num_seqs: 2,
-            max_model_len: 256,
-            max_waiting: 4,
-            cache_budget_bytes: 64 << 20,
-            cuda_graphs: false,
-            prefix_cache_bytes: 0,
-        };
-        let handle = start(model, cfg).unwrap();
-        let request = || GenRequest {
-            prompt: [&FAIL_PROMPT[..], &[3, 1, 4]].concat(),
-            sampling: SamplingParams::default(),
-            penalties: Penalties::default(),
-            max_tokens: 6,
-            stop_ids: vec![],
-            logprobs: None,
-            choices: vec![],
-            snapshot_at: vec![],
-        };
-        let outcome = |rx: &mut tmpsc::UnboundedReceiver<Event>| loop {
-            match rx.blocking_recv() {
-                Some(Event::Token { .. }) => {}
-                Some(Event::Finished { completion_tokens, .. }) => return Ok(completion_tokens),
-                Some(Event::Failed(e)) => return Err(e),
-                None => panic!("the engine stopped"),
-            }
-        };
+        let handle = test_engine(tiny_model(), 2, 256, 64 << 20, 0);
+        let request = || greedy_request([&FAIL_PROMPT[..], &[3, 1, 4]].concat(), 6);
         FAIL_NEXT_DECODE.store(true, Ordering::SeqCst);
         let err = outcome(&mut handle.submit(request()).unwrap()).unwrap_err();
         assert!(err.contains("the decode step failed") && err.contains("injected failure"), "{err}");
-        assert_eq!(outcome(&mut handle.submit(request()).unwrap()), Ok(6), "the next request is served");
+        let served = outcome(&mut handle.submit(request()).unwrap()).map(|ids| ids.len());
+        assert_eq!(served, Ok(6), "the next request is served");
         handle.shutdown();
     }
 
@@ -1002,12 +985,10 @@ mod tests {
     /// drawn where the logits are or from the row on the host (logprobs), and batched together.
     #[test]
     fn sampled_requests_match_the_single_sequence_sampler() {
-        use fp4_model::{generate, GenerateOptions, LoadOptions, Precision, Sampler, Synthetic, SyntheticFormat};
-        let src = Synthetic::named("tiny", SyntheticFormat::Bf16, 5).unwrap();
-        let load = || Qwen35::load(&src, LoadOptions::new(Precision::F32)).unwrap();
+        use fp4_model::{generate, GenerateOptions, Sampler};
         let sampling = |seed| SamplingParams { temperature: 0.8, top_p: 0.9, top_k: 0, min_p: 0.0, seed };
         let prompts: Vec<Vec<u32>> = (0..3u32).map(|s| (0..9).map(|i| (i * 41 + s * 7 + 2) % 512).collect()).collect();
-        let model = load();
+        let model = tiny_model();
         let want: Vec<Vec<u32>> = prompts
             .iter()
             .enumerate()
@@ -1017,43 +998,23 @@ mod tests {
                     .unwrap()
             })
             .collect();
-        let cfg = EngineConfig {
-            max_num_seqs: 4,
-            max_model_len: 256,
-            max_waiting: 4,
-            cache_budget_bytes: 64 << 20,
-            cuda_graphs: false,
-            prefix_cache_bytes: 0,
-        };
-        let handle = start(model, cfg).unwrap();
+        let handle = test_engine(model, 4, 256, 64 << 20, 0);
         let mut receivers: Vec<_> = prompts
             .iter()
             .enumerate()
             .map(|(i, p)| {
                 let req = GenRequest {
-                    prompt: p.clone(),
                     sampling: sampling(i as u64),
                     penalties: Penalties { repetition: 1.0, ..Default::default() },
-                    max_tokens: 12,
-                    stop_ids: vec![],
                     // The second request's rows come to the host; the others' do not.
                     logprobs: (i == 1).then_some(2),
-                    choices: vec![],
-                    snapshot_at: vec![],
+                    ..greedy_request(p.clone(), 12)
                 };
                 handle.submit(req).unwrap()
             })
             .collect();
         for (rx, want) in receivers.iter_mut().zip(&want) {
-            let mut got = Vec::new();
-            loop {
-                match rx.blocking_recv() {
-                    Some(Event::Token { id, .. }) => got.push(id),
-                    Some(Event::Finished { .. }) => break,
-                    other => panic!("unexpected event {other:?}"),
-                }
-            }
-            assert_eq!(&got, want);
+            assert_eq!(&outcome(rx).unwrap(), want);
         }
         handle.shutdown();
     }
