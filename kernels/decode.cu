@@ -284,71 +284,60 @@ extern "C" __global__ void __launch_bounds__(PA_MERGE_THREADS)
     }
 }
 
-// One causal-conv step + SiLU per sequence: x [B, C], state pool [slots, K-1, C] at slots[b]
-// (updated), w [C, K]. Grid (C / 256, B).
+// Causal-conv steps + SiLU: sequence b's state pool [slots, K-1, C] at slots[b] takes its R
+// tokens x rows b·R .. (b+1)·R in order, the state after row r going to slots_out[r] (R = 1 and
+// slots_out = slots: the in-place step; R > 1: a speculative verify keeps the state after each
+// draft). w [C, K]. Grid (C / 256, B).
 extern "C" __global__ void conv1d_step_slots(const float* __restrict__ x, float* __restrict__ pool,
                                              const float* __restrict__ w, const uint32_t* __restrict__ slots,
-                                             float* __restrict__ y, int c_len, int k) {
+                                             const uint32_t* __restrict__ slots_out, float* __restrict__ y,
+                                             int c_len, int k, int rows_per_seq) {
     pdl_start();
     int c = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y;
     if (c >= c_len) return;
-    float* st = pool + (size_t)slots[b] * (k - 1) * c_len;
-    float xin = x[(size_t)b * c_len + c];
-    float acc = w[(size_t)c * k + k - 1] * xin;
+    const float* st = pool + (size_t)slots[b] * (k - 1) * c_len;
     float prev[MAX_CONV_K];
 #pragma unroll
     for (int j = 0; j < MAX_CONV_K - 1; j++)
-        if (j < k - 1) {
-            prev[j] = st[(size_t)j * c_len + c];
-            acc += w[(size_t)c * k + j] * prev[j];
-        }
+        if (j < k - 1) prev[j] = st[(size_t)j * c_len + c];
+    for (int t = 0; t < rows_per_seq; t++) {
+        size_t row = (size_t)b * rows_per_seq + t;
+        float xin = x[row * c_len + c];
+        float acc = w[(size_t)c * k + k - 1] * xin;
 #pragma unroll
-    for (int j = 0; j + 1 < MAX_CONV_K - 1; j++)
-        if (j + 1 < k - 1) st[(size_t)j * c_len + c] = prev[j + 1];
-    if (k > 1) st[(size_t)(k - 2) * c_len + c] = xin;
-    y[(size_t)b * c_len + c] = silu_f(acc);
+        for (int j = 0; j < MAX_CONV_K - 1; j++)
+            if (j < k - 1) acc += w[(size_t)c * k + j] * prev[j];
+        // Shift in xin (compile-time indices: prev stays in registers).
+#pragma unroll
+        for (int j = 0; j < MAX_CONV_K - 1; j++)
+            if (j < k - 1) prev[j] = j + 1 < k - 1 ? prev[j + 1] : xin;
+        float* out = pool + (size_t)slots_out[row] * (k - 1) * c_len;
+#pragma unroll
+        for (int j = 0; j < MAX_CONV_K - 1; j++)
+            if (j < k - 1) out[(size_t)j * c_len + c] = prev[j];
+        y[row * c_len + c] = silu_f(acc);
+    }
 }
 
-// One gated-delta-rule step per sequence (the recurrent form of gdn.cu) on the state pool
-// [slots, Hv, dk, dv] at slots[b]. Grid (dv / 32, Hv, B), GDN_STEP_THREADS threads: thread
-// (r, lane) owns column 32·blockIdx.x + lane for rows r·dk/4 .. (r+1)·dk/4 in registers (dk ≤ 128),
-// so state loads are coalesced rows of 32 columns; sums over rows meet in shared memory.
+// Gated-delta-rule steps (the recurrent form of gdn.cu) on the state pool [slots, Hv, dk, dv]:
+// sequence b's state at slots[b] takes its R tokens (rows b·R .. (b+1)·R of q, k, v, g, beta) in
+// order and the state after row r goes to slots_out[r] (R = 1, slots_out = slots: in place).
+// Grid (dv / 32, Hv, B), GDN_STEP_THREADS threads: thread (r, lane) owns column 32·blockIdx.x +
+// lane for rows r·dk/4 .. (r+1)·dk/4 in registers (dk ≤ 128) across the R tokens, so state loads
+// are coalesced rows of 32 columns, read once; sums over rows meet in shared memory.
 extern "C" __global__ void gdn_step_slots(const float* __restrict__ q, const float* __restrict__ k,
                                           const float* __restrict__ v, const float* __restrict__ g,
                                           const float* __restrict__ beta, float* __restrict__ pool,
-                                          const uint32_t* __restrict__ slots, float* __restrict__ out, int hk,
-                                          int hv, int dk, int dv) {
+                                          const uint32_t* __restrict__ slots, const uint32_t* __restrict__ slots_out,
+                                          float* __restrict__ out, int hk, int hv, int dk, int dv, int rows_per_seq) {
     pdl_start();
     __shared__ float ks[GDN_STEP_MAX_DK], qs[GDN_STEP_MAX_DK], red[4][32], part[2][4];
     int tid = threadIdx.x, lane = tid & 31, r = tid >> 5;
     int h = blockIdx.y, b = blockIdx.z, j = blockIdx.x * 32 + lane;
     int kh = h / (hv / hk);
-    const float* kt = k + ((size_t)b * hk + kh) * dk;
-    const float* qt = q + ((size_t)b * hk + kh) * dk;
-    float ssk = 0.f, ssq = 0.f;
-    for (int i = tid; i < dk; i += GDN_STEP_THREADS) {
-        ssk += kt[i] * kt[i];
-        ssq += qt[i] * qt[i];
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        ssk += __shfl_xor_sync(0xffffffffu, ssk, o);
-        ssq += __shfl_xor_sync(0xffffffffu, ssq, o);
-    }
-    if (lane == 0) part[0][r] = ssk, part[1][r] = ssq;
-    __syncthreads();
-    float rk = 1.f / sqrtf(part[0][0] + part[0][1] + part[0][2] + part[0][3] + 1e-6f);
-    float rq = 1.f / sqrtf(part[1][0] + part[1][1] + part[1][2] + part[1][3] + 1e-6f);
-    for (int i = tid; i < dk; i += GDN_STEP_THREADS) {
-        ks[i] = kt[i] * rk;
-        qs[i] = qt[i] * rq / sqrtf((float)dk);
-    }
-    __syncthreads();
     bool on = j < dv;
-    size_t th = (size_t)b * hv + h;
-    float decay = expf(g[th]), bt = beta[th];
-    float* st = pool + ((size_t)slots[b] * hv + h) * dk * dv;
     int rows = dk / 4, i0 = r * rows;
+    const float* st = pool + ((size_t)slots[b] * hv + h) * dk * dv;
     float s[GDN_STEP_MAX_DK / 4];
     // Every load issued before the first use (predicated, no branch between them): the state
     // is one DRAM round trip, not one per row.
@@ -358,36 +347,69 @@ extern "C" __global__ void gdn_step_slots(const float* __restrict__ q, const flo
         if (on && i < rows) x = st[(size_t)(i0 + i) * dv + j];
         s[i] = x;
     }
-    float kv = 0.f;
-#pragma unroll
-    for (int i = 0; i < GDN_STEP_MAX_DK / 4; i++)
-        if (i < rows) {
-            s[i] *= decay;
-            kv += s[i] * ks[i0 + i];
+    // Each token's shared values are written only after a barrier that every read of the
+    // token before has passed.
+    for (int t = 0; t < rows_per_seq; t++) {
+        size_t tok = (size_t)b * rows_per_seq + t;
+        const float* kt = k + (tok * hk + kh) * dk;
+        const float* qt = q + (tok * hk + kh) * dk;
+        float ssk = 0.f, ssq = 0.f;
+        for (int i = tid; i < dk; i += GDN_STEP_THREADS) {
+            ssk += kt[i] * kt[i];
+            ssq += qt[i] * qt[i];
         }
-    red[r][lane] = kv;
-    __syncthreads();
-    kv = red[0][lane] + red[1][lane] + red[2][lane] + red[3][lane];
-    float delta = on ? (v[th * dv + j] - kv) * bt : 0.f;
-    float o = 0.f;
 #pragma unroll
-    for (int i = 0; i < GDN_STEP_MAX_DK / 4; i++)
-        if (i < rows) {
-            s[i] += ks[i0 + i] * delta;
-            o += s[i] * qs[i0 + i];
-            if (on) st[(size_t)(i0 + i) * dv + j] = s[i];
+        for (int o = 16; o > 0; o >>= 1) {
+            ssk += __shfl_xor_sync(0xffffffffu, ssk, o);
+            ssq += __shfl_xor_sync(0xffffffffu, ssq, o);
         }
-    __syncthreads();
-    red[r][lane] = o;
-    __syncthreads();
-    if (r == 0 && on) out[th * dv + j] = red[0][lane] + red[1][lane] + red[2][lane] + red[3][lane];
+        if (lane == 0) part[0][r] = ssk, part[1][r] = ssq;
+        __syncthreads();
+        float rk = 1.f / sqrtf(part[0][0] + part[0][1] + part[0][2] + part[0][3] + 1e-6f);
+        float rq = 1.f / sqrtf(part[1][0] + part[1][1] + part[1][2] + part[1][3] + 1e-6f);
+        for (int i = tid; i < dk; i += GDN_STEP_THREADS) {
+            ks[i] = kt[i] * rk;
+            qs[i] = qt[i] * rq / sqrtf((float)dk);
+        }
+        __syncthreads();
+        size_t th = tok * hv + h;
+        float decay = expf(g[th]), bt = beta[th];
+        float kv = 0.f;
+#pragma unroll
+        for (int i = 0; i < GDN_STEP_MAX_DK / 4; i++)
+            if (i < rows) {
+                s[i] *= decay;
+                kv += s[i] * ks[i0 + i];
+            }
+        red[r][lane] = kv;
+        __syncthreads();
+        kv = red[0][lane] + red[1][lane] + red[2][lane] + red[3][lane];
+        float delta = on ? (v[th * dv + j] - kv) * bt : 0.f;
+        float o = 0.f;
+        float* so = pool + ((size_t)slots_out[tok] * hv + h) * dk * dv;
+#pragma unroll
+        for (int i = 0; i < GDN_STEP_MAX_DK / 4; i++)
+            if (i < rows) {
+                s[i] += ks[i0 + i] * delta;
+                o += s[i] * qs[i0 + i];
+                if (on) so[(size_t)(i0 + i) * dv + j] = s[i];
+            }
+        __syncthreads();
+        red[r][lane] = o;
+        __syncthreads();
+        if (r == 0 && on) out[th * dv + j] = red[0][lane] + red[1][lane] + red[2][lane] + red[3][lane];
+    }
 }
 
 // The GDN decode step fused after the conv: gates, l2norm of q and k, the delta rule and the
-// gated RMSNorm, for one (value head, sequence) per block. `mixed` is the conv output [B,
-// 2·Hk·dk + Hv·dv] (q | k | v), b and a [B, Hv] the gate projections, z [B, Hv·dv]; out [B, Hv·dv]
-// is the normed, gated output out_proj reads. The same arithmetic as gdn_gates_f32,
-// gdn_step_slots and rms_norm_gated_f32 in a row, minus the launches and copies between them.
+// gated RMSNorm, for one (value head, sequence) per block. `mixed` is the conv output [rows,
+// 2·Hk·dk + Hv·dv] (q | k | v), b and a [rows, Hv] the gate projections, z [rows, Hv·dv]; out
+// [rows, Hv·dv] is the normed, gated output out_proj reads. Sequence b's state at slots[b] takes its
+// R = rows_per_seq tokens (rows b·R .. (b+1)·R) in order, the state after row r going to
+// slots_out[r] (R = 1, slots_out = slots: the in-place decode step; R > 1: a speculative verify,
+// which keeps the state after every draft so a rejected one costs no recompute). The same
+// arithmetic as gdn_gates_f32, gdn_step_slots and rms_norm_gated_f32 in a row, minus the
+// launches and copies between them.
 // A block is CG column groups of 32 × 4 row groups (dk, dv ≤ 128, dk % 4 == 0): thread (cg, r,
 // lane) owns column 32·(CG·blockIdx.z + cg) + lane for rows r·dk/4 … in registers, as in
 // gdn_step_slots. With CG·32 ≥ dv a block holds the whole head and applies the gated norm itself;
@@ -399,12 +421,13 @@ extern "C" __global__ void gdn_step_slots(const float* __restrict__ q, const flo
 // a thread holds sit at constant offsets from one address, so the kernel fits two blocks per SM
 // (64 registers, no spills) instead of one (128 registers), and the state loads of one block
 // overlap another's arithmetic (at 32 sequences it ran at 33 % of DRAM bandwidth with one).
-template <int DK, int DV, int CG>
+template <int DK, int DV, int CG, bool MULTI>
 __device__ __forceinline__ void gdn_decode_fused_impl(const float* __restrict__ mixed, const float* __restrict__ b_proj,
                      const float* __restrict__ a_proj, const float* __restrict__ a_log,
                      const float* __restrict__ dt_bias, const float* __restrict__ z, const float* __restrict__ norm_w,
-                     float* __restrict__ pool, const uint32_t* __restrict__ slots, float* __restrict__ out, int hk,
-                     int hv, int dk_, int dv_, float eps) {
+                     float* __restrict__ pool, const uint32_t* __restrict__ slots,
+                     const uint32_t* __restrict__ slots_out, float* __restrict__ out, int hk, int hv, int dk_,
+                     int dv_, float eps, int rows_per_seq) {
     const int dk = DK ? DK : dk_, dv = DV ? DV : dv_;
     const bool whole_head = CG * 32 >= dv;
     __shared__ float ks[GDN_STEP_MAX_DK], qs[GDN_STEP_MAX_DK], os[GDN_FUSED_MAX_D], red[CG][4][32], part[2][4], nsum[4];
@@ -415,7 +438,7 @@ __device__ __forceinline__ void gdn_decode_fused_impl(const float* __restrict__ 
     // layer a step ago and the slot table before the step (kernels/pdl.cuh), so the largest read
     // overlaps the kernel before and the norms below instead of following them.
     bool on = j < dv;
-    float* st = pool + ((size_t)slots[b] * hv + h) * dk * dv;
+    const float* st = pool + ((size_t)slots[b] * hv + h) * dk * dv;
     int rows = dk / 4, i0 = r * rows;
     float s[GDN_STEP_MAX_DK / 4];
 #pragma unroll
@@ -426,79 +449,87 @@ __device__ __forceinline__ void gdn_decode_fused_impl(const float* __restrict__ 
     }
     pdl_start();
     const size_t row = (size_t)2 * hk * dk + (size_t)hv * dv;
-    const float* qt = mixed + (size_t)b * row + (size_t)kh * dk;
-    const float* kt = qt + (size_t)hk * dk;
-    const float* vt = mixed + (size_t)b * row + (size_t)2 * hk * dk + (size_t)h * dv;
-    // l2norm of q and k (the first 4 warps, as gdn_step_slots does).
-    if (warp < 4) {
-        float ssk = 0.f, ssq = 0.f;
-        for (int i = tid; i < dk; i += 128) {
-            ssk += kt[i] * kt[i];
-            ssq += qt[i] * qt[i];
-        }
+    // Each token's shared values are written only after a barrier that every read of the token
+    // before has passed. The one-token kernels compile without the loop (the 9B's k128v128 one
+    // spills with it).
+    const int r_len = MULTI ? rows_per_seq : 1;
+    for (int t = 0; t < r_len; t++) {
+        size_t tok = (size_t)b * r_len + t;
+        const float* qt = mixed + tok * row + (size_t)kh * dk;
+        const float* kt = qt + (size_t)hk * dk;
+        const float* vt = mixed + tok * row + (size_t)2 * hk * dk + (size_t)h * dv;
+        // l2norm of q and k (the first 4 warps, as gdn_step_slots does).
+        if (warp < 4) {
+            float ssk = 0.f, ssq = 0.f;
+            for (int i = tid; i < dk; i += 128) {
+                ssk += kt[i] * kt[i];
+                ssq += qt[i] * qt[i];
+            }
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            ssk += __shfl_xor_sync(0xffffffffu, ssk, o);
-            ssq += __shfl_xor_sync(0xffffffffu, ssq, o);
+            for (int o = 16; o > 0; o >>= 1) {
+                ssk += __shfl_xor_sync(0xffffffffu, ssk, o);
+                ssq += __shfl_xor_sync(0xffffffffu, ssq, o);
+            }
+            if (lane == 0) part[0][warp] = ssk, part[1][warp] = ssq;
         }
-        if (lane == 0) part[0][warp] = ssk, part[1][warp] = ssq;
-    }
-    __syncthreads();
-    float rk = 1.f / sqrtf(part[0][0] + part[0][1] + part[0][2] + part[0][3] + 1e-6f);
-    float rq = 1.f / sqrtf(part[1][0] + part[1][1] + part[1][2] + part[1][3] + 1e-6f);
-    for (int i = tid; i < dk; i += CG * 128) {
-        ks[i] = kt[i] * rk;
-        qs[i] = qt[i] * rq / sqrtf((float)dk);
-    }
-    // Gates (gdn_gates_f32): beta = sigmoid(b), g = -exp(A_log) · softplus(a + dt_bias).
-    size_t th = (size_t)b * hv + h;
-    float x = a_proj[th] + dt_bias[h];
-    float sp = x > 20.f ? x : log1pf(expf(x));
-    float bt = 1.f / (1.f + expf(-b_proj[th]));
-    float decay = expf(-expf(a_log[h]) * sp);
-    __syncthreads();
-    float kv = 0.f;
-#pragma unroll
-    for (int i = 0; i < GDN_STEP_MAX_DK / 4; i++)
-        if (i < rows) {
-            s[i] *= decay;
-            kv += s[i] * ks[i0 + i];
+        __syncthreads();
+        float rk = 1.f / sqrtf(part[0][0] + part[0][1] + part[0][2] + part[0][3] + 1e-6f);
+        float rq = 1.f / sqrtf(part[1][0] + part[1][1] + part[1][2] + part[1][3] + 1e-6f);
+        for (int i = tid; i < dk; i += CG * 128) {
+            ks[i] = kt[i] * rk;
+            qs[i] = qt[i] * rq / sqrtf((float)dk);
         }
-    red[cg][r][lane] = kv;
-    __syncthreads();
-    kv = red[cg][0][lane] + red[cg][1][lane] + red[cg][2][lane] + red[cg][3][lane];
-    float delta = on ? (vt[j] - kv) * bt : 0.f;
-    float o = 0.f;
+        // Gates (gdn_gates_f32): beta = sigmoid(b), g = -exp(A_log) · softplus(a + dt_bias).
+        size_t th = tok * hv + h;
+        float x = a_proj[th] + dt_bias[h];
+        float sp = x > 20.f ? x : log1pf(expf(x));
+        float bt = 1.f / (1.f + expf(-b_proj[th]));
+        float decay = expf(-expf(a_log[h]) * sp);
+        __syncthreads();
+        float kv = 0.f;
 #pragma unroll
-    for (int i = 0; i < GDN_STEP_MAX_DK / 4; i++)
-        if (i < rows) {
-            s[i] += ks[i0 + i] * delta;
-            o += s[i] * qs[i0 + i];
-            if (on) st[(size_t)(i0 + i) * dv + j] = s[i];
+        for (int i = 0; i < GDN_STEP_MAX_DK / 4; i++)
+            if (i < rows) {
+                s[i] *= decay;
+                kv += s[i] * ks[i0 + i];
+            }
+        red[cg][r][lane] = kv;
+        __syncthreads();
+        kv = red[cg][0][lane] + red[cg][1][lane] + red[cg][2][lane] + red[cg][3][lane];
+        float delta = on ? (vt[j] - kv) * bt : 0.f;
+        float o = 0.f;
+        float* so = pool + ((size_t)slots_out[tok] * hv + h) * dk * dv;
+#pragma unroll
+        for (int i = 0; i < GDN_STEP_MAX_DK / 4; i++)
+            if (i < rows) {
+                s[i] += ks[i0 + i] * delta;
+                o += s[i] * qs[i0 + i];
+                if (on) so[(size_t)(i0 + i) * dv + j] = s[i];
+            }
+        __syncthreads();
+        red[cg][r][lane] = o;
+        __syncthreads();
+        o = red[cg][0][lane] + red[cg][1][lane] + red[cg][2][lane] + red[cg][3][lane];
+        if (!whole_head) {
+            if (r == 0 && on) out[th * dv + j] = o;
+            continue;
         }
-    __syncthreads();
-    red[cg][r][lane] = o;
-    __syncthreads();
-    o = red[cg][0][lane] + red[cg][1][lane] + red[cg][2][lane] + red[cg][3][lane];
-    if (!whole_head) {
-        if (r == 0 && on) out[th * dv + j] = o;
-        return;
-    }
-    if (r == 0 && on) os[j] = o;
-    __syncthreads();
-    // Gated RMSNorm over the head's dv outputs (rms_norm_gated_f32), the first 4 warps.
-    if (warp < 4) {
-        float ss = 0.f;
-        for (int i = tid; i < dv; i += 128) ss += os[i] * os[i];
+        if (r == 0 && on) os[j] = o;
+        __syncthreads();
+        // Gated RMSNorm over the head's dv outputs (rms_norm_gated_f32), the first 4 warps.
+        if (warp < 4) {
+            float ss = 0.f;
+            for (int i = tid; i < dv; i += 128) ss += os[i] * os[i];
 #pragma unroll
-        for (int o2 = 16; o2 > 0; o2 >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o2);
-        if (lane == 0) nsum[warp] = ss;
-    }
-    __syncthreads();
-    float rn = rsqrtf((nsum[0] + nsum[1] + nsum[2] + nsum[3]) / dv + eps);
-    for (int i = tid; i < dv; i += CG * 128) {
-        float g = z[th * dv + i];
-        out[th * dv + i] = norm_w[i] * (os[i] * rn) * (g / (1.f + expf(-g)));
+            for (int o2 = 16; o2 > 0; o2 >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o2);
+            if (lane == 0) nsum[warp] = ss;
+        }
+        __syncthreads();
+        float rn = rsqrtf((nsum[0] + nsum[1] + nsum[2] + nsum[3]) / dv + eps);
+        for (int i = tid; i < dv; i += CG * 128) {
+            float g = z[th * dv + i];
+            out[th * dv + i] = norm_w[i] * (os[i] * rn) * (g / (1.f + expf(-g)));
+        }
     }
 }
 
@@ -506,23 +537,36 @@ __device__ __forceinline__ void gdn_decode_fused_impl(const float* __restrict__ 
     const float *__restrict__ mixed, const float *__restrict__ b_proj, const float *__restrict__ a_proj,          \
         const float *__restrict__ a_log, const float *__restrict__ dt_bias, const float *__restrict__ z,          \
         const float *__restrict__ norm_w, float *__restrict__ pool, const uint32_t *__restrict__ slots,           \
-        float *__restrict__ out, int hk, int hv, int dk, int dv, float eps
-#define GDN_DECODE_PASS mixed, b_proj, a_proj, a_log, dt_bias, z, norm_w, pool, slots, out, hk, hv, dk, dv, eps
+        const uint32_t *__restrict__ slots_out, float *__restrict__ out, int hk, int hv, int dk, int dv,          \
+        float eps, int rows_per_seq
+#define GDN_DECODE_PASS \
+    mixed, b_proj, a_proj, a_log, dt_bias, z, norm_w, pool, slots, slots_out, out, hk, hv, dk, dv, eps, rows_per_seq
 
 extern "C" __global__ void __launch_bounds__(GDN_FUSED_THREADS) gdn_decode_fused(GDN_DECODE_ARGS) {
     // pdl_start() in the impl, after the state loads.
-    gdn_decode_fused_impl<0, 0, GDN_FUSED_THREADS / 128>(GDN_DECODE_PASS);
+    gdn_decode_fused_impl<0, 0, GDN_FUSED_THREADS / 128, false>(GDN_DECODE_PASS);
 }
 
 extern "C" __global__ void __launch_bounds__(GDN_FUSED_THREADS, 2) gdn_decode_fused_k128v128(GDN_DECODE_ARGS) {
     // pdl_start() in the impl, after the state loads.
-    gdn_decode_fused_impl<128, 128, GDN_FUSED_THREADS / 128>(GDN_DECODE_PASS);
+    gdn_decode_fused_impl<128, 128, GDN_FUSED_THREADS / 128, false>(GDN_DECODE_PASS);
 }
 
 // One column group per block, grid (Hv, B, dv / 32): out gets the raw outputs (see above).
 extern "C" __global__ void __launch_bounds__(128, 6) gdn_decode_cols_k128v128(GDN_DECODE_ARGS) {
     // pdl_start() in the impl, after the state loads.
-    gdn_decode_fused_impl<128, 128, 1>(GDN_DECODE_PASS);
+    gdn_decode_fused_impl<128, 128, 1, false>(GDN_DECODE_PASS);
+}
+
+// Several tokens per sequence (a speculative verify), any dk, dv ≤ 128 and the 9B's heads.
+extern "C" __global__ void __launch_bounds__(GDN_FUSED_THREADS) gdn_decode_fused_multi(GDN_DECODE_ARGS) {
+    // pdl_start() in the impl, after the state loads.
+    gdn_decode_fused_impl<0, 0, GDN_FUSED_THREADS / 128, true>(GDN_DECODE_PASS);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 6) gdn_decode_cols_multi_k128v128(GDN_DECODE_ARGS) {
+    // pdl_start() in the impl, after the state loads.
+    gdn_decode_fused_impl<128, 128, 1, true>(GDN_DECODE_PASS);
 }
 
 // Attention decode prologue fused: per head of one token (grid (Hq + Hkv, B), one thread per

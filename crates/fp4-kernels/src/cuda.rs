@@ -264,6 +264,9 @@ struct Kernels {
     gdn_decode_fused_k128v128: CudaFunction,
     /// The same with a block per 32 state columns, the gated norm left to `rms_norm_gated_f16`.
     gdn_decode_cols_k128v128: CudaFunction,
+    /// The same for several rows per sequence (a speculative verify).
+    gdn_decode_fused_multi: CudaFunction,
+    gdn_decode_cols_multi_k128v128: CudaFunction,
     /// The gated norm of a token's heads of 128, also in the GEMV's input format.
     rms_norm_gated_f16: CudaFunction,
     attn_decode_prep: CudaFunction,
@@ -376,6 +379,8 @@ impl Kernels {
             gdn_decode_fused: decode.load_function("gdn_decode_fused")?,
             gdn_decode_fused_k128v128: decode.load_function("gdn_decode_fused_k128v128")?,
             gdn_decode_cols_k128v128: decode.load_function("gdn_decode_cols_k128v128")?,
+            gdn_decode_fused_multi: decode.load_function("gdn_decode_fused_multi")?,
+            gdn_decode_cols_multi_k128v128: decode.load_function("gdn_decode_cols_multi_k128v128")?,
             rms_norm_gated_f16: norm.load_function("rms_norm_gated_f16")?,
             attn_decode_prep: decode.load_function("attn_decode_prep")?,
         })

@@ -448,15 +448,69 @@ pub fn sample_probs(logits: &Tensor, p: SampleParams) -> Vec<(u32, f64)> {
 // in device buffers a captured graph reads on every replay. The CPU branches are the references:
 // each sequence gathered and run through the single-sequence CPU ops above.
 
-/// Where each token of a decode batch keeps its state: `pos[b]` (its position, = tokens cached
-/// before it), `slots[b]` (its GDN state slot), `table[b·max_blocks ..]` (its KV block ids).
+/// Where each row of a decode batch keeps its state: `pos[r]` (its position, = tokens cached
+/// before it), `table[r·max_blocks ..]` (its sequence's KV block ids), and its sequence's GDN
+/// state ([`GdnSlots`]: `slots`, `slots_out`, `rows_per_seq`). A plain decode step has one row
+/// per sequence updating its slot in place (`slots_out` = `slots`); a speculative verify has
+/// `rows_per_seq` rows per sequence (consecutive), and keeps the GDN state after each.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchIndex<'a> {
     pub pos: &'a Ids,
     pub slots: &'a Ids,
+    pub slots_out: &'a Ids,
+    pub rows_per_seq: usize,
     pub table: &'a Ids,
     pub max_blocks: usize,
     pub block_size: usize,
+}
+
+impl<'a> BatchIndex<'a> {
+    /// The GDN slots of the batch.
+    pub fn gdn_slots(&self) -> GdnSlots<'a> {
+        GdnSlots { read: self.slots, write: self.slots_out, rows_per_seq: self.rows_per_seq }
+    }
+}
+
+/// The GDN state of a decode batch: sequence b's state is read from slot `read[b]`, takes the
+/// batch's rows `b·R .. (b+1)·R` (R = `rows_per_seq`) in order, and the state after row r is
+/// written to slot `write[r]`.
+#[derive(Debug, Clone, Copy)]
+pub struct GdnSlots<'a> {
+    pub read: &'a Ids,
+    pub write: &'a Ids,
+    pub rows_per_seq: usize,
+}
+
+impl<'a> GdnSlots<'a> {
+    /// One row per sequence, each slot updated in place.
+    pub fn in_place(slots: &'a Ids) -> GdnSlots<'a> {
+        GdnSlots { read: slots, write: slots, rows_per_seq: 1 }
+    }
+
+    /// Whether `rows` rows fit: a whole number of sequences, with a slot to read for each and one
+    /// to write for each row.
+    fn fits(&self, rows: usize) -> bool {
+        self.rows_per_seq >= 1
+            && rows.is_multiple_of(self.rows_per_seq)
+            && self.read.len() >= rows / self.rows_per_seq
+            && self.write.len() >= rows
+    }
+
+    /// The CPU reference's walk: for each sequence, its state (`per` floats of `pool` at its read
+    /// slot) is copied out, `f(row, state)` runs its rows in order on the copy, and after each
+    /// row the copy is stored at that row's write slot.
+    fn walk_cpu(&self, rows: usize, pool: &mut [f32], per: usize, mut f: impl FnMut(usize, &mut [f32])) {
+        let r_len = self.rows_per_seq;
+        for b in 0..rows / r_len {
+            let s = self.read.as_slice()[b] as usize;
+            let mut state = pool[s * per..(s + 1) * per].to_vec();
+            for row in b * r_len..(b + 1) * r_len {
+                f(row, &mut state);
+                let o = self.write.as_slice()[row] as usize;
+                pool[o * per..(o + 1) * per].copy_from_slice(&state);
+            }
+        }
+    }
 }
 
 use crate::Ids;
@@ -565,34 +619,41 @@ pub fn paged_attention(
     }
 }
 
-/// One causal-conv step + SiLU per sequence: `x [B, C]`, state `pool [slots·(K-1), C]` at
-/// `slots[b]` (updated), conv weight `w [C, K]`.
-pub fn conv1d_step(x: &Tensor, pool: &mut Tensor, w: &Tensor, slots: &Ids, p: Precision) -> Tensor {
+/// Causal-conv steps + SiLU: `x [rows, C]`, state `pool [slots·(K-1), C]` walked per sequence
+/// by `slots` ([`GdnSlots`]), conv weight `w [C, K]`.
+pub fn conv1d_step(x: &Tensor, pool: &mut Tensor, w: &Tensor, slots: GdnSlots, p: Precision) -> Tensor {
     let (c, k) = (x.shape()[1], w.shape()[1]);
-    check(w.shape()[0] == c && pool.shape()[1] == c && slots.len() >= x.rows(), "conv1d_step", || {
-        format!("x {:?} pool {:?} w {:?}", x.shape(), pool.shape(), w.shape())
+    check(w.shape()[0] == c && pool.shape()[1] == c && slots.fits(x.rows()), "conv1d_step", || {
+        format!("x {:?} pool {:?} w {:?} slots {slots:?}", x.shape(), pool.shape(), w.shape())
     });
     match x.storage() {
         Storage::Cpu(xs) => {
-            let mut y = Vec::with_capacity(xs.len());
-            let per = (k - 1) * c;
-            for b in 0..x.rows() {
-                let s = slots.as_slice()[b] as usize;
-                let state = &mut pool.as_mut_slice()[s * per..(s + 1) * per];
-                y.extend(cpu::causal_conv1d_silu(&xs[b * c..(b + 1) * c], state, w.as_slice(), c, p));
-            }
+            let mut y = vec![0f32; xs.len()];
+            slots.walk_cpu(x.rows(), pool.as_mut_slice(), (k - 1) * c, |r, state| {
+                let out = cpu::causal_conv1d_silu(&xs[r * c..(r + 1) * c], state, w.as_slice(), c, p);
+                y[r * c..(r + 1) * c].copy_from_slice(&out);
+            });
             Tensor::from_vec(y, x.shape())
         }
         #[cfg(feature = "cuda")]
         Storage::Cuda(xs) => Tensor::from_cuda(
-            ok(gpu().conv1d_step(xs, pool.cuda_mut(), w.cuda(), slots.cuda(), c), "conv1d_step"),
+            ok(
+                gpu().conv1d_step(
+                    xs,
+                    pool.cuda_mut(),
+                    w.cuda(),
+                    (slots.read.cuda(), slots.write.cuda(), slots.rows_per_seq),
+                    c,
+                ),
+                "conv1d_step",
+            ),
             x.shape(),
         ),
     }
 }
 
-/// One gated-delta-rule step per sequence: `q, k [B, Hk·dk]`, `v [B, Hv·dv]`, `g, beta [B, Hv]`,
-/// state `pool [slots·Hv, dk, dv]` at `slots[b]` (updated). Returns `o [B, Hv, dv]`.
+/// Gated-delta-rule steps: `q, k [rows, Hk·dk]`, `v [rows, Hv·dv]`, `g, beta [rows, Hv]`, state
+/// `pool [slots·Hv, dk, dv]` walked per sequence by `slots` ([`GdnSlots`]). Returns `o [rows, Hv, dv]`.
 #[allow(clippy::too_many_arguments)]
 pub fn gdn_step(
     q: &Tensor,
@@ -601,7 +662,7 @@ pub fn gdn_step(
     g: &Tensor,
     beta: &Tensor,
     pool: &mut Tensor,
-    slots: &Ids,
+    slots: GdnSlots,
     d: GdnDims,
 ) -> Tensor {
     let b = q.rows();
@@ -611,21 +672,28 @@ pub fn gdn_step(
             && v.elem_count() == b * d.value_heads * d.value_dim
             && g.elem_count() == b * d.value_heads
             && beta.elem_count() == g.elem_count()
-            && slots.len() >= b,
+            && slots.fits(b),
         "gdn_step",
-        || format!("q {:?} v {:?} g {:?} pool {:?} dims {d:?}", q.shape(), v.shape(), g.shape(), pool.shape()),
+        || {
+            format!(
+                "q {:?} v {:?} g {:?} pool {:?} dims {d:?} slots {slots:?}",
+                q.shape(),
+                v.shape(),
+                g.shape(),
+                pool.shape()
+            )
+        },
     );
     let shape = [b, d.value_heads, d.value_dim];
     #[cfg(feature = "cuda")]
     if let Storage::Cuda(qs) = q.storage() {
-        let o = gpu().gdn_step(qs, k.cuda(), v.cuda(), g.cuda(), beta.cuda(), pool.cuda_mut(), slots.cuda(), d);
+        let ix = (slots.read.cuda(), slots.write.cuda(), slots.rows_per_seq);
+        let o = gpu().gdn_step(qs, k.cuda(), v.cuda(), g.cuda(), beta.cuda(), pool.cuda_mut(), ix, d);
         return Tensor::from_cuda(ok(o, "gdn_step"), &shape);
     }
     let (qk, vw, hv) = (d.key_heads * d.key_dim, d.value_heads * d.value_dim, d.value_heads);
-    let per = hv * d.key_dim * d.value_dim;
-    let mut out = Vec::with_capacity(b * vw);
-    for i in 0..b {
-        let s = slots.as_slice()[i] as usize;
+    let mut out = vec![0f32; b * vw];
+    slots.walk_cpu(b, pool.as_mut_slice(), hv * d.key_dim * d.value_dim, |i, state| {
         let x = cpu::GdnInputs {
             q: &q.as_slice()[i * qk..(i + 1) * qk],
             k: &k.as_slice()[i * qk..(i + 1) * qk],
@@ -633,8 +701,8 @@ pub fn gdn_step(
             g: &g.as_slice()[i * hv..(i + 1) * hv],
             beta: &beta.as_slice()[i * hv..(i + 1) * hv],
         };
-        out.extend(cpu::gdn_recurrent(x, &mut pool.as_mut_slice()[s * per..(s + 1) * per], d));
-    }
+        out[i * vw..(i + 1) * vw].copy_from_slice(&cpu::gdn_recurrent(x, state, d));
+    });
     Tensor::from_vec(out, &shape)
 }
 
@@ -703,5 +771,71 @@ mod tests {
         let c = cat_cols(&a, &b);
         assert_eq!(c.shape(), &[2, 3]);
         assert_eq!(c.to_vec(), vec![1.0, 2.0, 5.0, 3.0, 4.0, 6.0]);
+    }
+
+    /// Deterministic values in (-1, 1), never zero.
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n as u32).map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 1999) as f32 / 1000.0 - 0.9995).collect()
+    }
+
+    fn t(shape: &[usize], seed: u32) -> Tensor {
+        Tensor::from_vec(values(shape.iter().product(), seed), shape)
+    }
+
+    /// A walk of R rows per sequence (a speculative verify) gives each row the output and leaves
+    /// in each row's write slot the state that R one-row in-place steps give after that row.
+    #[test]
+    fn multi_row_gdn_walks_equal_one_row_steps() {
+        let d = GdnDims { key_heads: 2, value_heads: 4, key_dim: 8, value_dim: 6 };
+        let (read, write, per_seq) = (vec![3u32, 0], vec![3u32, 1, 4, 0, 2, 5], 3);
+        let rows = write.len();
+        let (c, k) = (2 * 2 * 8 + 4 * 6, 4);
+        let w = t(&[c, k], 1);
+        let conv_pool = t(&[6 * (k - 1), c], 2);
+        let state_pool = t(&[6 * 4, 8, 6], 3);
+        let x = t(&[rows, c], 4);
+        let (bp, ap, z) = (t(&[rows, 4], 5), t(&[rows, 4], 6), t(&[rows, 4 * 6], 7));
+        let (a_log, dt, norm) = (t(&[4], 8), t(&[4], 9), t(&[6], 10));
+        let params = GdnStepParams { a_log: &a_log, dt_bias: &dt, norm: &norm, eps: 1e-6, dims: d };
+        let (r_ids, w_ids) = (Ids::new(read.clone(), crate::Device::Cpu), Ids::new(write.clone(), crate::Device::Cpu));
+        let walk = GdnSlots { read: &r_ids, write: &w_ids, rows_per_seq: per_seq };
+        let (mut cp, mut sp) = (conv_pool.clone(), state_pool.clone());
+        let conv_out = conv1d_step(&x, &mut cp, &w, walk, Precision::F32);
+        let out = gdn_decode(&conv_out, &bp, &ap, z.clone(), params, &mut sp, walk, Precision::F32);
+        // The same rows one step at a time, each sequence in its own read slot.
+        let (mut cp1, mut sp1) = (conv_pool, state_pool);
+        for (b, &slot) in read.iter().enumerate() {
+            let one = Ids::new(vec![slot], crate::Device::Cpu);
+            for r in b * per_seq..(b + 1) * per_seq {
+                let row = |x: &Tensor| rows_of(x, r);
+                let y = conv1d_step(&row(&x), &mut cp1, &w, GdnSlots::in_place(&one), Precision::F32);
+                assert_eq!(y.to_vec(), row(&conv_out).to_vec(), "conv row {r}");
+                let o = gdn_decode(
+                    &y,
+                    &row(&bp),
+                    &row(&ap),
+                    row(&z),
+                    params,
+                    &mut sp1,
+                    GdnSlots::in_place(&one),
+                    Precision::F32,
+                );
+                assert_eq!(o.to_vec(), row(&out).to_vec(), "output row {r}");
+                let o_slot = write[r] as usize;
+                let (cs, ss) = ((k - 1) * c, 4 * 8 * 6);
+                assert_eq!(
+                    cp.as_slice()[o_slot * cs..(o_slot + 1) * cs],
+                    cp1.as_slice()[slot as usize * cs..(slot as usize + 1) * cs]
+                );
+                assert_eq!(
+                    sp.as_slice()[o_slot * ss..(o_slot + 1) * ss],
+                    sp1.as_slice()[slot as usize * ss..(slot as usize + 1) * ss]
+                );
+            }
+        }
+    }
+
+    fn rows_of(x: &Tensor, r: usize) -> Tensor {
+        rows(x, r, r + 1)
     }
 }

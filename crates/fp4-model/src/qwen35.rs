@@ -199,7 +199,7 @@ impl GatedDeltaNet {
                 // 2–5 for a decode batch: the conv step, then gates, delta rule and gated norm as
                 // one fused op, the state in the pools at each sequence's slot.
                 let LayerPool::Gdn { conv, state } = pool else { unreachable!("GDN layer with an attention pool") };
-                let conv_out = ops::conv1d_step(&mixed, conv, &self.conv, index.slots, p);
+                let conv_out = ops::conv1d_step(&mixed, conv, &self.conv, index.gdn_slots(), p);
                 let w = ops::GdnStepParams {
                     a_log: &self.a_log,
                     dt_bias: &self.dt_bias,
@@ -207,7 +207,7 @@ impl GatedDeltaNet {
                     eps: m.eps,
                     dims: d,
                 };
-                ops::gdn_decode(&conv_out, &b, &a, z, w, state, index.slots, p)
+                ops::gdn_decode(&conv_out, &b, &a, z, w, state, index.gdn_slots(), p)
             }
         };
         // 6. out_proj.

@@ -287,6 +287,8 @@ impl DecodeRunner {
         let index = BatchIndex {
             pos: &b.pos,
             slots: &b.slots,
+            slots_out: &b.slots,
+            rows_per_seq: 1,
             table: &b.table,
             max_blocks: self.max_blocks,
             block_size: self.cfg.block_size,
@@ -302,7 +304,7 @@ impl DecodeRunner {
         if graph.is_none() {
             let pools = &mut self.pools;
             let captured = g.capture(|| {
-                let index = BatchIndex { pos, slots, table, max_blocks, block_size };
+                let index = BatchIndex { pos, slots, slots_out: slots, rows_per_seq: 1, table, max_blocks, block_size };
                 let logits = model.decode(ids, index, pools);
                 ops::argmax_rows(&logits, out);
                 Ok(())

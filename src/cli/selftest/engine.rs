@@ -61,8 +61,10 @@ pub(super) fn decode_op_checks(rep: &mut Report, rng: &mut Normal) {
         let (kn, vn, q) = (rng.tensor(&[b, hkv, d], 1.0), rng.tensor(&[b, hkv, d], 1.0), rng.tensor(&[b, hq, d], 1.0));
         let (tc, tg) = ids_both(table);
         let (pc, pg) = ids_both(lens.iter().map(|l| *l as u32 - 1).collect());
-        let ix_c = BatchIndex { pos: &pc, slots: &pc, table: &tc, max_blocks, block_size };
-        let ix_g = BatchIndex { pos: &pg, slots: &pg, table: &tg, max_blocks, block_size };
+        let ix_c =
+            BatchIndex { pos: &pc, slots: &pc, slots_out: &pc, rows_per_seq: 1, table: &tc, max_blocks, block_size };
+        let ix_g =
+            BatchIndex { pos: &pg, slots: &pg, slots_out: &pg, rows_per_seq: 1, table: &tg, max_blocks, block_size };
         let (mut kpc, mut vpc, mut kpg, mut vpg) = (kp.clone(), vp.clone(), gpu_t(&kp), gpu_t(&vp));
         ops::kv_write(&kn, &vn, &mut kpc, &mut vpc, ix_c);
         ops::kv_write(&gpu_t(&kn), &gpu_t(&vn), &mut kpg, &mut vpg, ix_g);
@@ -81,39 +83,60 @@ pub(super) fn decode_op_checks(rep: &mut Report, rng: &mut Normal) {
         );
     }
 
-    // Conv step on slots 3, 0, 5, 1 of 6.
-    let (c, k, slots) = (96, 4, vec![3u32, 0, 5, 1]);
-    let x = rng.tensor(&[slots.len(), c], 1.0);
-    let w = rng.tensor(&[c, k], 0.5);
-    let pool = rng.tensor(&[6 * (k - 1), c], 1.0);
-    let (sc, sg) = ids_both(slots.clone());
-    let (mut pc, mut pg) = (pool.clone(), gpu_t(&pool));
-    let want = ops::conv1d_step(&x, &mut pc, &w, &sc, F32);
-    let got = ops::conv1d_step(&gpu_t(&x), &mut pg, &gpu_t(&w), &sg, F32);
-    rep.check("conv1d_step 4 seqs on slots of 6, C 96 K 4", rel_err(&got, &want).max(rel_err(&pg, &pc)), 1e-6);
-
-    // Delta-rule step on slots: the 9B's heads and a grouped small geometry.
-    for d in [
-        GdnDims { key_heads: 16, value_heads: 32, key_dim: 128, value_dim: 128 },
-        GdnDims { key_heads: 2, value_heads: 6, key_dim: 16, value_dim: 40 },
-    ] {
-        let b = slots.len();
-        let q = rng.tensor(&[b, d.key_heads * d.key_dim], 1.0);
-        let kk = rng.tensor(&[b, d.key_heads * d.key_dim], 1.0);
-        let v = rng.tensor(&[b, d.value_heads * d.value_dim], 1.0);
-        let g =
-            Tensor::from_vec(rng.vec(b * d.value_heads, 0.5).iter().map(|x| -x.abs()).collect(), &[b, d.value_heads]);
-        let beta = Tensor::from_vec(
-            rng.vec(b * d.value_heads, 1.0).iter().map(|x| cpu::sigmoid(*x)).collect(),
-            &[b, d.value_heads],
+    for (what, read, write, per_seq) in slot_walks() {
+        let (rc, rg) = ids_both(read);
+        let (wc, wg) = ids_both(write);
+        let (slots_c, slots_g) = (
+            ops::GdnSlots { read: &rc, write: &wc, rows_per_seq: per_seq },
+            ops::GdnSlots { read: &rg, write: &wg, rows_per_seq: per_seq },
         );
-        let pool = rng.tensor(&[6 * d.value_heads, d.key_dim, d.value_dim], 0.3);
+        let rows = wc.len();
+        // Conv steps.
+        let (c, k) = (96, 4);
+        let x = rng.tensor(&[rows, c], 1.0);
+        let w = rng.tensor(&[c, k], 0.5);
+        let pool = rng.tensor(&[6 * (k - 1), c], 1.0);
         let (mut pc, mut pg) = (pool.clone(), gpu_t(&pool));
-        let want = ops::gdn_step(&q, &kk, &v, &g, &beta, &mut pc, &sc, d);
-        let got = ops::gdn_step(&gpu_t(&q), &gpu_t(&kk), &gpu_t(&v), &gpu_t(&g), &gpu_t(&beta), &mut pg, &sg, d);
-        let what = format!("gdn_step 4 seqs on slots, {}x{}/{}x{}", d.key_heads, d.key_dim, d.value_heads, d.value_dim);
-        rep.check(&what, rel_err(&got, &want).max(rel_err(&pg, &pc)), 1e-4);
+        let want = ops::conv1d_step(&x, &mut pc, &w, slots_c, F32);
+        let got = ops::conv1d_step(&gpu_t(&x), &mut pg, &gpu_t(&w), slots_g, F32);
+        rep.check(&format!("conv1d_step {what}, C 96 K 4"), rel_err(&got, &want).max(rel_err(&pg, &pc)), 1e-6);
+
+        // Delta-rule steps: the 9B's heads and a grouped small geometry.
+        for d in [
+            GdnDims { key_heads: 16, value_heads: 32, key_dim: 128, value_dim: 128 },
+            GdnDims { key_heads: 2, value_heads: 6, key_dim: 16, value_dim: 40 },
+        ] {
+            let q = rng.tensor(&[rows, d.key_heads * d.key_dim], 1.0);
+            let kk = rng.tensor(&[rows, d.key_heads * d.key_dim], 1.0);
+            let v = rng.tensor(&[rows, d.value_heads * d.value_dim], 1.0);
+            let g = Tensor::from_vec(
+                rng.vec(rows * d.value_heads, 0.5).iter().map(|x| -x.abs()).collect(),
+                &[rows, d.value_heads],
+            );
+            let beta = Tensor::from_vec(
+                rng.vec(rows * d.value_heads, 1.0).iter().map(|x| cpu::sigmoid(*x)).collect(),
+                &[rows, d.value_heads],
+            );
+            let pool = rng.tensor(&[6 * d.value_heads, d.key_dim, d.value_dim], 0.3);
+            let (mut pc, mut pg) = (pool.clone(), gpu_t(&pool));
+            let want = ops::gdn_step(&q, &kk, &v, &g, &beta, &mut pc, slots_c, d);
+            let got =
+                ops::gdn_step(&gpu_t(&q), &gpu_t(&kk), &gpu_t(&v), &gpu_t(&g), &gpu_t(&beta), &mut pg, slots_g, d);
+            let what = format!("gdn_step {what}, {}x{}/{}x{}", d.key_heads, d.key_dim, d.value_heads, d.value_dim);
+            rep.check(&what, rel_err(&got, &want).max(rel_err(&pg, &pc)), 1e-4);
+        }
     }
+}
+
+/// The GDN slot walks the decode-batch checks run, on a pool of 6 slots: (label, read slots,
+/// write slots, rows per sequence). Plain decode updates slots 3, 0, 5, 1 in place; a speculative
+/// verify of 2 sequences × 3 rows keeps the state after each row (each sequence's first row in
+/// place, the others in slots no other sequence reads).
+pub(super) fn slot_walks() -> [(&'static str, Vec<u32>, Vec<u32>, usize); 2] {
+    [
+        ("4 seqs in place on slots of 6", vec![3, 0, 5, 1], vec![3, 0, 5, 1], 1),
+        ("2 seqs x 3 rows, a slot per row", vec![3, 0], vec![3, 1, 4, 0, 2, 5], 3),
+    ]
 }
 
 /// Prompts of different lengths (1..50 tokens) for `n` sequences.

@@ -2,7 +2,7 @@
 //! composition of the ops it replaces, and the GEMV inputs its producers write against the
 //! standalone conversion, byte for byte.
 
-use super::engine::ids_both;
+use super::engine::{ids_both, slot_walks};
 use super::gpu::{gpu_t, random_nvfp4, rel_err, Normal, Report, F32};
 use fp4_kernels::cuda::Gpu;
 use fp4_kernels::ops::{self, BatchIndex, GdnDims};
@@ -71,16 +71,20 @@ pub(super) fn fused_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) {
         );
     }
 
-    // The fused GDN step on slots 3, 0, 5, 1 of 6 and on slot 4 alone: the 9B's heads (a block
-    // per 32 state columns, the gated norm writing out_proj's GEMV input) and a grouped small
-    // geometry (a block per head).
-    for slots in [vec![3u32, 0, 5, 1], vec![4]] {
-        let (sc, sg) = ids_both(slots.clone());
+    // The fused GDN step on the slot walks of the plain checks and on slot 4 alone: the 9B's
+    // heads (a block per 32 state columns, the gated norm writing out_proj's GEMV input) and a
+    // grouped small geometry (a block per head).
+    let walks = slot_walks().into_iter().chain([("1 seq in place", vec![4], vec![4], 1)]);
+    for (walk, read, write, per_seq) in walks {
+        let (rc, rg) = ids_both(read);
+        let (wc, wg) = ids_both(write);
+        let slots_c = ops::GdnSlots { read: &rc, write: &wc, rows_per_seq: per_seq };
+        let slots_g = ops::GdnSlots { read: &rg, write: &wg, rows_per_seq: per_seq };
         for d in [
             GdnDims { key_heads: 16, value_heads: 32, key_dim: 128, value_dim: 128 },
             GdnDims { key_heads: 2, value_heads: 6, key_dim: 16, value_dim: 40 },
         ] {
-            let b = slots.len();
+            let b = wc.len();
             let width = 2 * d.key_heads * d.key_dim + d.value_heads * d.value_dim;
             let mixed = rng.tensor(&[b, width], 1.0);
             let (bp, ap) = (rng.tensor(&[b, d.value_heads], 2.0), rng.tensor(&[b, d.value_heads], 2.0));
@@ -92,10 +96,10 @@ pub(super) fn fused_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) {
             let (ga, gd, gn) = (gpu_t(&a_log), gpu_t(&dt), gpu_t(&norm));
             let wg = ops::GdnStepParams { a_log: &ga, dt_bias: &gd, norm: &gn, eps: 1e-6, dims: d };
             let (mut pc, mut pg) = (pool.clone(), gpu_t(&pool));
-            let want = ops::gdn_decode(&mixed, &bp, &ap, z.clone(), wc, &mut pc, &sc, F32);
-            let got = ops::gdn_decode(&gpu_t(&mixed), &gpu_t(&bp), &gpu_t(&ap), gpu_t(&z), wg, &mut pg, &sg, F32);
+            let want = ops::gdn_decode(&mixed, &bp, &ap, z.clone(), wc, &mut pc, slots_c, F32);
+            let got = ops::gdn_decode(&gpu_t(&mixed), &gpu_t(&bp), &gpu_t(&ap), gpu_t(&z), wg, &mut pg, slots_g, F32);
             let what =
-                format!("gdn_decode (fused) {b} seqs, {}x{}/{}x{}", d.key_heads, d.key_dim, d.value_heads, d.value_dim);
+                format!("gdn_decode (fused) {walk}, {}x{}/{}x{}", d.key_heads, d.key_dim, d.value_heads, d.value_dim);
             rep.check(&what, rel_err(&got, &want).max(rel_err(&pg, &pc)), 1e-4);
             if d.value_dim == 128 {
                 rep.require(&format!("{what}: GEMV input = f16_rowscaled"), gemv_input_matches(g, &got), json!({}));
@@ -108,8 +112,8 @@ pub(super) fn fused_checks(g: &Gpu, rep: &mut Report, rng: &mut Normal) {
     let table: Vec<u32> = (0..(b * max_blocks) as u32).map(|i| (i * 7) % (b * max_blocks) as u32).collect();
     let (tc, tg) = ids_both(table);
     let (pc, pg) = ids_both(vec![0, 13, 31]);
-    let ix_c = BatchIndex { pos: &pc, slots: &pc, table: &tc, max_blocks, block_size };
-    let ix_g = BatchIndex { pos: &pg, slots: &pg, table: &tg, max_blocks, block_size };
+    let ix_c = BatchIndex { pos: &pc, slots: &pc, slots_out: &pc, rows_per_seq: 1, table: &tc, max_blocks, block_size };
+    let ix_g = BatchIndex { pos: &pg, slots: &pg, slots_out: &pg, rows_per_seq: 1, table: &tg, max_blocks, block_size };
     let inv = Tensor::from_vec(ops::rope_inv_freq(64, 1e7), &[32]);
     let (qg, k, v) = (rng.tensor(&[b, hq, 2 * d], 1.0), rng.tensor(&[b, hkv, d], 1.0), rng.tensor(&[b, hkv, d], 1.0));
     let (qn, kn) = (rng.tensor(&[d], 0.3), rng.tensor(&[d], 0.3));

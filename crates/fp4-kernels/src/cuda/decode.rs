@@ -107,31 +107,43 @@ impl Gpu {
         Ok(out)
     }
 
-    /// One causal-conv step + SiLU per sequence: `x [B, C]` with state `pool [slots, K-1, C]`
-    /// at `slots[b]` (updated).
+    /// Causal-conv steps + SiLU: `x [rows, C]`, the state `pool [slots, K-1, C]` read per
+    /// sequence at `slots.0[b]`, its `slots.2` rows taken in order, the state after row r
+    /// written at `slots.1[r]` (`ops::GdnSlots`).
     pub fn conv1d_step(
         &self,
         x: &DeviceBuf<f32>,
         pool: &mut DeviceBuf<f32>,
         w: &DeviceBuf<f32>,
-        slots: &DeviceBuf<u32>,
+        slots: (&DeviceBuf<u32>, &DeviceBuf<u32>, usize),
         c: usize,
     ) -> Result<DeviceBuf<f32>> {
+        let (read, write, per_seq) = slots;
         let k = w.len() / c;
-        let b = x.len() / c;
-        assert!(k <= MAX_CONV_K && x.len() == b * c && slots.len() >= b, "conv1d_step shapes");
+        let rows = x.len() / c;
+        let seqs = rows / per_seq.max(1);
+        assert!(
+            k <= MAX_CONV_K
+                && x.len() == rows * c
+                && per_seq >= 1
+                && seqs * per_seq == rows
+                && read.len() >= seqs
+                && write.len() >= rows,
+            "conv1d_step shapes"
+        );
         let mut y = self.alloc::<f32>(x.len())?;
         let cfg = LaunchConfig {
-            grid_dim: ((c as u32).div_ceil(ROW_THREADS), b as u32, 1),
+            grid_dim: ((c as u32).div_ceil(ROW_THREADS), seqs as u32, 1),
             block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (ci, ki) = (c as i32, k as i32);
-        launch!(self, conv1d_step, cfg, x, pool, w, slots, &mut y, &ci, &ki);
+        let (ci, ki, ri) = (c as i32, k as i32, per_seq as i32);
+        launch!(self, conv1d_step, cfg, x, pool, w, read, write, &mut y, &ci, &ki, &ri);
         Ok(y)
     }
 
-    /// One delta-rule step per sequence on the state `pool [slots, Hv, dk, dv]` at `slots[b]`.
+    /// Delta-rule steps on the state `pool [slots, Hv, dk, dv]`, walked per sequence as
+    /// [`Gpu::conv1d_step`] walks the conv state.
     #[allow(clippy::too_many_arguments)]
     pub fn gdn_step(
         &self,
@@ -141,23 +153,32 @@ impl Gpu {
         g: &DeviceBuf<f32>,
         beta: &DeviceBuf<f32>,
         pool: &mut DeviceBuf<f32>,
-        slots: &DeviceBuf<u32>,
+        slots: (&DeviceBuf<u32>, &DeviceBuf<u32>, usize),
         dims: crate::cpu::GdnDims,
     ) -> Result<DeviceBuf<f32>> {
         let crate::cpu::GdnDims { key_heads: hk, value_heads: hv, key_dim: dk, value_dim: dv } = dims;
-        let b = g.len() / hv;
+        let (read, write, per_seq) = slots;
+        let rows = g.len() / hv;
+        let seqs = rows / per_seq.max(1);
         assert!(
-            dk <= GDN_STEP_MAX_DK && dk.is_multiple_of(4) && q.len() == b * hk * dk && v.len() == b * hv * dv,
+            dk <= GDN_STEP_MAX_DK
+                && dk.is_multiple_of(4)
+                && q.len() == rows * hk * dk
+                && v.len() == rows * hv * dv
+                && per_seq >= 1
+                && seqs * per_seq == rows
+                && read.len() >= seqs
+                && write.len() >= rows,
             "gdn_step shapes"
         );
-        let mut out = self.alloc::<f32>(b * hv * dv)?;
+        let mut out = self.alloc::<f32>(rows * hv * dv)?;
         let cfg = LaunchConfig {
-            grid_dim: (dv.div_ceil(32) as u32, hv as u32, b as u32),
+            grid_dim: (dv.div_ceil(32) as u32, hv as u32, seqs as u32),
             block_dim: (GDN_STEP_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (hki, hvi, dki, dvi) = (hk as i32, hv as i32, dk as i32, dv as i32);
-        launch!(self, gdn_step, cfg, q, k, v, g, beta, pool, slots, &mut out, &hki, &hvi, &dki, &dvi);
+        let (hki, hvi, dki, dvi, ri) = (hk as i32, hv as i32, dk as i32, dv as i32, per_seq as i32);
+        launch!(self, gdn_step, cfg, q, k, v, g, beta, pool, read, write, &mut out, &hki, &hvi, &dki, &dvi, &ri);
         Ok(out)
     }
 }

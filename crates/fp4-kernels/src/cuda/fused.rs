@@ -128,12 +128,15 @@ impl Gpu {
             && d.value_heads.is_multiple_of(d.key_heads)
     }
 
-    /// The GDN decode step after the conv, fused (`gdn_decode_fused`): gates from `b, a [B, Hv]`,
-    /// l2norm, delta rule on the state pool at `slots`, gated RMSNorm with `z` and `norm_w`.
-    /// `mixed` is the conv output `[B, 2·Hk·dk + Hv·dv]`; returns `[B, Hv·dv]`, and for the 9B's
-    /// heads (128 × 128, up to 32 value heads) also that output as out_proj's GEMV input: there a
-    /// block per 32 state columns (`gdn_decode_cols_k128v128`, four times the blocks of one per
-    /// head, for a batch of one) and the gated norm after it (`rms_norm_gated_f16`).
+    /// GDN decode steps after the conv, fused (`gdn_decode_fused`): gates from `b, a [rows, Hv]`,
+    /// l2norm, delta rule on the state pool walked per sequence as [`Gpu::conv1d_step`] walks
+    /// the conv state (`slots`: read slots, write slots, rows per sequence), gated RMSNorm with
+    /// `z` and `norm_w`. `mixed` is the conv output `[rows, 2·Hk·dk + Hv·dv]`; returns `[rows,
+    /// Hv·dv]`, and for the 9B's heads (128 × 128, up to 32 value heads) also that output as
+    /// out_proj's GEMV input: there a block per 32 state columns (`gdn_decode_cols_k128v128`,
+    /// four times the blocks of one per head, for a batch of one) and the gated norm after it
+    /// (`rms_norm_gated_f16`). Several rows per sequence (a speculative verify) take the
+    /// `_multi` kernels, which walk a sequence's rows with its state held in registers.
     #[allow(clippy::too_many_arguments)]
     pub fn gdn_decode(
         &self,
@@ -146,43 +149,54 @@ impl Gpu {
         norm_w: &DeviceBuf<f32>,
         eps: f32,
         pool: &mut DeviceBuf<f32>,
-        slots: &DeviceBuf<u32>,
+        slots: (&DeviceBuf<u32>, &DeviceBuf<u32>, usize),
         dims: GdnDims,
     ) -> Result<(DeviceBuf<f32>, Option<MmaActivations>)> {
         let GdnDims { key_heads: hk, value_heads: hv, key_dim: dk, value_dim: dv } = dims;
-        let b = b_proj.len() / hv;
+        let (read, write, per_seq) = slots;
+        let rows = b_proj.len() / hv;
+        let seqs = rows / per_seq.max(1);
         assert!(
             self.gdn_decode_applies(dims)
-                && mixed.len() == b * (2 * hk * dk + hv * dv)
-                && a_proj.len() == b * hv
+                && mixed.len() == rows * (2 * hk * dk + hv * dv)
+                && a_proj.len() == rows * hv
                 && a_log.len() == hv
                 && dt_bias.len() == hv
-                && z.len() == b * hv * dv
+                && z.len() == rows * hv * dv
                 && norm_w.len() == dv
-                && slots.len() >= b
+                && per_seq >= 1
+                && seqs * per_seq == rows
+                && read.len() >= seqs
+                && write.len() >= rows
                 && pool.len().is_multiple_of(hv * dk * dv),
             "gdn_decode shapes"
         );
-        let mut out = self.alloc::<f32>(b * hv * dv)?;
+        let multi = per_seq > 1;
+        let mut out = self.alloc::<f32>(rows * hv * dv)?;
         let by_cols =
-            (dk, dv) == (128, 128) && dv == geometry::GATED_F16_D && hv <= 32 && self.gemv_input_applies(b, hv * dv);
+            (dk, dv) == (128, 128) && dv == geometry::GATED_F16_D && hv <= 32 && self.gemv_input_applies(rows, hv * dv);
         let (f, cfg) = if by_cols {
             let cfg = LaunchConfig {
-                grid_dim: (hv as u32, b as u32, (dv / 32) as u32),
+                grid_dim: (hv as u32, seqs as u32, (dv / 32) as u32),
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: 0,
             };
-            (&self.k.gdn_decode_cols_k128v128, cfg)
+            let f = if multi { &self.k.gdn_decode_cols_multi_k128v128 } else { &self.k.gdn_decode_cols_k128v128 };
+            (f, cfg)
         } else {
             let cfg = LaunchConfig {
-                grid_dim: (hv as u32, b as u32, 1),
+                grid_dim: (hv as u32, seqs as u32, 1),
                 block_dim: (GDN_FUSED_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let f = if (dk, dv) == (128, 128) { &self.k.gdn_decode_fused_k128v128 } else { &self.k.gdn_decode_fused };
+            let f = match (multi, (dk, dv) == (128, 128)) {
+                (true, _) => &self.k.gdn_decode_fused_multi,
+                (false, true) => &self.k.gdn_decode_fused_k128v128,
+                (false, false) => &self.k.gdn_decode_fused,
+            };
             (f, cfg)
         };
-        let (hki, hvi, dki, dvi) = (hk as i32, hv as i32, dk as i32, dv as i32);
+        let (hki, hvi, dki, dvi, ri) = (hk as i32, hv as i32, dk as i32, dv as i32, per_seq as i32);
         launch!(
             self,
             fn f,
@@ -195,20 +209,23 @@ impl Gpu {
             z,
             norm_w,
             pool,
-            slots,
+            read,
+            write,
             &mut out,
             &hki,
             &hvi,
             &dki,
             &dvi,
-            &eps
+            &eps,
+            &ri
         );
         if !by_cols {
             return Ok((out, None));
         }
         // out holds the raw outputs: the gated norm, one block of 32 · Hv threads per token.
-        let (mut y, mut act) = (self.alloc::<f32>(b * hv * dv)?, self.gemv_input_buffers(b, hv * dv)?);
-        let cfg = LaunchConfig { grid_dim: (b as u32, 1, 1), block_dim: (32 * hv as u32, 1, 1), shared_mem_bytes: 0 };
+        let (mut y, mut act) = (self.alloc::<f32>(rows * hv * dv)?, self.gemv_input_buffers(rows, hv * dv)?);
+        let cfg =
+            LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (32 * hv as u32, 1, 1), shared_mem_bytes: 0 };
         launch!(self, rms_norm_gated_f16, cfg, &out, z, norm_w, &mut y, &mut act.xh, &mut act.inv, &eps);
         Ok((y, Some(act)))
     }

@@ -5,10 +5,10 @@
 use super::{check, gdn_gates, gdn_step, kv_write, rms_norm, rms_norm_gated, rope_at, split_last};
 #[cfg(feature = "cuda")]
 use super::{gpu, ok, with_gemv_input};
-use super::{BatchIndex, GdnDims};
+use super::{BatchIndex, GdnDims, GdnSlots};
 #[cfg(feature = "cuda")]
 use crate::Storage;
-use crate::{Ids, Precision, Tensor};
+use crate::{Precision, Tensor};
 
 /// The per-layer parameters of a GDN decode step besides the state.
 #[derive(Clone, Copy)]
@@ -21,9 +21,9 @@ pub struct GdnStepParams<'a> {
     pub dims: GdnDims,
 }
 
-/// A GDN decode step after the conv, for one token per sequence: `mixed [B, 2·Hk·dk + Hv·dv]`
-/// (the conv output: q | k | v), the gate projections `b, a [B, Hv]` and `z [B, Hv·dv]`; state
-/// `pool [slots·Hv, dk, dv]` at `slots[b]` (updated). Returns the gated-normed output `[B, Hv·dv]`
+/// GDN decode steps after the conv: `mixed [rows, 2·Hk·dk + Hv·dv]` (the conv output: q | k | v),
+/// the gate projections `b, a [rows, Hv]` and `z [rows, Hv·dv]`; state `pool [slots·Hv, dk, dv]`
+/// walked per sequence by `slots` ([`GdnSlots`]). Returns the gated-normed output `[rows, Hv·dv]`
 /// (out_proj's input): [`gdn_gates`], [`gdn_step`] and [`rms_norm_gated`] in a row.
 #[allow(clippy::too_many_arguments)]
 pub fn gdn_decode(
@@ -33,7 +33,7 @@ pub fn gdn_decode(
     z: Tensor,
     w: GdnStepParams,
     pool: &mut Tensor,
-    slots: &Ids,
+    slots: GdnSlots,
     p: Precision,
 ) -> Tensor {
     let d = w.dims;
@@ -55,7 +55,7 @@ pub fn gdn_decode(
                 w.norm.cuda(),
                 w.eps,
                 pool.cuda_mut(),
-                slots.cuda(),
+                (slots.read.cuda(), slots.write.cuda(), slots.rows_per_seq),
                 d,
             );
             let (o, act) = ok(o, "gdn_decode");
