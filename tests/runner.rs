@@ -4,10 +4,11 @@
 //! accounting holds.
 
 use fp4_format::Checkpoint;
+use fp4_kernels::{ops, Device, Ids};
 use fp4_model::runner::RunnerError;
 use fp4_model::{
-    generate, DecodeRunner, GenerateOptions, LoadOptions, Logits, Precision, Qwen35, RunnerConfig, Sampler,
-    SamplingParams, SeqState,
+    generate, generate_speculative, DecodeRunner, Drafter, GenerateOptions, LoadOptions, Logits, Mtp, MtpDrafter,
+    Precision, Qwen35, RunnerConfig, Sampler, SamplingParams, SeqState, Synthetic, SyntheticFormat, Tensor,
 };
 use std::path::Path;
 
@@ -42,7 +43,14 @@ fn batched_decode_equals_each_sequence_alone() {
         let want: Vec<Vec<u32>> =
             all.iter().map(|p| generate(&model, p, &opts, &mut sampler, |_| {}).unwrap()).collect();
         // Block size 4: every sequence crosses several blocks while decoding.
-        let cfg = RunnerConfig { max_seqs: 9, max_model_len: 64, kv_blocks: 9 * 16, block_size: 4, graphs: false };
+        let cfg = RunnerConfig {
+            max_seqs: 9,
+            max_model_len: 64,
+            kv_blocks: 9 * 16,
+            block_size: 4,
+            graphs: false,
+            spec_tokens: 0,
+        };
         let mut runner = DecodeRunner::new(&model, cfg);
         let (mut seqs, mut out): (Vec<SeqState>, Vec<Vec<u32>>) = all
             .iter()
@@ -75,7 +83,8 @@ fn batched_decode_equals_each_sequence_alone() {
 #[test]
 fn runner_refuses_what_does_not_fit() {
     let model = model("tiny-text");
-    let cfg = RunnerConfig { max_seqs: 2, max_model_len: 12, kv_blocks: 3, block_size: 4, graphs: false };
+    let cfg =
+        RunnerConfig { max_seqs: 2, max_model_len: 12, kv_blocks: 3, block_size: 4, graphs: false, spec_tokens: 0 };
     let mut runner = DecodeRunner::new(&model, cfg);
     let (mut a, t) = prefill(&model, &mut runner, &[1, 2, 3, 4, 5, 6, 7]);
     // 7 tokens + the next one need 2 blocks; a second 7-token sequence needs 2 more of the 1 left.
@@ -96,6 +105,184 @@ fn runner_refuses_what_does_not_fit() {
     }
     assert_eq!(err, Some(RunnerError::ContextFull(12)));
     assert_eq!(a.len, 12);
-    let too_many = RunnerConfig::from_budget(&model.config, 4, 64, 16, 10, false);
+    let too_many = RunnerConfig::from_budget(&model.config, 4, 64, 16, 10, false, 0);
     assert!(matches!(too_many, Err(RunnerError::BudgetTooSmall { .. })));
+}
+
+/// The tiny synthetic model with an MTP head (random weights, f32).
+fn tiny_with_head() -> (Qwen35, Mtp) {
+    let src = Synthetic::named("tiny", SyntheticFormat::Bf16, 11).unwrap().with_mtp();
+    let o = LoadOptions::new(Precision::F32);
+    (Qwen35::load(&src, o).unwrap(), Mtp::load(&src, o).unwrap().expect("an MTP head"))
+}
+
+/// Prefills `prompt` and hands it to a speculative runner: the main model's hidden states
+/// feed the MTP head over every position (the last one reads the first output token).
+fn prefill_speculative(model: &Qwen35, mtp: &Mtp, runner: &mut DecodeRunner, prompt: &[u32]) -> (SeqState, u32) {
+    let mut cache = model.new_cache();
+    let h = model.forward_normed(prompt, &mut cache, Logits::All).unwrap();
+    let last = ops::rows(&h, h.rows() - 1, h.rows());
+    let first = Sampler::new(SamplingParams::default()).unwrap().sample_tensor(&model.head(&last));
+    let next: Vec<u32> = prompt[1..].iter().copied().chain([first]).collect();
+    let mut head_cache = mtp.new_cache();
+    let g = mtp.forward(model, &next, &h, &mut head_cache).unwrap();
+    let g_last = ops::rows(&g, g.rows() - 1, g.rows());
+    (runner.admit_speculative(&cache, &head_cache, g_last).unwrap(), first)
+}
+
+/// One speculative step of `seqs` with greedy acceptance; `drafts` replaces the head's guesses
+/// when given. Returns the head's guesses and each sequence's new tokens.
+fn speculative_step(
+    model: &Qwen35,
+    mtp: &Mtp,
+    runner: &mut DecodeRunner,
+    seqs: &mut [SeqState],
+    inputs: &[u32],
+    drafts: Option<Vec<Vec<u32>>>,
+) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    let k = runner.config().spec_tokens;
+    let mut refs: Vec<&mut SeqState> = seqs.iter_mut().collect();
+    let guessed = runner.draft(model, mtp, &mut refs).unwrap();
+    let drafts = drafts.unwrap_or_else(|| guessed.clone());
+    let hidden = runner.verify(model, &mut refs, inputs, &drafts).unwrap();
+    let mut best = Ids::new(vec![0; hidden.rows()], Device::Cpu);
+    ops::argmax_rows(&model.head(&hidden), &mut best);
+    let best = best.to_vec();
+    let (mut kept, mut next, mut emitted) = (vec![], vec![], vec![]);
+    for (b, d) in drafts.iter().enumerate() {
+        let row = &best[b * (k + 1)..(b + 1) * (k + 1)];
+        let m = d.iter().zip(row).take_while(|(d, t)| d == t).count();
+        kept.push(m);
+        next.push(row[m]);
+        emitted.push(d[..m].iter().copied().chain([row[m]]).collect());
+    }
+    runner.accept(model, mtp, &mut refs, &drafts, &hidden, &kept, &next).unwrap();
+    (guessed, emitted)
+}
+
+/// Speculative steps with drafts that are right, partly right and wrong give exactly the plain
+/// greedy tokens: a verify keeps the GDN state after each draft and the kept one continues.
+#[test]
+fn speculative_steps_keep_exactly_the_plain_greedy_tokens() {
+    let (model, mtp) = tiny_with_head();
+    let (steps, k) = (14, 3);
+    let all = prompts(3, model.config.vocab_size as u64);
+    let opts = GenerateOptions { max_tokens: steps + 2 * (k + 1), stop_ids: vec![] };
+    let mut sampler = Sampler::new(SamplingParams::default()).unwrap();
+    let want: Vec<Vec<u32>> = all.iter().map(|p| generate(&model, p, &opts, &mut sampler, |_| {}).unwrap()).collect();
+    let cfg = RunnerConfig {
+        max_seqs: 3,
+        max_model_len: 96,
+        kv_blocks: 3 * 24,
+        block_size: 4,
+        graphs: false,
+        spec_tokens: k,
+    };
+    let mut runner = DecodeRunner::new(&model, cfg);
+    let (mut seqs, mut out): (Vec<SeqState>, Vec<Vec<u32>>) = all
+        .iter()
+        .map(|p| {
+            let (s, first) = prefill_speculative(&model, &mtp, &mut runner, p);
+            (s, vec![first])
+        })
+        .unzip();
+    let mut kept_any = [false; 4];
+    for step in 0..steps {
+        // Sequence b's drafts are the true continuation, wrong from index (step + b) % 4 on
+        // (4: all right).
+        let drafts: Vec<Vec<u32>> = out
+            .iter()
+            .enumerate()
+            .map(|(b, o)| {
+                let wrong_from = (step + b) % (k + 1);
+                (0..k).map(|i| want[b][o.len() + i] ^ u32::from(i >= wrong_from)).collect()
+            })
+            .collect();
+        let inputs: Vec<u32> = out.iter().map(|o| *o.last().unwrap()).collect();
+        let (_, emitted) = speculative_step(&model, &mtp, &mut runner, &mut seqs, &inputs, Some(drafts));
+        for (b, e) in emitted.into_iter().enumerate() {
+            kept_any[(e.len() - 1).min(k)] = true;
+            out[b].extend(e);
+        }
+        if out.iter().any(|o| o.len() + k + 1 > want[0].len()) {
+            break;
+        }
+    }
+    for (b, o) in out.iter().enumerate() {
+        assert_eq!(o[..], want[b][..o.len()], "sequence {b}");
+        assert_eq!(seqs[b].len, all[b].len() + o.len() - 1, "cached tokens of sequence {b}");
+    }
+    assert_eq!(kept_any, [true; 4], "every count of kept drafts, 0 to {k}, was exercised");
+    for s in seqs {
+        runner.release(s);
+    }
+    assert_eq!((runner.free_blocks(), runner.free_slots()), (3 * 24, 3 * (k + 1)), "every block and slot comes back");
+}
+
+/// The batched MTP drafts are the single-sequence drafter's, step for step, and greedy output is
+/// the plain one, several sequences drafting together.
+#[test]
+fn batched_mtp_drafts_equal_the_sequence_drafter() {
+    let (model, mtp) = tiny_with_head();
+    let (max_tokens, k) = (12, 2);
+    let all = prompts(3, model.config.vocab_size as u64);
+    // The reference: each sequence alone, its drafts recorded.
+    struct Recording<'a> {
+        inner: MtpDrafter<'a>,
+        log: Vec<Vec<u32>>,
+    }
+    impl Drafter for Recording<'_> {
+        fn observe(&mut self, model: &Qwen35, next_ids: &[u32], hidden: &Tensor) -> fp4_model::Result<()> {
+            self.inner.observe(model, next_ids, hidden)
+        }
+        fn draft(&mut self, model: &Qwen35, k: usize) -> fp4_model::Result<Vec<u32>> {
+            let d = self.inner.draft(model, k)?;
+            self.log.push(d.clone());
+            Ok(d)
+        }
+        fn rollback(&mut self, len: usize) {
+            self.inner.rollback(len)
+        }
+    }
+    let opts = GenerateOptions { max_tokens, stop_ids: vec![] };
+    let reference: Vec<(Vec<u32>, Vec<Vec<u32>>)> = all
+        .iter()
+        .map(|p| {
+            let mut rec = Recording { inner: MtpDrafter::new(&mtp).unwrap(), log: vec![] };
+            let (out, _) =
+                generate_speculative(&model, &mut rec, p, &opts, k, SamplingParams::default(), |_| {}).unwrap();
+            (out, rec.log)
+        })
+        .collect();
+    let cfg = RunnerConfig {
+        max_seqs: 3,
+        max_model_len: 64,
+        kv_blocks: 3 * 16,
+        block_size: 4,
+        graphs: false,
+        spec_tokens: k,
+    };
+    let mut runner = DecodeRunner::new(&model, cfg);
+    let (mut seqs, mut out): (Vec<SeqState>, Vec<Vec<u32>>) = all
+        .iter()
+        .map(|p| {
+            let (s, first) = prefill_speculative(&model, &mtp, &mut runner, p);
+            (s, vec![first])
+        })
+        .unzip();
+    let mut guesses = vec![vec![]; all.len()];
+    while out.iter().any(|o| o.len() < max_tokens) {
+        let inputs: Vec<u32> = out.iter().map(|o| *o.last().unwrap()).collect();
+        let (guessed, emitted) = speculative_step(&model, &mtp, &mut runner, &mut seqs, &inputs, None);
+        for b in 0..all.len() {
+            if out[b].len() < max_tokens {
+                guesses[b].push(guessed[b].clone());
+                out[b].extend(&emitted[b]);
+            }
+        }
+    }
+    for (b, (want_out, want_drafts)) in reference.iter().enumerate() {
+        assert_eq!(out[b][..max_tokens], want_out[..], "sequence {b}'s tokens");
+        assert_eq!(guesses[b], *want_drafts, "sequence {b}'s drafts");
+    }
 }

@@ -57,22 +57,28 @@ pub enum LayerPool {
 #[derive(Debug)]
 pub struct Pools {
     pub layers: Vec<LayerPool>,
+    /// The MTP head's layer (full attention) when the runner speculates: its KV in blocks of the
+    /// same ids as the model's, so one block table serves both.
+    pub mtp: Option<LayerPool>,
     pub slots: usize,
     pub blocks: usize,
     pub block_size: usize,
 }
 
 impl Pools {
-    pub fn new(cfg: &TextConfig, slots: usize, blocks: usize, block_size: usize, device: Device) -> Pools {
+    /// Pools of `slots` GDN state slots and `blocks` KV blocks; with `mtp`, KV blocks for the MTP
+    /// head's layer too.
+    pub fn new(cfg: &TextConfig, slots: usize, blocks: usize, block_size: usize, mtp: bool, device: Device) -> Pools {
         let kv_row = [cfg.num_key_value_heads, cfg.head_dim];
+        let kv_pool = || {
+            let shape = [blocks * block_size, kv_row[0], kv_row[1]];
+            LayerPool::Attention { k: Tensor::zeros_on(&shape, device), v: Tensor::zeros_on(&shape, device) }
+        };
         let layers = cfg
             .layer_types
             .iter()
             .map(|t| match t {
-                LayerType::FullAttention => {
-                    let shape = [blocks * block_size, kv_row[0], kv_row[1]];
-                    LayerPool::Attention { k: Tensor::zeros_on(&shape, device), v: Tensor::zeros_on(&shape, device) }
-                }
+                LayerType::FullAttention => kv_pool(),
                 LayerType::LinearAttention => LayerPool::Gdn {
                     conv: Tensor::zeros_on(&[slots * (cfg.linear_conv_kernel_dim - 1), cfg.linear_conv_dim()], device),
                     state: Tensor::zeros_on(
@@ -82,7 +88,7 @@ impl Pools {
                 },
             })
             .collect();
-        Pools { layers, slots, blocks, block_size }
+        Pools { layers, mtp: mtp.then(kv_pool), slots, blocks, block_size }
     }
 
     /// Bytes of one GDN state slot (every GDN layer's conv inputs and recurrent state, f32).
@@ -92,9 +98,11 @@ impl Pools {
         cfg.num_layers_of(LayerType::LinearAttention) * per_layer * 4
     }
 
-    /// Bytes of one KV block of `block_size` tokens over every attention layer (f32 K and V).
-    pub fn block_bytes(cfg: &TextConfig, block_size: usize) -> usize {
-        cfg.num_layers_of(LayerType::FullAttention) * 2 * block_size * cfg.num_key_value_heads * cfg.head_dim * 4
+    /// Bytes of one KV block of `block_size` tokens over every attention layer (f32 K and V), the
+    /// MTP head's with `mtp`.
+    pub fn block_bytes(cfg: &TextConfig, block_size: usize, mtp: bool) -> usize {
+        let layers = cfg.num_layers_of(LayerType::FullAttention) + usize::from(mtp);
+        layers * 2 * block_size * cfg.num_key_value_heads * cfg.head_dim * 4
     }
 
     /// Moves a prefilled sequence's cache into `slot` and the KV blocks `blocks` (in order; enough
@@ -108,19 +116,38 @@ impl Pools {
                     fp4_kernels::ops::write_rows(state, slot * s.rows(), s);
                 }
                 (LayerPool::Attention { k, v }, LayerCache::Attention { k: Some(kc), v: Some(vc) }) => {
-                    let bs = self.block_size;
-                    for (i, &b) in blocks.iter().enumerate() {
-                        let (r0, r1) = (i * bs, ((i + 1) * bs).min(kc.rows()));
-                        if r0 >= r1 {
-                            break;
-                        }
-                        fp4_kernels::ops::write_rows(k, b as usize * bs, &fp4_kernels::ops::rows(kc, r0, r1));
-                        fp4_kernels::ops::write_rows(v, b as usize * bs, &fp4_kernels::ops::rows(vc, r0, r1));
-                    }
+                    store_kv((k, v), (kc, vc), blocks, self.block_size)
                 }
                 (LayerPool::Attention { .. }, LayerCache::Attention { .. }) => {}
                 _ => unreachable!("pool and cache layer kinds come from the same config"),
             }
         }
+    }
+
+    /// Moves the MTP head's prefilled KV (`LayerCache::Attention`, rows from position 0) into
+    /// `blocks` (the sequence's, in order).
+    pub fn store_mtp(&mut self, layer: &LayerCache, blocks: &[u32]) {
+        let bs = self.block_size;
+        match (&mut self.mtp, layer) {
+            (Some(LayerPool::Attention { k, v }), LayerCache::Attention { k: Some(kc), v: Some(vc) }) => {
+                assert!(blocks.len() * bs >= kc.rows(), "Pools::store_mtp shapes");
+                store_kv((k, v), (kc, vc), blocks, bs)
+            }
+            (Some(_), LayerCache::Attention { .. }) => {}
+            _ => unreachable!("MTP state for pools without an MTP layer"),
+        }
+    }
+}
+
+/// KV rows `kv` (from position 0) into the paged pools at `blocks`.
+fn store_kv(pools: (&mut Tensor, &mut Tensor), kv: (&Tensor, &Tensor), blocks: &[u32], bs: usize) {
+    let ((k, v), (kc, vc)) = (pools, kv);
+    for (i, &b) in blocks.iter().enumerate() {
+        let (r0, r1) = (i * bs, ((i + 1) * bs).min(kc.rows()));
+        if r0 >= r1 {
+            break;
+        }
+        fp4_kernels::ops::write_rows(k, b as usize * bs, &fp4_kernels::ops::rows(kc, r0, r1));
+        fp4_kernels::ops::write_rows(v, b as usize * bs, &fp4_kernels::ops::rows(vc, r0, r1));
     }
 }

@@ -9,14 +9,14 @@
 //! the output is what the main model alone gives (greedy: the same tokens; sampled: the same
 //! distribution) whatever the head guesses.
 
-use crate::cache::{Cache, LayerCache};
+use crate::cache::{Cache, LayerCache, LayerPool};
 use crate::linear::{Linear, LoadOptions, WeightSource};
 use crate::qwen35::{DecoderLayer, Logits, MixerState, Qwen35};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::{GenerateOptions, ModelError, Result};
 use fp4_format::LayerType;
-use fp4_kernels::ops::{self, GdnAlgo};
-use fp4_kernels::Tensor;
+use fp4_kernels::ops::{self, BatchIndex, GdnAlgo};
+use fp4_kernels::{Ids, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -30,10 +30,18 @@ pub struct Mtp {
 }
 
 /// The head's own state for one sequence: its layer's KV cache, one row per position.
+#[derive(Debug, Clone)]
 pub struct MtpCache {
     layer: LayerCache,
     /// Positions the cache holds.
     pub seq_len: usize,
+}
+
+impl MtpCache {
+    /// The head layer's KV rows (what the batch runner moves into its pools).
+    pub fn layer(&self) -> &LayerCache {
+        &self.layer
+    }
 }
 
 impl Mtp {
@@ -74,14 +82,37 @@ impl Mtp {
             return Err(ModelError::TokenOutOfRange { id, pos: cache.seq_len + i, vocab });
         }
         let ctx = model.layer_ctx();
-        let (p, eps) = (ctx.precision, ctx.eps);
-        let e = ops::rms_norm(&ops::embedding(model.embeddings(), next_ids), &self.pre_fc_norm_embedding, eps, 1.0, p);
-        let h = ops::rms_norm(hidden, &self.pre_fc_norm_hidden, eps, 1.0, p);
-        let x = self.fc.forward(&ops::cat_cols(&e, &h), p);
+        let x = self.fc_input(model, &ops::embedding(model.embeddings(), next_ids), hidden);
         let state = MixerState::Sequence { cache: &mut cache.layer, pos0: cache.seq_len, algo: GdnAlgo::Recurrent };
         let x = self.layer.forward(&x, state, ctx);
         cache.seq_len += next_ids.len();
-        Ok(ops::rms_norm(&x, &self.norm, eps, 1.0, p))
+        Ok(ops::rms_norm(&x, &self.norm, ctx.eps, 1.0, ctx.precision))
+    }
+
+    /// [`Mtp::forward`] over the rows of a decode batch: row r's next token `next_ids[r]` (within
+    /// the vocabulary: the runner feeds drafted and verified ids), its hidden row, its position and
+    /// KV blocks at `index` in `pool` (the head's layer; no GDN state).
+    pub fn decode(
+        &self,
+        model: &Qwen35,
+        next_ids: &Ids,
+        hidden: &Tensor,
+        index: BatchIndex,
+        pool: &mut LayerPool,
+    ) -> Tensor {
+        let ctx = model.layer_ctx();
+        let x = self.fc_input(model, &ops::embedding_ids(model.embeddings(), next_ids), hidden);
+        let x = self.layer.forward(&x, MixerState::Batch { pool, index }, ctx);
+        ops::rms_norm(&x, &self.norm, ctx.eps, 1.0, ctx.precision)
+    }
+
+    /// `fc([pre_fc_norm_embedding(embedded) | pre_fc_norm_hidden(hidden)])`.
+    fn fc_input(&self, model: &Qwen35, embedded: &Tensor, hidden: &Tensor) -> Tensor {
+        let ctx = model.layer_ctx();
+        let (p, eps) = (ctx.precision, ctx.eps);
+        let e = ops::rms_norm(embedded, &self.pre_fc_norm_embedding, eps, 1.0, p);
+        let h = ops::rms_norm(hidden, &self.pre_fc_norm_hidden, eps, 1.0, p);
+        self.fc.forward(&ops::cat_cols(&e, &h), p)
     }
 
     /// Forgets every position from `len` on (drafts the main model rejected, or the head's own

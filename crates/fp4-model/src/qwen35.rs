@@ -429,11 +429,6 @@ impl Qwen35 {
         }
     }
 
-    /// Final norm and LM head over the rows of `h`.
-    fn logits(&self, h: &Tensor) -> Tensor {
-        self.head(&self.final_norm(h))
-    }
-
     /// The token embeddings `[vocab, hidden]` (the MTP head shares them).
     pub(crate) fn embeddings(&self) -> &Tensor {
         &self.embed_tokens
@@ -449,10 +444,17 @@ impl Qwen35 {
     /// vocabulary (the runner feeds back sampled ids). Allocation-free in the sense a CUDA graph
     /// needs: every buffer it creates is dropped before it returns.
     pub fn decode(&self, ids: &Ids, index: BatchIndex, pools: &mut Pools) -> Tensor {
+        self.head(&self.decode_normed(ids, index, pools))
+    }
+
+    /// [`Qwen35::decode`] up to the final norm (what the LM head and the MTP head read). With
+    /// `index.rows_per_seq` = R > 1, each sequence has R consecutive rows (a speculative verify):
+    /// their KV at their own positions, their GDN state walked in order ([`ops::GdnSlots`]).
+    pub fn decode_normed(&self, ids: &Ids, index: BatchIndex, pools: &mut Pools) -> Tensor {
         let mut h = ops::embedding_ids(&self.embed_tokens, ids);
         for (layer, pool) in self.layers.iter().zip(pools.layers.iter_mut()) {
             h = layer.forward(&h, MixerState::Batch { pool, index }, &self.ctx);
         }
-        self.logits(&h)
+        self.final_norm(&h)
     }
 }

@@ -7,6 +7,7 @@
 //! The same runner works on the CPU (eagerly), where it is the reference the GPU is tested against.
 
 use crate::cache::{Cache, Pools};
+use crate::mtp::Mtp;
 use crate::qwen35::Qwen35;
 use fp4_format::TextConfig;
 use fp4_kernels::ops::{self, BatchIndex};
@@ -27,6 +28,10 @@ pub struct RunnerConfig {
     pub block_size: usize,
     /// Capture and replay CUDA graphs (GPU only); `false` runs every step eagerly.
     pub graphs: bool,
+    /// Tokens drafted per speculative step (MTP), 0 for none. Each sequence then holds this many
+    /// more GDN slots (a verify keeps the state after every draft) and KV blocks hold the MTP
+    /// head's KV too.
+    pub spec_tokens: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,12 +50,14 @@ pub enum RunnerError {
     BatchTooLarge { got: usize, max: usize },
     #[error("CUDA graph capture failed: {0}")]
     Graph(String),
+    #[error("speculative decoding: {0}")]
+    Speculation(String),
 }
 
 impl RunnerConfig {
-    /// A runner for `max_seqs` sequences taking `budget` bytes: every sequence's GDN state slot
-    /// plus a scratch slot first, the rest as KV blocks of `block_size` tokens (one of them
-    /// scratch).
+    /// A runner for `max_seqs` sequences taking `budget` bytes: every sequence's GDN state slots
+    /// (1 + `spec_tokens` each) plus a scratch slot first, the rest as KV blocks of `block_size`
+    /// tokens (one of them scratch).
     pub fn from_budget(
         cfg: &TextConfig,
         max_seqs: usize,
@@ -58,20 +65,27 @@ impl RunnerConfig {
         block_size: usize,
         budget: usize,
         graphs: bool,
+        spec_tokens: usize,
     ) -> Result<RunnerConfig, RunnerError> {
         let max_seqs = max_seqs.clamp(1, *BUCKETS.last().expect("buckets"));
-        let slots = (max_seqs + 1) * Pools::slot_bytes(cfg);
-        let block = Pools::block_bytes(cfg, block_size).max(1);
+        let slots = (max_seqs * (1 + spec_tokens) + 1) * Pools::slot_bytes(cfg);
+        let block = Pools::block_bytes(cfg, block_size, spec_tokens > 0).max(1);
         if budget < slots + 2 * block {
             return Err(RunnerError::BudgetTooSmall { budget, max_seqs, need: slots + 2 * block });
         }
         let kv_blocks = (budget - slots) / block - 1;
-        Ok(RunnerConfig { max_seqs, max_model_len, kv_blocks, block_size, graphs })
+        Ok(RunnerConfig { max_seqs, max_model_len, kv_blocks, block_size, graphs, spec_tokens })
+    }
+
+    /// GDN state slots the pools hold (the last one scratch).
+    fn slots(&self) -> usize {
+        self.max_seqs * (1 + self.spec_tokens) + 1
     }
 
     /// Device bytes the pools take.
     pub fn bytes(&self, cfg: &TextConfig) -> usize {
-        (self.max_seqs + 1) * Pools::slot_bytes(cfg) + (self.kv_blocks + 1) * Pools::block_bytes(cfg, self.block_size)
+        self.slots() * Pools::slot_bytes(cfg)
+            + (self.kv_blocks + 1) * Pools::block_bytes(cfg, self.block_size, self.spec_tokens > 0)
     }
 }
 
@@ -79,9 +93,15 @@ impl RunnerConfig {
 #[derive(Debug)]
 pub struct SeqState {
     slot: u32,
+    /// In a speculative runner: `spec_tokens` more slots, where a verify keeps the GDN state
+    /// after each draft.
+    spare: Vec<u32>,
     blocks: Vec<u32>,
     /// Tokens in the cache (the position of the next input token).
     pub len: usize,
+    /// The MTP head's normed output `[1, H]` at the last position it has seen (position `len`
+    /// − 1: the next draft's hidden input); `None` for a sequence that does not speculate.
+    mtp_last: Option<Tensor>,
 }
 
 impl SeqState {
@@ -93,6 +113,16 @@ impl SeqState {
     /// Whether its next step takes a new KV block (its next position starts one).
     pub fn needs_block(&self, block_size: usize) -> bool {
         self.blocks.len() * block_size <= self.len
+    }
+
+    /// Whether it drafts with the MTP head.
+    pub fn speculates(&self) -> bool {
+        self.mtp_last.is_some()
+    }
+
+    /// Stops drafting for it (it decodes one token per step from now on).
+    pub fn stop_speculating(&mut self) {
+        self.mtp_last = None;
     }
 }
 
@@ -128,7 +158,8 @@ pub struct DecodeRunner {
 impl DecodeRunner {
     pub fn new(model: &Qwen35, cfg: RunnerConfig) -> DecodeRunner {
         let device = model.device;
-        let pools = Pools::new(&model.config, cfg.max_seqs + 1, cfg.kv_blocks + 1, cfg.block_size, device);
+        let slots = cfg.slots();
+        let pools = Pools::new(&model.config, slots, cfg.kv_blocks + 1, cfg.block_size, cfg.spec_tokens > 0, device);
         // A table row never needs more entries than the pool has blocks (a long --max-model-len
         // with a small budget would otherwise upload mostly padding every step).
         let max_blocks = cfg.max_model_len.div_ceil(cfg.block_size).min(cfg.kv_blocks).max(1);
@@ -140,7 +171,7 @@ impl DecodeRunner {
                 size,
                 ids: Ids::new(vec![0; size], device),
                 pos: Ids::new(vec![0; size], device),
-                slots: Ids::new(vec![cfg.max_seqs as u32; size], device),
+                slots: Ids::new(vec![slots as u32 - 1; size], device),
                 table: Ids::new(vec![cfg.kv_blocks as u32; size * max_blocks], device),
                 out: Ids::new(vec![0; size], device),
                 #[cfg(feature = "cuda")]
@@ -150,10 +181,10 @@ impl DecodeRunner {
         DecodeRunner {
             device,
             pools,
-            free_slots: (0..cfg.max_seqs as u32).rev().collect(),
+            free_slots: (0..slots as u32 - 1).rev().collect(),
             free_blocks: (0..cfg.kv_blocks as u32).rev().collect(),
             max_blocks,
-            scratch_slot: cfg.max_seqs as u32,
+            scratch_slot: slots as u32 - 1,
             scratch_block: cfg.kv_blocks as u32,
             buckets,
             cfg,
@@ -189,15 +220,41 @@ impl DecodeRunner {
         if need > self.free_blocks.len() {
             return Err(RunnerError::OutOfBlocks { need, free: self.free_blocks.len() });
         }
-        let slot = self.free_slots.pop().ok_or(RunnerError::NoSlot(self.cfg.max_seqs))?;
+        if self.free_slots.len() < 1 + self.cfg.spec_tokens {
+            return Err(RunnerError::NoSlot(self.cfg.max_seqs));
+        }
+        let slot = self.free_slots.pop().expect("checked");
+        let spare = (0..self.cfg.spec_tokens).map(|_| self.free_slots.pop().expect("checked")).collect();
         let blocks: Vec<u32> = (0..need).map(|_| self.free_blocks.pop().expect("checked")).collect();
         self.pools.store(cache, slot as usize, &blocks);
-        Ok(SeqState { slot, blocks, len: cache.seq_len })
+        Ok(SeqState { slot, spare, blocks, len: cache.seq_len, mtp_last: None })
     }
 
-    /// Gives a finished sequence's slot and blocks back.
+    /// [`DecodeRunner::admit`] for a sequence that drafts with the MTP head: `mtp` is the head's
+    /// cache over every position of `cache` (position i read token i + 1; the last one, the first
+    /// output token) and `last` the head's output at the last position.
+    pub fn admit_speculative(
+        &mut self,
+        cache: &Cache,
+        mtp: &crate::MtpCache,
+        last: Tensor,
+    ) -> Result<SeqState, RunnerError> {
+        if self.cfg.spec_tokens == 0 || mtp.seq_len != cache.seq_len || last.rows() != 1 {
+            return Err(RunnerError::Speculation(format!(
+                "a speculating sequence needs a runner with drafts ({}) and the head's cache over every position ({} of {})",
+                self.cfg.spec_tokens, mtp.seq_len, cache.seq_len
+            )));
+        }
+        let mut seq = self.admit(cache)?;
+        self.pools.store_mtp(mtp.layer(), &seq.blocks);
+        seq.mtp_last = Some(last);
+        Ok(seq)
+    }
+
+    /// Gives a finished sequence's slots and blocks back.
     pub fn release(&mut self, seq: SeqState) {
         self.free_slots.push(seq.slot);
+        self.free_slots.extend(seq.spare);
         self.free_blocks.extend(seq.blocks);
     }
 
@@ -280,6 +337,210 @@ impl DecodeRunner {
             s.len += 1;
         }
         Ok(if self.buckets[bi].size == n { logits } else { ops::rows(&logits, 0, n) })
+    }
+
+    /// Whether `seq` drafts in the next step: it speculates and a verify's `1 + spec_tokens`
+    /// positions fit in the context.
+    pub fn can_speculate(&self, seq: &SeqState) -> bool {
+        seq.speculates() && seq.len + 1 + self.cfg.spec_tokens <= self.cfg.max_model_len
+    }
+
+    /// KV blocks `seq` takes before its next step (`rows` positions from its length).
+    pub fn blocks_to_grow(&self, seq: &SeqState, rows: usize) -> usize {
+        self.blocks_for(seq.len + rows).saturating_sub(seq.blocks.len())
+    }
+
+    /// Takes KV blocks for `seq` up to position `end` (exclusive).
+    fn reserve(&mut self, seq: &mut SeqState, end: usize) -> Result<(), RunnerError> {
+        if end > self.cfg.max_model_len {
+            return Err(RunnerError::ContextFull(self.cfg.max_model_len));
+        }
+        let need = self.blocks_for(end);
+        while seq.blocks.len() < need {
+            let free = self.free_blocks.len();
+            let b = self.free_blocks.pop().ok_or(RunnerError::OutOfBlocks { need: need - seq.blocks.len(), free })?;
+            seq.blocks.push(b);
+        }
+        Ok(())
+    }
+
+    /// The index of an eager step over `rows` (sequence, position) of `seqs`: positions, block
+    /// table rows, and GDN slots (read per sequence, written per row, `rows_per_seq` rows each).
+    fn eager_index(
+        &self,
+        seqs: &[&mut SeqState],
+        rows: &[(usize, usize)],
+        slots: (Vec<u32>, Vec<u32>),
+    ) -> (Ids, Ids, Ids, Ids) {
+        let mb = self.max_blocks;
+        let mut table = vec![self.scratch_block; rows.len() * mb];
+        for (r, &(i, _)) in rows.iter().enumerate() {
+            let blocks = &seqs[i].blocks;
+            table[r * mb..r * mb + blocks.len()].copy_from_slice(blocks);
+        }
+        let pos = rows.iter().map(|&(_, p)| p as u32).collect();
+        let d = self.device;
+        (Ids::new(pos, d), Ids::new(table, d), Ids::new(slots.0, d), Ids::new(slots.1, d))
+    }
+
+    /// The MTP head over `rows` (sequence, position) of `seqs`: next-token `ids` and `hidden`
+    /// rows in; the head's normed output rows out.
+    fn mtp_rows(
+        &mut self,
+        model: &Qwen35,
+        mtp: &Mtp,
+        seqs: &[&mut SeqState],
+        rows: &[(usize, usize)],
+        ids: &Ids,
+        hidden: &Tensor,
+    ) -> Tensor {
+        // The head has no GDN layer: every row names the scratch slot.
+        let scratch = vec![self.scratch_slot; rows.len()];
+        let (pos, table, read, write) = self.eager_index(seqs, rows, (scratch.clone(), scratch));
+        let index = BatchIndex {
+            pos: &pos,
+            slots: &read,
+            slots_out: &write,
+            rows_per_seq: 1,
+            table: &table,
+            max_blocks: self.max_blocks,
+            block_size: self.cfg.block_size,
+        };
+        let pool = self.pools.mtp.as_mut().expect("a speculative runner has the MTP head's pool");
+        mtp.decode(model, ids, hidden, index, pool)
+    }
+
+    fn check_speculating(&self, seqs: &[&mut SeqState]) -> Result<(), RunnerError> {
+        if seqs.len() > self.cfg.max_seqs {
+            return Err(RunnerError::BatchTooLarge { got: seqs.len(), max: self.cfg.max_seqs });
+        }
+        if let Some(s) = seqs.iter().find(|s| !self.can_speculate(s)) {
+            return Err(RunnerError::Speculation(format!(
+                "a sequence of {} tokens cannot draft {} more (speculating: {}, context {})",
+                s.len,
+                self.cfg.spec_tokens,
+                s.speculates(),
+                self.cfg.max_model_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// `spec_tokens` greedy guesses per sequence (every one speculating) from the MTP head, each
+    /// fed back with the head's own output; the KV blocks the verify will need are taken first.
+    pub fn draft(
+        &mut self,
+        model: &Qwen35,
+        mtp: &Mtp,
+        seqs: &mut [&mut SeqState],
+    ) -> Result<Vec<Vec<u32>>, RunnerError> {
+        self.check_speculating(seqs)?;
+        let (n, k) = (seqs.len(), self.cfg.spec_tokens);
+        for s in seqs.iter_mut() {
+            let end = s.len + 1 + k;
+            self.reserve(s, end)?;
+        }
+        let lasts: Vec<&Tensor> = seqs.iter().map(|s| s.mtp_last.as_ref().expect("checked")).collect();
+        let mut g = lasts[1..].iter().fold(lasts[0].clone(), |acc, t| ops::cat_rows(&acc, t));
+        let mut ids = Ids::new(vec![0; n], self.device);
+        let mut drafts = vec![Vec::with_capacity(k); n];
+        for i in 0..k {
+            ops::argmax_rows(&model.head(&g), &mut ids);
+            for (d, id) in drafts.iter_mut().zip(ids.to_vec()) {
+                d.push(id);
+            }
+            if i + 1 < k {
+                // The head at position len + i reads the guess it just made.
+                let rows: Vec<(usize, usize)> = seqs.iter().enumerate().map(|(b, s)| (b, s.len + i)).collect();
+                g = self.mtp_rows(model, mtp, seqs, &rows, &ids, &g);
+            }
+        }
+        self.eager_steps += k as u64;
+        Ok(drafts)
+    }
+
+    /// The main model over each sequence's input token and its drafts (`1 + spec_tokens` rows
+    /// per sequence, in order, at positions len …): the final-normed hidden rows `[n·(1 + K), H]`
+    /// (logits: [`Qwen35::head`]). The GDN state after each row goes to its own slot; nothing is
+    /// committed until [`DecodeRunner::accept`].
+    pub fn verify(
+        &mut self,
+        model: &Qwen35,
+        seqs: &mut [&mut SeqState],
+        inputs: &[u32],
+        drafts: &[Vec<u32>],
+    ) -> Result<Tensor, RunnerError> {
+        self.check_speculating(seqs)?;
+        let k = self.cfg.spec_tokens;
+        if inputs.len() != seqs.len() || drafts.len() != seqs.len() || drafts.iter().any(|d| d.len() != k) {
+            return Err(RunnerError::Speculation(format!(
+                "verify of {} sequences needs an input and {k} drafts each",
+                seqs.len()
+            )));
+        }
+        let (mut ids, mut rows, mut read, mut write) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (b, s) in seqs.iter_mut().enumerate() {
+            let end = s.len + 1 + k;
+            self.reserve(s, end)?;
+            ids.push(inputs[b]);
+            ids.extend_from_slice(&drafts[b]);
+            rows.extend((0..=k).map(|j| (b, s.len + j)));
+            read.push(s.slot);
+            write.push(s.slot);
+            write.extend_from_slice(&s.spare);
+        }
+        let (pos, table, read, write) = self.eager_index(seqs, &rows, (read, write));
+        let index = BatchIndex {
+            pos: &pos,
+            slots: &read,
+            slots_out: &write,
+            rows_per_seq: 1 + k,
+            table: &table,
+            max_blocks: self.max_blocks,
+            block_size: self.cfg.block_size,
+        };
+        self.eager_steps += 1;
+        Ok(model.decode_normed(&Ids::new(ids, self.device), index, &mut self.pools))
+    }
+
+    /// After [`DecodeRunner::verify`] (`hidden` its output): sequence b kept `kept[b]` of its
+    /// drafts and the main model chose `next[b]` after them. Its cache takes its input and the
+    /// kept drafts, with the GDN state after the last of them (no recompute: the verify kept
+    /// it), and the MTP head sees those positions, ready for the next draft.
+    #[allow(clippy::too_many_arguments)]
+    pub fn accept(
+        &mut self,
+        model: &Qwen35,
+        mtp: &Mtp,
+        seqs: &mut [&mut SeqState],
+        drafts: &[Vec<u32>],
+        hidden: &Tensor,
+        kept: &[usize],
+        next: &[u32],
+    ) -> Result<(), RunnerError> {
+        let k = self.cfg.spec_tokens;
+        if kept.len() != seqs.len() || next.len() != seqs.len() || kept.iter().any(|&m| m > k) {
+            return Err(RunnerError::Speculation(format!("accept of {} sequences: {kept:?} kept of {k}", seqs.len())));
+        }
+        // The head at every verified position: position len + j reads the token after it (a kept
+        // draft, then the main model's own). Rows past a sequence's kept drafts write KV that the
+        // next step overwrites before anything reads it.
+        let (mut rows, mut ids) = (Vec::new(), Vec::new());
+        for (b, s) in seqs.iter().enumerate() {
+            rows.extend((0..=k).map(|j| (b, s.len + j)));
+            ids.extend(drafts[b][..kept[b]].iter().copied().chain(std::iter::repeat_n(next[b], k + 1 - kept[b])));
+        }
+        let g = self.mtp_rows(model, mtp, seqs, &rows, &Ids::new(ids, self.device), hidden);
+        for (b, s) in seqs.iter_mut().enumerate() {
+            let m = kept[b];
+            let row = b * (1 + k) + m;
+            s.mtp_last = Some(ops::rows(&g, row, row + 1));
+            if m > 0 {
+                std::mem::swap(&mut s.slot, &mut s.spare[m - 1]);
+            }
+            s.len += m + 1;
+        }
+        Ok(())
     }
 
     fn forward(&mut self, model: &Qwen35, bi: usize) -> Tensor {

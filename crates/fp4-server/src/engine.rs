@@ -255,7 +255,7 @@ pub fn conversation_ttfts(
 /// Cache bytes one sequence of `tokens` tokens needs (f32 KV and GDN state).
 pub fn cache_bytes(model: &Qwen35, tokens: usize) -> usize {
     let c = &model.config;
-    fp4_model::Pools::slot_bytes(c) + tokens.div_ceil(KV_BLOCK) * fp4_model::Pools::block_bytes(c, KV_BLOCK)
+    fp4_model::Pools::slot_bytes(c) + tokens.div_ceil(KV_BLOCK) * fp4_model::Pools::block_bytes(c, KV_BLOCK, false)
 }
 
 /// Where a sequence's state lives: its own cache while the prompt is prefilled, then the runner;
@@ -375,6 +375,7 @@ pub fn start(model: Qwen35, cfg: EngineConfig) -> Result<EngineHandle, RunnerErr
         KV_BLOCK,
         cfg.cache_budget_bytes.saturating_sub(cfg.prefix_cache_bytes),
         cfg.cuda_graphs,
+        0,
     )?;
     let (tx, rx) = mpsc::sync_channel::<Submission>(cfg.max_waiting);
     let stats = Arc::new(Stats::default());
@@ -407,8 +408,10 @@ fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Rec
     let rc = runner.config();
     let total_blocks = rc.kv_blocks;
     let mut admissions = 0u64;
-    let (slot_bytes, block_bytes) =
-        (fp4_model::Pools::slot_bytes(&model.config), fp4_model::Pools::block_bytes(&model.config, rc.block_size));
+    let (slot_bytes, block_bytes) = (
+        fp4_model::Pools::slot_bytes(&model.config),
+        fp4_model::Pools::block_bytes(&model.config, rc.block_size, rc.spec_tokens > 0),
+    );
     let mut prefixes = PrefixCache::new(cfg.prefix_cache_bytes);
     let committed =
         |running: &[Sequence], runner: &DecodeRunner| running.iter().map(|s| s.blocks(runner)).sum::<usize>();
@@ -922,7 +925,8 @@ mod tests {
         let model = tiny_model();
         let max_num_seqs = 3;
         let c = &model.config;
-        let pools = (max_num_seqs + 1) * Pools::slot_bytes(c) + (kv_blocks + 1) * Pools::block_bytes(c, KV_BLOCK);
+        let pools =
+            (max_num_seqs + 1) * Pools::slot_bytes(c) + (kv_blocks + 1) * Pools::block_bytes(c, KV_BLOCK, false);
         let handle = test_engine(model, max_num_seqs, 512, pools, if prefix { 64 << 20 } else { 0 });
         let mut receivers: Vec<_> =
             prompts.iter().map(|p| handle.submit(greedy_request(p.clone(), max_tokens)).unwrap()).collect();

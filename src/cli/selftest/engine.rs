@@ -159,6 +159,7 @@ fn runner_generate(model: &Qwen35, prompts: &[Vec<u32>], steps: usize, graphs: b
         kv_blocks: prompts.len() * 8,
         block_size: 16,
         graphs,
+        spec_tokens: 0,
     };
     let mut runner = DecodeRunner::new(model, cfg);
     let mut sampler = fp4_model::Sampler::new(fp4_model::SamplingParams::default())?;
@@ -279,7 +280,7 @@ pub(super) fn profile_decode(g: &Gpu, name: &str, steps: usize, batch: usize) ->
     g.set_exact_gemm(false);
     let src = Synthetic::named(name, SyntheticFormat::Nvfp4 { mlp_only: false }, 1)?;
     let model = Qwen35::load(&src, LoadOptions::new(F32).on(Device::Cuda))?;
-    let cfg = RunnerConfig::from_budget(&model.config, batch, 4096, 32, 8 << 30, true)?;
+    let cfg = RunnerConfig::from_budget(&model.config, batch, 4096, 32, 8 << 30, true, 0)?;
     let mut runner = DecodeRunner::new(&model, cfg);
     let vocab = model.config.vocab_size as u64;
     let prompt: Vec<u32> = (0..1000u64).map(|i| ((i * 2654435761 + 5) % vocab) as u32).collect();
@@ -385,7 +386,7 @@ pub(super) fn engine_benches(g: &Gpu, _a: &Args, name: &str, copy: f64) -> anyho
         let bytes: usize = model.linears_mut().iter().map(|l| l.gpu_weight_bytes()).sum::<usize>()
             + model.lm_head().map_or(0, |l| l.gpu_weight_bytes());
         let model = model;
-        let cfg = RunnerConfig::from_budget(&model.config, 64, 33_000, 32, 16 << 30, true)?;
+        let cfg = RunnerConfig::from_budget(&model.config, 64, 33_000, 32, 16 << 30, true, 0)?;
         let mut runner = DecodeRunner::new(&model, cfg);
         let vocab = model.config.vocab_size as u64;
         let prompt: Vec<u32> = (0..1000u64).map(|i| ((i * 2654435761 + 5) % vocab) as u32).collect();
