@@ -244,6 +244,10 @@ fn bad_flags_fail_clearly() {
         ("--max-num-seqs", "0", "--max-num-seqs must be at least 1"),
         ("--max-connections", "0", "--max-connections must be at least 1"),
         ("--max-model-len", "100000000", "exceeds the model's max_position_embeddings"),
+        ("--speculative-config", r#"{"method": "eagle", "num_speculative_tokens": 2}"#, "`eagle` is not supported"),
+        ("--speculative-config", r#"{"method": "mtp", "num_speculative_tokens": 0}"#, "≥ 1"),
+        // tiny-quant's MTP tensors are a partial head.
+        ("--speculative-config", r#"{"method": "mtp", "num_speculative_tokens": 2}"#, "cannot load the MTP head"),
         // A port in use is reported before the model loads.
         ("--port", taken_port.as_str(), "cannot listen on 127.0.0.1"),
     ] {

@@ -79,6 +79,11 @@ pub struct Args {
     /// on by default on the GPU and never used on the CPU).
     #[arg(long)]
     enforce_eager: bool,
+    /// Speculative decoding with the checkpoint's MTP head, as vLLM spells it:
+    /// '{"method": "mtp", "num_speculative_tokens": K}'. Greedy requests draft K tokens per step
+    /// and keep exactly the tokens they would get without; the others decode as before.
+    #[arg(long)]
+    speculative_config: Option<String>,
     #[arg(long)]
     language_model_only: bool,
     #[arg(long)]
@@ -205,9 +210,28 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         prefix_cache_bytes < cache_budget,
         "--prefix-cache-budget ({prefix_cache_bytes} bytes) must leave room in --cache-budget ({cache_budget} bytes) for the running sequences"
     );
+    let speculative = match &a.speculative_config {
+        Some(json) => {
+            Some(fp4_model::SpeculativeConfig::parse(json).map_err(|e| anyhow::anyhow!("--speculative-config: {e}"))?)
+        }
+        None => None,
+    };
     let started = std::time::Instant::now();
     let opts: LoadOptions = a.compute.load_options()?;
     let model = Qwen35::load(&ckpt, opts).with_context(|| format!("cannot load model {}", model_path.display()))?;
+    let head = match speculative {
+        Some(_) => Some(
+            fp4_model::Mtp::load(&ckpt, opts)
+                .with_context(|| format!("--speculative-config: cannot load the MTP head of {}", model_path.display()))?
+                .with_context(|| {
+                    format!(
+                        "--speculative-config asks for MTP, but {} has no MTP head (no mtp.* tensors)",
+                        model_path.display()
+                    )
+                })?,
+        ),
+        None => None,
+    };
     let vocab_size = model.config.vocab_size;
     let eos_ids = ckpt.eos_token_ids.clone();
     let one_seq = engine::cache_bytes(&model, max_model_len);
@@ -217,8 +241,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         bytes_per_full_sequence = one_seq,
         "model loaded"
     );
-    let engine = engine::start(
+    let engine = engine::start_with_head(
         model,
+        head,
         EngineConfig {
             max_num_seqs: a.max_num_seqs,
             max_model_len,
@@ -226,6 +251,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             cache_budget_bytes: cache_budget,
             cuda_graphs: !a.enforce_eager,
             prefix_cache_bytes,
+            spec_tokens: speculative.map_or(0, |c| c.num_speculative_tokens),
         },
     )
     .with_context(|| format!("--cache-budget {} with --max-num-seqs {}", a.cache_budget, a.max_num_seqs))?;

@@ -13,11 +13,15 @@
 //! gone (client disconnected, stop string seen) is cancelled and its slot freed at the next step.
 //! Requests beyond the waiting-queue bound are refused at once (HTTP 429). With prefix caching
 //! on, a prompt that starts with an earlier prompt resumes from that prompt's snapshot
-//! ([`crate::prefix`]) and prefills only the rest.
+//! ([`crate::prefix`]) and prefills only the rest. With speculative decoding
+//! (`--speculative-config`, the checkpoint's MTP head), greedy sequences draft K tokens with the
+//! head and the runner verifies them in one forward (K + 1 rows each), keeping what the main
+//! model would have produced alone.
 
 use crate::prefix::PrefixCache;
+use fp4_kernels::{ops, Ids, Tensor};
 use fp4_model::runner::RunnerError;
-use fp4_model::{Cache, DecodeRunner, Logits, Qwen35, RunnerConfig, Sampler, SamplingParams, SeqState};
+use fp4_model::{Cache, DecodeRunner, Logits, Mtp, MtpCache, Qwen35, RunnerConfig, Sampler, SamplingParams, SeqState};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -43,6 +47,9 @@ pub struct EngineConfig {
     /// Bytes of prompt snapshots kept for prefix caching, taken out of `cache_budget_bytes`
     /// (0: prefix caching off).
     pub prefix_cache_bytes: usize,
+    /// Tokens greedy sequences draft per step with the MTP head (0: no speculative decoding;
+    /// needs the head, [`start_with_head`]).
+    pub spec_tokens: usize,
 }
 
 /// Penalties applied to logits before sampling (vLLM semantics).
@@ -138,6 +145,11 @@ pub struct Stats {
     pub prefix_bytes: AtomicUsize,
     /// Sequences preempted (state dropped, recomputed later) because the KV blocks ran out.
     pub preemptions: AtomicU64,
+    /// Speculative decoding: verifies (one per sequence per step), tokens drafted, and drafts the
+    /// main model kept (each verify also emits one token of its own).
+    pub spec_verifies: AtomicU64,
+    pub spec_drafted: AtomicU64,
+    pub spec_accepted: AtomicU64,
 }
 
 struct Submission {
@@ -262,9 +274,51 @@ pub fn cache_bytes(model: &Qwen35, tokens: usize) -> usize {
 /// nowhere once dropped (preempted, waiting to be recomputed; or finished, its slot and blocks
 /// given back).
 enum SeqCache {
-    Prefill(Cache),
+    Prefill(PrefillState),
     Decode(SeqState),
     Dropped,
+}
+
+/// A sequence's state while its prompt is prefilled (also what a prefix snapshot keeps).
+#[derive(Clone)]
+struct PrefillState {
+    cache: Cache,
+    /// For a sequence that drafts with the MTP head: the head's state.
+    head: Option<HeadPrefill>,
+}
+
+/// The MTP head over a prompt as it is prefilled. The head at position i reads token i + 1, so
+/// it runs one position behind the model: `pending` is the model's hidden state at the last
+/// prefilled position, waiting for the token after it (the next chunk's first, or the first
+/// output token).
+#[derive(Clone)]
+struct HeadPrefill {
+    cache: MtpCache,
+    pending: Option<Tensor>,
+}
+
+impl PrefillState {
+    fn new(model: &Qwen35, head: Option<&Mtp>) -> PrefillState {
+        PrefillState {
+            cache: model.new_cache(),
+            head: head.map(|h| HeadPrefill { cache: h.new_cache(), pending: None }),
+        }
+    }
+}
+
+impl crate::prefix::Snapshot for PrefillState {
+    fn bytes(&self) -> usize {
+        let head = self.head.as_ref().map_or(0, |h| {
+            let kv = match h.cache.layer() {
+                fp4_model::LayerCache::Attention { k, v } => {
+                    k.as_ref().map_or(0, |t| t.elem_count()) + v.as_ref().map_or(0, |t| t.elem_count())
+                }
+                fp4_model::LayerCache::Gdn { .. } => 0,
+            };
+            (kv + h.pending.as_ref().map_or(0, |t| t.elem_count())) * 4
+        });
+        crate::prefix::cache_bytes(&self.cache) + head
+    }
 }
 
 struct Sequence {
@@ -285,6 +339,9 @@ struct Sequence {
     resume: Vec<u32>,
     /// Admission order (the most recently admitted are preempted first).
     admitted: u64,
+    /// Drafts with the MTP head (greedy, nothing needing the logits on the host, no forced
+    /// choices, and the engine speculates).
+    speculative: bool,
 }
 
 impl Sequence {
@@ -295,6 +352,11 @@ impl Sequence {
         } else {
             &self.resume
         }
+    }
+
+    /// A fresh prefill state (and the MTP head's when it drafts).
+    fn new_prefill(&self, model: &Qwen35, head: Option<&Mtp>) -> PrefillState {
+        PrefillState::new(model, head.filter(|_| self.speculative))
     }
 
     /// KV blocks it holds or will take when its prefill moves into the runner.
@@ -314,11 +376,7 @@ impl Sequence {
     /// so far, logprobs); otherwise its sampler runs where the logits are (on the GPU only the
     /// chosen id comes back, not the 248k-float row).
     fn needs_host_logits(&self) -> bool {
-        let p = self.req.penalties;
-        self.req.logprobs.is_some()
-            || p.presence != 0.0
-            || p.frequency != 0.0
-            || (p.repetition != 1.0 && p.repetition > 0.0)
+        needs_host_logits(&self.req)
     }
 
     fn finish(&self, reason: FinishReason, stats: &Stats) {
@@ -365,9 +423,49 @@ impl Sequence {
     }
 }
 
+/// Whether a request's tokens need the whole logits row on the host: penalties over the tokens
+/// so far, logprobs.
+fn needs_host_logits(req: &GenRequest) -> bool {
+    let p = req.penalties;
+    req.logprobs.is_some() || p.presence != 0.0 || p.frequency != 0.0 || (p.repetition != 1.0 && p.repetition > 0.0)
+}
+
+/// What a group of decoding sequences runs this step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StepKind {
+    /// Draft with the MTP head, verify in one forward (greedy).
+    Speculative,
+    /// One token each, chosen on the device.
+    Greedy,
+    /// One token each, sampled from its logits.
+    Sampled,
+}
+
+/// Rows a decoding sequence takes in its next step (1 + the drafts when it drafts).
+fn decode_rows(runner: &DecodeRunner, st: &SeqState) -> usize {
+    if runner.can_speculate(st) {
+        1 + runner.config().spec_tokens
+    } else {
+        1
+    }
+}
+
 /// Starts the engine thread. Fails when the cache budget cannot hold `max_num_seqs` sequences'
 /// state and a KV block.
 pub fn start(model: Qwen35, cfg: EngineConfig) -> Result<EngineHandle, RunnerError> {
+    start_with_head(model, None, cfg)
+}
+
+/// [`start`] with the checkpoint's MTP head, which drafts `cfg.spec_tokens` tokens per step
+/// for greedy sequences (speculative decoding).
+pub fn start_with_head(model: Qwen35, head: Option<Mtp>, cfg: EngineConfig) -> Result<EngineHandle, RunnerError> {
+    if cfg.spec_tokens > 0 && head.is_none() {
+        return Err(RunnerError::Speculation(format!(
+            "{} draft tokens asked for, but the checkpoint has no MTP head (mtp.* tensors)",
+            cfg.spec_tokens
+        )));
+    }
+    let head = head.filter(|_| cfg.spec_tokens > 0);
     let runner_cfg = RunnerConfig::from_budget(
         &model.config,
         cfg.max_num_seqs,
@@ -375,7 +473,7 @@ pub fn start(model: Qwen35, cfg: EngineConfig) -> Result<EngineHandle, RunnerErr
         KV_BLOCK,
         cfg.cache_budget_bytes.saturating_sub(cfg.prefix_cache_bytes),
         cfg.cuda_graphs,
-        0,
+        cfg.spec_tokens,
     )?;
     let (tx, rx) = mpsc::sync_channel::<Submission>(cfg.max_waiting);
     let stats = Arc::new(Stats::default());
@@ -394,13 +492,21 @@ pub fn start(model: Qwen35, cfg: EngineConfig) -> Result<EngineHandle, RunnerErr
         .spawn(move || {
             // The runner (device buffers, captured graphs) lives on this thread.
             let runner = DecodeRunner::new(&model, runner_cfg);
-            run(model, runner, cfg, rx, stats)
+            run(model, head, runner, cfg, rx, stats)
         })
         .expect("spawn engine thread");
     Ok(handle)
 }
 
-fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Receiver<Submission>, stats: Arc<Stats>) {
+fn run(
+    model: Qwen35,
+    head: Option<Mtp>,
+    mut runner: DecodeRunner,
+    cfg: EngineConfig,
+    rx: mpsc::Receiver<Submission>,
+    stats: Arc<Stats>,
+) {
+    let head = head.as_ref();
     let mut waiting: VecDeque<Submission> = VecDeque::new();
     // Sequences preempted for KV blocks, in preemption order: admitted again before new requests.
     let mut preempted: VecDeque<Sequence> = VecDeque::new();
@@ -412,7 +518,7 @@ fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Rec
         fp4_model::Pools::slot_bytes(&model.config),
         fp4_model::Pools::block_bytes(&model.config, rc.block_size, rc.spec_tokens > 0),
     );
-    let mut prefixes = PrefixCache::new(cfg.prefix_cache_bytes);
+    let mut prefixes: PrefixCache<PrefillState> = PrefixCache::new(cfg.prefix_cache_bytes);
     let committed =
         |running: &[Sequence], runner: &DecodeRunner| running.iter().map(|s| s.blocks(runner)).sum::<usize>();
     loop {
@@ -442,8 +548,10 @@ fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Rec
                 let mut seq = preempted.pop_front().expect("front exists");
                 // Recomputed from a prefix snapshot where one matches (not counted as a hit: the
                 // request was counted when first admitted).
-                let (cache, n) = prefixes.lookup(seq.prefill_tokens()).unwrap_or_else(|| (model.new_cache(), 0));
-                (seq.cache, seq.prefilled) = (SeqCache::Prefill(cache), n);
+                let usable = |p: &PrefillState| p.head.is_some() || !seq.speculative;
+                let (state, n) =
+                    prefixes.lookup(seq.prefill_tokens(), usable).unwrap_or_else(|| (seq.new_prefill(&model, head), 0));
+                (seq.cache, seq.prefilled) = (SeqCache::Prefill(state), n);
                 admissions += 1;
                 seq.admitted = admissions;
                 running.push(seq);
@@ -476,20 +584,26 @@ fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Rec
             match Sampler::new(s.req.sampling) {
                 Ok(sampler) => {
                     stats.prompt_tokens.fetch_add(s.req.prompt.len() as u64, Ordering::Relaxed);
-                    let (cache, cached) = match prefixes.lookup(&s.req.prompt) {
-                        Some((cache, n)) => {
+                    let speculative = head.is_some()
+                        && s.req.sampling.temperature == 0.0
+                        && !needs_host_logits(&s.req)
+                        && s.req.choices.is_empty();
+                    let usable = |p: &PrefillState| p.head.is_some() || !speculative;
+                    let (state, cached) = match prefixes.lookup(&s.req.prompt, usable) {
+                        Some((state, n)) => {
                             stats.prefix_hits.fetch_add(1, Ordering::Relaxed);
                             stats.prefix_cached_tokens.fetch_add(n as u64, Ordering::Relaxed);
-                            (cache, n)
+                            (state, n)
                         }
                         None => {
                             stats.prefix_misses.fetch_add(1, Ordering::Relaxed);
-                            (model.new_cache(), 0)
+                            (PrefillState::new(&model, head.filter(|_| speculative)), 0)
                         }
                     };
                     admissions += 1;
                     running.push(Sequence {
-                        cache: SeqCache::Prefill(cache),
+                        speculative,
+                        cache: SeqCache::Prefill(state),
                         prefilled: cached,
                         cached,
                         generated: Vec::new(),
@@ -521,11 +635,12 @@ fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Rec
                 stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
                 done[i] = true;
             } else if matches!(seq.cache, SeqCache::Prefill(_)) {
-                done[i] = guarded("the prefill", || prefill_step(&model, &mut runner, seq, &mut prefixes, &stats))
-                    .unwrap_or_else(|e| {
-                        let _ = seq.events.send(Event::Failed(e));
-                        true
-                    });
+                done[i] =
+                    guarded("the prefill", || prefill_step(&model, head, &mut runner, seq, &mut prefixes, &stats))
+                        .unwrap_or_else(|e| {
+                            let _ = seq.events.send(Event::Failed(e));
+                            true
+                        });
             }
         }
         // Sequences finished or cancelled so far give their slot and blocks back before the
@@ -540,9 +655,12 @@ fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Rec
         loop {
             let live = || (0..running.len()).filter(|&i| !done[i]);
             let held: usize = live().map(|i| running[i].blocks(&runner)).sum();
-            let growth = live()
-                .filter(|&i| matches!(&running[i].cache, SeqCache::Decode(st) if st.needs_block(rc.block_size)))
-                .count();
+            let growth: usize = live()
+                .map(|i| match &running[i].cache {
+                    SeqCache::Decode(st) => runner.blocks_to_grow(st, decode_rows(&runner, st)),
+                    _ => 0,
+                })
+                .sum();
             if held + growth <= total_blocks || live().count() < 2 {
                 break;
             }
@@ -557,12 +675,29 @@ fn run(model: Qwen35, mut runner: DecodeRunner, cfg: EngineConfig, rx: mpsc::Rec
         if !decoding.is_empty() {
             let t0 = Instant::now();
             let replays = runner.graph_replays;
-            let (fast, host): (Vec<usize>, Vec<usize>) = decoding.iter().partition(|&&i| running[i].device_greedy());
-            for (group, on_device) in [(fast, true), (host, false)] {
+            let drafts = |i: &usize| matches!(&running[*i].cache, SeqCache::Decode(st) if runner.can_speculate(st));
+            let (spec, plain): (Vec<usize>, Vec<usize>) = decoding.iter().partition(|&i| drafts(i));
+            let (fast, host): (Vec<usize>, Vec<usize>) = plain.iter().partition(|&&i| running[i].device_greedy());
+            for (group, kind) in [(spec, StepKind::Speculative), (fast, StepKind::Greedy), (host, StepKind::Sampled)] {
                 if group.is_empty() {
                     continue;
                 }
-                let step = || decode_step(&model, &mut runner, &mut running, &group, on_device, &mut done, &stats);
+                let step = || match (kind, head) {
+                    (StepKind::Speculative, Some(head)) => {
+                        speculative_step(&model, head, &mut runner, &mut running, &group, &mut done, &stats)
+                    }
+                    _ => {
+                        let on_device = kind == StepKind::Greedy;
+                        // A drafting sequence that cannot draft this step (near the context
+                        // end) decodes one token at a time from now on.
+                        for &i in &group {
+                            if let SeqCache::Decode(st) = &mut running[i].cache {
+                                st.stop_speculating();
+                            }
+                        }
+                        decode_step(&model, &mut runner, &mut running, &group, on_device, &mut done, &stats)
+                    }
+                };
                 if let Err(e) = guarded("the decode step", step) {
                     for &i in &group {
                         let _ = running[i].events.send(Event::Failed(e.clone()));
@@ -637,9 +772,10 @@ fn preempt(mut seq: Sequence, runner: &mut DecodeRunner, stats: &Stats) -> Seque
 /// sampler on the host) and the move of its cache into the runner. Returns true when finished.
 fn prefill_step(
     model: &Qwen35,
+    head: Option<&Mtp>,
     runner: &mut DecodeRunner,
     seq: &mut Sequence,
-    prefixes: &mut PrefixCache,
+    prefixes: &mut PrefixCache<PrefillState>,
     stats: &Stats,
 ) -> bool {
     let fail = |seq: &Sequence, e: String| {
@@ -651,9 +787,14 @@ fn prefill_step(
     if let Some(&at) = seq.req.snapshot_at.iter().find(|&&at| at > seq.prefilled && at < end) {
         end = at;
     }
-    let chunk = seq.prefill_tokens()[seq.prefilled..end].to_vec();
-    let SeqCache::Prefill(cache) = &mut seq.cache else { unreachable!("prefill of a decoding sequence") };
-    match model.forward(&chunk, cache, Logits::Last) {
+    let tokens = seq.prefill_tokens().to_vec();
+    let chunk = &tokens[seq.prefilled..end];
+    let SeqCache::Prefill(state) = &mut seq.cache else { unreachable!("prefill of a decoding sequence") };
+    let run = match (&mut state.head, head) {
+        (Some(h), Some(mtp)) => prefill_with_head(model, mtp, &mut state.cache, h, &tokens, chunk),
+        _ => model.forward(chunk, &mut state.cache, Logits::Last),
+    };
+    match run {
         Ok(l) => seq.logits = l.into_vec(),
         Err(e) => return fail(seq, e.to_string()),
     }
@@ -661,7 +802,7 @@ fn prefill_step(
     // The state at the request's snapshot points (see GenRequest::snapshot_at); a recomputation
     // after a preemption kept them the first time.
     if !resuming && end <= seq.req.prompt.len() && seq.req.snapshot_at.contains(&end) {
-        prefixes.insert(&seq.req.prompt[..end], cache);
+        prefixes.insert(&seq.req.prompt[..end], state);
         let (entries, bytes) = prefixes.usage();
         stats.prefix_entries.store(entries, Ordering::Relaxed);
         stats.prefix_bytes.store(bytes, Ordering::Relaxed);
@@ -673,7 +814,7 @@ fn prefill_step(
         // Recomputed up to the last generated token, the next decode step's input.
         seq.resume.clear();
         seq.logits.clear();
-        return admit(runner, seq);
+        return admit(model, head, runner, seq);
     }
     if !seq.req.choices.is_empty() {
         if let Err(e) = force_best_choice(model, seq, stats) {
@@ -688,16 +829,52 @@ fn prefill_step(
     if seq.sample_host(logits, stats) {
         return true;
     }
-    admit(runner, seq)
+    admit(model, head, runner, seq)
 }
 
-/// Moves a prefilled sequence's cache into the runner; returns true when that failed (the
+/// A prefill chunk of a drafting sequence: the model's hidden states over `chunk` (the part of
+/// `tokens` after what `cache` holds) also feed the MTP head at every position whose next token
+/// is now known. Returns the last position's logits.
+fn prefill_with_head(
+    model: &Qwen35,
+    mtp: &Mtp,
+    cache: &mut Cache,
+    head: &mut HeadPrefill,
+    tokens: &[u32],
+    chunk: &[u32],
+) -> fp4_model::Result<Tensor> {
+    let h = model.forward_normed(chunk, cache, Logits::All)?;
+    let logits = model.head(&ops::last_row(&h));
+    let rows = match head.pending.take() {
+        Some(p) => ops::cat_rows(&p, &h),
+        None => h,
+    };
+    let (n, pos0) = (rows.rows(), head.cache.seq_len);
+    if n > 1 {
+        mtp.forward(model, &tokens[pos0 + 1..pos0 + n], &ops::rows(&rows, 0, n - 1), &mut head.cache)?;
+    }
+    head.pending = Some(ops::last_row(&rows));
+    Ok(logits)
+}
+
+/// Moves a prefilled sequence's cache into the runner (a drafting sequence's head first sees the
+/// last prompt position, whose next token is now known); returns true when that failed (the
 /// sequence is finished with the error).
-fn admit(runner: &mut DecodeRunner, seq: &mut Sequence) -> bool {
-    let SeqCache::Prefill(cache) = &seq.cache else { unreachable!("still prefilling") };
-    match runner.admit(cache) {
-        Ok(state) => {
-            seq.cache = SeqCache::Decode(state);
+fn admit(model: &Qwen35, mtp: Option<&Mtp>, runner: &mut DecodeRunner, seq: &mut Sequence) -> bool {
+    let SeqCache::Prefill(state) = &mut seq.cache else { unreachable!("still prefilling") };
+    let admitted = match (state.head.as_mut(), mtp) {
+        (Some(h), Some(mtp)) => {
+            let next = *seq.generated.last().expect("a first token before the runner");
+            let pending = h.pending.take().expect("the last prefilled position waits for its next token");
+            mtp.forward(model, &[next], &pending, &mut h.cache)
+                .map_err(|e| e.to_string())
+                .and_then(|g| runner.admit_speculative(&state.cache, &h.cache, g).map_err(|e| e.to_string()))
+        }
+        _ => runner.admit(&state.cache).map_err(|e| e.to_string()),
+    };
+    match admitted {
+        Ok(st) => {
+            seq.cache = SeqCache::Decode(st);
             false
         }
         Err(e) => {
@@ -775,6 +952,68 @@ fn decode_step(
     }
 }
 
+/// One speculative step of the drafting sequences `group` (all greedy): the MTP head drafts,
+/// the runner verifies every draft in one forward, and each sequence keeps the drafts that match
+/// the main model's own choices, then the main model's next token: what plain greedy steps give.
+fn speculative_step(
+    model: &Qwen35,
+    mtp: &Mtp,
+    runner: &mut DecodeRunner,
+    running: &mut [Sequence],
+    group: &[usize],
+    done: &mut [bool],
+    stats: &Stats,
+) {
+    let k = runner.config().spec_tokens;
+    let inputs: Vec<u32> =
+        group.iter().map(|&i| *running[i].generated.last().expect("decode follows a token")).collect();
+    let mut states: Vec<&mut SeqState> = running
+        .iter_mut()
+        .enumerate()
+        .filter(|(i, _)| group.contains(i))
+        .map(|(_, seq)| match &mut seq.cache {
+            SeqCache::Decode(state) => state,
+            SeqCache::Prefill(_) | SeqCache::Dropped => unreachable!("only decoding sequences are grouped"),
+        })
+        .collect();
+    let verified = runner.draft(model, mtp, &mut states).and_then(|drafts| {
+        let hidden = runner.verify(model, &mut states, &inputs, &drafts)?;
+        let mut best = Ids::new(vec![0; hidden.rows()], model.device);
+        ops::argmax_rows(&model.head(&hidden), &mut best);
+        let best = best.to_vec();
+        let (mut kept, mut next) = (Vec::new(), Vec::new());
+        for (b, d) in drafts.iter().enumerate() {
+            let own = &best[b * (k + 1)..(b + 1) * (k + 1)];
+            let m = d.iter().zip(own).take_while(|(d, t)| d == t).count();
+            kept.push(m);
+            next.push(own[m]);
+        }
+        runner.accept(model, mtp, &mut states, &drafts, &hidden, &kept, &next)?;
+        Ok((drafts, kept, next))
+    });
+    match verified {
+        Ok((drafts, kept, next)) => {
+            stats.spec_verifies.fetch_add(group.len() as u64, Ordering::Relaxed);
+            stats.spec_drafted.fetch_add((group.len() * k) as u64, Ordering::Relaxed);
+            stats.spec_accepted.fetch_add(kept.iter().sum::<usize>() as u64, Ordering::Relaxed);
+            for (b, &i) in group.iter().enumerate() {
+                for &id in drafts[b][..kept[b]].iter().chain([&next[b]]) {
+                    if running[i].emit(id, None, stats) {
+                        done[i] = true;
+                        break;
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            for &i in group {
+                let _ = running[i].events.send(Event::Failed(format!("decode step failed: {e}")));
+                done[i] = true;
+            }
+        }
+    }
+}
+
 /// Scores every allowed start (teacher-forced on a copy of the cache), then emits the likeliest
 /// as if it had been generated.
 fn force_best_choice(model: &Qwen35, seq: &mut Sequence, stats: &Stats) -> Result<(), String> {
@@ -782,7 +1021,9 @@ fn force_best_choice(model: &Qwen35, seq: &mut Sequence, stats: &Stats) -> Resul
         let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         m + l.iter().map(|x| (x - m).exp()).sum::<f32>().ln()
     };
-    let SeqCache::Prefill(seq_cache) = &mut seq.cache else { unreachable!("choices are scored after the prompt") };
+    let SeqCache::Prefill(PrefillState { cache: seq_cache, .. }) = &mut seq.cache else {
+        unreachable!("choices are scored after the prompt")
+    };
     let mut best: Option<(f32, usize)> = None;
     for (ci, choice) in seq.req.choices.iter().enumerate() {
         let mut cache = seq_cache.clone();
@@ -802,7 +1043,7 @@ fn force_best_choice(model: &Qwen35, seq: &mut Sequence, stats: &Stats) -> Resul
             break;
         }
         seq.record(t, None, stats);
-        let SeqCache::Prefill(cache) = &mut seq.cache else { unreachable!("still prefilling") };
+        let SeqCache::Prefill(PrefillState { cache, .. }) = &mut seq.cache else { unreachable!("still prefilling") };
         seq.logits = model.forward(&[t], cache, Logits::Last).map_err(|e| e.to_string())?.into_vec();
     }
     Ok(())
@@ -884,6 +1125,7 @@ mod tests {
             cache_budget_bytes: cache_budget_bytes + prefix_cache_bytes,
             cuda_graphs: false,
             prefix_cache_bytes,
+            spec_tokens: 0,
         };
         start(model, cfg).unwrap()
     }
@@ -921,19 +1163,80 @@ mod tests {
     /// Greedy outputs of `prompts` (each to `max_tokens`) through an engine whose KV pool has
     /// `kv_blocks` blocks, all submitted at once; and its preemption count.
     fn serve_all(prompts: &[Vec<u32>], max_tokens: usize, kv_blocks: usize, prefix: bool) -> (Vec<Vec<u32>>, u64) {
-        use fp4_model::Pools;
-        let model = tiny_model();
+        let (outputs, stats) = serve_all_with(prompts, max_tokens, kv_blocks, prefix, 0, false);
+        (outputs, stats.preemptions.load(Ordering::Relaxed))
+    }
+
+    /// [`serve_all`] drafting `spec_tokens` per step with the tiny model's MTP head (0: none),
+    /// `in_turn`: each prompt submitted when the one before has finished; the engine's counters
+    /// after.
+    fn serve_all_with(
+        prompts: &[Vec<u32>],
+        max_tokens: usize,
+        kv_blocks: usize,
+        prefix: bool,
+        spec_tokens: usize,
+        in_turn: bool,
+    ) -> (Vec<Vec<u32>>, Arc<Stats>) {
+        use fp4_model::{LoadOptions, Pools, Precision, Synthetic, SyntheticFormat};
+        let src = Synthetic::named("tiny", SyntheticFormat::Bf16, 5).unwrap().with_mtp();
+        let o = LoadOptions::new(Precision::F32);
+        let (model, head) = (Qwen35::load(&src, o).unwrap(), Mtp::load(&src, o).unwrap());
         let max_num_seqs = 3;
         let c = &model.config;
-        let pools =
-            (max_num_seqs + 1) * Pools::slot_bytes(c) + (kv_blocks + 1) * Pools::block_bytes(c, KV_BLOCK, false);
-        let handle = test_engine(model, max_num_seqs, 512, pools, if prefix { 64 << 20 } else { 0 });
-        let mut receivers: Vec<_> =
-            prompts.iter().map(|p| handle.submit(greedy_request(p.clone(), max_tokens)).unwrap()).collect();
-        let outputs = receivers.iter_mut().map(|rx| outcome(rx).unwrap()).collect();
-        let preemptions = handle.stats.preemptions.load(Ordering::Relaxed);
+        let pools = (max_num_seqs * (1 + spec_tokens) + 1) * Pools::slot_bytes(c)
+            + (kv_blocks + 1) * Pools::block_bytes(c, KV_BLOCK, spec_tokens > 0);
+        let prefix_cache_bytes = if prefix { 64 << 20 } else { 0 };
+        let cfg = EngineConfig {
+            max_num_seqs,
+            max_model_len: 512,
+            max_waiting: 8,
+            cache_budget_bytes: pools + prefix_cache_bytes,
+            cuda_graphs: false,
+            prefix_cache_bytes,
+            spec_tokens,
+        };
+        let handle = start_with_head(model, head, cfg).unwrap();
+        let request = |p: &Vec<u32>| GenRequest { snapshot_at: vec![p.len()], ..greedy_request(p.clone(), max_tokens) };
+        let outputs = if in_turn {
+            prompts.iter().map(|p| outcome(&mut handle.submit(request(p)).unwrap()).unwrap()).collect()
+        } else {
+            let mut receivers: Vec<_> = prompts.iter().map(|p| handle.submit(request(p)).unwrap()).collect();
+            receivers.iter_mut().map(|rx| outcome(rx).unwrap()).collect()
+        };
+        let stats = handle.stats.clone();
         handle.shutdown();
-        (outputs, preemptions)
+        (outputs, stats)
+    }
+
+    /// Greedy requests that draft with the MTP head get the tokens they get without, batched,
+    /// preempted and recomputed, and resumed from prefix snapshots (which then hold the head's
+    /// state too); the counters say drafts were verified.
+    #[test]
+    fn speculative_decoding_keeps_the_greedy_tokens() {
+        let prompts: Vec<Vec<u32>> =
+            (0..3u32).map(|s| (0..20 + 7 * s).map(|i| (i * 31 + s * 101 + 3) % 512).collect()).collect();
+        let (plain, _) = serve_all_with(&prompts, 40, 64, false, 0, false);
+        for (kv_blocks, prefix) in [(64, false), (64, true), (12, false)] {
+            let (spec, stats) = serve_all_with(&prompts, 40, kv_blocks, prefix, 3, false);
+            let what = format!("{kv_blocks} blocks, prefix cache {prefix}");
+            assert_eq!(spec, plain, "{what}");
+            let verifies = stats.spec_verifies.load(Ordering::Relaxed);
+            assert!(verifies > 0, "{what}: nothing verified");
+            assert_eq!(stats.spec_drafted.load(Ordering::Relaxed), 3 * verifies, "{what}");
+            if kv_blocks == 12 {
+                assert!(stats.preemptions.load(Ordering::Relaxed) > 0, "{what}: no preemption");
+            }
+        }
+        // A conversation whose second turn resumes from the first's snapshot, the head's state
+        // included.
+        let first: Vec<u32> = (0..30).map(|i| (i * 13 + 1) % 512).collect();
+        let second: Vec<u32> = first.iter().copied().chain([7, 8, 9]).collect();
+        let (plain, _) = serve_all_with(&[first.clone(), second.clone()], 12, 64, false, 0, true);
+        let (spec, stats) = serve_all_with(&[first, second], 12, 64, true, 2, true);
+        assert_eq!(spec, plain);
+        assert_eq!(stats.prefix_cached_tokens.load(Ordering::Relaxed), 30, "the second turn resumed");
+        assert!(stats.spec_verifies.load(Ordering::Relaxed) > 0);
     }
 
     /// Sequences are admitted by the blocks their prompts need, not prompt + max_tokens; when

@@ -155,6 +155,26 @@ impl Metrics {
             "Bytes of the prompt snapshots held (within --cache-budget).",
             stats.prefix_bytes.load(Ordering::Relaxed) as u64,
         );
+        // Speculative decoding, as vLLM counts it (acceptance rate = accepted / draft tokens;
+        // mean accepted length = 1 + accepted / drafts).
+        counter(
+            &mut out,
+            "fp4_spec_decode_num_drafts_total",
+            "Speculative verifies (one per drafting sequence per step).",
+            r(&stats.spec_verifies),
+        );
+        counter(
+            &mut out,
+            "fp4_spec_decode_num_draft_tokens_total",
+            "Tokens drafted by the MTP head.",
+            r(&stats.spec_drafted),
+        );
+        counter(
+            &mut out,
+            "fp4_spec_decode_num_accepted_tokens_total",
+            "Drafted tokens the main model kept.",
+            r(&stats.spec_accepted),
+        );
         self.ttft.render(&mut out, "fp4_time_to_first_token_seconds", "Time from request to first generated token.");
         self.itl.render(&mut out, "fp4_inter_token_latency_seconds", "Time between generated tokens.");
         out

@@ -4,21 +4,34 @@
 //! message, so only those are prefilled. A GDN state cannot be cut back to a shorter prefix the
 //! way KV rows can, so a snapshot serves exactly the prompts that start with all of its tokens;
 //! the longest such snapshot wins. Least recently used snapshots go first when the byte budget
-//! is full. The snapshots are copies of the prefill cache on the model's device (CPU or GPU).
+//! is full. The snapshots are copies of the prefill state on the model's device (CPU or GPU):
+//! the model's cache, and for a sequence that drafts with the MTP head, the head's too.
 
 use fp4_model::{Cache, LayerCache};
 
+/// What a snapshot holds.
+pub trait Snapshot: Clone {
+    /// Device bytes it takes.
+    fn bytes(&self) -> usize;
+}
+
+impl Snapshot for Cache {
+    fn bytes(&self) -> usize {
+        cache_bytes(self)
+    }
+}
+
 /// Snapshots of prefilled prompts within a byte budget.
-pub struct PrefixCache {
-    entries: Vec<Entry>,
+pub struct PrefixCache<S = Cache> {
+    entries: Vec<Entry<S>>,
     budget: usize,
     used: usize,
     clock: u64,
 }
 
-struct Entry {
+struct Entry<S> {
     tokens: Vec<u32>,
-    cache: Cache,
+    snapshot: S,
     bytes: usize,
     last_used: u64,
 }
@@ -38,35 +51,38 @@ pub fn cache_bytes(cache: &Cache) -> usize {
     elems * std::mem::size_of::<f32>()
 }
 
-impl PrefixCache {
+impl<S: Snapshot> PrefixCache<S> {
     /// An empty cache that holds up to `budget` bytes of snapshots (0: nothing is kept).
-    pub fn new(budget: usize) -> PrefixCache {
+    pub fn new(budget: usize) -> PrefixCache<S> {
         PrefixCache { entries: Vec::new(), budget, used: 0, clock: 0 }
     }
 
-    /// A copy of the longest snapshot whose tokens `prompt` starts with, leaving at least one
-    /// prompt token to prefill (its logits give the first output token), and its length.
-    pub fn lookup(&mut self, prompt: &[u32]) -> Option<(Cache, usize)> {
+    /// A copy of the longest `usable` snapshot whose tokens `prompt` starts with, leaving at
+    /// least one prompt token to prefill (its logits give the first output token), and its length.
+    pub fn lookup(&mut self, prompt: &[u32], usable: impl Fn(&S) -> bool) -> Option<(S, usize)> {
         self.clock += 1;
         let best = self
             .entries
             .iter_mut()
-            .filter(|e| e.tokens.len() < prompt.len() && prompt.starts_with(&e.tokens))
+            .filter(|e| e.tokens.len() < prompt.len() && prompt.starts_with(&e.tokens) && usable(&e.snapshot))
             .max_by_key(|e| e.tokens.len())?;
         best.last_used = self.clock;
-        Some((best.cache.clone(), best.tokens.len()))
+        Some((best.snapshot.clone(), best.tokens.len()))
     }
 
-    /// Keeps a copy of `cache`, the state after `tokens`, evicting the least recently used
+    /// Keeps a copy of `snapshot`, the state after `tokens`, evicting the least recently used
     /// snapshots until it fits; one larger than the whole budget is not kept. A snapshot of the
-    /// same tokens is only refreshed.
-    pub fn insert(&mut self, tokens: &[u32], cache: &Cache) {
+    /// same tokens is only refreshed, or replaced by one that holds more (the MTP head's state).
+    pub fn insert(&mut self, tokens: &[u32], snapshot: &S) {
         self.clock += 1;
-        if let Some(e) = self.entries.iter_mut().find(|e| e.tokens == tokens) {
-            e.last_used = self.clock;
-            return;
+        let bytes = snapshot.bytes();
+        if let Some(i) = self.entries.iter().position(|e| e.tokens == tokens) {
+            self.entries[i].last_used = self.clock;
+            if bytes <= self.entries[i].bytes {
+                return;
+            }
+            self.used -= self.entries.swap_remove(i).bytes;
         }
-        let bytes = cache_bytes(cache);
         if bytes > self.budget {
             return;
         }
@@ -75,7 +91,7 @@ impl PrefixCache {
             self.used -= self.entries.swap_remove(oldest).bytes;
         }
         self.used += bytes;
-        self.entries.push(Entry { tokens: tokens.to_vec(), cache: cache.clone(), bytes, last_used: self.clock });
+        self.entries.push(Entry { tokens: tokens.to_vec(), snapshot: snapshot.clone(), bytes, last_used: self.clock });
     }
 
     /// Snapshots held and their bytes.
@@ -114,18 +130,25 @@ mod tests {
         pc.insert(&[1, 2], &cache(2, 2.0));
         pc.insert(&[1, 2, 3, 4], &cache(4, 4.0));
         pc.insert(&[9, 9, 9], &cache(3, 9.0));
-        let (c, n) = pc.lookup(&[1, 2, 3, 4, 5]).unwrap();
+        let (c, n) = pc.lookup(&[1, 2, 3, 4, 5], |_| true).unwrap();
         assert_eq!((n, fill_of(&c), c.seq_len), (4, 4.0, 4));
         // The whole prompt cached: one token must still be prefilled, so the shorter one serves.
-        let (c, n) = pc.lookup(&[1, 2, 3, 4]).unwrap();
+        let (c, n) = pc.lookup(&[1, 2, 3, 4], |_| true).unwrap();
         assert_eq!((n, fill_of(&c)), (2, 2.0));
-        assert!(pc.lookup(&[1, 3, 4]).is_none() && pc.lookup(&[1]).is_none());
+        assert!(pc.lookup(&[1, 3, 4], |_| true).is_none() && pc.lookup(&[1], |_| true).is_none());
         // Changing the copy leaves the snapshot as it was.
-        let (mut c, _) = pc.lookup(&[9, 9, 9, 0]).unwrap();
+        let (mut c, _) = pc.lookup(&[9, 9, 9, 0], |_| true).unwrap();
         if let LayerCache::Gdn { state, .. } = &mut c.layers[1] {
             state.as_mut_slice()[0] = -1.0;
         }
-        assert_eq!(fill_of(&pc.lookup(&[9, 9, 9, 0]).unwrap().0), 9.0);
+        assert_eq!(fill_of(&pc.lookup(&[9, 9, 9, 0], |_| true).unwrap().0), 9.0);
+        // Only usable snapshots serve (a drafting sequence needs one with the MTP head's state).
+        let (c, n) = pc.lookup(&[1, 2, 3, 4, 5], |c| c.seq_len < 4).unwrap();
+        assert_eq!((n, fill_of(&c)), (2, 2.0));
+        // The same tokens again with a snapshot that holds more: it replaces the old one.
+        pc.insert(&[9, 9, 9], &cache(6, 6.0));
+        assert_eq!(fill_of(&pc.lookup(&[9, 9, 9, 0], |_| true).unwrap().0), 6.0);
+        assert_eq!(pc.usage(), (3, [2, 4, 6].iter().map(|&l| cache_bytes(&cache(l, 0.0))).sum()));
     }
 
     #[test]
@@ -135,19 +158,19 @@ mod tests {
         let mut pc = PrefixCache::new(2 * one);
         pc.insert(&[1, 1, 1, 1], &cache(4, 1.0));
         pc.insert(&[2, 2, 2, 2], &cache(4, 2.0));
-        assert!(pc.lookup(&[1, 1, 1, 1, 7]).is_some()); // [1…] is now the more recent
+        assert!(pc.lookup(&[1, 1, 1, 1, 7], |_| true).is_some()); // [1…] is now the more recent
         pc.insert(&[3, 3, 3, 3], &cache(4, 3.0));
         assert_eq!(pc.usage(), (2, 2 * one));
-        assert!(pc.lookup(&[2, 2, 2, 2, 7]).is_none(), "the least recently used one goes");
-        assert!(pc.lookup(&[1, 1, 1, 1, 7]).is_some() && pc.lookup(&[3, 3, 3, 3, 7]).is_some());
+        assert!(pc.lookup(&[2, 2, 2, 2, 7], |_| true).is_none(), "the least recently used one goes");
+        assert!(pc.lookup(&[1, 1, 1, 1, 7], |_| true).is_some() && pc.lookup(&[3, 3, 3, 3, 7], |_| true).is_some());
         // Re-inserting the same tokens refreshes, a snapshot beyond the budget is not kept.
         pc.insert(&[3, 3, 3, 3], &cache(4, 30.0));
-        assert_eq!(fill_of(&pc.lookup(&[3, 3, 3, 3, 7]).unwrap().0), 3.0);
+        assert_eq!(fill_of(&pc.lookup(&[3, 3, 3, 3, 7], |_| true).unwrap().0), 3.0);
         pc.insert(&[5; 20], &cache(20, 5.0));
-        assert!(pc.lookup(&[5; 21]).is_none());
+        assert!(pc.lookup(&[5; 21], |_| true).is_none());
         assert_eq!(pc.usage(), (2, 2 * one));
         let mut off = PrefixCache::new(0);
         off.insert(&[1, 2], &cache(2, 1.0));
-        assert!(off.lookup(&[1, 2, 3]).is_none());
+        assert!(off.lookup(&[1, 2, 3], |_| true).is_none());
     }
 }

@@ -305,6 +305,7 @@ fn served_decode_rate(model: Qwen35, prompt: &[u32], tokens: usize) -> anyhow::R
         cache_budget_bytes: 4 << 30,
         cuda_graphs: true,
         prefix_cache_bytes: 0,
+        spec_tokens: 0,
     };
     let handle = engine::start(model, cfg)?;
     let request = || GenRequest {
@@ -357,6 +358,7 @@ fn conversation_bench(name: &str) -> anyhow::Result<Value> {
             cache_budget_bytes: (4 << 30) + prefix_cache_bytes,
             cuda_graphs: true,
             prefix_cache_bytes,
+            spec_tokens: 0,
         };
         let handle = engine::start(model, cfg)?;
         let first: Vec<u32> = (0..1000u64).map(|i| ((i * 2654435761 + 17) % vocab as u64) as u32).collect();
