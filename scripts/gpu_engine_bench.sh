@@ -51,6 +51,8 @@ fp4 = {
     "bytes_per_token_nvfp4": e.get("bytes_per_token_nvfp4"),
     # Issue 16: TTFT turn by turn over a 20-turn conversation, prefix caching on and off.
     "conversation_ttft_ms": e.get("conversation_ttft_ms"),
+    # Issue 16: MTP speculative decoding, K = 3, acceptance forced to mean length 2.5.
+    "mtp": e.get("mtp"),
 }
 peer = {"engine": "llama.cpp 0c1e570 (llama-bench, llama-batched-bench; FA on, all layers on the GPU)"}
 def bench(q):

@@ -255,6 +255,91 @@ fn decode_rate(
     Ok((steps * seqs.len()) as f64 / t0.elapsed().as_secs_f64())
 }
 
+/// Speculative decode through the runner with the acceptance forced (random weights draft
+/// nothing the main model agrees with): step t keeps `kept[t % len]` drafts, otherwise every
+/// step does the real work (K head steps, the K + 1-row verify, the LM head and argmax over its
+/// rows, the head over the verified rows). Tokens per second, counting kept drafts + 1 per
+/// sequence and step.
+fn speculative_rate(
+    runner: &mut DecodeRunner,
+    model: &Qwen35,
+    mtp: &fp4_model::Mtp,
+    seqs: &mut [SeqState],
+    kept: &[usize],
+    warm: usize,
+    steps: usize,
+) -> anyhow::Result<f64> {
+    let k = runner.config().spec_tokens;
+    let mut inputs: Vec<u32> = vec![1; seqs.len()];
+    let mut tokens = 0usize;
+    let mut run = |runner: &mut DecodeRunner, step: usize| -> anyhow::Result<usize> {
+        let mut refs: Vec<&mut SeqState> = seqs.iter_mut().collect();
+        let drafts = runner.draft(model, mtp, &mut refs)?;
+        let hidden = runner.verify(model, &mut refs, &inputs, &drafts)?;
+        let mut best = Ids::new(vec![0; hidden.rows()], Device::Cuda);
+        ops::argmax_rows(&model.head(&hidden), &mut best);
+        let best = best.to_vec();
+        let m = kept[step % kept.len()].min(k);
+        let kept_all = vec![m; refs.len()];
+        let next: Vec<u32> = (0..refs.len()).map(|b| best[b * (k + 1) + m]).collect();
+        runner.accept(model, mtp, &mut refs, &drafts, &hidden, &kept_all, &next)?;
+        inputs = next;
+        Ok(refs.len() * (m + 1))
+    };
+    for step in 0..warm {
+        run(runner, step)?;
+    }
+    let t0 = Instant::now();
+    for step in 0..steps {
+        tokens += run(runner, step)?;
+    }
+    Ok(tokens as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// MTP speculative decoding on the synthetic model (NVFP4, its head BF16) at K = 3 with the
+/// acceptance forced to a mean accepted length of 2.5 (1 or 2 drafts kept, alternately: the
+/// published range for Qwen3.5's head is 2–3), against plain decode of the same sequences
+/// (graphs, and eager as the speculative path runs today), at 1 and 8 streams.
+fn mtp_bench(name: &str) -> anyhow::Result<Value> {
+    let src = Synthetic::named(name, SyntheticFormat::Nvfp4 { mlp_only: false }, 1)?.with_mtp();
+    let o = LoadOptions::new(F32).on(Device::Cuda);
+    let (model, mtp) = (Qwen35::load(&src, o)?, fp4_model::Mtp::load(&src, o)?.context("the synthetic head")?);
+    let (k, kept) = (3, [1usize, 2]);
+    let vocab = model.config.vocab_size as u64;
+    let prompt: Vec<u32> = (0..1000u64).map(|i| ((i * 2654435761 + 5) % vocab) as u32).collect();
+    let mut cache = model.new_cache();
+    let h = model.forward_normed(&prompt, &mut cache, Logits::All)?;
+    let next: Vec<u32> = prompt[1..].iter().copied().chain([1]).collect();
+    let mut head_cache = mtp.new_cache();
+    let g = mtp.forward(&model, &next, &h, &mut head_cache)?;
+    let last = ops::rows(&g, g.rows() - 1, g.rows());
+    let mut out = json!({"k": k, "mean_accepted_length": 1.0 + kept.iter().sum::<usize>() as f64 / kept.len() as f64});
+    for n in [1usize, 8] {
+        let cfg = RunnerConfig::from_budget(&model.config, n, 4096, 32, 8 << 30, true, k)?;
+        let mut runner = DecodeRunner::new(&model, cfg);
+        let mut seqs = (0..n)
+            .map(|_| runner.admit_speculative(&cache, &head_cache, last.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let spec = speculative_rate(&mut runner, &model, &mtp, &mut seqs, &kept, 2, 32)?;
+        for s in seqs {
+            runner.release(s);
+        }
+        let plain = |graphs: bool| -> anyhow::Result<f64> {
+            let mut r = DecodeRunner::new(&model, RunnerConfig { graphs, ..cfg });
+            let mut seqs = (0..n).map(|_| r.admit(&cache)).collect::<Result<Vec<_>, _>>()?;
+            decode_rate(&mut r, &model, &mut seqs, 4, 64)
+        };
+        let (without, without_eager) = (plain(true)?, plain(false)?);
+        println!(
+            "engine {name} nvfp4: MTP K={k} mean accepted length 2.5, {n} streams: {spec:.1} tok/s \
+             (without: {without:.1} graphs, {without_eager:.1} eager)"
+        );
+        out[format!("streams_{n}")] =
+            json!({"decode_tok_s": spec, "decode_tok_s_without": without, "decode_tok_s_without_eager": without_eager});
+    }
+    Ok(out)
+}
+
 /// Times to first token of an `n`-token prompt (prefill, pick the token), sorted: three runs
 /// after a warm-up.
 pub(super) fn ttft_runs_ms(model: &Qwen35, n: usize) -> anyhow::Result<Vec<f64>> {
@@ -456,6 +541,8 @@ pub(super) fn engine_benches(g: &Gpu, _a: &Args, name: &str, copy: f64) -> anyho
             out["decode_bs1_nvfp4_served"] = json!(served);
             out["server_overhead_fraction"] = json!(overhead);
             out["conversation_ttft_ms"] = conversation_bench(name)?;
+            // Last, and its failure recorded rather than losing the figures above.
+            out["mtp"] = mtp_bench(name).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
         }
     }
     Ok(out)
