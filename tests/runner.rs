@@ -130,6 +130,22 @@ fn prefill_speculative(model: &Qwen35, mtp: &Mtp, runner: &mut DecodeRunner, pro
     (runner.admit_speculative(&cache, &head_cache, g_last).unwrap(), first)
 }
 
+/// Every prompt prefilled and handed to the runner; their states and first tokens.
+fn admit_all(
+    model: &Qwen35,
+    mtp: &Mtp,
+    runner: &mut DecodeRunner,
+    prompts: &[Vec<u32>],
+) -> (Vec<SeqState>, Vec<Vec<u32>>) {
+    prompts
+        .iter()
+        .map(|p| {
+            let (s, first) = prefill_speculative(model, mtp, runner, p);
+            (s, vec![first])
+        })
+        .unzip()
+}
+
 /// One speculative step of `seqs` with greedy acceptance; `drafts` replaces the head's guesses
 /// when given. Returns the head's guesses and each sequence's new tokens.
 fn speculative_step(
@@ -179,13 +195,7 @@ fn speculative_steps_keep_exactly_the_plain_greedy_tokens() {
         spec_tokens: k,
     };
     let mut runner = DecodeRunner::new(&model, cfg);
-    let (mut seqs, mut out): (Vec<SeqState>, Vec<Vec<u32>>) = all
-        .iter()
-        .map(|p| {
-            let (s, first) = prefill_speculative(&model, &mtp, &mut runner, p);
-            (s, vec![first])
-        })
-        .unzip();
+    let (mut seqs, mut out) = admit_all(&model, &mtp, &mut runner, &all);
     let mut kept_any = [false; 4];
     for step in 0..steps {
         // Sequence b's drafts are the true continuation, wrong from index (step + b) % 4 on
@@ -263,13 +273,7 @@ fn batched_mtp_drafts_equal_the_sequence_drafter() {
         spec_tokens: k,
     };
     let mut runner = DecodeRunner::new(&model, cfg);
-    let (mut seqs, mut out): (Vec<SeqState>, Vec<Vec<u32>>) = all
-        .iter()
-        .map(|p| {
-            let (s, first) = prefill_speculative(&model, &mtp, &mut runner, p);
-            (s, vec![first])
-        })
-        .unzip();
+    let (mut seqs, mut out) = admit_all(&model, &mtp, &mut runner, &all);
     let mut guesses = vec![vec![]; all.len()];
     while out.iter().any(|o| o.len() < max_tokens) {
         let inputs: Vec<u32> = out.iter().map(|o| *o.last().unwrap()).collect();

@@ -884,6 +884,22 @@ fn admit(model: &Qwen35, mtp: Option<&Mtp>, runner: &mut DecodeRunner, seq: &mut
     }
 }
 
+/// The input tokens (each one's last) and runner states of the decoding sequences `group`
+/// (sorted), in group order.
+fn group_inputs<'a>(running: &'a mut [Sequence], group: &[usize]) -> (Vec<u32>, Vec<&'a mut SeqState>) {
+    let inputs = group.iter().map(|&i| *running[i].generated.last().expect("decode follows a token")).collect();
+    let states = running
+        .iter_mut()
+        .enumerate()
+        .filter(|(i, _)| group.contains(i))
+        .map(|(_, seq)| match &mut seq.cache {
+            SeqCache::Decode(state) => state,
+            SeqCache::Prefill(_) | SeqCache::Dropped => unreachable!("only decoding sequences are grouped"),
+        })
+        .collect();
+    (inputs, states)
+}
+
 /// One batched decode step of the sequences `group` (all decoding): on the device (greedy) or
 /// with their logits sampled on the host.
 fn decode_step(
@@ -901,18 +917,7 @@ fn decode_step(
     {
         panic!("injected failure");
     }
-    let inputs: Vec<u32> =
-        group.iter().map(|&i| *running[i].generated.last().expect("decode follows a token")).collect();
-    // The group's runner states in group order (`group` is sorted).
-    let mut states: Vec<&mut SeqState> = running
-        .iter_mut()
-        .enumerate()
-        .filter(|(i, _)| group.contains(i))
-        .map(|(_, seq)| match &mut seq.cache {
-            SeqCache::Decode(state) => state,
-            SeqCache::Prefill(_) | SeqCache::Dropped => unreachable!("only decoding sequences are grouped"),
-        })
-        .collect();
+    let (inputs, mut states) = group_inputs(running, group);
     let fail_all = |running: &mut [Sequence], done: &mut [bool], e: RunnerError| {
         for &i in group {
             let _ = running[i].events.send(Event::Failed(format!("decode step failed: {e}")));
@@ -965,17 +970,7 @@ fn speculative_step(
     stats: &Stats,
 ) {
     let k = runner.config().spec_tokens;
-    let inputs: Vec<u32> =
-        group.iter().map(|&i| *running[i].generated.last().expect("decode follows a token")).collect();
-    let mut states: Vec<&mut SeqState> = running
-        .iter_mut()
-        .enumerate()
-        .filter(|(i, _)| group.contains(i))
-        .map(|(_, seq)| match &mut seq.cache {
-            SeqCache::Decode(state) => state,
-            SeqCache::Prefill(_) | SeqCache::Dropped => unreachable!("only decoding sequences are grouped"),
-        })
-        .collect();
+    let (inputs, mut states) = group_inputs(running, group);
     let verified = runner.draft(model, mtp, &mut states).and_then(|drafts| {
         let hidden = runner.verify(model, &mut states, &inputs, &drafts)?;
         let mut best = Ids::new(vec![0; hidden.rows()], model.device);
