@@ -94,6 +94,16 @@ extern "C" __global__ void copy_cols_f32(const float* __restrict__ src, float* _
     FOR_EACH(i, n) out[i] = src[(i / width) * src_cols + off + i % width];
 }
 
+// out[r, :] = [a[r, :] | b[r, :]] for a [R, m], b [R, n] (columns side by side).
+extern "C" __global__ void cat_cols_f32(const float* __restrict__ a, const float* __restrict__ b,
+                                        float* __restrict__ out, int m, int n, size_t total) {
+    pdl_start();
+    FOR_EACH(i, total) {
+        size_t r = i / (m + n), c = i % (m + n);
+        out[i] = c < (size_t)m ? a[r * m + c] : b[r * n + c - m];
+    }
+}
+
 // out[t, :] = table[ids[t], :] (token embedding gather), one block per token.
 extern "C" __global__ void embedding_f32(const float* __restrict__ table, const uint32_t* __restrict__ ids,
                                          float* __restrict__ out, int d) {

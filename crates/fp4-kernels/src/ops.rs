@@ -298,13 +298,16 @@ pub fn cat_cols(a: &Tensor, b: &Tensor) -> Tensor {
     let two_d = |t: &Tensor| t.shape().len() == 2 && t.row_len() > 0;
     check(two_d(a) && two_d(b) && a.rows() == b.rows(), "cat_cols", || format!("{:?} vs {:?}", a.shape(), b.shape()));
     let (m, n) = (a.row_len(), b.row_len());
-    let (av, bv) = (a.to_vec(), b.to_vec());
-    let mut out = Vec::with_capacity(av.len() + bv.len());
-    for (ra, rb) in av.chunks_exact(m).zip(bv.chunks_exact(n)) {
+    #[cfg(feature = "cuda")]
+    if let Storage::Cuda(xa) = a.storage() {
+        return Tensor::from_cuda(ok(gpu().cat_cols(xa, m, b.cuda(), n), "cat_cols"), &[a.rows(), m + n]);
+    }
+    let mut out = Vec::with_capacity(a.elem_count() + b.elem_count());
+    for (ra, rb) in a.as_slice().chunks_exact(m).zip(b.as_slice().chunks_exact(n)) {
         out.extend_from_slice(ra);
         out.extend_from_slice(rb);
     }
-    Tensor::from_vec(out, &[a.rows(), m + n]).into_device(a.device())
+    Tensor::from_vec(out, &[a.rows(), m + n])
 }
 
 /// The last row of `x` as a `[1, ...]` tensor.

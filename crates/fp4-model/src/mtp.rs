@@ -17,8 +17,6 @@ use crate::{GenerateOptions, ModelError, Result};
 use fp4_format::LayerType;
 use fp4_kernels::ops::{self, BatchIndex, GdnAlgo};
 use fp4_kernels::{Ids, Tensor};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
 /// The MTP head of a checkpoint (one layer; Qwen3.5 ships `mtp_num_hidden_layers` = 1).
 pub struct Mtp {
@@ -239,8 +237,9 @@ impl Drafter for MtpDrafter<'_> {
 /// recurrent GDN walk, which computes each token as a one-token step does; rejected drafts are
 /// undone by restoring the state from before the verify and running the kept tokens again (the
 /// reference; the batched engine will keep the GDN state after each draft position instead).
-/// The draws come from `params.seed`, so a seeded run repeats, but not the tokens of the same
-/// seed without drafts (the draws are used differently).
+/// The draws come from a [`Sampler`] of `params` (seeded), as the serving engine's do, so a
+/// seeded run repeats and the engine gives the same tokens; not those of the same seed without
+/// drafts (the draws are used differently).
 pub fn generate_speculative(
     model: &Qwen35,
     drafter: &mut dyn Drafter,
@@ -254,8 +253,9 @@ pub fn generate_speculative(
         return Err(ModelError::Unsupported("speculative decoding needs at least one draft token".into()));
     }
     params.validate()?;
-    let mut rng = StdRng::seed_from_u64(params.seed);
-    let mut draw = move || rng.random::<f64>();
+    // The first token as any sampled request's (one draw of the sampler's stream), then the
+    // acceptance draws from the same stream: the serving engine draws the same way.
+    let mut sampler = Sampler::new(params)?;
     let controls = params.kernel();
     let probs =
         |normed: &Tensor, row: usize| ops::sample_probs(&model.head(&ops::rows(normed, row, row + 1)), controls);
@@ -266,7 +266,7 @@ pub fn generate_speculative(
     }
     let mut cache: Cache = model.new_cache();
     let h = model.forward_normed(prompt, &mut cache, Logits::All)?;
-    let mut next = draw_from(&probs(&h, h.rows() - 1), draw());
+    let mut next = sampler.sample_tensor(&model.head(&ops::last_row(&h)));
     // Positions the drafter has not seen yet: the token after each and the main model's hidden.
     let mut pending_ids: Vec<u32> = prompt[1..].iter().copied().chain([next]).collect();
     let mut pending_hidden = h;
@@ -283,17 +283,7 @@ pub fn generate_speculative(
         let before = cache.clone();
         let input: Vec<u32> = [next].into_iter().chain(drafts.iter().copied()).collect();
         let mut hv = model.forward_normed_with(&input, &mut cache, Logits::All, GdnAlgo::Recurrent)?;
-        let mut kept = 0;
-        let own = loop {
-            let row = probs(&hv, kept);
-            if kept == k {
-                break draw_from(&row, draw());
-            }
-            match verify_draft(&row, drafts[kept], draw(), draw()) {
-                None => kept += 1,
-                Some(token) => break token,
-            }
-        };
+        let (kept, own) = accept_drafts(&drafts, |j| probs(&hv, j), || sampler.uniform());
         stats.drafted += k;
         stats.accepted += kept;
         stats.verify_steps += 1;
@@ -315,6 +305,23 @@ pub fn generate_speculative(
         pending_hidden = ops::rows(&hv, 0, kept + 1);
         next = own;
     }
+}
+
+/// Speculative sampling over one verify: `probs(j)` is the main model's distribution at row j
+/// (j = 0 ..= K, after the input and j drafts). Drafts are kept ([`verify_draft`]) until one is
+/// not, whose replacement is the main model's own token; with all K kept, the own token is drawn
+/// from row K. Returns (drafts kept, own token); `draw` gives the uniform draws.
+pub fn accept_drafts(
+    drafts: &[u32],
+    mut probs: impl FnMut(usize) -> Vec<(u32, f64)>,
+    mut draw: impl FnMut() -> f64,
+) -> (usize, u32) {
+    for (j, &d) in drafts.iter().enumerate() {
+        if let Some(token) = verify_draft(&probs(j), d, draw(), draw()) {
+            return (j, token);
+        }
+    }
+    (drafts.len(), draw_from(&probs(drafts.len()), draw()))
 }
 
 /// One verified draft position of speculative sampling: `d`, proposed with certainty, is kept
@@ -354,6 +361,8 @@ fn draw_from(probs: &[(u32, f64)], v: f64) -> u32 {
 mod tests {
     use super::*;
     use crate::{generate, Precision, Synthetic, SyntheticFormat};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
 
     fn tiny(mtp: bool) -> (Synthetic, LoadOptions) {
         tiny_as(mtp, SyntheticFormat::Bf16, Precision::F32)

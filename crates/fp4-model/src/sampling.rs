@@ -29,7 +29,7 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     /// The controls the sampling op takes.
-    pub(crate) fn kernel(&self) -> SampleParams {
+    pub fn kernel(&self) -> SampleParams {
         SampleParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, min_p: self.min_p }
     }
 
@@ -68,6 +68,12 @@ impl Sampler {
     pub fn sample_tensor(&mut self, logits: &Tensor) -> u32 {
         let u = self.draw();
         fp4_kernels::ops::sample(logits, self.kernel_params(), u)
+    }
+
+    /// A uniform draw in [0, 1) from this sampler's stream (speculative sampling's acceptance
+    /// tests).
+    pub fn uniform(&mut self) -> f64 {
+        self.rng.random::<f64>()
     }
 
     /// The uniform draw of one step (none when greedy, so greedy runs leave the stream alone).

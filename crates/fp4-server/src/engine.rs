@@ -339,8 +339,8 @@ struct Sequence {
     resume: Vec<u32>,
     /// Admission order (the most recently admitted are preempted first).
     admitted: u64,
-    /// Drafts with the MTP head (greedy, nothing needing the logits on the host, no forced
-    /// choices, and the engine speculates).
+    /// Drafts with the MTP head (nothing needing the logits on the host, no forced choices, and
+    /// the engine speculates).
     speculative: bool,
 }
 
@@ -584,10 +584,7 @@ fn run(
             match Sampler::new(s.req.sampling) {
                 Ok(sampler) => {
                     stats.prompt_tokens.fetch_add(s.req.prompt.len() as u64, Ordering::Relaxed);
-                    let speculative = head.is_some()
-                        && s.req.sampling.temperature == 0.0
-                        && !needs_host_logits(&s.req)
-                        && s.req.choices.is_empty();
+                    let speculative = head.is_some() && !needs_host_logits(&s.req) && s.req.choices.is_empty();
                     let usable = |p: &PrefillState| p.head.is_some() || !speculative;
                     let (state, cached) = match prefixes.lookup(&s.req.prompt, usable) {
                         Some((state, n)) => {
@@ -957,9 +954,11 @@ fn decode_step(
     }
 }
 
-/// One speculative step of the drafting sequences `group` (all greedy): the MTP head drafts,
-/// the runner verifies every draft in one forward, and each sequence keeps the drafts that match
-/// the main model's own choices, then the main model's next token: what plain greedy steps give.
+/// One speculative step of the drafting sequences `group`: the MTP head drafts, the runner
+/// verifies every draft in one forward, and each sequence keeps drafts by its sampling rule:
+/// greedy ones while they match the main model's own choices (then its next token: what plain
+/// greedy steps give), sampled ones by speculative sampling ([`fp4_model::accept_drafts`]: each
+/// token follows the main model's distribution under the request's controls).
 fn speculative_step(
     model: &Qwen35,
     mtp: &Mtp,
@@ -970,23 +969,39 @@ fn speculative_step(
     stats: &Stats,
 ) {
     let k = runner.config().spec_tokens;
-    let (inputs, mut states) = group_inputs(running, group);
-    let verified = runner.draft(model, mtp, &mut states).and_then(|drafts| {
+    // Per sequence: its drafts, how many it keeps, and the main model's token after them.
+    type Verified = (Vec<Vec<u32>>, Vec<usize>, Vec<u32>);
+    let mut step = || -> Result<Verified, RunnerError> {
+        let (inputs, mut states) = group_inputs(running, group);
+        let drafts = runner.draft(model, mtp, &mut states)?;
         let hidden = runner.verify(model, &mut states, &inputs, &drafts)?;
+        let logits = model.head(&hidden);
+        // Greedy rows pick on the device; only the ids come back.
         let mut best = Ids::new(vec![0; hidden.rows()], model.device);
-        ops::argmax_rows(&model.head(&hidden), &mut best);
+        ops::argmax_rows(&logits, &mut best);
         let best = best.to_vec();
         let (mut kept, mut next) = (Vec::new(), Vec::new());
         for (b, d) in drafts.iter().enumerate() {
-            let own = &best[b * (k + 1)..(b + 1) * (k + 1)];
-            let m = d.iter().zip(own).take_while(|(d, t)| d == t).count();
+            let seq = &mut running[group[b]];
+            let r0 = b * (k + 1);
+            let (m, own) = if seq.req.sampling.temperature == 0.0 {
+                let own = &best[r0..r0 + k + 1];
+                let m = d.iter().zip(own).take_while(|(d, t)| d == t).count();
+                (m, own[m])
+            } else {
+                // Rows come to the host only up to the first rejected draft.
+                let controls = seq.req.sampling.kernel();
+                let probs = |j: usize| ops::sample_probs(&ops::rows(&logits, r0 + j, r0 + j + 1), controls);
+                fp4_model::accept_drafts(d, probs, || seq.sampler.uniform())
+            };
             kept.push(m);
-            next.push(own[m]);
+            next.push(own);
         }
+        let (_, mut states) = group_inputs(running, group);
         runner.accept(model, mtp, &mut states, &drafts, &hidden, &kept, &next)?;
         Ok((drafts, kept, next))
-    });
-    match verified {
+    };
+    match step() {
         Ok((drafts, kept, next)) => {
             stats.spec_verifies.fetch_add(group.len() as u64, Ordering::Relaxed);
             stats.spec_drafted.fetch_add((group.len() * k) as u64, Ordering::Relaxed);
@@ -1173,10 +1188,28 @@ mod tests {
         spec_tokens: usize,
         in_turn: bool,
     ) -> (Vec<Vec<u32>>, Arc<Stats>) {
-        use fp4_model::{LoadOptions, Pools, Precision, Synthetic, SyntheticFormat};
+        let request = |p: &Vec<u32>| GenRequest { snapshot_at: vec![p.len()], ..greedy_request(p.clone(), max_tokens) };
+        serve_requests(prompts.iter().map(request).collect(), kv_blocks, prefix, spec_tokens, in_turn)
+    }
+
+    /// The tiny model (seed 5) and its MTP head.
+    fn tiny_with_head() -> (Qwen35, Option<Mtp>) {
+        use fp4_model::{LoadOptions, Precision, Synthetic, SyntheticFormat};
         let src = Synthetic::named("tiny", SyntheticFormat::Bf16, 5).unwrap().with_mtp();
         let o = LoadOptions::new(Precision::F32);
-        let (model, head) = (Qwen35::load(&src, o).unwrap(), Mtp::load(&src, o).unwrap());
+        (Qwen35::load(&src, o).unwrap(), Mtp::load(&src, o).unwrap())
+    }
+
+    /// The outputs of `requests` served by the tiny model (see [`serve_all_with`]).
+    fn serve_requests(
+        requests: Vec<GenRequest>,
+        kv_blocks: usize,
+        prefix: bool,
+        spec_tokens: usize,
+        in_turn: bool,
+    ) -> (Vec<Vec<u32>>, Arc<Stats>) {
+        use fp4_model::Pools;
+        let (model, head) = tiny_with_head();
         let max_num_seqs = 3;
         let c = &model.config;
         let pools = (max_num_seqs * (1 + spec_tokens) + 1) * Pools::slot_bytes(c)
@@ -1192,16 +1225,44 @@ mod tests {
             spec_tokens,
         };
         let handle = start_with_head(model, head, cfg).unwrap();
-        let request = |p: &Vec<u32>| GenRequest { snapshot_at: vec![p.len()], ..greedy_request(p.clone(), max_tokens) };
         let outputs = if in_turn {
-            prompts.iter().map(|p| outcome(&mut handle.submit(request(p)).unwrap()).unwrap()).collect()
+            requests.into_iter().map(|r| outcome(&mut handle.submit(r).unwrap()).unwrap()).collect()
         } else {
-            let mut receivers: Vec<_> = prompts.iter().map(|p| handle.submit(request(p)).unwrap()).collect();
+            let mut receivers: Vec<_> = requests.into_iter().map(|r| handle.submit(r).unwrap()).collect();
             receivers.iter_mut().map(|rx| outcome(rx).unwrap()).collect()
         };
         let stats = handle.stats.clone();
         handle.shutdown();
         (outputs, stats)
+    }
+
+    /// Sampled requests that draft with the MTP head, batched, give the single-sequence
+    /// speculative sampler's tokens for their seeds (`generate_speculative`: the same draws from
+    /// the same stream; its output follows the plain sampler's distribution, tested in mtp.rs).
+    #[test]
+    fn sampled_speculative_requests_follow_the_single_sequence_reference() {
+        use fp4_model::{generate_speculative, GenerateOptions, MtpDrafter};
+        let sampling = |seed| SamplingParams { temperature: 0.8, top_p: 0.9, top_k: 0, min_p: 0.0, seed };
+        let prompts: Vec<Vec<u32>> = (0..3u32).map(|s| (0..9).map(|i| (i * 41 + s * 7 + 2) % 512).collect()).collect();
+        let (model, head) = tiny_with_head();
+        let head = head.expect("an MTP head");
+        let opts = GenerateOptions { max_tokens: 16, stop_ids: vec![] };
+        let want: Vec<Vec<u32>> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let mut drafter = MtpDrafter::new(&head).unwrap();
+                generate_speculative(&model, &mut drafter, p, &opts, 3, sampling(i as u64), |_| {}).unwrap().0
+            })
+            .collect();
+        let requests = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| GenRequest { sampling: sampling(i as u64), ..greedy_request(p.clone(), 16) })
+            .collect();
+        let (got, stats) = serve_requests(requests, 64, false, 3, false);
+        assert_eq!(got, want);
+        assert!(stats.spec_verifies.load(Ordering::Relaxed) > 0);
     }
 
     /// Greedy requests that draft with the MTP head get the tokens they get without, batched,

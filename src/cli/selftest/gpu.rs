@@ -349,6 +349,9 @@ fn op_checks(rep: &mut Report, rng: &mut Normal) {
     let (want, got) = (ops::split_last(&x, &[16, 8, 16]), ops::split_last(&gpu_t(&x), &[16, 8, 16]));
     let err = want.iter().zip(&got).map(|(w, g)| rel_err(g, w)).fold(0.0, f64::max);
     rep.check("split_last 5x40 → 16|8|16", err, 0.0);
+    let (a, b) = (rng.tensor(&[5, 24], 1.0), rng.tensor(&[5, 40], 1.0));
+    let got = ops::cat_cols(&gpu_t(&a), &gpu_t(&b));
+    rep.check("cat_cols 5x24 | 5x40", rel_err(&got, &ops::cat_cols(&a, &b)), 0.0);
     let y = rng.tensor(&[3, 40], 1.0);
     rep.check("cat_rows 5+3 x40", rel_err(&ops::cat_rows(&gpu_t(&x), &gpu_t(&y)), &ops::cat_rows(&x, &y)), 0.0);
     rep.check("last_row 5x40", rel_err(&ops::last_row(&gpu_t(&x)), &ops::last_row(&x)), 0.0);

@@ -43,6 +43,16 @@ impl Gpu {
         Ok(out)
     }
 
+    /// `[a | b]` row by row for `a [R, m]`, `b [R, n]`.
+    pub fn cat_cols(&self, a: &DeviceBuf<f32>, m: usize, b: &DeviceBuf<f32>, n: usize) -> Result<DeviceBuf<f32>> {
+        assert!(m > 0 && n > 0 && a.len().is_multiple_of(m) && a.len() / m * n == b.len(), "cat_cols shapes");
+        let total = a.len() + b.len();
+        let mut out = self.alloc::<f32>(total)?;
+        let (mi, ni) = (m as i32, n as i32);
+        launch!(self, cat_cols, flat(total), a, b, &mut out, &mi, &ni, &total);
+        Ok(out)
+    }
+
     /// Rows `ids` of a `[vocab, d]` table (ids validated against the vocabulary by the caller).
     pub fn embedding(&self, table: &DeviceBuf<f32>, d: usize, ids: &[u32]) -> Result<DeviceBuf<f32>> {
         assert!(table.len().is_multiple_of(d), "embedding shapes");
