@@ -30,11 +30,58 @@ impl Backend {
         }
     }
 
+    /// The server's speculative-decoding counters from its Prometheus `/metrics` (fp4's and
+    /// vLLM's names); `None` when it has no such endpoint or counters.
+    pub fn spec_counters(&self, timeout: Duration) -> Option<SpecCounters> {
+        let base = self.url.trim_end_matches('/');
+        let base = base.strip_suffix("/v1").unwrap_or(base);
+        let r = self.auth(Self::agent(timeout).get(&format!("{base}/metrics"))).call().ok()?;
+        SpecCounters::parse(&r.into_string().ok()?)
+    }
+
     /// The served model's id (first entry of /v1/models).
     pub fn model(&self, timeout: Duration) -> Result<String, String> {
         let r = self.auth(Self::agent(timeout).get(&self.endpoint("models"))).call().map_err(|e| e.to_string())?;
         let v: Value = r.into_json().map_err(|e| format!("/v1/models did not return JSON: {e}"))?;
         v["data"][0]["id"].as_str().map(str::to_string).ok_or_else(|| format!("/v1/models lists no model: {v}"))
+    }
+}
+
+/// Speculative decoding as a server counts it: verifies (drafting sequences × steps), tokens
+/// drafted, drafted tokens kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpecCounters {
+    pub drafts: u64,
+    pub draft_tokens: u64,
+    pub accepted: u64,
+}
+
+impl SpecCounters {
+    /// The counters in a Prometheus text page (fp4's `fp4_spec_decode_*_total`, vLLM's
+    /// `vllm:spec_decode_*_total`); `None` when it has none.
+    pub fn parse(page: &str) -> Option<SpecCounters> {
+        let value = |suffix: &str| {
+            page.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+                let (name, v) = l.split_once(' ')?;
+                let name = name.split('{').next()?;
+                let known = ["fp4_spec_decode_", "vllm:spec_decode_"].iter().any(|p| name == format!("{p}{suffix}"));
+                known.then(|| v.trim().parse::<f64>().ok()).flatten().map(|x| x as u64)
+            })
+        };
+        Some(SpecCounters {
+            drafts: value("num_drafts_total")?,
+            draft_tokens: value("num_draft_tokens_total")?,
+            accepted: value("num_accepted_tokens_total")?,
+        })
+    }
+
+    /// What happened between `before` and `self`.
+    pub fn since(&self, before: &SpecCounters) -> SpecCounters {
+        SpecCounters {
+            drafts: self.drafts.saturating_sub(before.drafts),
+            draft_tokens: self.draft_tokens.saturating_sub(before.draft_tokens),
+            accepted: self.accepted.saturating_sub(before.accepted),
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 //! history; one with a prefix cache for its hybrid state stays flat (`cached_tokens` says how
 //! much of each prompt it did not prefill, where the server reports it).
 
-use crate::client::{self, Backend, Reply};
+use crate::client::{self, Backend, Reply, SpecCounters};
 use crate::run::Dist;
 use crate::suite::Suite;
 use serde::Serialize;
@@ -53,6 +53,33 @@ pub struct ConversationResult {
     pub ttft_max_over_min: Option<f64>,
     /// The same from the second turn on (the first cannot resume from anything).
     pub ttft_max_over_min_after_first: Option<f64>,
+    /// Speculative decoding over the turns, from the server's /metrics (absent when it reports
+    /// none or drafted nothing).
+    pub speculative: Option<Speculative>,
+}
+
+/// Speculative decoding over a run, from the server's counters.
+#[derive(Debug, Clone, Serialize)]
+pub struct Speculative {
+    pub drafts: u64,
+    pub draft_tokens: u64,
+    pub accepted_tokens: u64,
+    /// Accepted over drafted tokens.
+    pub acceptance_rate: f64,
+    /// Tokens per verify: 1 + accepted / drafts.
+    pub mean_accepted_length: f64,
+}
+
+impl Speculative {
+    pub fn of(c: SpecCounters) -> Option<Speculative> {
+        (c.drafts > 0 && c.draft_tokens > 0).then(|| Speculative {
+            drafts: c.drafts,
+            draft_tokens: c.draft_tokens,
+            accepted_tokens: c.accepted,
+            acceptance_rate: c.accepted as f64 / c.draft_tokens as f64,
+            mean_accepted_length: 1.0 + c.accepted as f64 / c.drafts as f64,
+        })
+    }
 }
 
 /// The request of every turn, built while `first` answers them (its replies become the history).
@@ -126,7 +153,13 @@ fn turn_of(turn: usize, r: &Reply) -> Turn {
     }
 }
 
-fn result(b: &Backend, model: Option<String>, error: Option<String>, turns: Vec<Turn>) -> ConversationResult {
+fn result(
+    b: &Backend,
+    model: Option<String>,
+    error: Option<String>,
+    turns: Vec<Turn>,
+    speculative: Option<Speculative>,
+) -> ConversationResult {
     let ttfts = |from: usize| -> Dist {
         Dist::of(turns.iter().skip(from).filter_map(|t| t.ttft_ms.or(t.ttft_any_ms)).collect())
     };
@@ -145,6 +178,7 @@ fn result(b: &Backend, model: Option<String>, error: Option<String>, turns: Vec<
         ttft_ms,
         ttft_max_over_min,
         ttft_max_over_min_after_first,
+        speculative,
     }
 }
 
@@ -169,7 +203,7 @@ pub fn run(
             Ok(m) => m,
             Err(e) => {
                 (0..opts.warmup + opts.turns).for_each(|_| tick());
-                out.push(result(b, None, Some(format!("backend unavailable: {e}")), Vec::new()));
+                out.push(result(b, None, Some(format!("backend unavailable: {e}")), Vec::new(), None));
                 continue;
             }
         };
@@ -177,6 +211,7 @@ pub fn run(
             let _ = client::chat(b, &model, &warm, opts.timeout);
             tick();
         }
+        let counters_before = b.spec_counters(opts.timeout);
         let turns = match &script {
             None => {
                 let (bodies, replies) = converse(suite, b, &model, opts, &mut tick);
@@ -193,7 +228,11 @@ pub fn run(
                 })
                 .collect(),
         };
-        out.push(result(b, Some(model), None, turns));
+        let speculative = match (counters_before, b.spec_counters(opts.timeout)) {
+            (Some(before), Some(after)) => Speculative::of(after.since(&before)),
+            _ => None,
+        };
+        out.push(result(b, Some(model), None, turns, speculative));
     }
     out
 }
@@ -254,7 +293,17 @@ pub fn markdown(opts: &ConversationOptions, results: &[ConversationResult]) -> S
                     num(r.ttft_ms.max),
                     ratio(r.ttft_max_over_min),
                     ratio(r.ttft_max_over_min_after_first)
-                )
+                );
+                if let Some(s) = &r.speculative {
+                    md += &format!(
+                        "- {}: speculative decoding kept {} of {} drafted tokens ({:.0} %), {:.2} tokens per verify\n",
+                        r.name,
+                        s.accepted_tokens,
+                        s.draft_tokens,
+                        100.0 * s.acceptance_rate,
+                        s.mean_accepted_length
+                    );
+                }
             }
         }
     }
@@ -283,6 +332,24 @@ mod tests {
     }
 
     #[test]
+    fn speculative_counters_come_from_either_servers_metrics() {
+        let fp4 = "# HELP fp4_spec_decode_num_drafts_total x\n# TYPE fp4_spec_decode_num_drafts_total counter\n\
+                   fp4_spec_decode_num_drafts_total 10\nfp4_spec_decode_num_draft_tokens_total 30\n\
+                   fp4_spec_decode_num_accepted_tokens_total 12\n";
+        let c = SpecCounters::parse(fp4).unwrap();
+        assert_eq!(c, SpecCounters { drafts: 10, draft_tokens: 30, accepted: 12 });
+        let vllm = "vllm:spec_decode_num_drafts_total{model_name=\"m\"} 4.0\n\
+                    vllm:spec_decode_num_draft_tokens_total{model_name=\"m\"} 12.0\n\
+                    vllm:spec_decode_num_accepted_tokens_total{model_name=\"m\"} 6.0\n";
+        let before = SpecCounters { drafts: 2, draft_tokens: 6, accepted: 1 };
+        let s = Speculative::of(SpecCounters::parse(vllm).unwrap().since(&before)).unwrap();
+        assert_eq!((s.drafts, s.draft_tokens, s.accepted_tokens), (2, 6, 5));
+        assert!((s.acceptance_rate - 5.0 / 6.0).abs() < 1e-12 && (s.mean_accepted_length - 3.5).abs() < 1e-12);
+        assert!(SpecCounters::parse("fp4_requests_total 3\n").is_none());
+        assert!(Speculative::of(SpecCounters::default()).is_none(), "nothing drafted: no figures");
+    }
+
+    #[test]
     fn flatness_is_max_over_min() {
         let b = Backend { name: "a".into(), url: "u".into(), api_key: None };
         let t = |ms: f64| Turn {
@@ -294,7 +361,7 @@ mod tests {
             completion_tokens: 1,
             error: None,
         };
-        let r = result(&b, None, None, vec![t(10.0), t(12.0), t(25.0)]);
+        let r = result(&b, None, None, vec![t(10.0), t(12.0), t(25.0)], None);
         assert_eq!(r.ttft_max_over_min, Some(2.5));
         assert_eq!(r.ttft_max_over_min_after_first, Some(25.0 / 12.0));
         let md = markdown(
