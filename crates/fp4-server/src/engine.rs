@@ -306,6 +306,17 @@ impl PrefillState {
     }
 }
 
+impl PrefillState {
+    /// This state for a sequence that drafts (`drafts`: it keeps the head's state) or not (the
+    /// head's state of a snapshot a drafting request left is dropped: this one must not draft).
+    fn for_drafting(mut self, drafts: bool) -> PrefillState {
+        if !drafts {
+            self.head = None;
+        }
+        self
+    }
+}
+
 impl crate::prefix::Snapshot for PrefillState {
     fn bytes(&self) -> usize {
         let head = self.head.as_ref().map_or(0, |h| {
@@ -549,8 +560,10 @@ fn run(
                 // Recomputed from a prefix snapshot where one matches (not counted as a hit: the
                 // request was counted when first admitted).
                 let usable = |p: &PrefillState| p.head.is_some() || !seq.speculative;
-                let (state, n) =
-                    prefixes.lookup(seq.prefill_tokens(), usable).unwrap_or_else(|| (seq.new_prefill(&model, head), 0));
+                let (state, n) = prefixes
+                    .lookup(seq.prefill_tokens(), usable)
+                    .map(|(state, n)| (state.for_drafting(seq.speculative), n))
+                    .unwrap_or_else(|| (seq.new_prefill(&model, head), 0));
                 (seq.cache, seq.prefilled) = (SeqCache::Prefill(state), n);
                 admissions += 1;
                 seq.admitted = admissions;
@@ -590,7 +603,7 @@ fn run(
                         Some((state, n)) => {
                             stats.prefix_hits.fetch_add(1, Ordering::Relaxed);
                             stats.prefix_cached_tokens.fetch_add(n as u64, Ordering::Relaxed);
-                            (state, n)
+                            (state.for_drafting(speculative), n)
                         }
                         None => {
                             stats.prefix_misses.fetch_add(1, Ordering::Relaxed);
@@ -1234,6 +1247,49 @@ mod tests {
         let stats = handle.stats.clone();
         handle.shutdown();
         (outputs, stats)
+    }
+
+    /// A request that must not draft (logprobs) resuming from a snapshot a drafting request left
+    /// decodes one token at a time with its logprobs.
+    #[test]
+    fn a_non_drafting_request_resumes_from_a_drafting_snapshot_without_drafting() {
+        let first: Vec<u32> = (0..30).map(|i| (i * 13 + 1) % 512).collect();
+        let second: Vec<u32> = first.iter().copied().chain([7, 8, 9]).collect();
+        let (model, head) = tiny_with_head();
+        let c = &model.config;
+        let pools = 7 * fp4_model::Pools::slot_bytes(c) + 65 * fp4_model::Pools::block_bytes(c, KV_BLOCK, true);
+        let cfg = EngineConfig {
+            max_num_seqs: 2,
+            max_model_len: 512,
+            max_waiting: 8,
+            cache_budget_bytes: pools + (64 << 20),
+            cuda_graphs: false,
+            prefix_cache_bytes: 64 << 20,
+            spec_tokens: 2,
+        };
+        let handle = start_with_head(model, head, cfg).unwrap();
+        let snap = |p: &Vec<u32>| GenRequest { snapshot_at: vec![p.len()], ..greedy_request(p.clone(), 6) };
+        outcome(&mut handle.submit(snap(&first)).unwrap()).unwrap();
+        let verifies = handle.stats.spec_verifies.load(Ordering::Relaxed);
+        assert!(verifies > 0);
+        let mut rx = handle.submit(GenRequest { logprobs: Some(2), ..snap(&second) }).unwrap();
+        let mut with_logprobs = 0;
+        loop {
+            match rx.blocking_recv() {
+                Some(Event::Token { logprob, .. }) => {
+                    assert!(logprob.is_some(), "a token without its logprobs");
+                    with_logprobs += 1;
+                }
+                Some(Event::Finished { cached_tokens, .. }) => {
+                    assert_eq!(cached_tokens, first.len(), "resumed from the first request's snapshot");
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(with_logprobs, 6);
+        assert_eq!(handle.stats.spec_verifies.load(Ordering::Relaxed), verifies, "it did not draft");
+        handle.shutdown();
     }
 
     /// Sampled requests that draft with the MTP head, batched, give the single-sequence
