@@ -72,8 +72,21 @@ extern "C" __global__ void bf16_gemv_f32(const uint16_t* __restrict__ w, float s
     if (lane == 0) y[(size_t)blockIdx.y * n + row] = acc * scale;
 }
 
+// 16 weight bytes read once and not kept in L1 (ld.global.nc.L1::no_allocate): a batch's
+// activations, read for every row, stay there instead of being evicted by the weight stream.
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
 // The same product for 2..T tokens with each weight read once for all of them (a batch's LM
 // head: at 8 sequences the one-token kernel above streamed the 2 GB head 8 times per step).
+// The weights stream past L1 (ld_stream): with them cached, the 8 tokens' activations (128 KiB
+// at K = 4096) were evicted and re-read from L2 for every row, and the 8-token LM head ran at
+// 34 % of copy bandwidth (1.95 ms against 0.71 ms for one token; H100 profile, 2535537).
 // A warp owns R consecutive rows and walks K as bf16_gemv_f32 does; per chunk it loads the R
 // rows' 16 bytes once and each token's two float4s once, R rows sharing them (with R = 1 a
 // warp would read every token's activations from L1 for each row: 16 B per weight at 8 tokens).
@@ -99,7 +112,7 @@ __device__ __forceinline__ void bf16_gemv_batch(const uint16_t* __restrict__ w, 
     for (int c = lane; c < k / 8; c += 32) {
         uint4 q[R];
 #pragma unroll
-        for (int r = 0; r < R; r++) q[r] = __ldg(wrow[r] + c);
+        for (int r = 0; r < R; r++) q[r] = ld_stream(wrow[r] + c);
 #pragma unroll
         for (int j = 0; j < T; j++) {
             if (j < t) {
