@@ -14,9 +14,10 @@
 //! Requests beyond the waiting-queue bound are refused at once (HTTP 429). With prefix caching
 //! on, a prompt that starts with an earlier prompt resumes from that prompt's snapshot
 //! ([`crate::prefix`]) and prefills only the rest. With speculative decoding
-//! (`--speculative-config`, the checkpoint's MTP head), greedy sequences draft K tokens with the
-//! head and the runner verifies them in one forward (K + 1 rows each), keeping what the main
-//! model would have produced alone.
+//! (`--speculative-config`, the checkpoint's MTP head), sequences without penalties, logprobs or
+//! forced choices draft K tokens with the head and the runner verifies them in one forward
+//! (K + 1 rows each): greedy ones keep exactly the tokens they would get alone, sampled ones
+//! follow the same distribution (speculative sampling).
 
 use crate::prefix::PrefixCache;
 use fp4_kernels::{ops, Ids, Tensor};
@@ -47,8 +48,8 @@ pub struct EngineConfig {
     /// Bytes of prompt snapshots kept for prefix caching, taken out of `cache_budget_bytes`
     /// (0: prefix caching off).
     pub prefix_cache_bytes: usize,
-    /// Tokens greedy sequences draft per step with the MTP head (0: no speculative decoding;
-    /// needs the head, [`start_with_head`]).
+    /// Tokens a sequence drafts per step with the MTP head (0: no speculative decoding; needs
+    /// the head, [`start_with_head`]).
     pub spec_tokens: usize,
 }
 
@@ -444,7 +445,7 @@ fn needs_host_logits(req: &GenRequest) -> bool {
 /// What a group of decoding sequences runs this step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StepKind {
-    /// Draft with the MTP head, verify in one forward (greedy).
+    /// Draft with the MTP head, verify in one forward.
     Speculative,
     /// One token each, chosen on the device.
     Greedy,
@@ -468,7 +469,7 @@ pub fn start(model: Qwen35, cfg: EngineConfig) -> Result<EngineHandle, RunnerErr
 }
 
 /// [`start`] with the checkpoint's MTP head, which drafts `cfg.spec_tokens` tokens per step
-/// for greedy sequences (speculative decoding).
+/// for every sequence that can draft (speculative decoding).
 pub fn start_with_head(model: Qwen35, head: Option<Mtp>, cfg: EngineConfig) -> Result<EngineHandle, RunnerError> {
     if cfg.spec_tokens > 0 && head.is_none() {
         return Err(RunnerError::Speculation(format!(
@@ -525,8 +526,9 @@ fn run(
     let rc = runner.config();
     let total_blocks = rc.kv_blocks;
     let mut admissions = 0u64;
+    // A sequence's GDN slots (one more per draft token with speculative decoding) and a KV block.
     let (slot_bytes, block_bytes) = (
-        fp4_model::Pools::slot_bytes(&model.config),
+        fp4_model::Pools::slot_bytes(&model.config) * (1 + rc.spec_tokens),
         fp4_model::Pools::block_bytes(&model.config, rc.block_size, rc.spec_tokens > 0),
     );
     let mut prefixes: PrefixCache<PrefillState> = PrefixCache::new(cfg.prefix_cache_bytes);
