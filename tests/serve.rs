@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{model_dir, start};
+use common::{model_dir, start, start_with_log};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -614,4 +614,18 @@ fn prefix_cache_shares_the_system_prompt_across_requests() {
     for (on, off) in [(&a, &a_off), (&b, &b_off)] {
         assert_eq!(on["choices"][0]["message"], off["choices"][0]["message"], "resumed: {on}\nprefilled: {off}");
     }
+}
+
+/// A prefix-cache share too small for any snapshot turns prefix caching off with a warning at
+/// start-up; requests are served as without it.
+#[test]
+fn a_prefix_cache_too_small_for_a_snapshot_is_off_with_a_warning() {
+    let (s, log) = start_with_log(&["--prefix-cache-budget", "1KiB"]);
+    let body = json!({"model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 3, "temperature": 0});
+    let (status, reply) = s.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{reply}");
+    let (_, metrics) = s.request("GET", "/metrics", None, &[]).unwrap();
+    assert!(metrics.contains("fp4_prefix_cache_entries 0"), "{metrics}");
+    let log = std::fs::read_to_string(log).unwrap();
+    assert!(log.contains("prefix caching is off") && log.contains("--prefix-cache-budget"), "{log}");
 }

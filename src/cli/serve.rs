@@ -235,6 +235,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let vocab_size = model.config.vocab_size;
     let eos_ids = ckpt.eos_token_ids.clone();
     let one_seq = engine::cache_bytes(&model, max_model_len);
+    // A snapshot holds at least a sequence's GDN state: a smaller prefix-cache share could keep
+    // none, so it goes back to the running sequences.
+    let smallest_snapshot = fp4_model::Pools::slot_bytes(&model.config);
+    let prefix_cache_bytes = if prefix_cache_bytes > 0 && prefix_cache_bytes < smallest_snapshot {
+        tracing::warn!(
+            "prefix caching is off: its share of the cache budget ({prefix_cache_bytes} bytes, --prefix-cache-budget) \
+             cannot hold one snapshot (a sequence's GDN state alone is {smallest_snapshot} bytes)"
+        );
+        0
+    } else {
+        prefix_cache_bytes
+    };
     tracing::info!(
         secs = started.elapsed().as_secs_f64(),
         cache_budget,

@@ -49,6 +49,18 @@ pub fn start_model(dir: tempfile::TempDir, model: &Path, extra: &[&str]) -> Serv
 
 /// Serves `model` with only the test's address and names plus `extra` (no parsers).
 pub fn start_bare(dir: tempfile::TempDir, model: &Path, extra: &[&str]) -> Server {
+    start_logged(dir, model, extra, Stdio::null())
+}
+
+/// [`start`]'s server with its log (warnings and errors) in the returned file.
+pub fn start_with_log(extra: &[&str]) -> (Server, PathBuf) {
+    let (dir, model) = model_dir();
+    let log = dir.path().join("serve.log");
+    let file = std::fs::File::create(&log).unwrap();
+    (start_logged(dir, &model, extra, Stdio::from(file)), log)
+}
+
+fn start_logged(dir: tempfile::TempDir, model: &Path, extra: &[&str], stderr: Stdio) -> Server {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut args: Vec<String> = vec![
         "serve".into(),
@@ -65,12 +77,8 @@ pub fn start_bare(dir: tempfile::TempDir, model: &Path, extra: &[&str]) -> Serve
         args.extend(["--max-model-len".into(), "2048".into()]);
     }
     args.extend(extra.iter().map(|s| s.to_string()));
-    let child = Command::new(env!("CARGO_BIN_EXE_fp4"))
-        .args(&args)
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child =
+        Command::new(env!("CARGO_BIN_EXE_fp4")).args(&args).env("RUST_LOG", "warn").stderr(stderr).spawn().unwrap();
     let server = Server { child, port, _dir: dir };
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(60) {
