@@ -1,6 +1,8 @@
 //! End-to-end tests of the `fp4` binary's stable interfaces (inspect, generate, logits) and of
 //! its errors on bad input.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -466,4 +468,53 @@ fn generate_with_the_mtp_head_gives_the_same_tokens() {
         ["generate", "--model", fixture_dir.to_str().unwrap(), "--input-ids", "5,9", "--speculative-config", mtp];
     let err = fp4_err(&no_head);
     assert!(err.contains("no MTP head") && err.contains("tiny-text"), "{err}");
+}
+
+/// `fp4 serve --speculative-config` over HTTP on tiny-text with a random MTP head: the same
+/// greedy completions as without, batched requests included, and /metrics counts the drafts.
+#[test]
+fn serve_with_the_mtp_head_gives_the_same_completions() {
+    let serve = |extra: &[&str]| {
+        let dir = tiny_text_with_mtp();
+        for f in ["tokenizer.json", "chat_template.jinja"] {
+            std::fs::copy(fixture("chat").join(f), dir.path().join(f)).unwrap();
+        }
+        let model = dir.path().to_path_buf();
+        common::start_model(dir, &model, extra)
+    };
+    let prompts: Vec<Vec<u32>> =
+        (0..3u32).map(|s| (0..12).map(|i| (i * 37 + s * 11 + 5) % 300 + 5).collect()).collect();
+    let body = |p: &[u32], t: f32| serde_json::json!({"model": "tiny", "prompt": p, "max_tokens": 10, "temperature": t, "seed": 3, "ignore_eos": true});
+    let run = |s: &common::Server, t: f32| -> Vec<String> {
+        // All three in flight together, so that they are decoded (and drafted) as a batch.
+        std::thread::scope(|sc| {
+            let handles: Vec<_> =
+                prompts.iter().map(|p| sc.spawn(move || s.post("/v1/completions", &body(p, t)))).collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    let (status, v) = h.join().unwrap();
+                    assert_eq!(status, 200, "{v}");
+                    v["choices"][0]["text"].as_str().unwrap().to_string()
+                })
+                .collect()
+        })
+    };
+    let plain = serve(&[]);
+    let want = run(&plain, 0.0);
+    drop(plain);
+    let spec = serve(&["--speculative-config", r#"{"method": "mtp", "num_speculative_tokens": 3}"#]);
+    assert_eq!(run(&spec, 0.0), want, "greedy completions with drafts");
+    let sampled = run(&spec, 0.9);
+    assert!(sampled.iter().all(|t| !t.is_empty()));
+    let (_, metrics) = spec.request("GET", "/metrics", None, &[]).unwrap();
+    let count = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {metrics}"))
+    };
+    let drafts = count("fp4_spec_decode_num_drafts_total");
+    assert!(drafts > 0, "{metrics}");
+    assert_eq!(count("fp4_spec_decode_num_draft_tokens_total"), 3 * drafts);
 }
