@@ -1388,6 +1388,56 @@ mod tests {
         }
     }
 
+    /// Conversations four at a time (each four turns long) over a prefix cache that holds about
+    /// ten snapshots, while each conversation leaves one per turn: the snapshots never exceed
+    /// their budget (the least recently used go: earlier turns', finished conversations'), every
+    /// turn is counted as a hit or a miss, every turn after a conversation's first resumes from
+    /// its last (room for a turn's four new snapshots beside the four it resumed from), and when
+    /// all is done the running sequences hold nothing.
+    #[test]
+    fn a_soak_of_conversations_keeps_the_prefix_cache_within_its_budget() {
+        let model = tiny_model();
+        let one = crate::prefix::cache_bytes(&{
+            let mut c = model.new_cache();
+            model.forward(&(0..60).collect::<Vec<u32>>(), &mut c, Logits::Last).unwrap();
+            c
+        });
+        let budget = 10 * one;
+        let handle = test_engine(model, 4, 1024, 64 << 20, budget);
+        let mut prompts: Vec<Vec<u32>> =
+            (0..12u32).map(|c| (0..40).map(|i| (i * 7 + c * 31 + 1) % 512).collect()).collect();
+        let (mut requests, turns) = (0u64, 4);
+        for group in prompts.chunks_mut(4) {
+            for turn in 0..turns {
+                // The group's four conversations in flight together.
+                let mut receivers: Vec<_> = group
+                    .iter()
+                    .map(|p| {
+                        let req = GenRequest { snapshot_at: vec![p.len()], ..greedy_request(p.clone(), 5) };
+                        handle.submit(req).unwrap()
+                    })
+                    .collect();
+                for (p, rx) in group.iter_mut().zip(&mut receivers) {
+                    p.extend(outcome(rx).unwrap());
+                    p.extend([turn + 2, 9]);
+                    requests += 1;
+                }
+                let used = handle.stats.prefix_bytes.load(Ordering::Relaxed);
+                assert!(used <= budget, "{used} bytes of snapshots in a budget of {budget}");
+            }
+        }
+        let (hits, misses) =
+            (handle.stats.prefix_hits.load(Ordering::Relaxed), handle.stats.prefix_misses.load(Ordering::Relaxed));
+        assert_eq!((hits, misses), (requests - 12, 12), "each conversation's first turn misses, the others hit");
+        assert!(handle.stats.prefix_entries.load(Ordering::Relaxed) <= 10);
+        let quiet = Instant::now();
+        while handle.stats.running.load(Ordering::Relaxed) > 0 && quiet.elapsed().as_secs() < 10 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(handle.stats.cache_bytes.load(Ordering::Relaxed), 0, "finished sequences hold nothing");
+        handle.shutdown();
+    }
+
     /// A step that panics (as a failed GPU call does) fails its requests with an error event and
     /// the engine goes on serving the next ones.
     #[test]
