@@ -126,6 +126,14 @@ impl SeqState {
     }
 }
 
+/// The per-row index of an eager step (positions, block-table rows, GDN slots read and written).
+struct RowIndex {
+    pos: Ids,
+    table: Ids,
+    read: Ids,
+    write: Ids,
+}
+
 /// One bucket's step inputs and outputs (fixed device buffers) and its captured graph.
 struct Bucket {
     size: usize,
@@ -366,12 +374,7 @@ impl DecodeRunner {
 
     /// The index of an eager step over `rows` (sequence, position) of `seqs`: positions, block
     /// table rows, and GDN slots (read per sequence, written per row, `rows_per_seq` rows each).
-    fn eager_index(
-        &self,
-        seqs: &[&mut SeqState],
-        rows: &[(usize, usize)],
-        slots: (Vec<u32>, Vec<u32>),
-    ) -> (Ids, Ids, Ids, Ids) {
+    fn eager_index(&self, seqs: &[&mut SeqState], rows: &[(usize, usize)], slots: (Vec<u32>, Vec<u32>)) -> RowIndex {
         let mb = self.max_blocks;
         let mut table = vec![self.scratch_block; rows.len() * mb];
         for (r, &(i, _)) in rows.iter().enumerate() {
@@ -380,32 +383,39 @@ impl DecodeRunner {
         }
         let pos = rows.iter().map(|&(_, p)| p as u32).collect();
         let d = self.device;
-        (Ids::new(pos, d), Ids::new(table, d), Ids::new(slots.0, d), Ids::new(slots.1, d))
+        RowIndex {
+            pos: Ids::new(pos, d),
+            table: Ids::new(table, d),
+            read: Ids::new(slots.0, d),
+            write: Ids::new(slots.1, d),
+        }
     }
 
-    /// The MTP head over `rows` (sequence, position) of `seqs`: next-token `ids` and `hidden`
-    /// rows in; the head's normed output rows out.
-    fn mtp_rows(
-        &mut self,
-        model: &Qwen35,
-        mtp: &Mtp,
-        seqs: &[&mut SeqState],
-        rows: &[(usize, usize)],
-        ids: &Ids,
-        hidden: &Tensor,
-    ) -> Tensor {
-        // The head has no GDN layer: every row names the scratch slot.
-        let scratch = vec![self.scratch_slot; rows.len()];
-        let (pos, table, read, write) = self.eager_index(seqs, rows, (scratch.clone(), scratch));
-        let index = BatchIndex {
-            pos: &pos,
-            slots: &read,
-            slots_out: &write,
-            rows_per_seq: 1,
-            table: &table,
+    /// `index` as the model reads it, `rows_per_seq` rows per sequence.
+    fn batch_index<'a>(&self, index: &'a RowIndex, rows_per_seq: usize) -> BatchIndex<'a> {
+        BatchIndex {
+            pos: &index.pos,
+            slots: &index.read,
+            slots_out: &index.write,
+            rows_per_seq,
+            table: &index.table,
             max_blocks: self.max_blocks,
             block_size: self.cfg.block_size,
-        };
+        }
+    }
+
+    /// The MTP head's index over `rows` (sequence, position) of `seqs` (uploaded now: build
+    /// it before queueing the work that comes before its use, as an upload waits for that work).
+    fn head_index(&self, seqs: &[&mut SeqState], rows: &[(usize, usize)]) -> RowIndex {
+        // The head has no GDN layer: every row names the scratch slot.
+        let scratch = vec![self.scratch_slot; rows.len()];
+        self.eager_index(seqs, rows, (scratch.clone(), scratch))
+    }
+
+    /// The MTP head over the rows of `index`: next-token `ids` and `hidden` rows in; the
+    /// head's normed output rows out.
+    fn head_rows(&mut self, model: &Qwen35, mtp: &Mtp, index: &RowIndex, ids: &Ids, hidden: &Tensor) -> Tensor {
+        let index = self.batch_index(index, 1);
         let pool = self.pools.mtp.as_mut().expect("a speculative runner has the MTP head's pool");
         mtp.decode(model, ids, hidden, index, pool)
     }
@@ -440,19 +450,29 @@ impl DecodeRunner {
             let end = s.len + 1 + k;
             self.reserve(s, end)?;
         }
+        // Every head step's index and the guesses' buffers are uploaded before any of the work
+        // is queued, and the guesses come back once at the end: nothing in between waits for
+        // the device.
+        let indices: Vec<RowIndex> = (0..k.saturating_sub(1))
+            .map(|i| {
+                // The head at position len + i reads the guess it made before.
+                let rows: Vec<(usize, usize)> = seqs.iter().enumerate().map(|(b, s)| (b, s.len + i)).collect();
+                self.head_index(seqs, &rows)
+            })
+            .collect();
+        let mut guesses: Vec<Ids> = (0..k).map(|_| Ids::new(vec![0; n], self.device)).collect();
         let lasts: Vec<&Tensor> = seqs.iter().map(|s| s.mtp_last.as_ref().expect("checked")).collect();
         let mut g = lasts[1..].iter().fold(lasts[0].clone(), |acc, t| ops::cat_rows(&acc, t));
-        let mut ids = Ids::new(vec![0; n], self.device);
-        let mut drafts = vec![Vec::with_capacity(k); n];
         for i in 0..k {
-            ops::argmax_rows(&model.head(&g), &mut ids);
-            for (d, id) in drafts.iter_mut().zip(ids.to_vec()) {
-                d.push(id);
-            }
+            ops::argmax_rows(&model.head(&g), &mut guesses[i]);
             if i + 1 < k {
-                // The head at position len + i reads the guess it just made.
-                let rows: Vec<(usize, usize)> = seqs.iter().enumerate().map(|(b, s)| (b, s.len + i)).collect();
-                g = self.mtp_rows(model, mtp, seqs, &rows, &ids, &g);
+                g = self.head_rows(model, mtp, &indices[i], &guesses[i], &g);
+            }
+        }
+        let mut drafts = vec![Vec::with_capacity(k); n];
+        for step in &guesses {
+            for (d, id) in drafts.iter_mut().zip(step.to_vec()) {
+                d.push(id);
             }
         }
         self.eager_steps += k as u64;
@@ -489,18 +509,9 @@ impl DecodeRunner {
             write.push(s.slot);
             write.extend_from_slice(&s.spare);
         }
-        let (pos, table, read, write) = self.eager_index(seqs, &rows, (read, write));
-        let index = BatchIndex {
-            pos: &pos,
-            slots: &read,
-            slots_out: &write,
-            rows_per_seq: 1 + k,
-            table: &table,
-            max_blocks: self.max_blocks,
-            block_size: self.cfg.block_size,
-        };
+        let (index, ids) = (self.eager_index(seqs, &rows, (read, write)), Ids::new(ids, self.device));
         self.eager_steps += 1;
-        Ok(model.decode_normed(&Ids::new(ids, self.device), index, &mut self.pools))
+        Ok(model.decode_normed(&ids, self.batch_index(&index, 1 + k), &mut self.pools))
     }
 
     /// After [`DecodeRunner::verify`] (`hidden` its output): sequence b kept `kept[b]` of its
@@ -530,7 +541,8 @@ impl DecodeRunner {
             rows.extend((0..=k).map(|j| (b, s.len + j)));
             ids.extend(drafts[b][..kept[b]].iter().copied().chain(std::iter::repeat_n(next[b], k + 1 - kept[b])));
         }
-        let g = self.mtp_rows(model, mtp, seqs, &rows, &Ids::new(ids, self.device), hidden);
+        let index = self.head_index(seqs, &rows);
+        let g = self.head_rows(model, mtp, &index, &Ids::new(ids, self.device), hidden);
         for (b, s) in seqs.iter_mut().enumerate() {
             let m = kept[b];
             let row = b * (1 + k) + m;
