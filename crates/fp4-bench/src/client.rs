@@ -85,6 +85,30 @@ impl SpecCounters {
     }
 }
 
+/// Speculative decoding over a run, from the server's counters.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Speculative {
+    pub drafts: u64,
+    pub draft_tokens: u64,
+    pub accepted_tokens: u64,
+    /// Accepted over drafted tokens.
+    pub acceptance_rate: f64,
+    /// Tokens per verify: 1 + accepted / drafts.
+    pub mean_accepted_length: f64,
+}
+
+impl Speculative {
+    pub fn of(c: SpecCounters) -> Option<Speculative> {
+        (c.drafts > 0 && c.draft_tokens > 0).then(|| Speculative {
+            drafts: c.drafts,
+            draft_tokens: c.draft_tokens,
+            accepted_tokens: c.accepted,
+            acceptance_rate: c.accepted as f64 / c.draft_tokens as f64,
+            mean_accepted_length: 1.0 + c.accepted as f64 / c.drafts as f64,
+        })
+    }
+}
+
 /// One streamed reply and its timing.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Reply {

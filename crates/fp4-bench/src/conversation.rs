@@ -7,7 +7,7 @@
 //! history; one with a prefix cache for its hybrid state stays flat (`cached_tokens` says how
 //! much of each prompt it did not prefill, where the server reports it).
 
-use crate::client::{self, Backend, Reply, SpecCounters};
+use crate::client::{self, Backend, Reply, Speculative};
 use crate::run::Dist;
 use crate::suite::Suite;
 use serde::Serialize;
@@ -56,30 +56,6 @@ pub struct ConversationResult {
     /// Speculative decoding over the turns, from the server's /metrics (absent when it reports
     /// none or drafted nothing).
     pub speculative: Option<Speculative>,
-}
-
-/// Speculative decoding over a run, from the server's counters.
-#[derive(Debug, Clone, Serialize)]
-pub struct Speculative {
-    pub drafts: u64,
-    pub draft_tokens: u64,
-    pub accepted_tokens: u64,
-    /// Accepted over drafted tokens.
-    pub acceptance_rate: f64,
-    /// Tokens per verify: 1 + accepted / drafts.
-    pub mean_accepted_length: f64,
-}
-
-impl Speculative {
-    pub fn of(c: SpecCounters) -> Option<Speculative> {
-        (c.drafts > 0 && c.draft_tokens > 0).then(|| Speculative {
-            drafts: c.drafts,
-            draft_tokens: c.draft_tokens,
-            accepted_tokens: c.accepted,
-            acceptance_rate: c.accepted as f64 / c.draft_tokens as f64,
-            mean_accepted_length: 1.0 + c.accepted as f64 / c.drafts as f64,
-        })
-    }
 }
 
 /// The request of every turn, built while `first` answers them (its replies become the history).
@@ -313,6 +289,7 @@ pub fn markdown(opts: &ConversationOptions, results: &[ConversationResult]) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::SpecCounters;
 
     #[test]
     fn tool_calls_enter_the_history_with_their_results() {

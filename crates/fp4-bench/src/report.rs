@@ -95,6 +95,13 @@ pub fn markdown(suite: &Suite, opts: &RunOptions, results: &[BackendResult]) -> 
     });
     row(&mut md, "failed requests", &|b| b.failed_requests.to_string());
     row(&mut md, "tool calls left as text", &|b| b.raw_tool_call_text.to_string());
+    if results.iter().any(|b| b.speculative.is_some()) {
+        row(&mut md, "speculative: drafts kept, tokens per verify", &|b| {
+            b.speculative.as_ref().map_or("–".into(), |s| {
+                format!("{:.0} % of {}, {:.2}", 100.0 * s.acceptance_rate, s.draft_tokens, s.mean_accepted_length)
+            })
+        });
+    }
     let _ = writeln!(md, "\n| test | category | {} |\n|---|---|{}", names.join(" | "), "---|".repeat(results.len()));
     for (ti, t) in suite.tests.iter().enumerate() {
         let cells: Vec<String> = results

@@ -1,6 +1,6 @@
 //! Running a suite against backends: warm-up, interleaved measured runs, verdicts and gates.
 
-use crate::client::{self, Backend, Reply};
+use crate::client::{self, Backend, Reply, Speculative};
 use crate::gates;
 use crate::suite::{Category, Suite, Test};
 use crate::{BenchError, Result};
@@ -94,6 +94,9 @@ pub struct BackendResult {
     pub decode_tok_s: Dist,
     pub failed_requests: usize,
     pub raw_tool_call_text: usize,
+    /// Speculative decoding over the measured runs, from the server's /metrics (absent when it
+    /// reports none or drafted nothing).
+    pub speculative: Option<Speculative>,
     pub tests: Vec<TestResult>,
 }
 
@@ -158,6 +161,8 @@ pub fn run(
             done += opts.warmup;
         }
     }
+    let counters = || backends.iter().map(|b| b.spec_counters(opts.timeout)).collect::<Vec<_>>();
+    let counters_before = counters();
     let mut per_backend: Vec<Vec<Vec<Run>>> = vec![vec![Vec::new(); suite.tests.len()]; backends.len()];
     for (ti, t) in suite.tests.iter().enumerate() {
         let body = request_body(suite, t);
@@ -174,7 +179,17 @@ pub fn run(
             }
         }
     }
-    Ok(backends.iter().zip(models).zip(per_backend).map(|((b, m), runs)| summarize(suite, b, m, runs)).collect())
+    let speculative = counters_before.into_iter().zip(counters()).map(|c| match c {
+        (Some(before), Some(after)) => Speculative::of(after.since(&before)),
+        _ => None,
+    });
+    Ok(backends
+        .iter()
+        .zip(models)
+        .zip(per_backend)
+        .zip(speculative)
+        .map(|(((b, m), runs), spec)| summarize(suite, b, m, runs, spec))
+        .collect())
 }
 
 fn summarize(
@@ -182,6 +197,7 @@ fn summarize(
     b: &Backend,
     model: std::result::Result<String, String>,
     runs: Vec<Vec<Run>>,
+    speculative: Option<Speculative>,
 ) -> BackendResult {
     let tests: Vec<TestResult> = suite
         .tests
@@ -278,6 +294,7 @@ fn summarize(
         decode_tok_s: decode,
         failed_requests: all_runs().filter(|r| r.reply.error.is_some()).count(),
         raw_tool_call_text: of(Category::Tool).filter(|t| majority(t, &|v| v.raw_tool_call)).count(),
+        speculative,
         tests,
     }
 }
