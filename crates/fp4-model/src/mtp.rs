@@ -236,7 +236,8 @@ impl Drafter for MtpDrafter<'_> {
 /// (temperature 0) gives the same tokens as [`crate::generate`]. The main model verifies with the
 /// recurrent GDN walk, which computes each token as a one-token step does; rejected drafts are
 /// undone by restoring the state from before the verify and running the kept tokens again (the
-/// reference; the batched engine will keep the GDN state after each draft position instead).
+/// reference; the batch runner keeps the GDN state after each draft position instead:
+/// [`crate::DecodeRunner::verify`]).
 /// The draws come from a [`Sampler`] of `params` (seeded), as the serving engine's do, so a
 /// seeded run repeats and the engine gives the same tokens; not those of the same seed without
 /// drafts (the draws are used differently).
