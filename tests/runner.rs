@@ -4,7 +4,6 @@
 //! accounting holds.
 
 use fp4_format::Checkpoint;
-use fp4_kernels::{ops, Device, Ids};
 use fp4_model::runner::RunnerError;
 use fp4_model::{
     generate, generate_speculative, DecodeRunner, Drafter, GenerateOptions, LoadOptions, Logits, Mtp, MtpDrafter,
@@ -116,20 +115,6 @@ fn tiny_with_head() -> (Qwen35, Mtp) {
     (Qwen35::load(&src, o).unwrap(), Mtp::load(&src, o).unwrap().expect("an MTP head"))
 }
 
-/// Prefills `prompt` and hands it to a speculative runner: the main model's hidden states
-/// feed the MTP head over every position (the last one reads the first output token).
-fn prefill_speculative(model: &Qwen35, mtp: &Mtp, runner: &mut DecodeRunner, prompt: &[u32]) -> (SeqState, u32) {
-    let mut cache = model.new_cache();
-    let h = model.forward_normed(prompt, &mut cache, Logits::All).unwrap();
-    let last = ops::rows(&h, h.rows() - 1, h.rows());
-    let first = Sampler::new(SamplingParams::default()).unwrap().sample_tensor(&model.head(&last));
-    let next: Vec<u32> = prompt[1..].iter().copied().chain([first]).collect();
-    let mut head_cache = mtp.new_cache();
-    let g = mtp.forward(model, &next, &h, &mut head_cache).unwrap();
-    let g_last = ops::rows(&g, g.rows() - 1, g.rows());
-    (runner.admit_speculative(&cache, &head_cache, g_last).unwrap(), first)
-}
-
 /// Every prompt prefilled and handed to the runner; their states and first tokens.
 fn admit_all(
     model: &Qwen35,
@@ -140,14 +125,13 @@ fn admit_all(
     prompts
         .iter()
         .map(|p| {
-            let (s, first) = prefill_speculative(model, mtp, runner, p);
+            let (s, first) = runner.prefill_speculative(model, mtp, p).unwrap();
             (s, vec![first])
         })
         .unzip()
 }
 
-/// One speculative step of `seqs` with greedy acceptance; `drafts` replaces the head's guesses
-/// when given. Returns the head's guesses and each sequence's new tokens.
+/// One greedy speculative step of `seqs` (`DecodeRunner::step_speculative_greedy`).
 fn speculative_step(
     model: &Qwen35,
     mtp: &Mtp,
@@ -156,24 +140,9 @@ fn speculative_step(
     inputs: &[u32],
     drafts: Option<Vec<Vec<u32>>>,
 ) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
-    let k = runner.config().spec_tokens;
     let mut refs: Vec<&mut SeqState> = seqs.iter_mut().collect();
-    let guessed = runner.draft(model, mtp, &mut refs).unwrap();
-    let drafts = drafts.unwrap_or_else(|| guessed.clone());
-    let hidden = runner.verify(model, &mut refs, inputs, &drafts).unwrap();
-    let mut best = Ids::new(vec![0; hidden.rows()], Device::Cpu);
-    ops::argmax_rows(&model.head(&hidden), &mut best);
-    let best = best.to_vec();
-    let (mut kept, mut next, mut emitted) = (vec![], vec![], vec![]);
-    for (b, d) in drafts.iter().enumerate() {
-        let row = &best[b * (k + 1)..(b + 1) * (k + 1)];
-        let m = d.iter().zip(row).take_while(|(d, t)| d == t).count();
-        kept.push(m);
-        next.push(row[m]);
-        emitted.push(d[..m].iter().copied().chain([row[m]]).collect());
-    }
-    runner.accept(model, mtp, &mut refs, &drafts, &hidden, &kept, &next).unwrap();
-    (guessed, emitted)
+    let step = runner.step_speculative_greedy(model, mtp, &mut refs, inputs, drafts).unwrap();
+    (step.guessed, step.emitted)
 }
 
 /// Speculative steps with drafts that are right, partly right and wrong give exactly the plain

@@ -126,6 +126,14 @@ impl SeqState {
     }
 }
 
+/// What a greedy speculative step did, per sequence: the head's guesses, and the new tokens
+/// (the kept drafts, then the main model's own).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpeculativeStep {
+    pub guessed: Vec<Vec<u32>>,
+    pub emitted: Vec<Vec<u32>>,
+}
+
 /// The per-row index of an eager step (positions, block-table rows, GDN slots read and written).
 struct RowIndex {
     pos: Ids,
@@ -553,6 +561,57 @@ impl DecodeRunner {
             s.len += m + 1;
         }
         Ok(())
+    }
+
+    /// Prefills `prompt` on its own (the model, then the MTP head over every position), picks
+    /// the first token greedily and admits the sequence to draft: its state and first token.
+    pub fn prefill_speculative(
+        &mut self,
+        model: &Qwen35,
+        mtp: &Mtp,
+        prompt: &[u32],
+    ) -> Result<(SeqState, u32), RunnerError> {
+        let failed = |e: crate::ModelError| RunnerError::Speculation(e.to_string());
+        let mut cache = model.new_cache();
+        let h = model.forward_normed(prompt, &mut cache, crate::Logits::All).map_err(failed)?;
+        let mut first = Ids::new(vec![0], self.device);
+        ops::argmax_rows(&model.head(&ops::last_row(&h)), &mut first);
+        let first = first.to_vec()[0];
+        let next: Vec<u32> = prompt[1..].iter().copied().chain([first]).collect();
+        let mut head_cache = mtp.new_cache();
+        let g = mtp.forward(model, &next, &h, &mut head_cache).map_err(failed)?;
+        Ok((self.admit_speculative(&cache, &head_cache, ops::last_row(&g))?, first))
+    }
+
+    /// One greedy speculative step of `seqs` (inputs: each one's last token): the head's
+    /// drafts (or `drafts` in their place: a test's oracle), the verify, each sequence keeping
+    /// the drafts that match the main model's own choices, then its next token. Returns the
+    /// head's guesses and each sequence's new tokens: what plain greedy steps give.
+    pub fn step_speculative_greedy(
+        &mut self,
+        model: &Qwen35,
+        mtp: &Mtp,
+        seqs: &mut [&mut SeqState],
+        inputs: &[u32],
+        drafts: Option<Vec<Vec<u32>>>,
+    ) -> Result<SpeculativeStep, RunnerError> {
+        let k = self.cfg.spec_tokens;
+        let guessed = self.draft(model, mtp, seqs)?;
+        let drafts = drafts.unwrap_or_else(|| guessed.clone());
+        let hidden = self.verify(model, seqs, inputs, &drafts)?;
+        let mut best = Ids::new(vec![0; hidden.rows()], self.device);
+        ops::argmax_rows(&model.head(&hidden), &mut best);
+        let best = best.to_vec();
+        let (mut kept, mut next, mut emitted) = (Vec::new(), Vec::new(), Vec::new());
+        for (b, d) in drafts.iter().enumerate() {
+            let own = &best[b * (k + 1)..(b + 1) * (k + 1)];
+            let m = d.iter().zip(own).take_while(|(d, t)| d == t).count();
+            kept.push(m);
+            next.push(own[m]);
+            emitted.push(d[..m].iter().copied().chain([own[m]]).collect());
+        }
+        self.accept(model, mtp, seqs, &drafts, &hidden, &kept, &next)?;
+        Ok(SpeculativeStep { guessed, emitted })
     }
 
     fn forward(&mut self, model: &Qwen35, bi: usize) -> Tensor {

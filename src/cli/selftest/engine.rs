@@ -228,6 +228,73 @@ pub(super) fn runner_checks(g: &Gpu, rep: &mut Report, a: &Args) -> anyhow::Resu
         );
         rep.require(&format!("runner {name}: fast kernels, graph = eager (8 seqs)"), eager == graph, json!({}));
     }
+    speculative_runner_checks(g, rep)
+}
+
+/// Speculative decoding through the GPU runner (the head drafting on the device, the verify's
+/// multi-row GDN walks, the kept row's slot taking over) on the tiny synthetic model with an MTP
+/// head: with oracle drafts right, partly right and wrong, and with the head's own drafts, 1 and
+/// 3 sequences give exactly the CPU's plain greedy tokens (exact kernels).
+fn speculative_runner_checks(g: &Gpu, rep: &mut Report) -> anyhow::Result<()> {
+    g.set_exact_gemm(true);
+    let src = Synthetic::named("tiny", SyntheticFormat::Bf16, 5)?.with_mtp();
+    let cpu_model = Qwen35::load(&src, LoadOptions::new(F32))?;
+    let o = LoadOptions::new(F32).on(Device::Cuda);
+    let (model, mtp) = (Qwen35::load(&src, o)?, fp4_model::Mtp::load(&src, o)?.context("the synthetic head")?);
+    let (k, steps) = (3, 12);
+    let all = prompts(3, cpu_model.config.vocab_size as u64);
+    let mut sampler = fp4_model::Sampler::new(fp4_model::SamplingParams::default())?;
+    let opts = fp4_model::GenerateOptions { max_tokens: steps + 2 * (k + 1), stop_ids: vec![] };
+    let want: Vec<Vec<u32>> = all
+        .iter()
+        .map(|p| fp4_model::generate(&cpu_model, p, &opts, &mut sampler, |_| {}))
+        .collect::<Result<_, _>>()?;
+    for n in [1, 3] {
+        for oracle in [true, false] {
+            let cfg = RunnerConfig {
+                max_seqs: n,
+                max_model_len: 128,
+                kv_blocks: n * 16,
+                block_size: 8,
+                graphs: false,
+                spec_tokens: k,
+            };
+            let mut runner = DecodeRunner::new(&model, cfg);
+            let mut seqs = Vec::new();
+            let mut out: Vec<Vec<u32>> = Vec::new();
+            for p in &all[..n] {
+                let (s, first) = runner.prefill_speculative(&model, &mtp, p)?;
+                seqs.push(s);
+                out.push(vec![first]);
+            }
+            for step in 0..steps {
+                // Sequence b's oracle drafts are right up to index (step + b) % (K + 1).
+                let drafts = oracle.then(|| {
+                    out.iter()
+                        .enumerate()
+                        .map(|(b, o)| {
+                            let wrong_from = (step + b) % (k + 1);
+                            (0..k).map(|i| want[b][o.len() + i] ^ u32::from(i >= wrong_from)).collect()
+                        })
+                        .collect()
+                });
+                let inputs: Vec<u32> = out.iter().map(|o| *o.last().expect("a first token")).collect();
+                let mut refs: Vec<&mut SeqState> = seqs.iter_mut().collect();
+                let step = runner.step_speculative_greedy(&model, &mtp, &mut refs, &inputs, drafts)?;
+                for (o, e) in out.iter_mut().zip(step.emitted) {
+                    o.extend(e);
+                }
+                if out.iter().any(|o| o.len() + k + 1 > want[0].len()) {
+                    break;
+                }
+            }
+            let same = out.iter().enumerate().all(|(b, o)| o[..] == want[b][..o.len()]);
+            let drafts = if oracle { "oracle drafts" } else { "the head's drafts" };
+            let what = format!("speculative runner, {n} seqs, K = {k}, {drafts} = CPU plain greedy");
+            rep.require(&what, same, if same { json!({}) } else { json!({"cpu": &want[..n], "gpu": out}) });
+        }
+    }
+    g.set_exact_gemm(false);
     Ok(())
 }
 
