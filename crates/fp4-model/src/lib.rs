@@ -17,7 +17,8 @@ pub use linear::{
     load_param, AmaxObserver, ChannelRecorder, ChannelStats, Linear, LinearMethod, LoadOptions, WeightSource,
 };
 pub use mtp::{
-    accept_drafts, generate_speculative, verify_draft, Drafter, Mtp, MtpCache, MtpDrafter, SpecStats, SpeculativeConfig,
+    accept_drafts, accept_greedy, generate_speculative, verify_draft, Drafter, Mtp, MtpCache, MtpDrafter, SpecStats,
+    SpeculativeConfig,
 };
 pub use qwen35::{DecoderLayer, LayerCtx, Logits, MixerState, Qwen35};
 pub use runner::{DecodeRunner, RunnerConfig, SeqState};

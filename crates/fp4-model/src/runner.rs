@@ -110,11 +110,6 @@ impl SeqState {
         self.blocks.len()
     }
 
-    /// Whether its next step takes a new KV block (its next position starts one).
-    pub fn needs_block(&self, block_size: usize) -> bool {
-        self.blocks.len() * block_size <= self.len
-    }
-
     /// Whether it drafts with the MTP head.
     pub fn speculates(&self) -> bool {
         self.mtp_last.is_some()
@@ -286,13 +281,8 @@ impl DecodeRunner {
             .filter(|_| n <= self.cfg.max_seqs)
             .ok_or(RunnerError::BatchTooLarge { got: n, max: self.cfg.max_seqs })?;
         for s in seqs.iter_mut() {
-            if s.len >= self.cfg.max_model_len {
-                return Err(RunnerError::ContextFull(self.cfg.max_model_len));
-            }
-            while s.needs_block(self.cfg.block_size) {
-                let b = self.free_blocks.pop().ok_or(RunnerError::OutOfBlocks { need: 1, free: 0 })?;
-                s.blocks.push(b);
-            }
+            let end = s.len + 1;
+            self.reserve(s, end)?;
         }
         let size = self.buckets[bi].size;
         let mb = self.max_blocks;
@@ -604,11 +594,10 @@ impl DecodeRunner {
         let best = best.to_vec();
         let (mut kept, mut next, mut emitted) = (Vec::new(), Vec::new(), Vec::new());
         for (b, d) in drafts.iter().enumerate() {
-            let own = &best[b * (k + 1)..(b + 1) * (k + 1)];
-            let m = d.iter().zip(own).take_while(|(d, t)| d == t).count();
+            let (m, own) = crate::accept_greedy(d, &best[b * (k + 1)..(b + 1) * (k + 1)]);
             kept.push(m);
-            next.push(own[m]);
-            emitted.push(d[..m].iter().copied().chain([own[m]]).collect());
+            next.push(own);
+            emitted.push(d[..m].iter().copied().chain([own]).collect());
         }
         self.accept(model, mtp, seqs, &drafts, &hidden, &kept, &next)?;
         Ok(SpeculativeStep { guessed, emitted })

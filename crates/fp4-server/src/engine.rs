@@ -305,9 +305,7 @@ impl PrefillState {
             head: head.map(|h| HeadPrefill { cache: h.new_cache(), pending: None }),
         }
     }
-}
 
-impl PrefillState {
     /// This state for a sequence that drafts (`drafts`: it keeps the head's state) or not (the
     /// head's state of a snapshot a drafting request left is dropped: this one must not draft).
     fn for_drafting(mut self, drafts: bool) -> PrefillState {
@@ -321,13 +319,8 @@ impl PrefillState {
 impl crate::prefix::Snapshot for PrefillState {
     fn bytes(&self) -> usize {
         let head = self.head.as_ref().map_or(0, |h| {
-            let kv = match h.cache.layer() {
-                fp4_model::LayerCache::Attention { k, v } => {
-                    k.as_ref().map_or(0, |t| t.elem_count()) + v.as_ref().map_or(0, |t| t.elem_count())
-                }
-                fp4_model::LayerCache::Gdn { .. } => 0,
-            };
-            (kv + h.pending.as_ref().map_or(0, |t| t.elem_count())) * 4
+            let pending = h.pending.as_ref().map_or(0, |t| t.elem_count()) * std::mem::size_of::<f32>();
+            crate::prefix::layer_bytes(h.cache.layer()) + pending
         });
         crate::prefix::cache_bytes(&self.cache) + head
     }
@@ -799,11 +792,12 @@ fn prefill_step(
     if let Some(&at) = seq.req.snapshot_at.iter().find(|&&at| at > seq.prefilled && at < end) {
         end = at;
     }
-    let tokens = seq.prefill_tokens().to_vec();
+    // The prompt (or resume) tokens and the cache are separate fields: borrowed side by side.
+    let tokens: &[u32] = if resuming { &seq.resume } else { &seq.req.prompt };
     let chunk = &tokens[seq.prefilled..end];
     let SeqCache::Prefill(state) = &mut seq.cache else { unreachable!("prefill of a decoding sequence") };
     let run = match (&mut state.head, head) {
-        (Some(h), Some(mtp)) => prefill_with_head(model, mtp, &mut state.cache, h, &tokens, chunk),
+        (Some(h), Some(mtp)) => prefill_with_head(model, mtp, &mut state.cache, h, tokens, chunk),
         _ => model.forward(chunk, &mut state.cache, Logits::Last),
     };
     match run {
@@ -1000,9 +994,7 @@ fn speculative_step(
             let seq = &mut running[group[b]];
             let r0 = b * (k + 1);
             let (m, own) = if seq.req.sampling.temperature == 0.0 {
-                let own = &best[r0..r0 + k + 1];
-                let m = d.iter().zip(own).take_while(|(d, t)| d == t).count();
-                (m, own[m])
+                fp4_model::accept_greedy(d, &best[r0..r0 + k + 1])
             } else {
                 // Rows come to the host only up to the first rejected draft.
                 let controls = seq.req.sampling.kernel();

@@ -38,16 +38,17 @@ struct Entry<S> {
 
 /// Bytes of every tensor of `cache` (f32 elements).
 pub fn cache_bytes(cache: &Cache) -> usize {
-    let elems: usize = cache
-        .layers
-        .iter()
-        .map(|l| match l {
-            LayerCache::Attention { k, v } => {
-                k.as_ref().map_or(0, |t| t.elem_count()) + v.as_ref().map_or(0, |t| t.elem_count())
-            }
-            LayerCache::Gdn { conv, state } => conv.elem_count() + state.elem_count(),
-        })
-        .sum();
+    cache.layers.iter().map(layer_bytes).sum()
+}
+
+/// Bytes of one layer's state (f32 elements).
+pub fn layer_bytes(layer: &LayerCache) -> usize {
+    let elems = match layer {
+        LayerCache::Attention { k, v } => {
+            k.as_ref().map_or(0, |t| t.elem_count()) + v.as_ref().map_or(0, |t| t.elem_count())
+        }
+        LayerCache::Gdn { conv, state } => conv.elem_count() + state.elem_count(),
+    };
     elems * std::mem::size_of::<f32>()
 }
 
