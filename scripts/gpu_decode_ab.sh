@@ -4,15 +4,17 @@
 # (dist/base.xz, an earlier dist/fp4.xz; dist/base.commit) alternately on the same card, into
 # $OUT/decode-ab.json; then the quick checks of this build (`fp4 selftest --quick`: linear,
 # decode-op, fusion and runner checks, kernel benchmarks) into $OUT/quick.json.
-#   [ROUNDS=2] bash scripts/gpu_decode_ab.sh [BATCH ...]   (default: 1 8, one round)
+# With DEPTHS="4096 16384 …", then batch-1 decode of this build at each context depth into
+# $OUT/decode-depth.json.
+#   [ROUNDS=2] [DEPTHS="…"] bash scripts/gpu_decode_ab.sh [BATCH ...]   (default: 1 8, one round)
 set -uo pipefail
 source scripts/gpu_unpack.sh
 export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 out=${OUT:-/tmp/fp4-out}
 mkdir -p "$out"
 xz -dc dist/base.xz > /tmp/fp4-base && chmod +x /tmp/fp4-base
-rate() {  # binary batch -> tok/s
-    "$1" selftest --gpu --profile-decode --profile-batch "$2" --synthetic qwen3.5-9b --decode-tokens 64 2>/dev/null |
+rate() {  # binary batch [depth] -> tok/s
+    "$1" selftest --gpu --profile-decode --profile-batch "$2" --profile-depth "${3:-0}" --synthetic qwen3.5-9b --decode-tokens 64 2>/dev/null |
         sed -n 's/.*: \([0-9.]*\) tok\/s.*/\1/p'
 }
 rows=()
@@ -27,6 +29,17 @@ printf '{"schema": "fp4.decode-ab.v1", "device": "%s", "commit": "%s", "base": "
     "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" "$(cat dist/commit)" "$(cat dist/base.commit 2>/dev/null)" \
     "$(IFS=,; echo "${rows[*]}")" > "$out/decode-ab.json"
 cat "$out/decode-ab.json"
+if [ -n "${DEPTHS:-}" ]; then
+    rows=()
+    for d in 0 $DEPTHS; do
+        r=$(rate dist/fp4 1 "$d")
+        echo "depth $d: $r tok/s"
+        rows+=("\"$d\": ${r:-null}")
+    done
+    printf '{"schema": "fp4.decode-depth.v1", "device": "%s", "commit": "%s", "tok_s": {%s}}\n' \
+        "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" "$(cat dist/commit)" \
+        "$(IFS=,; echo "${rows[*]}")" > "$out/decode-depth.json"
+fi
 # The checks last: the timings come back even when the call's time runs out during them.
 dist/fp4 selftest --gpu --quick --out "$out/quick.json" > "$out/quick.log" 2>&1
 echo "quick checks exit $? ($(grep -c '"pass": false' "$out/quick.json" 2>/dev/null) failed)"

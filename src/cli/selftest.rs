@@ -49,6 +49,10 @@ pub struct Args {
     /// Sequences decoded together under `--profile-decode`.
     #[arg(long, hide = true, default_value_t = 1)]
     profile_batch: usize,
+    /// Context depth (tokens) each sequence decodes at under `--profile-decode` (its KV blocks
+    /// are taken, not filled: attention reads that many positions).
+    #[arg(long, hide = true, default_value_t = 0)]
+    profile_depth: usize,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {

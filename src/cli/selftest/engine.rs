@@ -11,7 +11,7 @@ use fp4_kernels::cuda::Gpu;
 use fp4_kernels::ops::{self, BatchIndex, GdnDims};
 use fp4_kernels::{Device, Ids, Tensor};
 use fp4_model::{
-    DecodeRunner, LoadOptions, Logits, Qwen35, RunnerConfig, SeqState, Synthetic, SyntheticFormat, WeightSource,
+    DecodeRunner, LoadOptions, Logits, Pools, Qwen35, RunnerConfig, SeqState, Synthetic, SyntheticFormat, WeightSource,
 };
 use serde_json::{json, Value};
 use std::time::Instant;
@@ -428,19 +428,26 @@ pub(super) fn ttft_runs_ms(model: &Qwen35, n: usize) -> anyhow::Result<Vec<f64>>
 
 /// Graph decode of `batch` sequences (a 1k-token prompt each) of the synthetic NVFP4 model and
 /// nothing else, for a profiler's trace.
-pub(super) fn profile_decode(g: &Gpu, name: &str, steps: usize, batch: usize) -> anyhow::Result<()> {
+pub(super) fn profile_decode(g: &Gpu, name: &str, steps: usize, batch: usize, depth: usize) -> anyhow::Result<()> {
     g.set_exact_gemm(false);
     let src = Synthetic::named(name, SyntheticFormat::Nvfp4 { mlp_only: false }, 1)?;
     let model = Qwen35::load(&src, LoadOptions::new(F32).on(Device::Cuda))?;
-    let cfg = RunnerConfig::from_budget(&model.config, batch, 4096, 32, 8 << 30, true, 0)?;
+    let max_len = (depth + 8 + steps + 64).max(4096);
+    let budget = (8usize << 30).max(2 * batch * max_len * Pools::block_bytes(&model.config, 1, false));
+    let cfg = RunnerConfig::from_budget(&model.config, batch, max_len, 32, budget, true, 0)?;
     let mut runner = DecodeRunner::new(&model, cfg);
     let vocab = model.config.vocab_size as u64;
     let prompt: Vec<u32> = (0..1000u64).map(|i| ((i * 2654435761 + 5) % vocab) as u32).collect();
     let mut cache = model.new_cache();
     model.forward(&prompt, &mut cache, Logits::Last)?;
     let mut seqs = (0..batch).map(|_| runner.admit(&cache)).collect::<Result<Vec<_>, _>>()?;
+    if depth > 0 {
+        for s in &mut seqs {
+            runner.set_len_for_benchmark(s, depth)?;
+        }
+    }
     let r = decode_rate(&mut runner, &model, &mut seqs, 8, steps)?;
-    println!("profile decode {name} nvfp4 bs={batch}: {r:.1} tok/s over {steps} steps");
+    println!("profile decode {name} nvfp4 bs={batch} depth {depth}: {r:.1} tok/s over {steps} steps");
     Ok(())
 }
 

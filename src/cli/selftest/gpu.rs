@@ -889,7 +889,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     if a.profile_decode {
         let name = a.synthetic.as_deref().context("--profile-decode needs --synthetic")?;
-        return super::engine::profile_decode(g, name, a.decode_tokens, a.profile_batch);
+        return super::engine::profile_decode(g, name, a.decode_tokens, a.profile_batch, a.profile_depth);
     }
     if !a.bench_only {
         checks(g, &mut rep, &mut rng, &a)?;
