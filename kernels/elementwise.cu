@@ -186,3 +186,13 @@ extern "C" __global__ void causal_conv1d_silu_f32(const float* __restrict__ x, f
         if (j < k - 1) state[(size_t)j * c_len + c] = t >= 0 ? x[(size_t)t * c_len + c] : old[t + k - 1];
     }
 }
+
+// dst[dst_rows[i]] = src[src_rows[i]], one block per row of d floats.
+extern "C" __global__ void scatter_rows_f32(float* __restrict__ dst, const uint32_t* __restrict__ dst_rows,
+                                            const float* __restrict__ src, const uint32_t* __restrict__ src_rows,
+                                            int d) {
+    pdl_start();
+    const float* s = src + (size_t)src_rows[blockIdx.x] * d;
+    float* o = dst + (size_t)dst_rows[blockIdx.x] * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = s[i];
+}

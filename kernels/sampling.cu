@@ -147,3 +147,37 @@ extern "C" __global__ void sample_f32(const float* __restrict__ logits, int n, f
     out[0] = last;  // rounding left r at or past the total: the last kept token
 #undef KEPT
 }
+
+// dst[start + stride·i] = src[i] (the drafts into a speculative verify's rows).
+extern "C" __global__ void write_ids_strided(uint32_t* __restrict__ dst, const uint32_t* __restrict__ src, int n,
+                                             int start, int stride) {
+    pdl_start();
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        dst[start + stride * i] = src[i];
+}
+
+// Greedy acceptance of a speculative verify, one thread per sequence (ops::accept_greedy_rows,
+// whose CPU branch is the reference): rows b·(1+k) .. of ids are its input and k drafts, of best
+// the model's argmax after each. Drafts are kept while each equals the model's choice before it;
+// force[b] ≤ k keeps that many whatever they are (benchmarks).
+extern "C" __global__ void accept_greedy_rows(const uint32_t* __restrict__ ids, const uint32_t* __restrict__ best,
+                                              int n, int k, const uint32_t* __restrict__ force,
+                                              uint32_t* __restrict__ head_ids,
+                                              uint32_t* __restrict__ picks, uint32_t* __restrict__ out) {
+    pdl_start();
+    int b = blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= n) return;
+    const int r0 = b * (k + 1);
+    int m = 0;
+    if (force[b] <= (uint32_t)k)
+        m = force[b];
+    else
+        while (m < k && ids[r0 + 1 + m] == best[r0 + m]) m++;
+    const uint32_t next = best[r0 + m];
+    for (int j = 0; j <= k; j++) head_ids[r0 + j] = j < m ? ids[r0 + 1 + j] : next;
+    picks[b] = r0 + m;
+    uint32_t* o = out + (size_t)b * (k + 2);
+    for (int j = 0; j < k; j++) o[j] = ids[r0 + 1 + j];
+    o[k] = m;
+    o[k + 1] = next;
+}

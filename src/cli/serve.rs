@@ -237,7 +237,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let one_seq = engine::cache_bytes(&model, max_model_len);
     // A snapshot holds at least a sequence's GDN state: a smaller prefix-cache share could keep
     // none, so it goes back to the running sequences.
-    let smallest_snapshot = fp4_model::Pools::slot_bytes(&model.config);
+    let smallest_snapshot = fp4_model::Pools::slot_bytes(&model.config, false);
     let prefix_cache_bytes = if prefix_cache_bytes > 0 && prefix_cache_bytes < smallest_snapshot {
         tracing::warn!(
             "prefix caching is off: its share of the cache budget ({prefix_cache_bytes} bytes, --prefix-cache-budget) \

@@ -643,6 +643,14 @@ impl Descending {
     }
 }
 
+/// Greedy acceptance over one speculative verify: the drafts are kept while they equal the main
+/// model's own choices `own` (its argmax at each of the K + 1 rows), and its choice after the
+/// last kept one is its next token. Returns (drafts kept, own token).
+pub fn accept_greedy(drafts: &[u32], own: &[u32]) -> (usize, u32) {
+    let kept = drafts.iter().zip(own).take_while(|(d, t)| d == t).count();
+    (kept, own[kept])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

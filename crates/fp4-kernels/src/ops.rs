@@ -738,6 +738,125 @@ fn greedy() -> SampleParams {
     SampleParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0 }
 }
 
+/// `dst[start + stride·i] = src[i]` for every i (on their device): a batch's ids into every
+/// `stride`-th row of a longer batch (the drafts into a speculative verify's rows).
+pub fn write_ids_strided(dst: &mut Ids, src: &Ids, start: usize, stride: usize) {
+    let n = src.len();
+    check(stride >= 1 && (n == 0 || start + stride * (n - 1) < dst.len()), "write_ids_strided", || {
+        format!("{n} ids from {start} by {stride} into {}", dst.len())
+    });
+    match src {
+        Ids::Cpu(v) => {
+            let mut d = dst.to_vec();
+            for (i, &id) in v.iter().enumerate() {
+                d[start + stride * i] = id;
+            }
+            dst.write(&d);
+        }
+        #[cfg(feature = "cuda")]
+        Ids::Cuda(v) => ok(gpu().write_ids_strided(dst.cuda_mut(), v, start, stride), "write_ids_strided"),
+    }
+}
+
+/// Greedy acceptance of a speculative verify on the device. Rows `b·(1+k) ..` of `ids` are
+/// sequence b's input then its k drafts, of `best` the main model's argmax after each of them.
+/// Sequence b keeps its drafts while each equals the model's choice before it (`m` of them) and
+/// then takes `best[b·(1+k) + m]` (as [`crate::cpu::accept_greedy`] does). Writes, per sequence:
+/// `head_ids` rows (the kept drafts, then the model's token repeated: the ids the MTP head reads
+/// at each verified position), `picks[b] = b·(1+k) + m` (the row whose head output the next draft
+/// starts from), and `out[b·(k+2) ..]` = its k drafts, m, the model's token. `force[b]` ≤ k
+/// keeps that many drafts whatever they are (benchmarks of a given acceptance on random weights);
+/// a larger value applies the rule.
+pub fn accept_greedy_rows(
+    ids: &Ids,
+    best: &Ids,
+    k: usize,
+    force: &Ids,
+    head_ids: &mut Ids,
+    picks: &mut Ids,
+    out: &mut Ids,
+) {
+    let n = picks.len();
+    check(
+        ids.len() == n * (k + 1)
+            && best.len() >= n * (k + 1)
+            && force.len() == n
+            && head_ids.len() == n * (k + 1)
+            && out.len() == n * (k + 2),
+        "accept_greedy_rows",
+        || {
+            format!(
+                "{n} sequences of {k} drafts: ids {}, best {}, head_ids {}, out {}",
+                ids.len(),
+                best.len(),
+                head_ids.len(),
+                out.len()
+            )
+        },
+    );
+    match ids {
+        Ids::Cpu(v) => {
+            let (best, force) = (best.as_slice(), force.as_slice());
+            let (mut h, mut p, mut o) = (vec![0; n * (k + 1)], vec![0; n], vec![0; n * (k + 2)]);
+            for b in 0..n {
+                let r0 = b * (k + 1);
+                let (m, next) = match force[b] as usize {
+                    m if m <= k => (m, best[r0 + m]),
+                    _ => crate::cpu::accept_greedy(&v[r0 + 1..r0 + 1 + k], &best[r0..r0 + k + 1]),
+                };
+                for j in 0..=k {
+                    h[r0 + j] = if j < m { v[r0 + 1 + j] } else { next };
+                }
+                p[b] = (r0 + m) as u32;
+                o[b * (k + 2)..b * (k + 2) + k].copy_from_slice(&v[r0 + 1..r0 + 1 + k]);
+                o[b * (k + 2) + k] = m as u32;
+                o[b * (k + 2) + k + 1] = next;
+            }
+            head_ids.write(&h);
+            picks.write(&p);
+            out.write(&o);
+        }
+        #[cfg(feature = "cuda")]
+        Ids::Cuda(v) => ok(
+            gpu().accept_greedy_rows(
+                v,
+                best.cuda(),
+                n,
+                k,
+                force.cuda(),
+                head_ids.cuda_mut(),
+                picks.cuda_mut(),
+                out.cuda_mut(),
+            ),
+            "accept_greedy_rows",
+        ),
+    }
+}
+
+/// `dst[dst_rows[i]] = src[src_rows[i]]` for each i (rows of equal length, same device).
+pub fn scatter_rows(dst: &mut Tensor, dst_rows: &Ids, src: &Tensor, src_rows: &Ids) {
+    let d = dst.row_len();
+    check(src.row_len() == d && dst_rows.len() == src_rows.len(), "scatter_rows", || {
+        format!("{} rows of {:?} into {:?} ({} targets)", src_rows.len(), src.shape(), dst.shape(), dst_rows.len())
+    });
+    match src.storage() {
+        Storage::Cpu(s) => {
+            let (rows_out, rows_in) = (dst_rows.as_slice(), src_rows.as_slice());
+            let (dn, sn) = (dst.rows(), src.rows());
+            let out = dst.as_mut_slice();
+            for (&o, &i) in rows_out.iter().zip(rows_in) {
+                let (o, i) = (o as usize, i as usize);
+                check(o < dn && i < sn, "scatter_rows", || format!("row {i} of {sn} to row {o} of {dn}"));
+                out[o * d..(o + 1) * d].copy_from_slice(&s[i * d..(i + 1) * d]);
+            }
+        }
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(s) => {
+            ok(gpu().scatter_rows(dst.cuda_mut(), dst_rows.cuda(), s, src_rows.cuda(), d), "scatter_rows")
+        }
+    }
+}
+
 /// Writes `src` into the rows of `dst` starting at row `row0` (same row length, same device).
 pub fn write_rows(dst: &mut Tensor, row0: usize, src: &Tensor) {
     let n = dst.row_len();
@@ -766,6 +885,37 @@ pub fn rows(x: &Tensor, r0: usize, r1: usize) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Device;
+
+    #[test]
+    fn greedy_acceptance_keeps_matching_drafts_then_the_models_token() {
+        let cpu = |v: Vec<u32>| Ids::new(v, Device::Cpu);
+        // Two sequences, K = 2: rows [input, d1, d2] and the model's choice after each.
+        let ids = cpu(vec![5, 7, 8, 5, 7, 8]);
+        let best = cpu(vec![7, 9, 4, 7, 8, 6]);
+        let (mut h, mut p, mut o) = (cpu(vec![0; 6]), cpu(vec![0; 2]), cpu(vec![0; 8]));
+        accept_greedy_rows(&ids, &best, 2, &cpu(vec![u32::MAX; 2]), &mut h, &mut p, &mut o);
+        // Sequence 0 keeps 7 and then takes 9; sequence 1 keeps both and takes 6.
+        assert_eq!(o.to_vec(), vec![7, 8, 1, 9, 7, 8, 2, 6]);
+        assert_eq!(h.to_vec(), vec![7, 9, 9, 7, 8, 6]);
+        assert_eq!(p.to_vec(), vec![1, 5]);
+        // Forced: sequence 0 keeps none, sequence 1 keeps one whatever they are.
+        accept_greedy_rows(&ids, &best, 2, &cpu(vec![0, 1]), &mut h, &mut p, &mut o);
+        assert_eq!(o.to_vec(), vec![7, 8, 0, 7, 7, 8, 1, 8]);
+        assert_eq!(h.to_vec(), vec![7, 7, 7, 7, 8, 8]);
+        assert_eq!(p.to_vec(), vec![0, 4]);
+    }
+
+    #[test]
+    fn strided_ids_and_scattered_rows_land_where_named() {
+        let mut dst = Ids::new(vec![0; 8], Device::Cpu);
+        write_ids_strided(&mut dst, &Ids::new(vec![1, 2, 3], Device::Cpu), 1, 3);
+        assert_eq!(dst.to_vec(), vec![0, 1, 0, 0, 2, 0, 0, 3]);
+        let mut pool = Tensor::from_vec(vec![0.0; 6], &[3, 2]);
+        let src = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0], &[2, 2]);
+        scatter_rows(&mut pool, &Ids::new(vec![2, 0], Device::Cpu), &src, &Ids::new(vec![0, 1], Device::Cpu));
+        assert_eq!(pool.to_vec(), vec![3.0, 4.0, 0.0, 0.0, 1.0, 2.0]);
+    }
 
     #[test]
     fn cat_cols_joins_rows_side_by_side() {

@@ -60,6 +60,9 @@ pub struct Pools {
     /// The MTP head's layer (full attention) when the runner speculates: its KV in blocks of the
     /// same ids as the model's, so one block table serves both.
     pub mtp: Option<LayerPool>,
+    /// With the MTP head: its normed output `[slots, H]` at each speculating sequence's last
+    /// position (the next draft's input), a row per GDN slot (a sequence's row is one of its slots).
+    pub mtp_hidden: Option<Tensor>,
     pub slots: usize,
     pub blocks: usize,
     pub block_size: usize,
@@ -88,14 +91,16 @@ impl Pools {
                 },
             })
             .collect();
-        Pools { layers, mtp: mtp.then(kv_pool), slots, blocks, block_size }
+        let mtp_hidden = mtp.then(|| Tensor::zeros_on(&[slots, cfg.hidden_size], device));
+        Pools { layers, mtp: mtp.then(kv_pool), mtp_hidden, slots, blocks, block_size }
     }
 
-    /// Bytes of one GDN state slot (every GDN layer's conv inputs and recurrent state, f32).
-    pub fn slot_bytes(cfg: &TextConfig) -> usize {
+    /// Bytes of one GDN state slot (every GDN layer's conv inputs and recurrent state, f32; with
+    /// `mtp`, the MTP head's hidden row too).
+    pub fn slot_bytes(cfg: &TextConfig, mtp: bool) -> usize {
         let per_layer = (cfg.linear_conv_kernel_dim - 1) * cfg.linear_conv_dim()
             + cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim;
-        cfg.num_layers_of(LayerType::LinearAttention) * per_layer * 4
+        (cfg.num_layers_of(LayerType::LinearAttention) * per_layer + if mtp { cfg.hidden_size } else { 0 }) * 4
     }
 
     /// Bytes of one KV block of `block_size` tokens over every attention layer (f32 K and V), the

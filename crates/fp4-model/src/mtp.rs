@@ -308,13 +308,8 @@ pub fn generate_speculative(
     }
 }
 
-/// Greedy acceptance over one verify: the drafts are kept while they equal the main model's own
-/// choices `own` (its argmax at each of the K + 1 rows), and its choice after the last kept one
-/// is its next token. Returns (drafts kept, own token).
-pub fn accept_greedy(drafts: &[u32], own: &[u32]) -> (usize, u32) {
-    let kept = drafts.iter().zip(own).take_while(|(d, t)| d == t).count();
-    (kept, own[kept])
-}
+/// Greedy acceptance over one verify (the reference of the runner's on-device acceptance).
+pub use fp4_kernels::cpu::accept_greedy;
 
 /// Speculative sampling over one verify: `probs(j)` is the main model's distribution at row j
 /// (j = 0 ..= K, after the input and j drafts). Drafts are kept ([`verify_draft`]) until one is

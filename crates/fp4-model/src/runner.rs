@@ -68,7 +68,7 @@ impl RunnerConfig {
         spec_tokens: usize,
     ) -> Result<RunnerConfig, RunnerError> {
         let max_seqs = max_seqs.clamp(1, *BUCKETS.last().expect("buckets"));
-        let slots = (max_seqs * (1 + spec_tokens) + 1) * Pools::slot_bytes(cfg);
+        let slots = (max_seqs * (1 + spec_tokens) + 1) * Pools::slot_bytes(cfg, spec_tokens > 0);
         let block = Pools::block_bytes(cfg, block_size, spec_tokens > 0).max(1);
         if budget < slots + 2 * block {
             return Err(RunnerError::BudgetTooSmall { budget, max_seqs, need: slots + 2 * block });
@@ -84,7 +84,7 @@ impl RunnerConfig {
 
     /// Device bytes the pools take.
     pub fn bytes(&self, cfg: &TextConfig) -> usize {
-        self.slots() * Pools::slot_bytes(cfg)
+        self.slots() * Pools::slot_bytes(cfg, self.spec_tokens > 0)
             + (self.kv_blocks + 1) * Pools::block_bytes(cfg, self.block_size, self.spec_tokens > 0)
     }
 }
@@ -99,9 +99,12 @@ pub struct SeqState {
     blocks: Vec<u32>,
     /// Tokens in the cache (the position of the next input token).
     pub len: usize,
-    /// The MTP head's normed output `[1, H]` at the last position it has seen (position `len`
-    /// − 1: the next draft's hidden input); `None` for a sequence that does not speculate.
-    mtp_last: Option<Tensor>,
+    /// Its row of the MTP head's hidden pool (`Pools::mtp_hidden`: the head's normed output at
+    /// position `len` − 1, the next draft's input): the slot it was admitted with, one of its
+    /// own whatever the verifies swap, so no two live sequences share it.
+    home: u32,
+    /// Whether it drafts with the MTP head.
+    speculating: bool,
 }
 
 impl SeqState {
@@ -112,12 +115,12 @@ impl SeqState {
 
     /// Whether it drafts with the MTP head.
     pub fn speculates(&self) -> bool {
-        self.mtp_last.is_some()
+        self.speculating
     }
 
     /// Stops drafting for it (it decodes one token per step from now on).
     pub fn stop_speculating(&mut self) {
-        self.mtp_last = None;
+        self.speculating = false;
     }
 }
 
@@ -127,14 +130,6 @@ impl SeqState {
 pub struct SpeculativeStep {
     pub guessed: Vec<Vec<u32>>,
     pub emitted: Vec<Vec<u32>>,
-}
-
-/// The per-row index of an eager step (positions, block-table rows, GDN slots read and written).
-struct RowIndex {
-    pos: Ids,
-    table: Ids,
-    read: Ids,
-    write: Ids,
 }
 
 /// One bucket's step inputs and outputs (fixed device buffers) and its captured graph.
@@ -149,6 +144,67 @@ struct Bucket {
     graph: Option<fp4_kernels::cuda::Graph>,
 }
 
+/// One bucket's speculative step (`size` sequences, K drafts each, `size·(1 + K)` verify rows)
+/// in fixed device buffers: the drafting, the verify, the acceptance and the head over the kept
+/// positions read and write only these, so the whole greedy step is one captured graph.
+struct SpecBucket {
+    size: usize,
+    /// Each sequence's row of the head's hidden pool.
+    home: Ids,
+    /// Draft step i (< K − 1): the head at position len + i, over the sequence's blocks.
+    draft_pos: Vec<Ids>,
+    draft_table: Ids,
+    /// The head's guesses of the current draft step.
+    guess: Ids,
+    /// The scratch GDN slot, for every head row (the head has no GDN layer).
+    scratch: Ids,
+    /// Verify row b·(1 + K) + j: sequence b's input (j = 0) or draft j, at position len + j,
+    /// its GDN state read from `read[b]` and the state after it written to `write[row]`.
+    ids: Ids,
+    pos: Ids,
+    table: Ids,
+    read: Ids,
+    write: Ids,
+    /// The main model's argmax after each verify row.
+    best: Ids,
+    /// Per sequence: drafts kept whatever they are (> K: the greedy rule).
+    force: Ids,
+    /// The head's ids at the verified positions and each sequence's row of its output to keep.
+    head_ids: Ids,
+    picks: Ids,
+    /// Per sequence: its K drafts, how many it kept, the main model's next token.
+    out: Ids,
+    #[cfg(feature = "cuda")]
+    graph: Option<fp4_kernels::cuda::Graph>,
+}
+
+impl SpecBucket {
+    fn new(size: usize, k: usize, max_blocks: usize, scratch: u32, device: Device) -> SpecBucket {
+        let ids = |n: usize| Ids::new(vec![0; n], device);
+        let rows = size * (1 + k);
+        SpecBucket {
+            size,
+            home: ids(size),
+            draft_pos: (0..k.saturating_sub(1)).map(|_| ids(size)).collect(),
+            draft_table: ids(size * max_blocks),
+            guess: ids(size),
+            scratch: Ids::new(vec![scratch; rows], device),
+            ids: ids(rows),
+            pos: ids(rows),
+            table: ids(rows * max_blocks),
+            read: ids(size),
+            write: ids(rows),
+            best: ids(rows),
+            force: ids(size),
+            head_ids: ids(rows),
+            picks: ids(size),
+            out: ids(size * (k + 2)),
+            #[cfg(feature = "cuda")]
+            graph: None,
+        }
+    }
+}
+
 pub struct DecodeRunner {
     cfg: RunnerConfig,
     device: Device,
@@ -159,6 +215,10 @@ pub struct DecodeRunner {
     scratch_slot: u32,
     scratch_block: u32,
     buckets: Vec<Bucket>,
+    /// The speculative step's buckets (none without drafts).
+    spec: Vec<SpecBucket>,
+    /// Drafts every speculative step keeps whatever they are (benchmarks only).
+    forced_kept: Option<usize>,
     /// Steps replayed from a captured graph / run eagerly.
     pub graph_replays: u64,
     pub eager_steps: u64,
@@ -189,9 +249,19 @@ impl DecodeRunner {
                 graph: None,
             })
             .collect();
+        let spec = match cfg.spec_tokens {
+            0 => Vec::new(),
+            k => BUCKETS
+                .iter()
+                .filter(|&&b| b <= top)
+                .map(|&size| SpecBucket::new(size, k, max_blocks, slots as u32 - 1, device))
+                .collect(),
+        };
         DecodeRunner {
             device,
             pools,
+            spec,
+            forced_kept: None,
             free_slots: (0..slots as u32 - 1).rev().collect(),
             free_blocks: (0..cfg.kv_blocks as u32).rev().collect(),
             max_blocks,
@@ -238,7 +308,7 @@ impl DecodeRunner {
         let spare = (0..self.cfg.spec_tokens).map(|_| self.free_slots.pop().expect("checked")).collect();
         let blocks: Vec<u32> = (0..need).map(|_| self.free_blocks.pop().expect("checked")).collect();
         self.pools.store(cache, slot as usize, &blocks);
-        Ok(SeqState { slot, spare, blocks, len: cache.seq_len, mtp_last: None })
+        Ok(SeqState { slot, home: slot, spare, blocks, len: cache.seq_len, speculating: false })
     }
 
     /// [`DecodeRunner::admit`] for a sequence that drafts with the MTP head: `mtp` is the head's
@@ -258,7 +328,9 @@ impl DecodeRunner {
         }
         let mut seq = self.admit(cache)?;
         self.pools.store_mtp(mtp.layer(), &seq.blocks);
-        seq.mtp_last = Some(last);
+        let hidden = self.pools.mtp_hidden.as_mut().expect("a speculative runner has the head's hidden pool");
+        ops::write_rows(hidden, seq.home as usize, &last);
+        seq.speculating = true;
         Ok(seq)
     }
 
@@ -370,54 +442,6 @@ impl DecodeRunner {
         Ok(())
     }
 
-    /// The index of an eager step over `rows` (sequence, position) of `seqs`: positions, block
-    /// table rows, and GDN slots (read per sequence, written per row, `rows_per_seq` rows each).
-    fn eager_index(&self, seqs: &[&mut SeqState], rows: &[(usize, usize)], slots: (Vec<u32>, Vec<u32>)) -> RowIndex {
-        let mb = self.max_blocks;
-        let mut table = vec![self.scratch_block; rows.len() * mb];
-        for (r, &(i, _)) in rows.iter().enumerate() {
-            let blocks = &seqs[i].blocks;
-            table[r * mb..r * mb + blocks.len()].copy_from_slice(blocks);
-        }
-        let pos = rows.iter().map(|&(_, p)| p as u32).collect();
-        let d = self.device;
-        RowIndex {
-            pos: Ids::new(pos, d),
-            table: Ids::new(table, d),
-            read: Ids::new(slots.0, d),
-            write: Ids::new(slots.1, d),
-        }
-    }
-
-    /// `index` as the model reads it, `rows_per_seq` rows per sequence.
-    fn batch_index<'a>(&self, index: &'a RowIndex, rows_per_seq: usize) -> BatchIndex<'a> {
-        BatchIndex {
-            pos: &index.pos,
-            slots: &index.read,
-            slots_out: &index.write,
-            rows_per_seq,
-            table: &index.table,
-            max_blocks: self.max_blocks,
-            block_size: self.cfg.block_size,
-        }
-    }
-
-    /// The MTP head's index over `rows` (sequence, position) of `seqs` (uploaded now: build
-    /// it before queueing the work that comes before its use, as an upload waits for that work).
-    fn head_index(&self, seqs: &[&mut SeqState], rows: &[(usize, usize)]) -> RowIndex {
-        // The head has no GDN layer: every row names the scratch slot.
-        let scratch = vec![self.scratch_slot; rows.len()];
-        self.eager_index(seqs, rows, (scratch.clone(), scratch))
-    }
-
-    /// The MTP head over the rows of `index`: next-token `ids` and `hidden` rows in; the
-    /// head's normed output rows out.
-    fn head_rows(&mut self, model: &Qwen35, mtp: &Mtp, index: &RowIndex, ids: &Ids, hidden: &Tensor) -> Tensor {
-        let index = self.batch_index(index, 1);
-        let pool = self.pools.mtp.as_mut().expect("a speculative runner has the MTP head's pool");
-        mtp.decode(model, ids, hidden, index, pool)
-    }
-
     fn check_speculating(&self, seqs: &[&mut SeqState]) -> Result<(), RunnerError> {
         if seqs.len() > self.cfg.max_seqs {
             return Err(RunnerError::BatchTooLarge { got: seqs.len(), max: self.cfg.max_seqs });
@@ -434,53 +458,170 @@ impl DecodeRunner {
         Ok(())
     }
 
-    /// `spec_tokens` greedy guesses per sequence (every one speculating) from the MTP head, each
-    /// fed back with the head's own output; the KV blocks the verify will need are taken first.
+    /// Fills the smallest speculative bucket that holds `seqs` (every one speculating) for a
+    /// step from `inputs` (taking the KV blocks its verify needs); returns the bucket's index.
+    /// Padding sequences name the scratch slot and block.
+    fn prepare_speculative(&mut self, seqs: &mut [&mut SeqState], inputs: &[u32]) -> Result<usize, RunnerError> {
+        self.check_speculating(seqs)?;
+        let (n, k, mb) = (seqs.len(), self.cfg.spec_tokens, self.max_blocks);
+        assert_eq!(n, inputs.len(), "one input token per sequence");
+        let bi = self.spec.iter().position(|b| b.size >= n).expect("a bucket holds max_seqs");
+        for s in seqs.iter_mut() {
+            let end = s.len + 1 + k;
+            self.reserve(s, end)?;
+        }
+        let (size, scratch, scratch_block) = (self.spec[bi].size, self.scratch_slot, self.scratch_block);
+        let rows = size * (1 + k);
+        let (mut ids, mut pos, mut write) = (vec![0u32; rows], vec![0u32; rows], vec![scratch; rows]);
+        let mut table = vec![scratch_block; rows * mb];
+        let (mut home, mut read) = (vec![scratch; size], vec![scratch; size]);
+        let mut draft_pos = vec![vec![0u32; size]; k.saturating_sub(1)];
+        let mut draft_table = vec![scratch_block; size * mb];
+        for (b, s) in seqs.iter().enumerate() {
+            home[b] = s.home;
+            read[b] = s.slot;
+            ids[b * (1 + k)] = inputs[b];
+            draft_table[b * mb..b * mb + s.blocks.len()].copy_from_slice(&s.blocks);
+            for j in 0..=k {
+                let r = b * (1 + k) + j;
+                pos[r] = (s.len + j) as u32;
+                write[r] = if j == 0 { s.slot } else { s.spare[j - 1] };
+                table[r * mb..r * mb + s.blocks.len()].copy_from_slice(&s.blocks);
+            }
+            for (i, p) in draft_pos.iter_mut().enumerate() {
+                p[b] = (s.len + i) as u32;
+            }
+        }
+        let force = self.forced_kept.map_or(u32::MAX, |m| m.min(k) as u32);
+        let sb = &mut self.spec[bi];
+        sb.home.write(&home);
+        for (buf, p) in sb.draft_pos.iter_mut().zip(&draft_pos) {
+            buf.write(p);
+        }
+        sb.draft_table.write(&draft_table);
+        sb.ids.write(&ids);
+        sb.pos.write(&pos);
+        sb.table.write(&table);
+        sb.read.write(&read);
+        sb.write.write(&write);
+        sb.force.write(&vec![force; size]);
+        Ok(bi)
+    }
+
+    /// Benchmarks on random weights (whose head guesses nothing the model agrees with): every
+    /// later speculative step keeps `kept` drafts per sequence whatever they are (`None`: the
+    /// greedy rule). The step still does all of its work.
+    pub fn force_acceptance_for_benchmark(&mut self, kept: Option<usize>) {
+        self.forced_kept = kept;
+    }
+
+    /// The drafting of bucket `bi`: `spec_tokens` greedy guesses per sequence from the MTP head,
+    /// each fed back with the head's own output, written into the verify's rows.
+    fn draft_phase(&mut self, model: &Qwen35, mtp: &Mtp, bi: usize) {
+        let (k, max_blocks, block_size) = (self.cfg.spec_tokens, self.max_blocks, self.cfg.block_size);
+        let sb = &mut self.spec[bi];
+        let Pools { mtp: Some(pool), mtp_hidden: Some(hidden), .. } = &mut self.pools else {
+            unreachable!("a speculative runner has the MTP head's pools")
+        };
+        let mut g = ops::embedding_ids(hidden, &sb.home);
+        for i in 0..k {
+            ops::argmax_rows(&model.head(&g), &mut sb.guess);
+            ops::write_ids_strided(&mut sb.ids, &sb.guess, 1 + i, 1 + k);
+            if i + 1 < k {
+                let index = BatchIndex {
+                    pos: &sb.draft_pos[i],
+                    slots: &sb.scratch,
+                    slots_out: &sb.scratch,
+                    rows_per_seq: 1,
+                    table: &sb.draft_table,
+                    max_blocks,
+                    block_size,
+                };
+                g = mtp.decode(model, &sb.guess, &g, index, pool);
+            }
+        }
+    }
+
+    /// The verify of bucket `bi`: the main model over every sequence's input and drafts; the
+    /// final-normed hidden rows `[size·(1 + K), H]`.
+    fn verify_phase(&mut self, model: &Qwen35, bi: usize) -> Tensor {
+        let sb = &self.spec[bi];
+        let index = BatchIndex {
+            pos: &sb.pos,
+            slots: &sb.read,
+            slots_out: &sb.write,
+            rows_per_seq: 1 + self.cfg.spec_tokens,
+            table: &sb.table,
+            max_blocks: self.max_blocks,
+            block_size: self.cfg.block_size,
+        };
+        model.decode_normed(&sb.ids, index, &mut self.pools)
+    }
+
+    /// Greedy acceptance of bucket `bi`'s verify on the device: the main model's argmax per row,
+    /// then each sequence's kept drafts and next token (`out`), the head's ids and picked rows.
+    fn accept_phase(&mut self, model: &Qwen35, bi: usize, hidden: &Tensor) {
+        let sb = &mut self.spec[bi];
+        ops::argmax_rows(&model.head(hidden), &mut sb.best);
+        let k = self.cfg.spec_tokens;
+        ops::accept_greedy_rows(&sb.ids, &sb.best, k, &sb.force, &mut sb.head_ids, &mut sb.picks, &mut sb.out);
+    }
+
+    /// The MTP head over bucket `bi`'s verified positions (position len + j reads the token
+    /// after it: a kept draft, then the main model's own; rows past a sequence's kept drafts
+    /// write KV the next step overwrites before anything reads it), and each sequence's head
+    /// output at its last kept position into the hidden pool: the next draft's input.
+    fn head_phase(&mut self, model: &Qwen35, mtp: &Mtp, bi: usize, hidden: &Tensor) {
+        let sb = &self.spec[bi];
+        let index = BatchIndex {
+            pos: &sb.pos,
+            slots: &sb.scratch,
+            slots_out: &sb.scratch,
+            rows_per_seq: 1,
+            table: &sb.table,
+            max_blocks: self.max_blocks,
+            block_size: self.cfg.block_size,
+        };
+        let Pools { mtp: Some(pool), mtp_hidden: Some(pool_hidden), .. } = &mut self.pools else {
+            unreachable!("a speculative runner has the MTP head's pools")
+        };
+        let g = mtp.decode(model, &sb.head_ids, hidden, index, pool);
+        ops::scatter_rows(pool_hidden, &sb.home, &g, &sb.picks);
+    }
+
+    /// Commits a step's acceptance: sequence b kept `kept[b]` drafts, so its cache takes its
+    /// input and those drafts, with the GDN state after the last of them (no recompute: the
+    /// verify kept it in a spare slot).
+    fn commit(seqs: &mut [&mut SeqState], kept: &[usize]) {
+        for (s, &m) in seqs.iter_mut().zip(kept) {
+            if m > 0 {
+                std::mem::swap(&mut s.slot, &mut s.spare[m - 1]);
+            }
+            s.len += m + 1;
+        }
+    }
+
+    /// `spec_tokens` greedy guesses per sequence (every one speculating, `inputs` their last
+    /// tokens) from the MTP head, each fed back with the head's own output; the KV blocks the
+    /// verify will need are taken first. Eager (the sampled path: the host accepts or rejects).
     pub fn draft(
         &mut self,
         model: &Qwen35,
         mtp: &Mtp,
         seqs: &mut [&mut SeqState],
+        inputs: &[u32],
     ) -> Result<Vec<Vec<u32>>, RunnerError> {
-        self.check_speculating(seqs)?;
-        let (n, k) = (seqs.len(), self.cfg.spec_tokens);
-        for s in seqs.iter_mut() {
-            let end = s.len + 1 + k;
-            self.reserve(s, end)?;
-        }
-        // Every head step's index and the guesses' buffers are uploaded before any of the work
-        // is queued, and the guesses come back once at the end: nothing in between waits for
-        // the device.
-        let indices: Vec<RowIndex> = (0..k.saturating_sub(1))
-            .map(|i| {
-                // The head at position len + i reads the guess it made before.
-                let rows: Vec<(usize, usize)> = seqs.iter().enumerate().map(|(b, s)| (b, s.len + i)).collect();
-                self.head_index(seqs, &rows)
-            })
-            .collect();
-        let mut guesses: Vec<Ids> = (0..k).map(|_| Ids::new(vec![0; n], self.device)).collect();
-        let lasts: Vec<&Tensor> = seqs.iter().map(|s| s.mtp_last.as_ref().expect("checked")).collect();
-        let mut g = lasts[1..].iter().fold(lasts[0].clone(), |acc, t| ops::cat_rows(&acc, t));
-        for i in 0..k {
-            ops::argmax_rows(&model.head(&g), &mut guesses[i]);
-            if i + 1 < k {
-                g = self.head_rows(model, mtp, &indices[i], &guesses[i], &g);
-            }
-        }
-        let mut drafts = vec![Vec::with_capacity(k); n];
-        for step in &guesses {
-            for (d, id) in drafts.iter_mut().zip(step.to_vec()) {
-                d.push(id);
-            }
-        }
-        self.eager_steps += k as u64;
-        Ok(drafts)
+        let bi = self.prepare_speculative(seqs, inputs)?;
+        self.draft_phase(model, mtp, bi);
+        self.eager_steps += self.cfg.spec_tokens as u64;
+        Ok(Self::drafts_of(&self.spec[bi].ids.to_vec(), seqs.len(), self.cfg.spec_tokens))
     }
 
     /// The main model over each sequence's input token and its drafts (`1 + spec_tokens` rows
-    /// per sequence, in order, at positions len …): the final-normed hidden rows `[n·(1 + K), H]`
-    /// (logits: [`Qwen35::head`]). The GDN state after each row goes to its own slot; nothing is
-    /// committed until [`DecodeRunner::accept`].
+    /// per sequence, in order, at positions len …): the final-normed hidden rows (logits:
+    /// [`Qwen35::head`]), sequence b's at `b·(1 + K) ..`, padding rows after the last sequence's.
+    /// The GDN state after each row goes to its own slot; nothing is committed until
+    /// [`DecodeRunner::accept`].
     pub fn verify(
         &mut self,
         model: &Qwen35,
@@ -488,7 +629,6 @@ impl DecodeRunner {
         inputs: &[u32],
         drafts: &[Vec<u32>],
     ) -> Result<Tensor, RunnerError> {
-        self.check_speculating(seqs)?;
         let k = self.cfg.spec_tokens;
         if inputs.len() != seqs.len() || drafts.len() != seqs.len() || drafts.iter().any(|d| d.len() != k) {
             return Err(RunnerError::Speculation(format!(
@@ -496,32 +636,29 @@ impl DecodeRunner {
                 seqs.len()
             )));
         }
-        let (mut ids, mut rows, mut read, mut write) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (b, s) in seqs.iter_mut().enumerate() {
-            let end = s.len + 1 + k;
-            self.reserve(s, end)?;
-            ids.push(inputs[b]);
-            ids.extend_from_slice(&drafts[b]);
-            rows.extend((0..=k).map(|j| (b, s.len + j)));
-            read.push(s.slot);
-            write.push(s.slot);
-            write.extend_from_slice(&s.spare);
-        }
-        let (index, ids) = (self.eager_index(seqs, &rows, (read, write)), Ids::new(ids, self.device));
+        let bi = self.prepare_speculative(seqs, inputs)?;
+        let ids: Vec<u32> = (0..self.spec[bi].size)
+            .flat_map(|b| match drafts.get(b) {
+                Some(d) => std::iter::once(inputs[b]).chain(d.iter().copied()).collect::<Vec<_>>(),
+                None => vec![0; 1 + k],
+            })
+            .collect();
+        self.spec[bi].ids.write(&ids);
         self.eager_steps += 1;
-        Ok(model.decode_normed(&ids, self.batch_index(&index, 1 + k), &mut self.pools))
+        Ok(self.verify_phase(model, bi))
     }
 
     /// After [`DecodeRunner::verify`] (`hidden` its output): sequence b kept `kept[b]` of its
     /// drafts and the main model chose `next[b]` after them. Its cache takes its input and the
-    /// kept drafts, with the GDN state after the last of them (no recompute: the verify kept
-    /// it), and the MTP head sees those positions, ready for the next draft.
+    /// kept drafts, with the GDN state after the last of them, and the MTP head sees those
+    /// positions, ready for the next draft.
     #[allow(clippy::too_many_arguments)]
     pub fn accept(
         &mut self,
         model: &Qwen35,
         mtp: &Mtp,
         seqs: &mut [&mut SeqState],
+        inputs: &[u32],
         drafts: &[Vec<u32>],
         hidden: &Tensor,
         kept: &[usize],
@@ -531,25 +668,26 @@ impl DecodeRunner {
         if kept.len() != seqs.len() || next.len() != seqs.len() || kept.iter().any(|&m| m > k) {
             return Err(RunnerError::Speculation(format!("accept of {} sequences: {kept:?} kept of {k}", seqs.len())));
         }
-        // The head at every verified position: position len + j reads the token after it (a kept
-        // draft, then the main model's own). Rows past a sequence's kept drafts write KV that the
-        // next step overwrites before anything reads it.
-        let (mut rows, mut ids) = (Vec::new(), Vec::new());
-        for (b, s) in seqs.iter().enumerate() {
-            rows.extend((0..=k).map(|j| (b, s.len + j)));
-            ids.extend(drafts[b][..kept[b]].iter().copied().chain(std::iter::repeat_n(next[b], k + 1 - kept[b])));
+        let bi = self.prepare_speculative(seqs, inputs)?;
+        let size = self.spec[bi].size;
+        if hidden.rows() != size * (1 + k) {
+            return Err(RunnerError::Speculation(format!(
+                "accept: {} hidden rows, the verify of this batch has {}",
+                hidden.rows(),
+                size * (1 + k)
+            )));
         }
-        let index = self.head_index(seqs, &rows);
-        let g = self.head_rows(model, mtp, &index, &Ids::new(ids, self.device), hidden);
-        for (b, s) in seqs.iter_mut().enumerate() {
-            let m = kept[b];
-            let row = b * (1 + k) + m;
-            s.mtp_last = Some(ops::rows(&g, row, row + 1));
-            if m > 0 {
-                std::mem::swap(&mut s.slot, &mut s.spare[m - 1]);
+        let (mut ids, mut picks) = (vec![0u32; size * (1 + k)], vec![0u32; size]);
+        for b in 0..seqs.len() {
+            for j in 0..=k {
+                ids[b * (1 + k) + j] = if j < kept[b] { drafts[b][j] } else { next[b] };
             }
-            s.len += m + 1;
+            picks[b] = (b * (1 + k) + kept[b]) as u32;
         }
+        self.spec[bi].head_ids.write(&ids);
+        self.spec[bi].picks.write(&picks);
+        self.head_phase(model, mtp, bi, hidden);
+        Self::commit(seqs, kept);
         Ok(())
     }
 
@@ -575,8 +713,9 @@ impl DecodeRunner {
 
     /// One greedy speculative step of `seqs` (inputs: each one's last token): the head's
     /// drafts (or `drafts` in their place: a test's oracle), the verify, each sequence keeping
-    /// the drafts that match the main model's own choices, then its next token. Returns the
-    /// head's guesses and each sequence's new tokens: what plain greedy steps give.
+    /// the drafts that match the main model's own choices, then its next token; all of it on
+    /// the device, as one replayed CUDA graph per bucket on the GPU. Returns the head's guesses
+    /// and each sequence's new tokens: what plain greedy steps give.
     pub fn step_speculative_greedy(
         &mut self,
         model: &Qwen35,
@@ -586,21 +725,64 @@ impl DecodeRunner {
         drafts: Option<Vec<Vec<u32>>>,
     ) -> Result<SpeculativeStep, RunnerError> {
         let k = self.cfg.spec_tokens;
-        let guessed = self.draft(model, mtp, seqs)?;
-        let drafts = drafts.unwrap_or_else(|| guessed.clone());
-        let hidden = self.verify(model, seqs, inputs, &drafts)?;
-        let mut best = Ids::new(vec![0; hidden.rows()], self.device);
-        ops::argmax_rows(&model.head(&hidden), &mut best);
-        let best = best.to_vec();
-        let (mut kept, mut next, mut emitted) = (Vec::new(), Vec::new(), Vec::new());
-        for (b, d) in drafts.iter().enumerate() {
-            let (m, own) = crate::accept_greedy(d, &best[b * (k + 1)..(b + 1) * (k + 1)]);
-            kept.push(m);
-            next.push(own);
-            emitted.push(d[..m].iter().copied().chain([own]).collect());
+        let bi = self.prepare_speculative(seqs, inputs)?;
+        let mut guessed = None;
+        if self.cfg.graphs && self.device == Device::Cuda && drafts.is_none() {
+            self.replay_speculative(model, mtp, bi)?;
+            self.graph_replays += 1;
+        } else {
+            self.draft_phase(model, mtp, bi);
+            if let Some(oracle) = drafts {
+                // The head's guesses are reported; the oracle's are verified.
+                let mut ids = self.spec[bi].ids.to_vec();
+                guessed = Some(Self::drafts_of(&ids, seqs.len(), k));
+                for (b, d) in oracle.iter().enumerate().take(seqs.len()) {
+                    ids[b * (1 + k) + 1..(b + 1) * (1 + k)].copy_from_slice(d);
+                }
+                self.spec[bi].ids.write(&ids);
+            }
+            let hidden = self.verify_phase(model, bi);
+            self.accept_phase(model, bi, &hidden);
+            self.head_phase(model, mtp, bi, &hidden);
+            self.eager_steps += 1;
         }
-        self.accept(model, mtp, seqs, &drafts, &hidden, &kept, &next)?;
+        let out = self.spec[bi].out.to_vec();
+        let per = |b: usize| &out[b * (k + 2)..(b + 1) * (k + 2)];
+        let kept: Vec<usize> = (0..seqs.len()).map(|b| per(b)[k] as usize).collect();
+        let emitted =
+            (0..seqs.len()).map(|b| per(b)[..kept[b]].iter().copied().chain([per(b)[k + 1]]).collect()).collect();
+        let guessed = guessed.unwrap_or_else(|| (0..seqs.len()).map(|b| per(b)[..k].to_vec()).collect());
+        Self::commit(seqs, &kept);
         Ok(SpeculativeStep { guessed, emitted })
+    }
+
+    /// Each sequence's drafts from a verify's ids (`1 + k` rows per sequence).
+    fn drafts_of(ids: &[u32], n: usize, k: usize) -> Vec<Vec<u32>> {
+        (0..n).map(|b| ids[b * (1 + k) + 1..(b + 1) * (1 + k)].to_vec()).collect()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn replay_speculative(&mut self, model: &Qwen35, mtp: &Mtp, bi: usize) -> Result<(), RunnerError> {
+        if self.spec[bi].graph.is_none() {
+            let g = fp4_kernels::cuda::gpu();
+            let captured = g.capture(|| {
+                self.draft_phase(model, mtp, bi);
+                let hidden = self.verify_phase(model, bi);
+                self.accept_phase(model, bi, &hidden);
+                self.head_phase(model, mtp, bi, &hidden);
+                Ok(())
+            });
+            let captured = captured.map_err(|e| RunnerError::Graph(e.to_string()))?;
+            self.programmatic_edges = self.programmatic_edges.max(captured.programmatic_edges());
+            self.spec[bi].graph = Some(captured);
+        }
+        let graph = self.spec[bi].graph.as_ref().expect("captured above");
+        graph.launch().map_err(|e| RunnerError::Graph(e.to_string()))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn replay_speculative(&mut self, _model: &Qwen35, _mtp: &Mtp, _bi: usize) -> Result<(), RunnerError> {
+        unreachable!("GPU runners need the cuda feature")
     }
 
     fn forward(&mut self, model: &Qwen35, bi: usize) -> Tensor {

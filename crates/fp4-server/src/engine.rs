@@ -268,12 +268,15 @@ pub fn conversation_ttfts(
 /// Cache bytes one sequence of `tokens` tokens needs (f32 KV and GDN state).
 pub fn cache_bytes(model: &Qwen35, tokens: usize) -> usize {
     let c = &model.config;
-    fp4_model::Pools::slot_bytes(c) + tokens.div_ceil(KV_BLOCK) * fp4_model::Pools::block_bytes(c, KV_BLOCK, false)
+    fp4_model::Pools::slot_bytes(c, false)
+        + tokens.div_ceil(KV_BLOCK) * fp4_model::Pools::block_bytes(c, KV_BLOCK, false)
 }
 
 /// Where a sequence's state lives: its own cache while the prompt is prefilled, then the runner;
 /// nowhere once dropped (preempted, waiting to be recomputed; or finished, its slot and blocks
 /// given back).
+// One per running sequence (at most --max-num-seqs): the prefill state's size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum SeqCache {
     Prefill(PrefillState),
     Decode(SeqState),
@@ -521,7 +524,7 @@ fn run(
     let mut admissions = 0u64;
     // A sequence's GDN slots (one more per draft token with speculative decoding) and a KV block.
     let (slot_bytes, block_bytes) = (
-        fp4_model::Pools::slot_bytes(&model.config) * (1 + rc.spec_tokens),
+        fp4_model::Pools::slot_bytes(&model.config, rc.spec_tokens > 0) * (1 + rc.spec_tokens),
         fp4_model::Pools::block_bytes(&model.config, rc.block_size, rc.spec_tokens > 0),
     );
     let mut prefixes: PrefixCache<PrefillState> = PrefixCache::new(cfg.prefix_cache_bytes);
@@ -978,11 +981,15 @@ fn speculative_step(
     stats: &Stats,
 ) {
     let k = runner.config().spec_tokens;
-    // Per sequence: its drafts, how many it keeps, and the main model's token after them.
-    type Verified = (Vec<Vec<u32>>, Vec<usize>, Vec<u32>);
-    let mut step = || -> Result<Verified, RunnerError> {
+    let greedy = group.iter().all(|&i| running[i].req.sampling.temperature == 0.0);
+    // Per sequence: its new tokens (the drafts it kept, then the main model's own).
+    let mut step = || -> Result<Vec<Vec<u32>>, RunnerError> {
         let (inputs, mut states) = group_inputs(running, group);
-        let drafts = runner.draft(model, mtp, &mut states)?;
+        if greedy {
+            // The whole step on the device (one graph replay on the GPU): only the ids come back.
+            return Ok(runner.step_speculative_greedy(model, mtp, &mut states, &inputs, None)?.emitted);
+        }
+        let drafts = runner.draft(model, mtp, &mut states, &inputs)?;
         let hidden = runner.verify(model, &mut states, &inputs, &drafts)?;
         let logits = model.head(&hidden);
         // Greedy rows pick on the device; only the ids come back.
@@ -1005,16 +1012,21 @@ fn speculative_step(
             next.push(own);
         }
         let (_, mut states) = group_inputs(running, group);
-        runner.accept(model, mtp, &mut states, &drafts, &hidden, &kept, &next)?;
-        Ok((drafts, kept, next))
+        runner.accept(model, mtp, &mut states, &inputs, &drafts, &hidden, &kept, &next)?;
+        Ok(drafts
+            .iter()
+            .zip(kept.iter().zip(&next))
+            .map(|(d, (&m, &own))| d[..m].iter().copied().chain([own]).collect())
+            .collect())
     };
     match step() {
-        Ok((drafts, kept, next)) => {
+        Ok(emitted) => {
             stats.spec_verifies.fetch_add(group.len() as u64, Ordering::Relaxed);
             stats.spec_drafted.fetch_add((group.len() * k) as u64, Ordering::Relaxed);
-            stats.spec_accepted.fetch_add(kept.iter().sum::<usize>() as u64, Ordering::Relaxed);
+            let kept: usize = emitted.iter().map(|e| e.len() - 1).sum();
+            stats.spec_accepted.fetch_add(kept as u64, Ordering::Relaxed);
             for (b, &i) in group.iter().enumerate() {
-                for &id in drafts[b][..kept[b]].iter().chain([&next[b]]) {
+                for &id in &emitted[b] {
                     if running[i].emit(id, None, stats) {
                         done[i] = true;
                         break;
@@ -1219,7 +1231,7 @@ mod tests {
         let (model, head) = tiny_with_head();
         let max_num_seqs = 3;
         let c = &model.config;
-        let pools = (max_num_seqs * (1 + spec_tokens) + 1) * Pools::slot_bytes(c)
+        let pools = (max_num_seqs * (1 + spec_tokens) + 1) * Pools::slot_bytes(c, spec_tokens > 0)
             + (kv_blocks + 1) * Pools::block_bytes(c, KV_BLOCK, spec_tokens > 0);
         let prefix_cache_bytes = if prefix { 64 << 20 } else { 0 };
         let cfg = EngineConfig {
@@ -1251,7 +1263,7 @@ mod tests {
         let second: Vec<u32> = first.iter().copied().chain([7, 8, 9]).collect();
         let (model, head) = tiny_with_head();
         let c = &model.config;
-        let pools = 7 * fp4_model::Pools::slot_bytes(c) + 65 * fp4_model::Pools::block_bytes(c, KV_BLOCK, true);
+        let pools = 7 * fp4_model::Pools::slot_bytes(c, true) + 65 * fp4_model::Pools::block_bytes(c, KV_BLOCK, true);
         let cfg = EngineConfig {
             max_num_seqs: 2,
             max_model_len: 512,

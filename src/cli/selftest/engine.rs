@@ -21,9 +21,52 @@ pub(super) fn ids_both(v: Vec<u32>) -> (Ids, Ids) {
     (Ids::new(v.clone(), Device::Cpu), Ids::new(v, Device::Cuda))
 }
 
+/// The speculative step's small ops (drafts into the verify's rows, on-device greedy acceptance,
+/// the head's kept rows into the hidden pool) against their CPU references, random inputs.
+fn speculative_op_checks(rep: &mut Report, rng: &mut Normal) {
+    let (n, k) = (5usize, 3usize);
+    let rows = n * (1 + k);
+    let mut draw = |m: u32| -> u32 { (rng.uniform() * f64::from(m)) as u32 % m };
+    // Ids from a small alphabet, so that drafts often match the model's choices.
+    let verify: Vec<u32> = (0..rows).map(|_| draw(3)).collect();
+    let guess: Vec<u32> = (0..n).map(|_| 100 + draw(1000)).collect();
+    let (mut dc, mut dg) = ids_both(verify.clone());
+    let (sc, sg) = ids_both(guess);
+    ops::write_ids_strided(&mut dc, &sc, 2, 1 + k);
+    ops::write_ids_strided(&mut dg, &sg, 2, 1 + k);
+    rep.require("write_ids_strided 5 ids by 4 from 2", dc.to_vec() == dg.to_vec(), json!({}));
+
+    let best: Vec<u32> = (0..rows).map(|_| draw(3)).collect();
+    // Sequence 3 keeps 2 drafts whatever they are; the others follow the rule.
+    let force: Vec<u32> = (0..n as u32).map(|b| if b == 3 { 2 } else { u32::MAX }).collect();
+    let run = |device: Device| {
+        let ids = |v: &[u32]| Ids::new(v.to_vec(), device);
+        let (mut h, mut p, mut o) = (ids(&vec![0; rows]), ids(&vec![0; n]), ids(&vec![0; n * (k + 2)]));
+        ops::accept_greedy_rows(&ids(&verify), &ids(&best), k, &ids(&force), &mut h, &mut p, &mut o);
+        (h.to_vec(), p.to_vec(), o.to_vec())
+    };
+    let (want, got) = (run(Device::Cpu), run(Device::Cuda));
+    let kept: Vec<u32> = (0..n).map(|b| want.2[b * (k + 2) + k]).collect();
+    rep.require(
+        "accept_greedy_rows 5 seqs, K = 3 (one forced)",
+        want == got,
+        json!({"kept": kept, "cpu": format!("{want:?}"), "gpu": format!("{got:?}")}),
+    );
+
+    let (pool, src) = (rng.tensor(&[9, 64], 1.0), rng.tensor(&[rows, 64], 1.0));
+    let (dst_rows, src_rows): (Vec<u32>, Vec<u32>) = (0..n as u32).map(|b| (8 - b, b * (1 + k as u32) + b % 4)).unzip();
+    let (dc, dg) = ids_both(dst_rows);
+    let (sc, sg) = ids_both(src_rows);
+    let (mut want, mut got) = (pool.clone(), gpu_t(&pool));
+    ops::scatter_rows(&mut want, &dc, &src, &sc);
+    ops::scatter_rows(&mut got, &dg, &gpu_t(&src), &sg);
+    rep.check("scatter_rows 5 rows of 64", rel_err(&got, &want), 0.0);
+}
+
 /// The decode-batch ops (per-token RoPE, paged KV write and attention, conv and delta-rule steps
 /// on state slots) against their CPU references, on random (never zero) inputs.
 pub(super) fn decode_op_checks(rep: &mut Report, rng: &mut Normal) {
+    speculative_op_checks(rep, rng);
     // RoPE at per-token positions.
     let x = rng.tensor(&[5, 16, 256], 1.0);
     let inv = Tensor::from_vec(ops::rope_inv_freq(64, 1e7), &[32]);
@@ -250,13 +293,14 @@ fn speculative_runner_checks(g: &Gpu, rep: &mut Report) -> anyhow::Result<()> {
         .map(|p| fp4_model::generate(&cpu_model, p, &opts, &mut sampler, |_| {}))
         .collect::<Result<_, _>>()?;
     for n in [1, 3] {
-        for oracle in [true, false] {
+        // Oracle drafts run eagerly; the head's own, eagerly and as one replayed graph per step.
+        for (oracle, graphs) in [(true, false), (false, false), (false, true)] {
             let cfg = RunnerConfig {
                 max_seqs: n,
                 max_model_len: 128,
                 kv_blocks: n * 16,
                 block_size: 8,
-                graphs: false,
+                graphs,
                 spec_tokens: k,
             };
             let mut runner = DecodeRunner::new(&model, cfg);
@@ -288,8 +332,13 @@ fn speculative_runner_checks(g: &Gpu, rep: &mut Report) -> anyhow::Result<()> {
                     break;
                 }
             }
-            let same = out.iter().enumerate().all(|(b, o)| o[..] == want[b][..o.len()]);
-            let drafts = if oracle { "oracle drafts" } else { "the head's drafts" };
+            let same = out.iter().enumerate().all(|(b, o)| o[..] == want[b][..o.len()])
+                && (runner.graph_replays > 0) == graphs;
+            let drafts = match (oracle, graphs) {
+                (true, _) => "oracle drafts",
+                (false, false) => "the head's drafts",
+                (false, true) => "the head's drafts, graph replays",
+            };
             let what = format!("speculative runner, {n} seqs, K = {k}, {drafts} = CPU plain greedy");
             rep.require(&what, same, if same { json!({}) } else { json!({"cpu": &want[..n], "gpu": out}) });
         }
@@ -325,8 +374,8 @@ fn decode_rate(
 /// Speculative decode through the runner with the acceptance forced (random weights draft
 /// nothing the main model agrees with): step t keeps `kept[t % len]` drafts, otherwise every
 /// step does the real work (K head steps, the K + 1-row verify, the LM head and argmax over its
-/// rows, the head over the verified rows). Tokens per second, counting kept drafts + 1 per
-/// sequence and step.
+/// rows, the acceptance, the head over the verified rows), as one graph replay when the runner
+/// captures graphs. Tokens per second, counting kept drafts + 1 per sequence and step.
 fn speculative_rate(
     runner: &mut DecodeRunner,
     model: &Qwen35,
@@ -336,22 +385,14 @@ fn speculative_rate(
     warm: usize,
     steps: usize,
 ) -> anyhow::Result<f64> {
-    let k = runner.config().spec_tokens;
     let mut inputs: Vec<u32> = vec![1; seqs.len()];
     let mut tokens = 0usize;
     let mut run = |runner: &mut DecodeRunner, step: usize| -> anyhow::Result<usize> {
         let mut refs: Vec<&mut SeqState> = seqs.iter_mut().collect();
-        let drafts = runner.draft(model, mtp, &mut refs)?;
-        let hidden = runner.verify(model, &mut refs, &inputs, &drafts)?;
-        let mut best = Ids::new(vec![0; hidden.rows()], Device::Cuda);
-        ops::argmax_rows(&model.head(&hidden), &mut best);
-        let best = best.to_vec();
-        let m = kept[step % kept.len()].min(k);
-        let kept_all = vec![m; refs.len()];
-        let next: Vec<u32> = (0..refs.len()).map(|b| best[b * (k + 1) + m]).collect();
-        runner.accept(model, mtp, &mut refs, &drafts, &hidden, &kept_all, &next)?;
-        inputs = next;
-        Ok(refs.len() * (m + 1))
+        runner.force_acceptance_for_benchmark(Some(kept[step % kept.len()]));
+        let out = runner.step_speculative_greedy(model, mtp, &mut refs, &inputs, None)?;
+        inputs = out.emitted.iter().map(|e| *e.last().expect("a token per sequence")).collect();
+        Ok(out.emitted.iter().map(Vec::len).sum())
     };
     for step in 0..warm {
         run(runner, step)?;
@@ -360,6 +401,7 @@ fn speculative_rate(
     for step in 0..steps {
         tokens += run(runner, step)?;
     }
+    runner.force_acceptance_for_benchmark(None);
     Ok(tokens as f64 / t0.elapsed().as_secs_f64())
 }
 
@@ -383,14 +425,14 @@ fn mtp_bench(name: &str) -> anyhow::Result<Value> {
     let mut out = json!({"k": k, "mean_accepted_length": 1.0 + kept.iter().sum::<usize>() as f64 / kept.len() as f64});
     for n in [1usize, 8] {
         let cfg = RunnerConfig::from_budget(&model.config, n, 4096, 32, 8 << 30, true, k)?;
-        let mut runner = DecodeRunner::new(&model, cfg);
-        let mut seqs = (0..n)
-            .map(|_| runner.admit_speculative(&cache, &head_cache, last.clone()))
-            .collect::<Result<Vec<_>, _>>()?;
-        let spec = speculative_rate(&mut runner, &model, &mtp, &mut seqs, &kept, 2, 32)?;
-        for s in seqs {
-            runner.release(s);
-        }
+        let speculative = |graphs: bool| -> anyhow::Result<f64> {
+            let mut runner = DecodeRunner::new(&model, RunnerConfig { graphs, ..cfg });
+            let mut seqs = (0..n)
+                .map(|_| runner.admit_speculative(&cache, &head_cache, last.clone()))
+                .collect::<Result<Vec<_>, _>>()?;
+            speculative_rate(&mut runner, &model, &mtp, &mut seqs, &kept, 2, 32)
+        };
+        let (spec, spec_eager) = (speculative(true)?, speculative(false)?);
         let plain = |graphs: bool| -> anyhow::Result<f64> {
             let mut r = DecodeRunner::new(&model, RunnerConfig { graphs, ..cfg });
             let mut seqs = (0..n).map(|_| r.admit(&cache)).collect::<Result<Vec<_>, _>>()?;
@@ -398,11 +440,11 @@ fn mtp_bench(name: &str) -> anyhow::Result<Value> {
         };
         let (without, without_eager) = (plain(true)?, plain(false)?);
         println!(
-            "engine {name} nvfp4: MTP K={k} mean accepted length 2.5, {n} streams: {spec:.1} tok/s \
-             (without: {without:.1} graphs, {without_eager:.1} eager)"
+            "engine {name} nvfp4: MTP K={k} mean accepted length 2.5, {n} streams: {spec:.1} tok/s graphs, \
+             {spec_eager:.1} eager (without: {without:.1} graphs, {without_eager:.1} eager)"
         );
-        out[format!("streams_{n}")] =
-            json!({"decode_tok_s": spec, "decode_tok_s_without": without, "decode_tok_s_without_eager": without_eager});
+        out[format!("streams_{n}")] = json!({"decode_tok_s": spec, "decode_tok_s_eager": spec_eager,
+            "decode_tok_s_without": without, "decode_tok_s_without_eager": without_eager});
     }
     Ok(out)
 }

@@ -72,6 +72,24 @@ impl Gpu {
         Ok(out)
     }
 
+    /// `dst[dst_rows[i]] = src[src_rows[i]]` over rows of `d` floats (see `ops::scatter_rows`).
+    pub fn scatter_rows(
+        &self,
+        dst: &mut DeviceBuf<f32>,
+        dst_rows: &DeviceBuf<u32>,
+        src: &DeviceBuf<f32>,
+        src_rows: &DeviceBuf<u32>,
+        d: usize,
+    ) -> Result<()> {
+        assert!(
+            dst_rows.len() == src_rows.len() && dst.len().is_multiple_of(d) && src.len().is_multiple_of(d),
+            "scatter_rows shapes"
+        );
+        let di = d as i32;
+        launch!(self, scatter_rows, per_row(dst_rows.len()), dst, dst_rows, src, src_rows, &di);
+        Ok(())
+    }
+
     /// `(β, g)` of a GDN layer from `b, a [T, Hv]`.
     pub fn gdn_gates(
         &self,

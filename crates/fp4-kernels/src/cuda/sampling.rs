@@ -27,4 +27,47 @@ impl Gpu {
         launch!(self, argmax, cfg, logits, &ni, out);
         Ok(())
     }
+
+    /// `dst[start + stride·i] = src[i]` (see `ops::write_ids_strided`).
+    pub fn write_ids_strided(
+        &self,
+        dst: &mut DeviceBuf<u32>,
+        src: &DeviceBuf<u32>,
+        start: usize,
+        stride: usize,
+    ) -> Result<()> {
+        let n = src.len();
+        assert!(n == 0 || start + stride * (n - 1) < dst.len(), "write_ids_strided shapes");
+        let (ni, si, ti) = (n as i32, start as i32, stride as i32);
+        launch!(self, write_ids_strided, flat(n), dst, src, &ni, &si, &ti);
+        Ok(())
+    }
+
+    /// Greedy acceptance of a speculative verify (see `ops::accept_greedy_rows`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn accept_greedy_rows(
+        &self,
+        ids: &DeviceBuf<u32>,
+        best: &DeviceBuf<u32>,
+        n: usize,
+        k: usize,
+        force: &DeviceBuf<u32>,
+        head_ids: &mut DeviceBuf<u32>,
+        picks: &mut DeviceBuf<u32>,
+        out: &mut DeviceBuf<u32>,
+    ) -> Result<()> {
+        let rows = n * (k + 1);
+        assert!(
+            ids.len() >= rows
+                && best.len() >= rows
+                && force.len() >= n
+                && head_ids.len() >= rows
+                && picks.len() >= n
+                && out.len() >= n * (k + 2),
+            "accept_greedy_rows shapes"
+        );
+        let (ni, ki) = (n as i32, k as i32);
+        launch!(self, accept_greedy_rows, flat(n), ids, best, &ni, &ki, force, head_ids, picks, out);
+        Ok(())
+    }
 }
