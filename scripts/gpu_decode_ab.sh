@@ -5,8 +5,9 @@
 # $OUT/decode-ab.json; then the quick checks of this build (`fp4 selftest --quick`: linear,
 # decode-op, fusion and runner checks, kernel benchmarks) into $OUT/quick.json.
 # With DEPTHS="4096 16384 …", then batch-1 decode of this build at each context depth into
-# $OUT/decode-depth.json.
-#   [ROUNDS=2] [DEPTHS="…"] bash scripts/gpu_decode_ab.sh [BATCH ...]   (default: 1 8, one round)
+# $OUT/decode-depth.json. With PARTS="mtp conversation", those engine benchmarks of this build
+# (selftest --engine-part) into $OUT/<part>.json.
+#   [ROUNDS=2] [DEPTHS="…"] [PARTS="…"] bash scripts/gpu_decode_ab.sh [BATCH ...]   (default: 1 8, one round)
 set -uo pipefail
 source scripts/gpu_unpack.sh
 export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -40,6 +41,10 @@ if [ -n "${DEPTHS:-}" ]; then
         "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" "$(cat dist/commit)" \
         "$(IFS=,; echo "${rows[*]}")" > "$out/decode-depth.json"
 fi
+for part in ${PARTS:-}; do
+    dist/fp4 selftest --gpu --synthetic qwen3.5-9b --engine-part "$part" --out "$out/$part.json" > "$out/$part.log" 2>&1
+    echo "engine part $part exit $?"; grep "engine " "$out/$part.log" | tail -4
+done
 # The checks last: the timings come back even when the call's time runs out during them.
 dist/fp4 selftest --gpu --quick --out "$out/quick.json" > "$out/quick.log" 2>&1
 echo "quick checks exit $? ($(grep -c '"pass": false' "$out/quick.json" 2>/dev/null) failed)"

@@ -53,6 +53,10 @@ pub struct Args {
     /// are taken, not filled: attention reads that many positions).
     #[arg(long, hide = true, default_value_t = 0)]
     profile_depth: usize,
+    /// Kernel development: only one of the engine benchmarks on `--synthetic` (`mtp` or
+    /// `conversation`), its JSON to `--out`, then stop.
+    #[arg(long, hide = true)]
+    engine_part: Option<String>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {

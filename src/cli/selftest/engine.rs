@@ -405,10 +405,19 @@ fn speculative_rate(
     Ok(tokens as f64 / t0.elapsed().as_secs_f64())
 }
 
+/// One engine benchmark by name (`mtp`, `conversation`) on the synthetic model `name`.
+pub(super) fn engine_part(name: &str, part: &str) -> anyhow::Result<Value> {
+    match part {
+        "mtp" => mtp_bench(name),
+        "conversation" => conversation_bench(name),
+        other => anyhow::bail!("--engine-part {other}: expected mtp or conversation"),
+    }
+}
+
 /// MTP speculative decoding on the synthetic model (NVFP4, its head BF16) at K = 3 with the
 /// acceptance forced to a mean accepted length of 2.5 (1 or 2 drafts kept, alternately: the
-/// published range for Qwen3.5's head is 2–3), against plain decode of the same sequences
-/// (graphs, and eager as the speculative path runs today), at 1 and 8 streams.
+/// published range for Qwen3.5's head is 2–3), graph-replayed and eager, against plain decode of
+/// the same sequences (graphs and eager), at 1 and 8 streams.
 fn mtp_bench(name: &str) -> anyhow::Result<Value> {
     let src = Synthetic::named(name, SyntheticFormat::Nvfp4 { mlp_only: false }, 1)?.with_mtp();
     let o = LoadOptions::new(F32).on(Device::Cuda);

@@ -891,6 +891,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let name = a.synthetic.as_deref().context("--profile-decode needs --synthetic")?;
         return super::engine::profile_decode(g, name, a.decode_tokens, a.profile_batch, a.profile_depth);
     }
+    if let Some(part) = &a.engine_part {
+        let name = a.synthetic.as_deref().context("--engine-part needs --synthetic")?;
+        let out = super::engine::engine_part(name, part)?;
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        if let Some(p) = &a.out {
+            std::fs::write(p, serde_json::to_string_pretty(&out)? + "\n")
+                .with_context(|| format!("cannot write {}", p.display()))?;
+        }
+        return Ok(());
+    }
     if !a.bench_only {
         checks(g, &mut rep, &mut rng, &a)?;
     }
