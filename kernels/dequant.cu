@@ -58,3 +58,47 @@ extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, uint16_t* __
     }
     if (first < n % 4) out[n / 4 * 4 + first] = to_bf16(x[n / 4 * 4 + first]);
 }
+
+// The max |w| of bf16 weights into *out (a float's bits, 0 before the launch): non-negative floats
+// order as their bits do, so an integer atomicMax finds it.
+extern "C" __global__ void amax_bf16(const uint16_t* __restrict__ w, size_t n, unsigned int* __restrict__ out) {
+    pdl_start();
+    float m = 0.f;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        m = fmaxf(m, fabsf(bf16(w[i])));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (threadIdx.x % 32 == 0) atomicMax(out, __float_as_uint(m));
+}
+
+// bf16 weights → NVFP4 in ModelOpt's layout under the per-tensor scale_2, one thread per 16-weight
+// block, as fp4_format::nvfp4::Nvfp4Weight::quantize (round to nearest: the block scale
+// e4m3(clamp(amax / (6·scale_2), 2^-9, 448)), 1 for an all-zero block; each code
+// e2m1(w / (scale · scale_2)); element 2i in the low nibble).
+extern "C" __global__ void nvfp4_quantize_bf16(const uint16_t* __restrict__ w, float scale_2,
+                                               uint8_t* __restrict__ codes, uint8_t* __restrict__ scales,
+                                               size_t blocks) {
+    pdl_start();
+    for (size_t b = blockIdx.x * (size_t)blockDim.x + threadIdx.x; b < blocks; b += (size_t)gridDim.x * blockDim.x) {
+        const uint4* src = reinterpret_cast<const uint4*>(w) + 2 * b;
+        uint4 h0 = src[0], h1 = src[1];
+        const uint32_t words[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
+        float v[16];
+#pragma unroll
+        for (int i = 0; i < 8; i++) v[2 * i] = bf16(words[i] & 0xffffu), v[2 * i + 1] = bf16(words[i] >> 16);
+        float amax = 0.f;
+#pragma unroll
+        for (int i = 0; i < 16; i++) amax = fmaxf(amax, fabsf(v[i]));
+        float s = amax / (6.0f * scale_2);
+        if (s == 0.f) s = 1.0f;
+        const uint32_t sf = e4m3_encode_pos(fminf(fmaxf(s, 0x1p-9f), 448.0f));
+        const float div = e4m3(sf) * scale_2;
+        uint32_t lo = 0, hi = 0;
+#pragma unroll
+        for (int i = 0; i < 8; i++) lo |= e2m1_encode(v[i] / div) << (4 * i);
+#pragma unroll
+        for (int i = 0; i < 8; i++) hi |= e2m1_encode(v[8 + i] / div) << (4 * i);
+        scales[b] = (uint8_t)sf;
+        reinterpret_cast<uint2*>(codes)[b] = make_uint2(lo, hi);
+    }
+}

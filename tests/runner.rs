@@ -199,10 +199,20 @@ fn speculative_steps_keep_exactly_the_plain_greedy_tokens() {
 }
 
 /// The batched MTP drafts are the single-sequence drafter's, step for step, and greedy output is
-/// the plain one, several sequences drafting together.
+/// the plain one, several sequences drafting together: with the model's LM head and with its
+/// NVFP4 copy picking the drafts.
 #[test]
 fn batched_mtp_drafts_equal_the_sequence_drafter() {
-    let (model, mtp) = tiny_with_head();
+    for nvfp4_head in [false, true] {
+        let (model, mut mtp) = tiny_with_head();
+        if nvfp4_head {
+            assert!(mtp.quantize_draft_head(&model), "the tiny model's BF16 head has an NVFP4 copy");
+        }
+        drafts_equal_the_sequence_drafter(&model, &mtp);
+    }
+}
+
+fn drafts_equal_the_sequence_drafter(model: &Qwen35, mtp: &Mtp) {
     let (max_tokens, k) = (12, 2);
     let all = prompts(3, model.config.vocab_size as u64);
     // The reference: each sequence alone, its drafts recorded.
@@ -227,9 +237,9 @@ fn batched_mtp_drafts_equal_the_sequence_drafter() {
     let reference: Vec<(Vec<u32>, Vec<Vec<u32>>)> = all
         .iter()
         .map(|p| {
-            let mut rec = Recording { inner: MtpDrafter::new(&mtp).unwrap(), log: vec![] };
+            let mut rec = Recording { inner: MtpDrafter::new(mtp).unwrap(), log: vec![] };
             let (out, _) =
-                generate_speculative(&model, &mut rec, p, &opts, k, SamplingParams::default(), |_| {}).unwrap();
+                generate_speculative(model, &mut rec, p, &opts, k, SamplingParams::default(), |_| {}).unwrap();
             (out, rec.log)
         })
         .collect();
@@ -241,12 +251,12 @@ fn batched_mtp_drafts_equal_the_sequence_drafter() {
         graphs: false,
         spec_tokens: k,
     };
-    let mut runner = DecodeRunner::new(&model, cfg);
-    let (mut seqs, mut out) = admit_all(&model, &mtp, &mut runner, &all);
+    let mut runner = DecodeRunner::new(model, cfg);
+    let (mut seqs, mut out) = admit_all(model, mtp, &mut runner, &all);
     let mut guesses = vec![vec![]; all.len()];
     while out.iter().any(|o| o.len() < max_tokens) {
         let inputs: Vec<u32> = out.iter().map(|o| *o.last().unwrap()).collect();
-        let (guessed, emitted) = speculative_step(&model, &mtp, &mut runner, &mut seqs, &inputs, None);
+        let (guessed, emitted) = speculative_step(model, mtp, &mut runner, &mut seqs, &inputs, None);
         for b in 0..all.len() {
             if out[b].len() < max_tokens {
                 guesses[b].push(guessed[b].clone());

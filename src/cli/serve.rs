@@ -80,8 +80,10 @@ pub struct Args {
     #[arg(long)]
     enforce_eager: bool,
     /// Speculative decoding with the checkpoint's MTP head, as vLLM spells it:
-    /// '{"method": "mtp", "num_speculative_tokens": K}'. Greedy requests draft K tokens per step
-    /// and keep exactly the tokens they would get without; the others decode as before.
+    /// '{"method": "mtp", "num_speculative_tokens": K}'. Every request drafts K tokens per step
+    /// and keeps exactly the tokens (greedy) or the distribution (sampled) it would get without.
+    /// fp4's optional "draft_head": "nvfp4" (default on the GPU: drafts read an NVFP4 copy of a
+    /// BF16 LM head, a quarter of its bytes) or "model" (the model's own head).
     #[arg(long)]
     speculative_config: Option<String>,
     #[arg(long)]
@@ -220,16 +222,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let opts: LoadOptions = a.compute.load_options()?;
     let model = Qwen35::load(&ckpt, opts).with_context(|| format!("cannot load model {}", model_path.display()))?;
     let head = match speculative {
-        Some(_) => Some(
-            fp4_model::Mtp::load(&ckpt, opts)
+        Some(spec) => {
+            let mut head = fp4_model::Mtp::load(&ckpt, opts)
                 .with_context(|| format!("--speculative-config: cannot load the MTP head of {}", model_path.display()))?
                 .with_context(|| {
                     format!(
                         "--speculative-config asks for MTP, but {} has no MTP head (no mtp.* tensors)",
                         model_path.display()
                     )
-                })?,
-        ),
+                })?;
+            if spec.nvfp4_draft_head_on(model.device) && head.quantize_draft_head(&model) {
+                tracing::info!("MTP drafts pick their tokens with an NVFP4 copy of the LM head");
+            }
+            Some(head)
+        }
         None => None,
     };
     let vocab_size = model.config.vocab_size;

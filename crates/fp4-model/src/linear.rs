@@ -304,6 +304,36 @@ impl Linear {
         }
     }
 
+    /// An NVFP4 copy of a dense layer without bias (round to nearest under its amax's per-tensor
+    /// scale, as `fp4 quantize --strategy rtn` would store it), on the same device: the cheaper
+    /// LM head speculative drafting reads. `None` for a quantized layer or one with a bias.
+    pub fn nvfp4_copy(&self, name: &str) -> Option<Linear> {
+        let (n_in, n_out) = (self.in_features, self.out_features);
+        if !n_in.is_multiple_of(nvfp4::BLOCK) {
+            return None;
+        }
+        let method = match &self.method {
+            LinearMethod::Dense { weight, bias: None } => {
+                let w = weight.as_slice();
+                let q = Nvfp4Weight::quantize(w, n_out, n_in, nvfp4::nvfp4_global_scale(nvfp4::amax(w)));
+                let weight = Tensor::from_vec(q.dequantize(), &[n_out, n_in]);
+                LinearMethod::Nvfp4 { q, input_scale: None, pre_quant_scale: None, weight, bias: None }
+            }
+            #[cfg(feature = "cuda")]
+            LinearMethod::Gpu { weight, bias: None, pre_quant_scale: None, act: None, .. } => match &**weight {
+                fp4_kernels::cuda::GpuWeight::Bf16 { w, rows, cols, scale } if *scale == 1.0 => {
+                    let q = fp4_kernels::cuda::gpu()
+                        .nvfp4_from_bf16(w, *rows, *cols)
+                        .unwrap_or_else(|e| panic!("{name}: NVFP4 copy on the GPU: {e}"));
+                    LinearMethod::gpu(fp4_kernels::cuda::GpuWeight::Nvfp4(q), None, None, None, "nvfp4")
+                }
+                _ => return None,
+            },
+            _ => return None,
+        };
+        Some(Linear::from_method(name, n_in, n_out, method, false))
+    }
+
     /// Bytes of device memory the weight takes (what a decode step reads); 0 on the CPU.
     pub fn gpu_weight_bytes(&self) -> usize {
         match &self.method {

@@ -25,6 +25,10 @@ pub struct Mtp {
     pre_fc_norm_hidden: Tensor,
     layer: DecoderLayer,
     norm: Tensor,
+    /// The LM head the drafts are picked with, when not the main model's: an NVFP4 copy of a BF16
+    /// head ([`Mtp::quantize_draft_head`]), a quarter of the bytes per draft step. The verify
+    /// always uses the model's own head, so only the acceptance rate can change.
+    draft_head: Option<Linear>,
 }
 
 /// The head's own state for one sequence: its layer's KV cache, one row per position.
@@ -56,7 +60,23 @@ impl Mtp {
             pre_fc_norm_hidden: w.param("mtp.pre_fc_norm_hidden.weight", &[h], o)?,
             layer: DecoderLayer::load_at(w, "mtp.layers.0", LayerType::FullAttention, o)?,
             norm: w.param("mtp.norm.weight", &[h], o)?,
+            draft_head: None,
         }))
+    }
+
+    /// Drafts from now on pick their tokens with an NVFP4 copy of `model`'s LM head (made on its
+    /// device). Returns whether there is one: a tied or already quantized head is used as it is.
+    pub fn quantize_draft_head(&mut self, model: &Qwen35) -> bool {
+        self.draft_head = model.lm_head().and_then(|h| h.nvfp4_copy("mtp.draft_head"));
+        self.draft_head.is_some()
+    }
+
+    /// Logits of the head's normed output rows, as drafting reads them.
+    pub fn draft_logits(&self, model: &Qwen35, normed: &Tensor) -> Tensor {
+        match &self.draft_head {
+            Some(h) => h.forward(normed, model.layer_ctx().precision),
+            None => model.head(normed),
+        }
     }
 
     pub fn new_cache(&self) -> MtpCache {
@@ -128,20 +148,26 @@ impl Mtp {
     }
 }
 
-/// `--speculative-config` as vLLM spells it: `{"method": "mtp", "num_speculative_tokens": K}`.
+/// `--speculative-config` as vLLM spells it: `{"method": "mtp", "num_speculative_tokens": K}`,
+/// plus fp4's optional `"draft_head"`: `"nvfp4"` (drafts pick their tokens with an NVFP4 copy of
+/// a BF16 LM head: a quarter of the bytes per draft step) or `"model"` (the model's own head);
+/// unset, `nvfp4` on the GPU and `model` on the CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpeculativeConfig {
     /// Tokens drafted per step (K ≥ 1).
     pub num_speculative_tokens: usize,
+    /// Whether drafts use an NVFP4 copy of the LM head (`None`: the device decides).
+    pub nvfp4_draft_head: Option<bool>,
 }
 
 impl SpeculativeConfig {
     /// Parses the flag's JSON; the error says what is wrong with it (the caller names the flag).
     pub fn parse(json: &str) -> std::result::Result<SpeculativeConfig, String> {
+        const KEYS: [&str; 3] = ["method", "num_speculative_tokens", "draft_head"];
         let v: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("not JSON ({e}): {json}"))?;
         let obj = v.as_object().ok_or_else(|| format!("expected a JSON object, got {v}"))?;
-        if let Some(unknown) = obj.keys().find(|k| !["method", "num_speculative_tokens"].contains(&k.as_str())) {
-            return Err(format!("unknown key `{unknown}` (fp4 reads `method` and `num_speculative_tokens`)"));
+        if let Some(unknown) = obj.keys().find(|k| !KEYS.contains(&k.as_str())) {
+            return Err(format!("unknown key `{unknown}` (fp4 reads {})", KEYS.map(|k| format!("`{k}`")).join(", ")));
         }
         match obj.get("method").and_then(|m| m.as_str()) {
             Some("mtp") => {}
@@ -154,7 +180,20 @@ impl SpeculativeConfig {
             .as_u64()
             .filter(|&k| k >= 1)
             .ok_or("`num_speculative_tokens` must be an integer ≥ 1")?;
-        Ok(SpeculativeConfig { num_speculative_tokens: k as usize })
+        let nvfp4_draft_head = match obj.get("draft_head") {
+            None => None,
+            Some(v) => match v.as_str() {
+                Some("nvfp4") => Some(true),
+                Some("model") => Some(false),
+                _ => return Err(format!("`draft_head` must be \"nvfp4\" or \"model\", got {v}")),
+            },
+        };
+        Ok(SpeculativeConfig { num_speculative_tokens: k as usize, nvfp4_draft_head })
+    }
+
+    /// Whether drafts on `device` use an NVFP4 copy of the LM head.
+    pub fn nvfp4_draft_head_on(&self, device: fp4_kernels::Device) -> bool {
+        self.nvfp4_draft_head.unwrap_or(device == fp4_kernels::Device::Cuda)
     }
 }
 
@@ -215,7 +254,7 @@ impl Drafter for MtpDrafter<'_> {
             self.last.clone().ok_or_else(|| ModelError::Unsupported("MTP draft before any position".into()))?;
         let mut drafts = Vec::with_capacity(k);
         for i in 0..k {
-            let d = self.greedy.sample_tensor(&model.head(&last));
+            let d = self.greedy.sample_tensor(&self.mtp.draft_logits(model, &last));
             drafts.push(d);
             if i + 1 < k {
                 last = self.mtp.forward(model, &[d], &last, &mut self.cache)?;
@@ -427,7 +466,10 @@ mod tests {
     #[test]
     fn speculative_config_parses_as_vllm_spells_it() {
         let ok = SpeculativeConfig::parse(r#"{"method": "mtp", "num_speculative_tokens": 3}"#);
-        assert_eq!(ok, Ok(SpeculativeConfig { num_speculative_tokens: 3 }));
+        assert_eq!(ok, Ok(SpeculativeConfig { num_speculative_tokens: 3, nvfp4_draft_head: None }));
+        let model_head =
+            SpeculativeConfig::parse(r#"{"method": "mtp", "num_speculative_tokens": 2, "draft_head": "model"}"#);
+        assert_eq!(model_head, Ok(SpeculativeConfig { num_speculative_tokens: 2, nvfp4_draft_head: Some(false) }));
         for (bad, says) in [
             (r#"{"method": "ngram", "num_speculative_tokens": 3}"#, "`ngram`"),
             (r#"{"method": "mtp", "num_speculative_tokens": 0}"#, "≥ 1"),
@@ -436,6 +478,7 @@ mod tests {
             (r#"{"method": "mtp", "num_speculative_tokens": 2, "model": "x"}"#, "`model`"),
             ("mtp", "not JSON"),
             ("[1]", "object"),
+            (r#"{"method": "mtp", "num_speculative_tokens": 2, "draft_head": "fp8"}"#, "`draft_head`"),
         ] {
             let e = SpeculativeConfig::parse(bad).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");

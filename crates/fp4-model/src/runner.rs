@@ -525,7 +525,7 @@ impl DecodeRunner {
         };
         let mut g = ops::embedding_ids(hidden, &sb.home);
         for i in 0..k {
-            ops::argmax_rows(&model.head(&g), &mut sb.guess);
+            ops::argmax_rows(&mtp.draft_logits(model, &g), &mut sb.guess);
             ops::write_ids_strided(&mut sb.ids, &sb.guess, 1 + i, 1 + k);
             if i + 1 < k {
                 let index = BatchIndex {

@@ -61,6 +61,43 @@ fn speculative_op_checks(rep: &mut Report, rng: &mut Normal) {
     ops::scatter_rows(&mut want, &dc, &src, &sc);
     ops::scatter_rows(&mut got, &dg, &gpu_t(&src), &sg);
     rep.check("scatter_rows 5 rows of 64", rel_err(&got, &want), 0.0);
+
+    // The NVFP4 draft head: a bf16 weight quantized on the device, bit for bit as on the CPU
+    // (one all-zero block and one of tiny values among random ones), and its linear's output.
+    let (rows, cols) = (48usize, 256usize);
+    let mut w = rng.tensor(&[rows, cols], 0.05).into_vec();
+    w[..16].fill(0.0);
+    w[16..32].iter_mut().for_each(|x| *x *= 1e-6);
+    let w: Vec<f32> = w.iter().map(|&x| fp4_format::dtype::round_bf16(x)).collect();
+    let want = fp4_format::nvfp4::Nvfp4Weight::quantize(
+        &w,
+        rows,
+        cols,
+        fp4_format::nvfp4::nvfp4_global_scale(fp4_format::nvfp4::amax(&w)),
+    );
+    let g = fp4_kernels::cuda::gpu();
+    let same = match g.upload_bf16(&w, rows, cols, 1.0) {
+        fp4_kernels::cuda::GpuWeight::Bf16 { w: dw, .. } => match g.quantize_nvfp4_bf16(&dw, rows, cols) {
+            Ok((codes, scales, scale_2)) => {
+                g.download(&codes) == want.packed && g.download(&scales) == want.scales && scale_2 == want.scale_2
+            }
+            Err(_) => false,
+        },
+        fp4_kernels::cuda::GpuWeight::Nvfp4(_) => false,
+    };
+    rep.require("nvfp4 quantize of a bf16 48x256 weight = CPU (bit for bit)", same, json!({}));
+    let dense = fp4_model::Linear::dense("head", Tensor::from_vec(w, &[rows, cols]));
+    let (cpu_q, gpu_q) = (
+        dense.nvfp4_copy("draft"),
+        fp4_model::Linear::from_method("head", cols, rows, dense.method.to_gpu(false), false).nvfp4_copy("draft"),
+    );
+    if let (Some(cpu_q), Some(gpu_q)) = (cpu_q, gpu_q) {
+        let x = rng.tensor(&[3, cols], 1.0);
+        let err = rel_err(&gpu_q.forward(&gpu_t(&x), F32), &cpu_q.forward(&x, F32));
+        rep.check("linear nvfp4_copy of a bf16 head, 3 tokens", err, 2e-3);
+    } else {
+        rep.require("linear nvfp4_copy of a bf16 head on both devices", false, json!({}));
+    }
 }
 
 /// The decode-batch ops (per-token RoPE, paged KV write and attention, conv and delta-rule steps
@@ -416,12 +453,13 @@ pub(super) fn engine_part(name: &str, part: &str) -> anyhow::Result<Value> {
 
 /// MTP speculative decoding on the synthetic model (NVFP4, its head BF16) at K = 3 with the
 /// acceptance forced to a mean accepted length of 2.5 (1 or 2 drafts kept, alternately: the
-/// published range for Qwen3.5's head is 2–3), graph-replayed and eager, against plain decode of
-/// the same sequences (graphs and eager), at 1 and 8 streams.
+/// published range for Qwen3.5's head is 2–3), graph-replayed and eager, drafting with the NVFP4
+/// copy of the LM head and with the BF16 head itself, against plain decode of the same sequences
+/// (graphs and eager), at 1 and 8 streams.
 fn mtp_bench(name: &str) -> anyhow::Result<Value> {
     let src = Synthetic::named(name, SyntheticFormat::Nvfp4 { mlp_only: false }, 1)?.with_mtp();
     let o = LoadOptions::new(F32).on(Device::Cuda);
-    let (model, mtp) = (Qwen35::load(&src, o)?, fp4_model::Mtp::load(&src, o)?.context("the synthetic head")?);
+    let (model, mut mtp) = (Qwen35::load(&src, o)?, fp4_model::Mtp::load(&src, o)?.context("the synthetic head")?);
     let (k, kept) = (3, [1usize, 2]);
     let vocab = model.config.vocab_size as u64;
     let prompt: Vec<u32> = (0..1000u64).map(|i| ((i * 2654435761 + 5) % vocab) as u32).collect();
@@ -432,27 +470,36 @@ fn mtp_bench(name: &str) -> anyhow::Result<Value> {
     let g = mtp.forward(&model, &next, &h, &mut head_cache)?;
     let last = ops::rows(&g, g.rows() - 1, g.rows());
     let mut out = json!({"k": k, "mean_accepted_length": 1.0 + kept.iter().sum::<usize>() as f64 / kept.len() as f64});
-    for n in [1usize, 8] {
-        let cfg = RunnerConfig::from_budget(&model.config, n, 4096, 32, 8 << 30, true, k)?;
-        let speculative = |graphs: bool| -> anyhow::Result<f64> {
-            let mut runner = DecodeRunner::new(&model, RunnerConfig { graphs, ..cfg });
-            let mut seqs = (0..n)
-                .map(|_| runner.admit_speculative(&cache, &head_cache, last.clone()))
-                .collect::<Result<Vec<_>, _>>()?;
-            speculative_rate(&mut runner, &model, &mtp, &mut seqs, &kept, 2, 32)
-        };
-        let (spec, spec_eager) = (speculative(true)?, speculative(false)?);
+    let streams = [1usize, 8];
+    let cfg = |n: usize| RunnerConfig::from_budget(&model.config, n, 4096, 32, 8 << 30, true, k);
+    let speculative = |mtp: &fp4_model::Mtp, n: usize, graphs: bool| -> anyhow::Result<f64> {
+        let mut runner = DecodeRunner::new(&model, RunnerConfig { graphs, ..cfg(n)? });
+        let mut seqs = (0..n)
+            .map(|_| runner.admit_speculative(&cache, &head_cache, last.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        speculative_rate(&mut runner, &model, mtp, &mut seqs, &kept, 2, 32)
+    };
+    // Drafting with the model's BF16 head, then with its NVFP4 copy (`fp4 serve`'s GPU default).
+    let mut model_head = Vec::new();
+    for &n in &streams {
+        model_head.push((speculative(&mtp, n, true)?, speculative(&mtp, n, false)?));
+    }
+    anyhow::ensure!(mtp.quantize_draft_head(&model), "the synthetic LM head has no NVFP4 copy");
+    for (&n, (spec_bf16, eager_bf16)) in streams.iter().zip(model_head) {
+        let (spec, spec_eager) = (speculative(&mtp, n, true)?, speculative(&mtp, n, false)?);
         let plain = |graphs: bool| -> anyhow::Result<f64> {
-            let mut r = DecodeRunner::new(&model, RunnerConfig { graphs, ..cfg });
+            let mut r = DecodeRunner::new(&model, RunnerConfig { graphs, ..cfg(n)? });
             let mut seqs = (0..n).map(|_| r.admit(&cache)).collect::<Result<Vec<_>, _>>()?;
             decode_rate(&mut r, &model, &mut seqs, 4, 64)
         };
         let (without, without_eager) = (plain(true)?, plain(false)?);
         println!(
-            "engine {name} nvfp4: MTP K={k} mean accepted length 2.5, {n} streams: {spec:.1} tok/s graphs, \
-             {spec_eager:.1} eager (without: {without:.1} graphs, {without_eager:.1} eager)"
+            "engine {name} nvfp4: MTP K={k} mean accepted length 2.5, {n} streams: {spec:.1} tok/s graphs \
+             ({spec_eager:.1} eager; drafting with the BF16 head {spec_bf16:.1} graphs, {eager_bf16:.1} eager) \
+             against {without:.1} without (graphs; {without_eager:.1} eager)"
         );
         out[format!("streams_{n}")] = json!({"decode_tok_s": spec, "decode_tok_s_eager": spec_eager,
+            "decode_tok_s_bf16_draft_head": spec_bf16, "decode_tok_s_bf16_draft_head_eager": eager_bf16,
             "decode_tok_s_without": without, "decode_tok_s_without_eager": without_eager});
     }
     Ok(out)

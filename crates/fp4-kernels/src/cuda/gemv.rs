@@ -14,6 +14,33 @@ impl Gpu {
         GpuNvfp4 { rows, cols, packed, scales: self.upload(&w.scales), scale_2, layout: Nvfp4Layout::Repacked }
     }
 
+    /// A bf16 weight `[rows, cols]` quantized to NVFP4 on the device (round to nearest under the
+    /// per-tensor scale of its amax, as `Nvfp4Weight::quantize`), in ModelOpt's layout: codes,
+    /// E4M3 block scales and `scale_2`.
+    pub fn quantize_nvfp4_bf16(
+        &self,
+        w: &DeviceBuf<u16>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(DeviceBuf<u8>, DeviceBuf<u8>, f32)> {
+        assert!(w.len() == rows * cols && cols.is_multiple_of(16), "quantize_nvfp4_bf16: [{rows}, {cols}]");
+        let n = w.len();
+        let mut amax = self.upload(&[0u32]);
+        launch!(self, amax_bf16, flat(n), w, &n, &mut amax);
+        let scale_2 = fp4_format::nvfp4::nvfp4_global_scale(f32::from_bits(self.download(&amax)[0]));
+        let blocks = n / 16;
+        let (mut codes, mut scales) = (self.alloc::<u8>(n / 2)?, self.alloc::<u8>(blocks)?);
+        launch!(self, nvfp4_quantize_bf16, flat(blocks), w, &scale_2, &mut codes, &mut scales, &blocks);
+        Ok((codes, scales, scale_2))
+    }
+
+    /// [`Gpu::quantize_nvfp4_bf16`] as a W4A16 weight (codes in the GEMV's repacked layout).
+    pub fn nvfp4_from_bf16(&self, w: &DeviceBuf<u16>, rows: usize, cols: usize) -> Result<GpuNvfp4> {
+        let (codes, scales, scale_2) = self.quantize_nvfp4_bf16(w, rows, cols)?;
+        let packed = self.repack_codes(&codes)?;
+        Ok(GpuNvfp4 { rows, cols, packed, scales, scale_2, layout: Nvfp4Layout::Repacked })
+    }
+
     /// ModelOpt-ordered codes in the repacked layout (`nvfp4_repack`).
     pub(super) fn repack_codes(&self, packed: &DeviceBuf<u8>) -> Result<DeviceBuf<u8>> {
         assert_eq!(packed.len() % 4, 0, "nvfp4_repack: whole 8-code words");
