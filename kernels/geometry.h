@@ -46,6 +46,7 @@
 #define GDN_PREP_MAX_DK 128
 // sampling.cu
 #define SAMPLE_THREADS 1024
+#define SAMPLE_CONTROLS 5     // sample_rows_f32: words per row (ops::SAMPLE_CONTROLS)
 // w4a4.cu
 #define W4A4_BM 64            // tokens per block
 #define W4A4_BN 64            // output features per block

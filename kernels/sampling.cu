@@ -40,11 +40,8 @@ __device__ float block_max(float v, float* tmp) {
     return r;
 }
 
-// One block per row of x [rows, n] (a batch's logits): out[row] = its argmax.
-extern "C" __global__ void argmax_f32(const float* __restrict__ x, int n, uint32_t* __restrict__ out) {
-    pdl_start();
-    x += (size_t)blockIdx.x * n;
-    out += blockIdx.x;
+// The argmax (first maximum) of x [n] into out[0], by a whole block of SAMPLE_THREADS.
+__device__ void argmax_row(const float* __restrict__ x, int n, uint32_t* __restrict__ out) {
     __shared__ float vals[SAMPLE_THREADS];
     __shared__ int idxs[SAMPLE_THREADS];
     float best = -INFINITY;
@@ -66,9 +63,15 @@ extern "C" __global__ void argmax_f32(const float* __restrict__ x, int n, uint32
     if (threadIdx.x == 0) out[0] = idxs[0];
 }
 
-extern "C" __global__ void sample_f32(const float* __restrict__ logits, int n, float temperature, int top_k,
-                                      float top_p, float min_p, float u, uint32_t* __restrict__ out) {
+// One block per row of x [rows, n] (a batch's logits): out[row] = its argmax.
+extern "C" __global__ void argmax_f32(const float* __restrict__ x, int n, uint32_t* __restrict__ out) {
     pdl_start();
+    argmax_row(x + (size_t)blockIdx.x * n, n, out + blockIdx.x);
+}
+
+// One token of logits [n] by the controls (temperature > 0), written to out[0] by a whole block.
+__device__ void sample_row(const float* __restrict__ logits, int n, float temperature, int top_k, float top_p,
+                           float min_p, float u, uint32_t* __restrict__ out) {
     __shared__ float tmp[SAMPLE_THREADS / 32];
     __shared__ float chunk_mass[SAMPLE_THREADS];
     int tid = threadIdx.x;
@@ -146,6 +149,28 @@ extern "C" __global__ void sample_f32(const float* __restrict__ logits, int n, f
     }
     out[0] = last;  // rounding left r at or past the total: the last kept token
 #undef KEPT
+}
+
+extern "C" __global__ void sample_f32(const float* __restrict__ logits, int n, float temperature, int top_k,
+                                      float top_p, float min_p, float u, uint32_t* __restrict__ out) {
+    pdl_start();
+    sample_row(logits, n, temperature, top_k, top_p, min_p, u, out);
+}
+
+// One block per row of logits [rows, n], each by its own controls: SAMPLE_CONTROLS words per row,
+// (temperature, top_k, top_p, min_p, u) with the floats as their bits (ops::sample_rows); a row of
+// temperature 0 takes its argmax.
+extern "C" __global__ void sample_rows_f32(const float* __restrict__ logits, int n,
+                                           const uint32_t* __restrict__ controls, uint32_t* __restrict__ out) {
+    pdl_start();
+    const uint32_t* c = controls + (size_t)blockIdx.x * SAMPLE_CONTROLS;
+    const float* row = logits + (size_t)blockIdx.x * n;
+    const float temperature = __uint_as_float(c[0]);
+    if (temperature == 0.f)
+        argmax_row(row, n, out + blockIdx.x);
+    else
+        sample_row(row, n, temperature, (int)c[1], __uint_as_float(c[2]), __uint_as_float(c[3]), __uint_as_float(c[4]),
+                   out + blockIdx.x);
 }
 
 // dst[start + stride·i] = src[i] (the drafts into a speculative verify's rows).

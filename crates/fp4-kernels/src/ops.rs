@@ -433,6 +433,43 @@ pub fn sample(logits: &Tensor, p: SampleParams, u: f32) -> u32 {
     }
 }
 
+/// Words per row of [`sample_rows`]' controls.
+pub const SAMPLE_CONTROLS: usize = 5;
+
+/// One row's controls for [`sample_rows`]: the parameters and the draw `u` its sampler made
+/// (temperature, top_k, top_p, min_p, u; the floats as their bits).
+pub fn sample_controls(p: SampleParams, u: f32) -> [u32; SAMPLE_CONTROLS] {
+    let k = p.top_k.min(i32::MAX as usize) as u32;
+    [p.temperature.to_bits(), k, p.top_p.to_bits(), p.min_p.to_bits(), u.to_bits()]
+}
+
+/// A token for each row of `logits [B, vocab]` by its own controls (`controls` rows of
+/// [`sample_controls`]) into `out[..B]`, on the logits' device: row by row what [`sample`] picks
+/// (greedy rows their argmax), with only the ids left on the device.
+pub fn sample_rows(logits: &Tensor, controls: &Ids, out: &mut Ids) {
+    let (rows, n) = (logits.rows(), logits.row_len());
+    check(controls.len() >= rows * SAMPLE_CONTROLS && out.len() >= rows, "sample_rows", || {
+        format!("{rows} rows, {} control words, {} outputs", controls.len(), out.len())
+    });
+    match logits.storage() {
+        Storage::Cpu(l) => {
+            let c = controls.as_slice();
+            let ids: Vec<u32> = l
+                .chunks(n)
+                .zip(c.chunks(SAMPLE_CONTROLS))
+                .map(|(row, c)| {
+                    let f = f32::from_bits;
+                    let p = SampleParams { temperature: f(c[0]), top_k: c[1] as usize, top_p: f(c[2]), min_p: f(c[3]) };
+                    cpu::sample(row, p, f(c[4]))
+                })
+                .collect();
+            out.write(&ids);
+        }
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(l) => ok(gpu().sample_rows(l, n, controls.cuda(), out.cuda_mut()), "sample_rows"),
+    }
+}
+
 /// The distribution [`sample`] draws from for one row of logits (`cpu::sample_probs`): on the
 /// GPU greedy stays there (only the id comes back), other controls read the row on the host.
 pub fn sample_probs(logits: &Tensor, p: SampleParams) -> Vec<(u32, f64)> {
@@ -904,6 +941,23 @@ mod tests {
         assert_eq!(o.to_vec(), vec![7, 8, 0, 7, 7, 8, 1, 8]);
         assert_eq!(h.to_vec(), vec![7, 7, 7, 7, 8, 8]);
         assert_eq!(p.to_vec(), vec![0, 4]);
+    }
+
+    #[test]
+    fn rows_sampled_by_their_own_controls_match_one_row_sampling() {
+        let logits = Tensor::from_vec((0..40).map(|i| ((i * 7919) % 13) as f32 * 0.3).collect(), &[4, 10]);
+        let params = [
+            SampleParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0 },
+            SampleParams { temperature: 0.7, top_k: 3, top_p: 1.0, min_p: 0.0 },
+            SampleParams { temperature: 1.2, top_k: 0, top_p: 0.8, min_p: 0.0 },
+            SampleParams { temperature: 0.2, top_k: 0, top_p: 1.0, min_p: 0.1 },
+        ];
+        let u = [0.0, 0.9, 0.4, 0.71];
+        let controls: Vec<u32> = (0..4).flat_map(|r| sample_controls(params[r], u[r])).collect();
+        let mut out = Ids::new(vec![0; 4], Device::Cpu);
+        sample_rows(&logits, &Ids::new(controls, Device::Cpu), &mut out);
+        let want: Vec<u32> = (0..4).map(|r| sample(&rows(&logits, r, r + 1), params[r], u[r])).collect();
+        assert_eq!(out.to_vec(), want);
     }
 
     #[test]

@@ -140,8 +140,13 @@ struct Bucket {
     slots: Ids,
     table: Ids,
     out: Ids,
+    /// Each row's sampling controls (`ops::sample_rows`) for a sampled step.
+    controls: Ids,
+    /// The greedy step's graph and the sampled step's.
     #[cfg(feature = "cuda")]
     graph: Option<fp4_kernels::cuda::Graph>,
+    #[cfg(feature = "cuda")]
+    sampled_graph: Option<fp4_kernels::cuda::Graph>,
 }
 
 /// One bucket's speculative step (`size` sequences, K drafts each, `size·(1 + K)` verify rows)
@@ -245,8 +250,11 @@ impl DecodeRunner {
                 slots: Ids::new(vec![slots as u32 - 1; size], device),
                 table: Ids::new(vec![cfg.kv_blocks as u32; size * max_blocks], device),
                 out: Ids::new(vec![0; size], device),
+                controls: Ids::new(vec![0; size * ops::SAMPLE_CONTROLS], device),
                 #[cfg(feature = "cuda")]
                 graph: None,
+                #[cfg(feature = "cuda")]
+                sampled_graph: None,
             })
             .collect();
         let spec = match cfg.spec_tokens {
@@ -384,12 +392,49 @@ impl DecodeRunner {
         inputs: &[u32],
     ) -> Result<Vec<u32>, RunnerError> {
         let bi = self.prepare(seqs, inputs)?;
+        self.step_on_device(model, seqs, bi, false)
+    }
+
+    /// One decode step with each sequence's token picked on the device by its own sampling
+    /// controls (`controls[i]`: [`crate::Sampler::next_controls`], the draw its sampler would make
+    /// on the host): greedy rows take the argmax, sampled rows follow `cpu::sample`. Graph-replayed
+    /// like [`DecodeRunner::step_greedy`]; only the ids come back.
+    pub fn step_sampled(
+        &mut self,
+        model: &Qwen35,
+        seqs: &mut [&mut SeqState],
+        inputs: &[u32],
+        controls: &[[u32; ops::SAMPLE_CONTROLS]],
+    ) -> Result<Vec<u32>, RunnerError> {
+        assert_eq!(controls.len(), seqs.len(), "one set of controls per sequence");
+        let bi = self.prepare(seqs, inputs)?;
+        // Padding rows are greedy (temperature 0).
+        let mut words = vec![0u32; self.buckets[bi].size * ops::SAMPLE_CONTROLS];
+        words[..controls.len() * ops::SAMPLE_CONTROLS].copy_from_slice(controls.as_flattened());
+        self.buckets[bi].controls.write(&words);
+        self.step_on_device(model, seqs, bi, true)
+    }
+
+    /// The step of prepared bucket `bi`, its tokens picked on the device (argmax, or each row's
+    /// controls when `sampled`), replayed from its graph or eagerly; the sequences advance.
+    fn step_on_device(
+        &mut self,
+        model: &Qwen35,
+        seqs: &mut [&mut SeqState],
+        bi: usize,
+        sampled: bool,
+    ) -> Result<Vec<u32>, RunnerError> {
         if self.cfg.graphs && self.device == Device::Cuda {
-            self.replay(model, bi)?;
+            self.replay(model, bi, sampled)?;
             self.graph_replays += 1;
         } else {
             let logits = self.forward(model, bi);
-            ops::argmax_rows(&logits, &mut self.buckets[bi].out);
+            let b = &mut self.buckets[bi];
+            if sampled {
+                ops::sample_rows(&logits, &b.controls, &mut b.out);
+            } else {
+                ops::argmax_rows(&logits, &mut b.out);
+            }
             self.eager_steps += 1;
         }
         let out = self.buckets[bi].out.to_vec();
@@ -800,16 +845,21 @@ impl DecodeRunner {
     }
 
     #[cfg(feature = "cuda")]
-    fn replay(&mut self, model: &Qwen35, bi: usize) -> Result<(), RunnerError> {
+    fn replay(&mut self, model: &Qwen35, bi: usize, sampled: bool) -> Result<(), RunnerError> {
         let g = fp4_kernels::cuda::gpu();
         let (max_blocks, block_size) = (self.max_blocks, self.cfg.block_size);
-        let Bucket { ids, pos, slots, table, out, graph, .. } = &mut self.buckets[bi];
+        let Bucket { ids, pos, slots, table, out, controls, graph, sampled_graph, .. } = &mut self.buckets[bi];
+        let graph = if sampled { sampled_graph } else { graph };
         if graph.is_none() {
             let pools = &mut self.pools;
             let captured = g.capture(|| {
                 let index = BatchIndex { pos, slots, slots_out: slots, rows_per_seq: 1, table, max_blocks, block_size };
                 let logits = model.decode(ids, index, pools);
-                ops::argmax_rows(&logits, out);
+                if sampled {
+                    ops::sample_rows(&logits, controls, out);
+                } else {
+                    ops::argmax_rows(&logits, out);
+                }
                 Ok(())
             });
             let captured = captured.map_err(|e| RunnerError::Graph(e.to_string()))?;
@@ -820,7 +870,7 @@ impl DecodeRunner {
     }
 
     #[cfg(not(feature = "cuda"))]
-    fn replay(&mut self, _model: &Qwen35, _bi: usize) -> Result<(), RunnerError> {
+    fn replay(&mut self, _model: &Qwen35, _bi: usize, _sampled: bool) -> Result<(), RunnerError> {
         unreachable!("GPU runners need the cuda feature")
     }
 

@@ -72,6 +72,14 @@ impl Sampler {
 
     /// A uniform draw in [0, 1) from this sampler's stream (speculative sampling's acceptance
     /// tests).
+    /// The controls of its next token for a batch sampled on the device
+    /// ([`fp4_kernels::ops::sample_rows`]): its parameters and the draw [`Sampler::sample_tensor`]
+    /// would make, so either way gives the same token from the same logits.
+    pub fn next_controls(&mut self) -> [u32; fp4_kernels::ops::SAMPLE_CONTROLS] {
+        let u = self.draw();
+        fp4_kernels::ops::sample_controls(self.kernel_params(), u)
+    }
+
     pub fn uniform(&mut self) -> f64 {
         self.rng.random::<f64>()
     }

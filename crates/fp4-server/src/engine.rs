@@ -375,11 +375,6 @@ impl Sequence {
         }
     }
 
-    /// Greedy with nothing that needs the logits on the host: the device picks the token.
-    fn device_greedy(&self) -> bool {
-        self.req.sampling.temperature == 0.0 && !self.needs_host_logits()
-    }
-
     /// Whether its next token needs the whole logits row on the host (penalties over the tokens
     /// so far, logprobs); otherwise its sampler runs where the logits are (on the GPU only the
     /// chosen id comes back, not the 248k-float row).
@@ -443,10 +438,10 @@ fn needs_host_logits(req: &GenRequest) -> bool {
 enum StepKind {
     /// Draft with the MTP head, verify in one forward.
     Speculative,
-    /// One token each, chosen on the device.
-    Greedy,
-    /// One token each, sampled from its logits.
-    Sampled,
+    /// One token each, chosen on the device (greedy or by its sampling controls).
+    Device,
+    /// One token each, its logits on the host (penalties, logprobs).
+    Host,
 }
 
 /// Rows a decoding sequence takes in its next step (1 + the drafts when it drafts).
@@ -685,8 +680,9 @@ fn run(
             let replays = runner.graph_replays;
             let drafts = |i: &usize| matches!(&running[*i].cache, SeqCache::Decode(st) if runner.can_speculate(st));
             let (spec, plain): (Vec<usize>, Vec<usize>) = decoding.iter().partition(|&i| drafts(i));
-            let (fast, host): (Vec<usize>, Vec<usize>) = plain.iter().partition(|&&i| running[i].device_greedy());
-            for (group, kind) in [(spec, StepKind::Speculative), (fast, StepKind::Greedy), (host, StepKind::Sampled)] {
+            let (device, host): (Vec<usize>, Vec<usize>) =
+                plain.iter().partition(|&&i| !running[i].needs_host_logits());
+            for (group, kind) in [(spec, StepKind::Speculative), (device, StepKind::Device), (host, StepKind::Host)] {
                 if group.is_empty() {
                     continue;
                 }
@@ -695,7 +691,7 @@ fn run(
                         speculative_step(&model, head, &mut runner, &mut running, &group, &mut done, &stats)
                     }
                     _ => {
-                        let on_device = kind == StepKind::Greedy;
+                        let on_device = kind == StepKind::Device;
                         // A drafting sequence that cannot draft this step (near the context
                         // end) decodes one token at a time from now on.
                         for &i in &group {
@@ -909,8 +905,9 @@ fn group_inputs<'a>(running: &'a mut [Sequence], group: &[usize]) -> (Vec<u32>, 
     (inputs, states)
 }
 
-/// One batched decode step of the sequences `group` (all decoding): on the device (greedy) or
-/// with their logits sampled on the host.
+/// One batched decode step of the sequences `group` (all decoding): each token picked on the
+/// device (greedy, or sampled by its request's controls: only the ids come back), or, for
+/// requests with penalties or logprobs, from its logits on the host.
 fn decode_step(
     model: &Qwen35,
     runner: &mut DecodeRunner,
@@ -926,6 +923,11 @@ fn decode_step(
     {
         panic!("injected failure");
     }
+    // Greedy groups keep the plain argmax step; sampled rows draw on the device from the
+    // controls their samplers give (the same draw as on the host). Drawn before the states are
+    // borrowed.
+    let controls: Option<Vec<_>> = (on_device && group.iter().any(|&i| running[i].req.sampling.temperature != 0.0))
+        .then(|| group.iter().map(|&i| running[i].sampler.next_controls()).collect());
     let (inputs, mut states) = group_inputs(running, group);
     let fail_all = |running: &mut [Sequence], done: &mut [bool], e: RunnerError| {
         for &i in group {
@@ -934,7 +936,11 @@ fn decode_step(
         }
     };
     if on_device {
-        match runner.step_greedy(model, &mut states, &inputs) {
+        let step = match &controls {
+            None => runner.step_greedy(model, &mut states, &inputs),
+            Some(c) => runner.step_sampled(model, &mut states, &inputs, c),
+        };
+        match step {
             Ok(ids) => {
                 for (&i, id) in group.iter().zip(ids) {
                     done[i] = running[i].emit(id, None, stats);

@@ -233,6 +233,18 @@ fn prompts(n: usize, vocab: u64) -> Vec<Vec<u32>> {
 /// prompt prefilled alone (`Qwen35::forward`), its cache moved into the runner, then `steps - 1`
 /// batched decode steps.
 fn runner_generate(model: &Qwen35, prompts: &[Vec<u32>], steps: usize, graphs: bool) -> anyhow::Result<Vec<Vec<u32>>> {
+    runner_generate_at(model, prompts, steps, graphs, 0.0)
+}
+
+/// [`runner_generate`] with each sequence sampled at `temperature` on the device (seeded by its
+/// index; greedy at 0).
+fn runner_generate_at(
+    model: &Qwen35,
+    prompts: &[Vec<u32>],
+    steps: usize,
+    graphs: bool,
+    temperature: f32,
+) -> anyhow::Result<Vec<Vec<u32>>> {
     let cfg = RunnerConfig {
         max_seqs: prompts.len(),
         max_model_len: 128,
@@ -242,10 +254,12 @@ fn runner_generate(model: &Qwen35, prompts: &[Vec<u32>], steps: usize, graphs: b
         spec_tokens: 0,
     };
     let mut runner = DecodeRunner::new(model, cfg);
-    let mut sampler = fp4_model::Sampler::new(fp4_model::SamplingParams::default())?;
+    let params = |seed| fp4_model::SamplingParams { temperature, seed, ..Default::default() };
+    let mut samplers =
+        (0..prompts.len() as u64).map(|s| fp4_model::Sampler::new(params(s))).collect::<Result<Vec<_>, _>>()?;
     let mut seqs = Vec::new();
     let mut out: Vec<Vec<u32>> = Vec::new();
-    for p in prompts {
+    for (p, sampler) in prompts.iter().zip(&mut samplers) {
         let mut cache = model.new_cache();
         let logits = model.forward(p, &mut cache, Logits::Last)?;
         out.push(vec![sampler.sample_tensor(&logits)]);
@@ -254,7 +268,12 @@ fn runner_generate(model: &Qwen35, prompts: &[Vec<u32>], steps: usize, graphs: b
     for _ in 1..steps {
         let inputs: Vec<u32> = out.iter().map(|o| *o.last().expect("first token")).collect();
         let mut refs: Vec<&mut SeqState> = seqs.iter_mut().collect();
-        let next = runner.step_greedy(model, &mut refs, &inputs)?;
+        let next = if temperature == 0.0 {
+            runner.step_greedy(model, &mut refs, &inputs)?
+        } else {
+            let controls: Vec<_> = samplers.iter_mut().map(fp4_model::Sampler::next_controls).collect();
+            runner.step_sampled(model, &mut refs, &inputs, &controls)?
+        };
         for (o, t) in out.iter_mut().zip(next) {
             o.push(t);
         }
@@ -307,6 +326,18 @@ pub(super) fn runner_checks(g: &Gpu, rep: &mut Report, a: &Args) -> anyhow::Resu
             runner_generate(&gpu_model, &all[..8], steps, true)?,
         );
         rep.require(&format!("runner {name}: fast kernels, graph = eager (8 seqs)"), eager == graph, json!({}));
+        // Sampled on the device (temperature 0.8, seeded): graph replay = eager, and the tokens are
+        // not the greedy ones (the controls reach the kernel).
+        let (eager, graph) = (
+            runner_generate_at(&gpu_model, &all[..8], steps, false, 0.8)?,
+            runner_generate_at(&gpu_model, &all[..8], steps, true, 0.8)?,
+        );
+        let greedy = runner_generate(&gpu_model, &all[..8], steps, false)?;
+        rep.require(
+            &format!("runner {name}: sampled t0.8 on the device, graph = eager (8 seqs), ≠ greedy"),
+            eager == graph && graph != greedy,
+            json!({}),
+        );
     }
     speculative_runner_checks(g, rep)
 }
@@ -382,6 +413,36 @@ fn speculative_runner_checks(g: &Gpu, rep: &mut Report) -> anyhow::Result<()> {
     }
     g.set_exact_gemm(false);
     Ok(())
+}
+
+/// Tokens per second of `steps` decode steps of every sequence in `seqs`, each token sampled on
+/// the device at `temperature` (seeded samplers, one per sequence).
+fn sampled_decode_rate(
+    runner: &mut DecodeRunner,
+    model: &Qwen35,
+    seqs: &mut [SeqState],
+    warm: usize,
+    steps: usize,
+    temperature: f32,
+) -> anyhow::Result<f64> {
+    let params = |seed| fp4_model::SamplingParams { temperature, seed, ..Default::default() };
+    let mut samplers =
+        (0..seqs.len() as u64).map(|s| fp4_model::Sampler::new(params(s))).collect::<Result<Vec<_>, _>>()?;
+    let mut inputs: Vec<u32> = vec![1; seqs.len()];
+    let mut run = |runner: &mut DecodeRunner, seqs: &mut [SeqState]| -> anyhow::Result<()> {
+        let controls: Vec<_> = samplers.iter_mut().map(fp4_model::Sampler::next_controls).collect();
+        let mut refs: Vec<&mut SeqState> = seqs.iter_mut().collect();
+        inputs = runner.step_sampled(model, &mut refs, &inputs, &controls)?;
+        Ok(())
+    };
+    for _ in 0..warm {
+        run(runner, seqs)?;
+    }
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        run(runner, seqs)?;
+    }
+    Ok((steps * seqs.len()) as f64 / t0.elapsed().as_secs_f64())
 }
 
 /// Tokens per second of `steps` greedy decode steps of every sequence in `seqs`.
@@ -657,6 +718,12 @@ pub(super) fn engine_benches(g: &Gpu, _a: &Args, name: &str, copy: f64) -> anyho
         let mut one = vec![runner.admit(&cache)?];
         let bs1 = decode_rate(&mut runner, &model, &mut one, 8, 128)?;
         out[format!("decode_bs1_{label}")] = json!(bs1);
+        if label == "nvfp4" {
+            // Annie's harness samples at temperature 0.2: drawn on the device, graph-replayed.
+            let sampled = sampled_decode_rate(&mut runner, &model, &mut one, 8, 128, 0.2)?;
+            out["decode_bs1_nvfp4_sampled_t0.2"] = json!(sampled);
+            println!("engine {name} {label}: decode bs=1 sampled at temperature 0.2: {sampled:.1} tok/s (graphs)");
+        }
         println!("engine {name} {label}: decode bs=1 {bs1:.1} tok/s (graphs; {:.0} % of the {roofline:.0} tok/s copy roofline)", 100.0 * bs1 / roofline);
         if label == "nvfp4" {
             let mut eager = DecodeRunner::new(&model, RunnerConfig { graphs: false, ..cfg });

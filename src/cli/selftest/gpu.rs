@@ -6,7 +6,7 @@ use fp4_format::nvfp4::{self, Nvfp4Weight};
 use fp4_format::Checkpoint;
 use fp4_kernels::cuda::{self, Gpu, GpuWeight, Nvfp4Layout};
 use fp4_kernels::ops::{self, GdnAlgo, GdnDims, SampleParams};
-use fp4_kernels::{cpu, Device, Precision, Tensor};
+use fp4_kernels::{cpu, Device, Ids, Precision, Tensor};
 use fp4_model::{LoadOptions, Logits, Qwen35, Synthetic, SyntheticFormat, WeightSource};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -469,6 +469,34 @@ fn op_checks(rep: &mut Report, rng: &mut Normal) {
             format!("sample t{} k{} p{} min_p{}: {agree}/{draws} equal", p.temperature, p.top_k, p.top_p, p.min_p);
         rep.require(&what, agree + 1 >= draws, json!({"agree": agree, "draws": draws}));
     }
+
+    // A batch sampled row by row on the device, each row by its own controls (greedy rows
+    // included): the same ids as one-row sampling on the device, and the CPU's but for rounding.
+    let rows = 8;
+    let logits = rng.tensor(&[rows, 248320], 3.0);
+    let dl = gpu_t(&logits);
+    let params = [
+        greedy,
+        SampleParams { temperature: 0.2, top_k: 0, top_p: 1.0, min_p: 0.0 },
+        SampleParams { temperature: 0.7, top_k: 20, top_p: 0.8, min_p: 0.0 },
+        SampleParams { temperature: 1.3, top_k: 50, top_p: 1.0, min_p: 0.05 },
+    ];
+    let controls: Vec<u32> = (0..rows)
+        .flat_map(|r| ops::sample_controls(params[r % params.len()], (r as f32 + 0.37) / rows as f32))
+        .collect();
+    let (mut got, mut want) = (Ids::new(vec![0; rows], Device::Cuda), Ids::new(vec![0; rows], Device::Cpu));
+    ops::sample_rows(&dl, &Ids::new(controls.clone(), Device::Cuda), &mut got);
+    ops::sample_rows(&logits, &Ids::new(controls, Device::Cpu), &mut want);
+    let one_by_one: Vec<u32> = (0..rows)
+        .map(|r| ops::sample(&ops::rows(&dl, r, r + 1), params[r % params.len()], (r as f32 + 0.37) / rows as f32))
+        .collect();
+    let (got, want) = (got.to_vec(), want.to_vec());
+    let agree = got.iter().zip(&want).filter(|(a, b)| a == b).count();
+    rep.require(
+        "sample_rows 8x248320, mixed controls = one-row sampling (GPU), ≈ CPU",
+        got == one_by_one && agree + 1 >= rows,
+        json!({"gpu": got, "one_by_one": one_by_one, "cpu": want}),
+    );
 }
 
 /// Greedy continuation with the model's own sampler path (GPU: argmax on the device).

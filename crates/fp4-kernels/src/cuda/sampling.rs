@@ -2,6 +2,8 @@
 
 use super::*;
 
+const _: () = assert!(crate::ops::SAMPLE_CONTROLS == geometry::SAMPLE_CONTROLS, "kernels/geometry.h");
+
 impl Gpu {
     /// Greedy (temperature 0) or sampled token from one logits row (see `kernels/sampling.cu`).
     pub fn sample(&self, logits: &DeviceBuf<f32>, p: crate::cpu::SampleParams, u: f32) -> Result<u32> {
@@ -25,6 +27,26 @@ impl Gpu {
         let cfg =
             LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (SAMPLE_THREADS, 1, 1), shared_mem_bytes: 0 };
         launch!(self, argmax, cfg, logits, &ni, out);
+        Ok(())
+    }
+
+    /// A token per row of `logits [rows, n]` by each row's controls (see `ops::sample_rows`).
+    pub fn sample_rows(
+        &self,
+        logits: &DeviceBuf<f32>,
+        n: usize,
+        controls: &DeviceBuf<u32>,
+        out: &mut DeviceBuf<u32>,
+    ) -> Result<()> {
+        let rows = logits.len() / n;
+        assert!(
+            logits.len() == rows * n && controls.len() >= rows * geometry::SAMPLE_CONTROLS && out.len() >= rows,
+            "sample_rows shapes"
+        );
+        let ni = n as i32;
+        let cfg =
+            LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (SAMPLE_THREADS, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, sample_rows, cfg, logits, &ni, controls, out);
         Ok(())
     }
 
