@@ -492,7 +492,9 @@ pub fn sample_probs(logits: &Tensor, p: SampleParams) -> Vec<(u32, f64)> {
 /// before it), `table[r·max_blocks ..]` (its sequence's KV block ids), and its sequence's GDN
 /// state ([`GdnSlots`]: `slots`, `slots_out`, `rows_per_seq`). A plain decode step has one row
 /// per sequence updating its slot in place (`slots_out` = `slots`); a speculative verify has
-/// `rows_per_seq` rows per sequence (consecutive), and keeps the GDN state after each.
+/// `rows_per_seq` rows per sequence (consecutive), and keeps the GDN state after each. With
+/// `max_blocks` 0 every row reads the same table: one sequence's rows (a prefilled cache moving
+/// into the pools through [`kv_write`]).
 #[derive(Debug, Clone, Copy)]
 pub struct BatchIndex<'a> {
     pub pos: &'a Ids,

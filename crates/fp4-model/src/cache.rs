@@ -1,7 +1,8 @@
 //! Per-sequence state carried between forward calls.
 
 use fp4_format::{LayerType, TextConfig};
-use fp4_kernels::{Device, Tensor};
+use fp4_kernels::ops::BatchIndex;
+use fp4_kernels::{Device, Ids, Tensor};
 
 /// State of one decoder layer.
 #[derive(Debug, Clone)]
@@ -66,6 +67,7 @@ pub struct Pools {
     pub slots: usize,
     pub blocks: usize,
     pub block_size: usize,
+    device: Device,
 }
 
 impl Pools {
@@ -92,7 +94,7 @@ impl Pools {
             })
             .collect();
         let mtp_hidden = mtp.then(|| Tensor::zeros_on(&[slots, cfg.hidden_size], device));
-        Pools { layers, mtp: mtp.then(kv_pool), mtp_hidden, slots, blocks, block_size }
+        Pools { layers, mtp: mtp.then(kv_pool), mtp_hidden, slots, blocks, block_size, device }
     }
 
     /// Bytes of one GDN state slot (every GDN layer's conv inputs and recurrent state, f32; with
@@ -114,6 +116,7 @@ impl Pools {
     /// of them for `cache.seq_len` tokens).
     pub fn store(&mut self, cache: &Cache, slot: usize, blocks: &[u32]) {
         assert!(slot < self.slots && blocks.len() * self.block_size >= cache.seq_len, "Pools::store shapes");
+        let placement = KvPlacement::new(cache.seq_len, blocks, self.block_size, self.device);
         for (pool, lc) in self.layers.iter_mut().zip(&cache.layers) {
             match (pool, lc) {
                 (LayerPool::Gdn { conv, state }, LayerCache::Gdn { conv: c, state: s }) => {
@@ -121,7 +124,7 @@ impl Pools {
                     fp4_kernels::ops::write_rows(state, slot * s.rows(), s);
                 }
                 (LayerPool::Attention { k, v }, LayerCache::Attention { k: Some(kc), v: Some(vc) }) => {
-                    store_kv((k, v), (kc, vc), blocks, self.block_size)
+                    placement.store((k, v), (kc, vc))
                 }
                 (LayerPool::Attention { .. }, LayerCache::Attention { .. }) => {}
                 _ => unreachable!("pool and cache layer kinds come from the same config"),
@@ -132,11 +135,11 @@ impl Pools {
     /// Moves the MTP head's prefilled KV (`LayerCache::Attention`, rows from position 0) into
     /// `blocks` (the sequence's, in order).
     pub fn store_mtp(&mut self, layer: &LayerCache, blocks: &[u32]) {
-        let bs = self.block_size;
+        let (bs, device) = (self.block_size, self.device);
         match (&mut self.mtp, layer) {
             (Some(LayerPool::Attention { k, v }), LayerCache::Attention { k: Some(kc), v: Some(vc) }) => {
                 assert!(blocks.len() * bs >= kc.rows(), "Pools::store_mtp shapes");
-                store_kv((k, v), (kc, vc), blocks, bs)
+                KvPlacement::new(kc.rows(), blocks, bs, device).store((k, v), (kc, vc))
             }
             (Some(_), LayerCache::Attention { .. }) => {}
             _ => unreachable!("MTP state for pools without an MTP layer"),
@@ -144,15 +147,37 @@ impl Pools {
     }
 }
 
-/// KV rows `kv` (from position 0) into the paged pools at `blocks`.
-fn store_kv(pools: (&mut Tensor, &mut Tensor), kv: (&Tensor, &Tensor), blocks: &[u32], bs: usize) {
-    let ((k, v), (kc, vc)) = (pools, kv);
-    for (i, &b) in blocks.iter().enumerate() {
-        let (r0, r1) = (i * bs, ((i + 1) * bs).min(kc.rows()));
-        if r0 >= r1 {
-            break;
+/// Where a sequence's KV rows go in the paged pools: row r (position r) into block
+/// `blocks[r / block_size]`, as a decode step's `kv_write` places a token, every row reading the
+/// same block list (`max_blocks` 0). One write per layer instead of two copies per block.
+struct KvPlacement {
+    pos: Ids,
+    table: Ids,
+    block_size: usize,
+}
+
+impl KvPlacement {
+    fn new(rows: usize, blocks: &[u32], block_size: usize, device: Device) -> KvPlacement {
+        let pos = Ids::new((0..rows as u32).collect(), device);
+        KvPlacement { pos, table: Ids::new(blocks.to_vec(), device), block_size }
+    }
+
+    /// KV rows `kv` (from position 0, as many as placed) into the pools.
+    fn store(&self, pools: (&mut Tensor, &mut Tensor), kv: (&Tensor, &Tensor)) {
+        let ((k, v), (kc, vc)) = (pools, kv);
+        if kc.rows() == 0 {
+            return;
         }
-        fp4_kernels::ops::write_rows(k, b as usize * bs, &fp4_kernels::ops::rows(kc, r0, r1));
-        fp4_kernels::ops::write_rows(v, b as usize * bs, &fp4_kernels::ops::rows(vc, r0, r1));
+        assert_eq!(kc.rows(), self.pos.len(), "KvPlacement::store rows");
+        let ix = BatchIndex {
+            pos: &self.pos,
+            slots: &self.pos,
+            slots_out: &self.pos,
+            rows_per_seq: 1,
+            table: &self.table,
+            max_blocks: 0,
+            block_size: self.block_size,
+        };
+        fp4_kernels::ops::kv_write(kc, vc, k, v, ix);
     }
 }
