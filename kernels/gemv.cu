@@ -92,7 +92,8 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
 // warp would read every token's activations from L1 for each row: 16 B per weight at 8 tokens).
 // Each (row, token) sum is the one-token kernel's: the same chunks in the same order, the same
 // bf16x8_dot and warp_sum, so a token's logits do not depend on the batch it is in.
-template <int T, int R>
+// STREAM false: the weights through __ldg instead (the LM-head sweep measures the difference).
+template <int T, int R, bool STREAM = true>
 __device__ __forceinline__ void bf16_gemv_batch(const uint16_t* __restrict__ w, float scale,
                                                 const float* __restrict__ x, float* __restrict__ y, int n, int k,
                                                 int t) {
@@ -112,7 +113,7 @@ __device__ __forceinline__ void bf16_gemv_batch(const uint16_t* __restrict__ w, 
     for (int c = lane; c < k / 8; c += 32) {
         uint4 q[R];
 #pragma unroll
-        for (int r = 0; r < R; r++) q[r] = ld_stream(wrow[r] + c);
+        for (int r = 0; r < R; r++) q[r] = STREAM ? ld_stream(wrow[r] + c) : __ldg(wrow[r] + c);
 #pragma unroll
         for (int j = 0; j < T; j++) {
             if (j < t) {
@@ -146,6 +147,19 @@ BF16_BATCH_ENTRY(bf16_gemv_t8, 8, 1)
 BF16_BATCH_ENTRY(bf16_gemv_wide_t2, 2, BF16_WIDE_ROWS)
 BF16_BATCH_ENTRY(bf16_gemv_wide_t4, 4, BF16_WIDE_ROWS)
 BF16_BATCH_ENTRY(bf16_gemv_wide_t8, 8, BF16_WIDE_ROWS)
+// LM-head sweep (selftest --gemv-sweep): more rows per warp (8: half the activation loads per
+// weight byte), and the shipped geometry with the weights through L1 (__ldg). Name: tokens, rows
+// per warp. Same sums in the same order as the shipped kernels.
+#define BF16_SWEEP_ENTRY(NAME, T, R, STREAM)                                                             \
+    extern "C" __global__ void NAME(const uint16_t* __restrict__ w, float scale, const float* __restrict__ x, \
+                                    float* __restrict__ y, int n, int k, int t) {                            \
+        /* pdl_start() in bf16_gemv_batch */                                                                 \
+        bf16_gemv_batch<T, R, STREAM>(w, scale, x, y, n, k, t);                                              \
+    }
+BF16_SWEEP_ENTRY(bf16_sweep_t2_r8, 2, 8, true)
+BF16_SWEEP_ENTRY(bf16_sweep_t4_r8, 4, 8, true)
+BF16_SWEEP_ENTRY(bf16_sweep_t8_r8, 8, 8, true)
+BF16_SWEEP_ENTRY(bf16_sweep_t8_r4_ldg, 8, BF16_WIDE_ROWS, false)
 
 // The same product for few rows (the GDN's [32, 4096] in_proj_b/a): one block of
 // ROWBLOCK_THREADS per (row, token), the row's chunks spread over all its warps and their sums

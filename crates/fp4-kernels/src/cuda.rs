@@ -102,6 +102,14 @@ const GEMV_SWEEP: [(&str, u32, SweepLayout); 5] = [
     ("nvfp4_mma_gemv_nt1_modelopt", MMA_WARPS, SweepLayout::ModelOpt),
 ];
 
+/// The batched bf16 GEMV's LM-head sweep kernels (`kernels/gemv.cu`): name, tokens, rows per warp.
+const BF16_SWEEP: [(&str, usize, usize); 4] = [
+    ("bf16_sweep_t2_r8", 2, 8),
+    ("bf16_sweep_t4_r8", 4, 8),
+    ("bf16_sweep_t8_r8", 8, 8),
+    ("bf16_sweep_t8_r4_ldg", 8, geometry::BF16_WIDE_ROWS),
+];
+
 /// The weight layout a GEMV sweep kernel reads: ModelOpt's or `nvfp4_tile`'s 16-row tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SweepLayout {
@@ -200,6 +208,8 @@ struct Kernels {
     nvfp4_split_reduce: CudaFunction,
     /// `gemv_sweep_*`: the one-n-tile GEMV in other geometries, with their warps per block.
     gemv_sweep: Vec<(&'static str, u32, SweepLayout, CudaFunction)>,
+    /// `BF16_SWEEP`'s kernels, with their tokens and rows per warp.
+    bf16_sweep: Vec<(&'static str, usize, usize, CudaFunction)>,
     /// `nvfp4_mma_gemv_nt1_modelopt`: the one-n-tile GEMV on ModelOpt's layout (W4A4 layers).
     nvfp4_mma_modelopt: CudaFunction,
     nvfp4_repack: CudaFunction,
@@ -318,6 +328,10 @@ impl Kernels {
             gemv_sweep: GEMV_SWEEP
                 .iter()
                 .map(|&(name, warps, layout)| Ok((name, warps, layout, gemv.load_function(name)?)))
+                .collect::<Result<_>>()?,
+            bf16_sweep: BF16_SWEEP
+                .iter()
+                .map(|&(name, t, r)| Ok((name, t, r, gemv.load_function(name)?)))
                 .collect::<Result<_>>()?,
             nvfp4_mma_modelopt: gemv.load_function("nvfp4_mma_gemv_nt1_modelopt")?,
             nvfp4_repack: gemv.load_function("nvfp4_repack")?,

@@ -694,6 +694,38 @@ fn gemv_sweep(g: &Gpu, out: Option<&Path>) -> anyhow::Result<()> {
             rows.push(json!({"shape": shape, "tokens": t, "kernel": "f16_rowscaled", "us": us}));
         }
     }
+    // The 9B's BF16 LM head at 1–8 tokens: the shipped kernels against the sweep's (the same
+    // sums: a difference other than 0 is a bug).
+    let (vocab, hidden) = (248320, 4096);
+    let head = g.random_bf16(vocab, hidden, 3, 0.02)?;
+    let bytes = vocab * hidden * 2;
+    let candidates = g.bf16_sweep_kernels();
+    for t in [1usize, 2, 4, 8] {
+        let x = g.random_f32(t * hidden, 11, 0.0, 1.0)?;
+        let want = g.download(&g.linear(&x, t, &head)?);
+        let variants = std::iter::once(("shipped", None))
+            .chain(candidates.iter().enumerate().filter(|(_, c)| c.1 == t).map(|(i, c)| (c.0, Some(i))));
+        for (name, i) in variants {
+            let run = || match i {
+                None => g.linear(&x, t, &head),
+                Some(i) => g.bf16_gemv_sweep(i, &x, &head),
+            };
+            let got = g.download(&run()?);
+            let m = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / m;
+            let us = graph_us(g, 10, || {
+                run().expect("sweep launch");
+            })?;
+            let bw = bytes as f64 / (us / 1e6);
+            println!(
+                "sweep {:<14} t={t} {name:<20} {us:7.1} µs {:5.0} GB/s {:3.0} % diff {diff:.1e}",
+                "lm_head bf16",
+                bw / 1e9,
+                100.0 * bw / copy
+            );
+            rows.push(json!({"shape": "lm_head bf16", "tokens": t, "kernel": name, "us": us, "fraction_of_copy": bw / copy, "rel_diff": diff}));
+        }
+    }
     if let Some(p) = out {
         std::fs::write(
             p,

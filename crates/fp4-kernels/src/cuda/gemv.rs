@@ -390,6 +390,28 @@ impl Gpu {
         self.gemv_group_on(f, *warps, a, ws)
     }
 
+    /// The LM-head sweep's bf16 kernels: name and tokens (`bf16_gemv_sweep`'s `i`).
+    pub fn bf16_sweep_kernels(&self) -> Vec<(&'static str, usize)> {
+        self.k.bf16_sweep.iter().map(|v| (v.0, v.1)).collect()
+    }
+
+    /// `y [t, n] = x [t, k] · Wᵀ` (a bf16 weight) through LM-head sweep kernel `i` (its tokens:
+    /// `t`; the same sums as the shipped batched GEMV).
+    pub fn bf16_gemv_sweep(&self, i: usize, x: &DeviceBuf<f32>, w: &GpuWeight) -> Result<DeviceBuf<f32>> {
+        let (name, t, r, f) = &self.k.bf16_sweep[i];
+        let GpuWeight::Bf16 { w, rows, cols, scale } = w else { panic!("{name}: a bf16 weight") };
+        assert!(x.len() >= t * cols && cols.is_multiple_of(8), "{name}: x [{t}, {cols}]");
+        let mut y = self.alloc::<f32>(t * rows)?;
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(GEMV_ROWS_PER_BLOCK as usize * r) as u32, 1, 1),
+            block_dim: (32, GEMV_ROWS_PER_BLOCK, 1),
+            shared_mem_bytes: 0,
+        };
+        let (ni, ki, ti) = (*rows as i32, *cols as i32, *t as i32);
+        launch!(self, fn f, cfg, w, scale, x, &mut y, &ni, &ki, &ti);
+        Ok(y)
+    }
+
     /// `q` (ModelOpt's layout) in the GEMV's repacked layout, on the device; the rest as it was.
     pub fn nvfp4_repacked(&self, q: &GpuNvfp4) -> Result<GpuNvfp4> {
         assert_eq!(q.layout, Nvfp4Layout::ModelOpt, "nvfp4_repack: from ModelOpt's layout");
