@@ -676,18 +676,10 @@ fn gemv_sweep(g: &Gpu, out: Option<&Path>) -> anyhow::Result<()> {
                     Some((_, None)) => g.nvfp4_mma_gemv_group(&act, &shipped),
                 };
                 let got: Vec<f32> = run()?.iter().flat_map(|y| g.download(y)).collect();
-                let m = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
-                let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / m;
                 let us = graph_us(g, 20, || {
                     run().expect("sweep launch");
                 })?;
-                let bw = bytes as f64 / (us / 1e6);
-                println!(
-                    "sweep {shape:<14} t={t} {name:<18} {us:7.1} µs {:5.0} GB/s {:3.0} % diff {diff:.1e}",
-                    bw / 1e9,
-                    100.0 * bw / copy
-                );
-                rows.push(json!({"shape": shape, "tokens": t, "kernel": name, "us": us, "fraction_of_copy": bw / copy, "rel_diff": diff}));
+                rows.push(sweep_result(shape, t, name, (&got, &want), us, bytes, copy));
             }
             let us = graph_us(g, 20, || g.mma_activations_only(&x, t, k).expect("conversion"))?;
             println!("sweep {shape:<14} t={t} f16_rowscaled      {us:7.1} µs");
@@ -711,19 +703,10 @@ fn gemv_sweep(g: &Gpu, out: Option<&Path>) -> anyhow::Result<()> {
                 Some(i) => g.bf16_gemv_sweep(i, &x, &head),
             };
             let got = g.download(&run()?);
-            let m = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
-            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / m;
             let us = graph_us(g, 10, || {
                 run().expect("sweep launch");
             })?;
-            let bw = bytes as f64 / (us / 1e6);
-            println!(
-                "sweep {:<14} t={t} {name:<20} {us:7.1} µs {:5.0} GB/s {:3.0} % diff {diff:.1e}",
-                "lm_head bf16",
-                bw / 1e9,
-                100.0 * bw / copy
-            );
-            rows.push(json!({"shape": "lm_head bf16", "tokens": t, "kernel": name, "us": us, "fraction_of_copy": bw / copy, "rel_diff": diff}));
+            rows.push(sweep_result("lm_head bf16", t, name, (&got, &want), us, bytes, copy));
         }
     }
     if let Some(p) = out {
@@ -733,6 +716,22 @@ fn gemv_sweep(g: &Gpu, out: Option<&Path>) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// One kernel of the GEMV sweep, printed and as JSON: its time, its share of copy bandwidth over
+/// `bytes` of weights, and its largest difference to the shipped kernel's output (`got`, `want`),
+/// relative to the largest output.
+fn sweep_result(shape: &str, t: usize, name: &str, out: (&[f32], &[f32]), us: f64, bytes: usize, copy: f64) -> Value {
+    let (got, want) = out;
+    let m = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+    let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / m;
+    let bw = bytes as f64 / (us / 1e6);
+    println!(
+        "sweep {shape:<14} t={t} {name:<20} {us:7.1} µs {:5.0} GB/s {:3.0} % diff {diff:.1e}",
+        bw / 1e9,
+        100.0 * bw / copy
+    );
+    json!({"shape": shape, "tokens": t, "kernel": name, "us": us, "fraction_of_copy": bw / copy, "rel_diff": diff})
 }
 
 fn kernel_benches(g: &Gpu, copy: f64) -> anyhow::Result<Vec<Value>> {
