@@ -687,7 +687,7 @@ fn gemv_sweep(g: &Gpu, out: Option<&Path>) -> anyhow::Result<()> {
         }
     }
     // The 9B's BF16 LM head at 1–8 tokens: the shipped kernels against the sweep's (the same
-    // sums: a difference other than 0 is a bug).
+    // sums: a difference other than 0 is a bug) and cuBLAS (bf16 activations: a small difference).
     let (vocab, hidden) = (248320, 4096);
     let head = g.random_bf16(vocab, hidden, 3, 0.02)?;
     let bytes = vocab * hidden * 2;
@@ -695,11 +695,13 @@ fn gemv_sweep(g: &Gpu, out: Option<&Path>) -> anyhow::Result<()> {
     for t in [1usize, 2, 4, 8] {
         let x = g.random_f32(t * hidden, 11, 0.0, 1.0)?;
         let want = g.download(&g.linear(&x, t, &head)?);
-        let variants = std::iter::once(("shipped", None))
-            .chain(candidates.iter().enumerate().filter(|(_, c)| c.1 == t).map(|(i, c)| (c.0, Some(i))));
+        let sweep = candidates.iter().enumerate().filter(|(_, c)| c.1 == t).map(|(i, c)| (c.0, Some(i)));
+        let variants =
+            std::iter::once(("shipped", None)).chain(sweep).chain([("cublas (x in bf16)", Some(usize::MAX))]);
         for (name, i) in variants {
             let run = || match i {
                 None => g.linear(&x, t, &head),
+                Some(usize::MAX) => g.bf16_gemm_sweep(&x, t, &head),
                 Some(i) => g.bf16_gemv_sweep(i, &x, &head),
             };
             let got = g.download(&run()?);

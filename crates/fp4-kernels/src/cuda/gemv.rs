@@ -119,16 +119,38 @@ impl Gpu {
                 launch!(self, nvfp4_dequant_f32, flat(words), &q.packed, &q.scales, &mut wd, &words, &repacked);
                 self.gemm(x, &wd, &mut y, t, n, k, q.scale_2, blas_sys::cudaDataType::CUDA_R_32F)?;
             }
-            (GpuWeight::Bf16 { w, scale, .. }, false) => {
-                let xb = self.to_bf16(x, t * k)?;
-                self.gemm(&xb, w, &mut y, t, n, k, *scale, blas_sys::cudaDataType::CUDA_R_16BF)?;
-            }
+            (GpuWeight::Bf16 { w, scale, .. }, false) => self.bf16_gemm_into(x, t, w, *scale, n, k, &mut y)?,
             (GpuWeight::Bf16 { w, scale, .. }, true) => {
                 let mut wd = self.alloc::<f32>(elems)?;
                 launch!(self, bf16_to_f32, flat(elems), w, &mut wd, &elems);
                 self.gemm(x, &wd, &mut y, t, n, k, *scale, blas_sys::cudaDataType::CUDA_R_32F)?;
             }
         }
+        Ok(y)
+    }
+
+    /// `y = scale · x · Wᵀ` on cuBLAS with x rounded to bf16 (bf16 weights past the GEMV's tokens).
+    #[allow(clippy::too_many_arguments)]
+    fn bf16_gemm_into(
+        &self,
+        x: &DeviceBuf<f32>,
+        t: usize,
+        w: &DeviceBuf<u16>,
+        scale: f32,
+        n: usize,
+        k: usize,
+        y: &mut DeviceBuf<f32>,
+    ) -> Result<()> {
+        let xb = self.to_bf16(x, t * k)?;
+        self.gemm(&xb, w, y, t, n, k, scale, blas_sys::cudaDataType::CUDA_R_16BF)
+    }
+
+    /// The cuBLAS path of a bf16 weight at any token count (the LM-head sweep times it against
+    /// the GEMV at 2–8 tokens; its activations are rounded to bf16, so its sums differ).
+    pub fn bf16_gemm_sweep(&self, x: &DeviceBuf<f32>, t: usize, w: &GpuWeight) -> Result<DeviceBuf<f32>> {
+        let GpuWeight::Bf16 { w, rows, cols, scale } = w else { panic!("bf16_gemm_sweep: a bf16 weight") };
+        let mut y = self.alloc::<f32>(t * rows)?;
+        self.bf16_gemm_into(x, t, w, *scale, *rows, *cols, &mut y)?;
         Ok(y)
     }
 
