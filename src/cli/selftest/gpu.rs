@@ -692,17 +692,23 @@ fn gemv_sweep(g: &Gpu, out: Option<&Path>) -> anyhow::Result<()> {
     let head = g.random_bf16(vocab, hidden, 3, 0.02)?;
     let bytes = vocab * hidden * 2;
     let candidates = g.bf16_sweep_kernels();
+    #[derive(Clone, Copy)]
+    enum Head {
+        Shipped,
+        Sweep(usize),
+        Cublas,
+    }
     for t in [1usize, 2, 4, 8] {
         let x = g.random_f32(t * hidden, 11, 0.0, 1.0)?;
         let want = g.download(&g.linear(&x, t, &head)?);
-        let sweep = candidates.iter().enumerate().filter(|(_, c)| c.1 == t).map(|(i, c)| (c.0, Some(i)));
+        let sweep = candidates.iter().enumerate().filter(|(_, c)| c.1 == t).map(|(i, c)| (c.0, Head::Sweep(i)));
         let variants =
-            std::iter::once(("shipped", None)).chain(sweep).chain([("cublas (x in bf16)", Some(usize::MAX))]);
-        for (name, i) in variants {
-            let run = || match i {
-                None => g.linear(&x, t, &head),
-                Some(usize::MAX) => g.bf16_gemm_sweep(&x, t, &head),
-                Some(i) => g.bf16_gemv_sweep(i, &x, &head),
+            std::iter::once(("shipped", Head::Shipped)).chain(sweep).chain([("cublas (x in bf16)", Head::Cublas)]);
+        for (name, kernel) in variants {
+            let run = || match kernel {
+                Head::Shipped => g.linear(&x, t, &head),
+                Head::Sweep(i) => g.bf16_gemv_sweep(i, &x, &head),
+                Head::Cublas => g.bf16_gemm_sweep(&x, t, &head),
             };
             let got = g.download(&run()?);
             let us = graph_us(g, 10, || {
