@@ -16,6 +16,11 @@ use fp4_kernels::{Device, Ids, Tensor};
 /// Batch sizes a step is padded to (one captured graph each).
 pub const BUCKETS: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
 
+/// Verify rows up to which a speculative step is captured as a graph: the tensor-core GEMV's
+/// tokens. Past them every linear dequantizes its whole weight into a scratch buffer per call,
+/// which a captured graph would hold for each linear; those steps run eagerly.
+const SPEC_GRAPH_MAX_ROWS: usize = 64;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RunnerConfig {
     /// Sequences decoded together at most (≤ 64).
@@ -772,7 +777,8 @@ impl DecodeRunner {
         let k = self.cfg.spec_tokens;
         let bi = self.prepare_speculative(seqs, inputs)?;
         let mut guessed = None;
-        if self.cfg.graphs && self.device == Device::Cuda && drafts.is_none() {
+        let graph_rows = self.spec[bi].size * (1 + k) <= SPEC_GRAPH_MAX_ROWS;
+        if self.cfg.graphs && self.device == Device::Cuda && drafts.is_none() && graph_rows {
             self.replay_speculative(model, mtp, bi)?;
             self.graph_replays += 1;
         } else {
