@@ -47,6 +47,9 @@ fp4 = {
     "decode_depth": e.get("decode_depth"),
     "server_overhead_fraction": e.get("server_overhead_fraction"),
     "decode_bs1_nvfp4_served": e.get("decode_bs1_nvfp4_served"),
+    "decode_bs1_nvfp4_sampled_t0.2": e.get("decode_bs1_nvfp4_sampled_t0.2"),
+    "ttft_1k_nvfp4_served_ms": e.get("ttft_1k_nvfp4_served_ms"),
+    "ttft_4k_nvfp4_served_ms": e.get("ttft_4k_nvfp4_served_ms"),
     "copy_gb_per_s": st.get("copy_gb_per_s"),
     "bytes_per_token_nvfp4": e.get("bytes_per_token_nvfp4"),
     # Issue 16: TTFT turn by turn over a 20-turn conversation, prefix caching on and off.

@@ -610,53 +610,70 @@ pub(super) fn profile_decode(g: &Gpu, name: &str, steps: usize, batch: usize, de
     Ok(())
 }
 
-/// Decode tokens per second of one greedy request through the serving engine (`fp4 serve`'s
-/// scheduler thread: admission, chunked prefill, the batched runner's graph step, per-token
-/// events), counted from its first token to its last: what the server adds to the runner's step.
-/// The HTTP layer runs on other threads and is not in this figure.
-fn served_decode_rate(model: Qwen35, prompt: &[u32], tokens: usize) -> anyhow::Result<f64> {
+/// Through the serving engine (`fp4 serve`'s scheduler thread: admission, chunked prefill, the
+/// batched runner's graph step, per-token events): the decode tokens per second of one greedy
+/// request, counted from its first token to its last (what the server adds to the runner's step),
+/// and the TTFT of 1k and 4k prompts (median of three, each prompt new). The HTTP layer runs on
+/// other threads and is not in these figures.
+fn served_benches(model: Qwen35, prompt: &[u32], tokens: usize) -> anyhow::Result<(f64, Vec<(usize, f64)>)> {
     use fp4_server::engine::{self, EngineConfig, Event, GenRequest, Penalties};
     let cfg = EngineConfig {
         max_num_seqs: 8,
-        max_model_len: 4096,
+        max_model_len: 4096 + 8,
         max_waiting: 8,
         cache_budget_bytes: 4 << 30,
         cuda_graphs: true,
         prefix_cache_bytes: 0,
         spec_tokens: 0,
     };
+    let vocab = model.config.vocab_size as u64;
     let handle = engine::start(model, cfg)?;
-    let request = || GenRequest {
-        prompt: prompt.to_vec(),
+    let request = |prompt: Vec<u32>, max_tokens| GenRequest {
+        prompt,
         sampling: fp4_model::SamplingParams::default(),
         penalties: Penalties::default(),
-        max_tokens: tokens + 1,
+        max_tokens,
         stop_ids: vec![],
         logprobs: None,
         choices: vec![],
         snapshot_at: vec![],
     };
-    let mut rate = 0.0;
-    // The first request captures the step's graph; the second is timed.
-    for _ in 0..2 {
-        let mut events = handle.submit(request())?;
-        let (mut first, mut n) = (None, 0usize);
+    // Each token's arrival time, from the submission.
+    let run = |req: GenRequest| -> anyhow::Result<Vec<Instant>> {
+        let mut events = handle.submit(req)?;
+        let mut times = Vec::new();
         loop {
             match events.blocking_recv() {
-                Some(Event::Token { .. }) => {
-                    first.get_or_insert_with(Instant::now);
-                    n += 1;
-                }
-                Some(Event::Finished { .. }) => break,
+                Some(Event::Token { .. }) => times.push(Instant::now()),
+                Some(Event::Finished { .. }) => return Ok(times),
                 Some(Event::Failed(e)) => anyhow::bail!("the serving engine failed the request: {e}"),
                 None => anyhow::bail!("the serving engine stopped"),
             }
         }
-        let first = first.context("the serving engine returned no tokens")?;
-        rate = (n - 1) as f64 / first.elapsed().as_secs_f64();
+    };
+    let mut rate = 0.0;
+    // The first request captures the step's graph; the second is timed.
+    for _ in 0..2 {
+        let times = run(request(prompt.to_vec(), tokens + 1))?;
+        let (first, last) = (times.first().context("no tokens")?, times.last().context("no tokens")?);
+        rate = (times.len() - 1) as f64 / last.duration_since(*first).as_secs_f64();
+    }
+    // TTFT as a client of the engine sees it: chunked prefill, the first token on the host.
+    let mut ttft = Vec::new();
+    for n in [1000usize, 4000] {
+        let mut runs: Vec<f64> = (0..3u64)
+            .map(|r| {
+                let ids: Vec<u32> = (0..n as u64).map(|i| ((i * 2654435761 + 101 * r + 7) % vocab) as u32).collect();
+                let t0 = Instant::now();
+                let times = run(request(ids, 1))?;
+                Ok(times.first().context("no tokens")?.duration_since(t0).as_secs_f64() * 1e3)
+            })
+            .collect::<anyhow::Result<_>>()?;
+        runs.sort_by(f64::total_cmp);
+        ttft.push((n, runs[1]));
     }
     handle.shutdown();
-    Ok(rate)
+    Ok((rate, ttft))
 }
 
 /// TTFT turn by turn over a 20-turn conversation through the serving engine (a 1k-token start,
@@ -770,7 +787,11 @@ pub(super) fn engine_benches(g: &Gpu, _a: &Args, name: &str, copy: f64) -> anyho
                 println!("engine {name} {label}: TTFT {n} tokens {ms:.1} ms");
                 out[format!("ttft_{}k_nvfp4_ms", n / 1000)] = json!(ms);
             }
-            let served = served_decode_rate(model, &prompt, 128)?;
+            let (served, served_ttft) = served_benches(model, &prompt, 128)?;
+            for (n, ms) in served_ttft {
+                println!("engine {name} {label}: TTFT {n} tokens through the serving engine {ms:.1} ms");
+                out[format!("ttft_{}k_nvfp4_served_ms", n / 1000)] = json!(ms);
+            }
             let overhead = 1.0 - served / bs1;
             println!(
                 "engine {name} {label}: decode bs=1 through the serving engine {served:.1} tok/s \
