@@ -956,22 +956,12 @@ fn decode_step(
             Err(e) => fail_all(running, done, e),
         }
     } else {
+        // Every row of this group needs its logits on the host (penalties, logprobs).
         match runner.step_logits(model, &mut states, &inputs) {
             Ok(logits) => {
-                let vocab = logits.row_len();
-                // The rows come to the host only when some sequence needs them there.
-                let host = group.iter().any(|&i| running[i].needs_host_logits()).then(|| logits.to_vec());
+                let (vocab, rows) = (logits.row_len(), logits.to_vec());
                 for (r, &i) in group.iter().enumerate() {
-                    let seq = &mut running[i];
-                    done[i] = match &host {
-                        Some(rows) if seq.needs_host_logits() => {
-                            seq.sample_host(rows[r * vocab..(r + 1) * vocab].to_vec(), stats)
-                        }
-                        _ => {
-                            let id = seq.sampler.sample_tensor(&fp4_kernels::ops::rows(&logits, r, r + 1));
-                            seq.emit(id, None, stats)
-                        }
-                    };
+                    done[i] = running[i].sample_host(rows[r * vocab..(r + 1) * vocab].to_vec(), stats);
                 }
             }
             Err(e) => fail_all(running, done, e),
