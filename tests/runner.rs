@@ -199,20 +199,23 @@ fn speculative_steps_keep_exactly_the_plain_greedy_tokens() {
 }
 
 /// The batched MTP drafts are the single-sequence drafter's, step for step, and greedy output is
-/// the plain one, several sequences drafting together: with the model's LM head and with its
-/// NVFP4 copy picking the drafts.
+/// the plain one, several sequences drafting together: with the weights as loaded and with
+/// drafting in NVFP4 (the MTP layer, and a copy of the LM head picking the tokens).
 #[test]
 fn batched_mtp_drafts_equal_the_sequence_drafter() {
-    for nvfp4_head in [false, true] {
+    let mut drafts = Vec::new();
+    for nvfp4 in [false, true] {
         let (model, mut mtp) = tiny_with_head();
-        if nvfp4_head {
-            assert!(mtp.quantize_draft_head(&model), "the tiny model's BF16 head has an NVFP4 copy");
+        if nvfp4 {
+            assert!(mtp.quantize_for_drafting(&model), "the tiny model's BF16 LM head has an NVFP4 copy");
         }
-        drafts_equal_the_sequence_drafter(&model, &mtp);
+        drafts.push(drafts_equal_the_sequence_drafter(&model, &mtp));
     }
+    assert_ne!(drafts[0], drafts[1], "drafting in NVFP4 reads other weights");
 }
 
-fn drafts_equal_the_sequence_drafter(model: &Qwen35, mtp: &Mtp) {
+/// The runner's drafts, per sequence and step (checked against the sequence drafter's).
+fn drafts_equal_the_sequence_drafter(model: &Qwen35, mtp: &Mtp) -> Vec<Vec<Vec<u32>>> {
     let (max_tokens, k) = (12, 2);
     let all = prompts(3, model.config.vocab_size as u64);
     // The reference: each sequence alone, its drafts recorded.
@@ -268,4 +271,5 @@ fn drafts_equal_the_sequence_drafter(model: &Qwen35, mtp: &Mtp) {
         assert_eq!(out[b][..max_tokens], want_out[..], "sequence {b}'s tokens");
         assert_eq!(guesses[b], *want_drafts, "sequence {b}'s drafts");
     }
+    guesses
 }

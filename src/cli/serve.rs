@@ -82,8 +82,8 @@ pub struct Args {
     /// Speculative decoding with the checkpoint's MTP head, as vLLM spells it:
     /// '{"method": "mtp", "num_speculative_tokens": K}'. Every request drafts K tokens per step
     /// and keeps exactly the tokens (greedy) or the distribution (sampled) it would get without.
-    /// fp4's optional "draft_head": "nvfp4" (default on the GPU: drafts read an NVFP4 copy of a
-    /// BF16 LM head, a quarter of its bytes) or "model" (the model's own head).
+    /// fp4's optional "draft_head": "nvfp4" (default on the GPU: drafting reads NVFP4, the MTP
+    /// head's linears and a copy of a BF16 LM head) or "model" (the weights as loaded).
     #[arg(long)]
     speculative_config: Option<String>,
     #[arg(long)]
@@ -231,8 +231,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         model_path.display()
                     )
                 })?;
-            if spec.nvfp4_draft_head_on(model.device) && head.quantize_draft_head(&model) {
-                tracing::info!("MTP drafts pick their tokens with an NVFP4 copy of the LM head");
+            if spec.nvfp4_draft_head_on(model.device) {
+                let copy = head.quantize_for_drafting(&model);
+                let lm_head = if copy { "an NVFP4 copy of the LM head" } else { "the model's own LM head" };
+                tracing::info!("MTP drafting reads NVFP4: the head's own linears, and {lm_head}");
             }
             Some(head)
         }

@@ -514,8 +514,8 @@ pub(super) fn engine_part(name: &str, part: &str) -> anyhow::Result<Value> {
 
 /// MTP speculative decoding on the synthetic model (NVFP4, its head BF16) at K = 3 with the
 /// acceptance forced to a mean accepted length of 2.5 (1 or 2 drafts kept, alternately: the
-/// published range for Qwen3.5's head is 2–3), graph-replayed and eager, drafting with the NVFP4
-/// copy of the LM head and with the BF16 head itself, against plain decode of the same sequences
+/// published range for Qwen3.5's head is 2–3), graph-replayed and eager, drafting in NVFP4 (the
+/// MTP layer and a copy of the LM head) and in BF16, against plain decode of the same sequences
 /// (graphs and eager), at 1 and 8 streams.
 fn mtp_bench(name: &str) -> anyhow::Result<Value> {
     let src = Synthetic::named(name, SyntheticFormat::Nvfp4 { mlp_only: false }, 1)?.with_mtp();
@@ -540,12 +540,13 @@ fn mtp_bench(name: &str) -> anyhow::Result<Value> {
             .collect::<Result<Vec<_>, _>>()?;
         speculative_rate(&mut runner, &model, mtp, &mut seqs, &kept, 2, 32)
     };
-    // Drafting with the model's BF16 head, then with its NVFP4 copy (`fp4 serve`'s GPU default).
+    // Drafting with the weights as loaded (BF16 LM head and MTP layer), then in NVFP4 (`fp4
+    // serve`'s GPU default: Mtp::quantize_for_drafting).
     let mut model_head = Vec::new();
     for &n in &streams {
         model_head.push((speculative(&mtp, n, true)?, speculative(&mtp, n, false)?));
     }
-    anyhow::ensure!(mtp.quantize_draft_head(&model), "the synthetic LM head has no NVFP4 copy");
+    anyhow::ensure!(mtp.quantize_for_drafting(&model), "the synthetic LM head has no NVFP4 copy");
     for (&n, (spec_bf16, eager_bf16)) in streams.iter().zip(model_head) {
         let (spec, spec_eager) = (speculative(&mtp, n, true)?, speculative(&mtp, n, false)?);
         let plain = |graphs: bool| -> anyhow::Result<f64> {
@@ -556,7 +557,7 @@ fn mtp_bench(name: &str) -> anyhow::Result<Value> {
         let (without, without_eager) = (plain(true)?, plain(false)?);
         println!(
             "engine {name} nvfp4: MTP K={k} mean accepted length 2.5, {n} streams: {spec:.1} tok/s graphs \
-             ({spec_eager:.1} eager; drafting with the BF16 head {spec_bf16:.1} graphs, {eager_bf16:.1} eager) \
+             ({spec_eager:.1} eager; drafting in BF16 {spec_bf16:.1} graphs, {eager_bf16:.1} eager) \
              against {without:.1} without (graphs; {without_eager:.1} eager)"
         );
         out[format!("streams_{n}")] = json!({"decode_tok_s": spec, "decode_tok_s_eager": spec_eager,
