@@ -50,6 +50,8 @@ fp4 = {
     "decode_bs1_nvfp4_sampled_t0.2": e.get("decode_bs1_nvfp4_sampled_t0.2"),
     "ttft_1k_nvfp4_served_ms": e.get("ttft_1k_nvfp4_served_ms"),
     "ttft_4k_nvfp4_served_ms": e.get("ttft_4k_nvfp4_served_ms"),
+    "ttft_1k_nvfp4_served_chunk2048_ms": e.get("ttft_1k_nvfp4_served_chunk2048_ms"),
+    "ttft_4k_nvfp4_served_chunk2048_ms": e.get("ttft_4k_nvfp4_served_chunk2048_ms"),
     "copy_gb_per_s": st.get("copy_gb_per_s"),
     "bytes_per_token_nvfp4": e.get("bytes_per_token_nvfp4"),
     # Issue 16: TTFT turn by turn over a 20-turn conversation, prefix caching on and off.

@@ -242,6 +242,7 @@ fn bad_flags_fail_clearly() {
         ("--quantization", "modelopt", "no quantization config"),
         ("--quantization", "awq", "not supported"),
         ("--max-num-seqs", "0", "--max-num-seqs must be at least 1"),
+        ("--max-num-batched-tokens", "0", "--max-num-batched-tokens"),
         ("--max-connections", "0", "--max-connections must be at least 1"),
         ("--max-model-len", "100000000", "exceeds the model's max_position_embeddings"),
         ("--speculative-config", r#"{"method": "eagle", "num_speculative_tokens": 2}"#, "`eagle` is not supported"),

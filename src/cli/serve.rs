@@ -32,6 +32,11 @@ pub struct Args {
     /// Sequences computed concurrently.
     #[arg(long, default_value_t = 16)]
     max_num_seqs: usize,
+    /// Prompt tokens a prefilling request computes per scheduler step (vLLM's flag; here the
+    /// chunk of one request's prompt between decode steps): larger gives a long prompt its
+    /// first token sooner, smaller stalls the running requests' decode less.
+    #[arg(long, default_value_t = fp4_server::engine::PREFILL_CHUNK as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    max_num_batched_tokens: u32,
     /// Requests allowed to wait for a slot; more get HTTP 429.
     #[arg(long, default_value_t = 64)]
     max_waiting_requests: usize,
@@ -272,6 +277,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             cuda_graphs: !a.enforce_eager,
             prefix_cache_bytes,
             spec_tokens: speculative.map_or(0, |c| c.num_speculative_tokens),
+            prefill_chunk: a.max_num_batched_tokens as usize,
         },
     )
     .with_context(|| format!("--cache-budget {} with --max-num-seqs {}", a.cache_budget, a.max_num_seqs))?;

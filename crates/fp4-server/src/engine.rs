@@ -29,8 +29,9 @@ use std::sync::{mpsc, Arc};
 use std::time::Instant;
 use tokio::sync::mpsc as tmpsc;
 
-/// Tokens of a prompt processed per scheduler step while other sequences wait.
-const PREFILL_CHUNK: usize = 256;
+/// Tokens of a prompt processed per scheduler step while other sequences wait, by default
+/// (`EngineConfig::prefill_chunk`, `--max-num-batched-tokens`).
+pub const PREFILL_CHUNK: usize = 256;
 /// Tokens per KV block of the runner's paged cache.
 const KV_BLOCK: usize = 16;
 
@@ -51,6 +52,10 @@ pub struct EngineConfig {
     /// Tokens a sequence drafts per step with the MTP head (0: no speculative decoding; needs
     /// the head, [`start_with_head`]).
     pub spec_tokens: usize,
+    /// Prompt tokens a prefilling sequence computes per scheduler step (≥ 1): larger chunks give
+    /// a long prompt its first token sooner, smaller ones stall the other sequences' decode
+    /// less between their steps.
+    pub prefill_chunk: usize,
 }
 
 /// Penalties applied to logits before sampling (vLLM semantics).
@@ -638,12 +643,13 @@ fn run(
                 stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
                 done[i] = true;
             } else if matches!(seq.cache, SeqCache::Prefill(_)) {
-                done[i] =
-                    guarded("the prefill", || prefill_step(&model, head, &mut runner, seq, &mut prefixes, &stats))
-                        .unwrap_or_else(|e| {
-                            let _ = seq.events.send(Event::Failed(e));
-                            true
-                        });
+                done[i] = guarded("the prefill", || {
+                    prefill_step(&model, head, &mut runner, cfg.prefill_chunk, seq, &mut prefixes, &stats)
+                })
+                .unwrap_or_else(|e| {
+                    let _ = seq.events.send(Event::Failed(e));
+                    true
+                });
             }
         }
         // Sequences finished or cancelled so far give their slot and blocks back before the
@@ -778,6 +784,7 @@ fn prefill_step(
     model: &Qwen35,
     head: Option<&Mtp>,
     runner: &mut DecodeRunner,
+    chunk_tokens: usize,
     seq: &mut Sequence,
     prefixes: &mut PrefixCache<PrefillState>,
     stats: &Stats,
@@ -787,7 +794,7 @@ fn prefill_step(
         true
     };
     let (total, resuming) = (seq.prefill_tokens().len(), !seq.resume.is_empty());
-    let mut end = (seq.prefilled + PREFILL_CHUNK).min(total);
+    let mut end = (seq.prefilled + chunk_tokens.max(1)).min(total);
     if let Some(&at) = seq.req.snapshot_at.iter().find(|&&at| at > seq.prefilled && at < end) {
         end = at;
     }
@@ -1158,6 +1165,7 @@ mod tests {
             cuda_graphs: false,
             prefix_cache_bytes,
             spec_tokens: 0,
+            prefill_chunk: PREFILL_CHUNK,
         };
         start(model, cfg).unwrap()
     }
@@ -1245,6 +1253,7 @@ mod tests {
             cuda_graphs: false,
             prefix_cache_bytes,
             spec_tokens,
+            prefill_chunk: PREFILL_CHUNK,
         };
         let handle = start_with_head(model, head, cfg).unwrap();
         let outputs = if in_turn {
@@ -1275,6 +1284,7 @@ mod tests {
             cuda_graphs: false,
             prefix_cache_bytes: 64 << 20,
             spec_tokens: 2,
+            prefill_chunk: PREFILL_CHUNK,
         };
         let handle = start_with_head(model, head, cfg).unwrap();
         let snap = |p: &Vec<u32>| GenRequest { snapshot_at: vec![p.len()], ..greedy_request(p.clone(), 6) };
@@ -1378,6 +1388,20 @@ mod tests {
             let (out, _) = serve_requests(vec![greedy_request(prompt.clone(), 6)], 40, false, spec_tokens, true);
             assert_eq!(out[0], want, "{spec_tokens} draft tokens");
         }
+        // Chunks of 64 tokens (`--max-num-batched-tokens 64`): eight of them.
+        let cfg = EngineConfig {
+            max_num_seqs: 2,
+            max_model_len: 1024,
+            max_waiting: 8,
+            cache_budget_bytes: 256 << 20,
+            cuda_graphs: false,
+            prefix_cache_bytes: 0,
+            spec_tokens: 0,
+            prefill_chunk: 64,
+        };
+        let handle = start(model, cfg).unwrap();
+        assert_eq!(outcome(&mut handle.submit(greedy_request(prompt, 6)).unwrap()), Ok(want));
+        handle.shutdown();
     }
 
     #[test]

@@ -616,7 +616,12 @@ pub(super) fn profile_decode(g: &Gpu, name: &str, steps: usize, batch: usize, de
 /// request, counted from its first token to its last (what the server adds to the runner's step),
 /// and the TTFT of 1k and 4k prompts (median of three, each prompt new). The HTTP layer runs on
 /// other threads and is not in these figures.
-fn served_benches(model: Qwen35, prompt: &[u32], tokens: usize) -> anyhow::Result<(f64, Vec<(usize, f64)>)> {
+fn served_benches(
+    model: Qwen35,
+    prompt: &[u32],
+    tokens: usize,
+    prefill_chunk: usize,
+) -> anyhow::Result<(f64, Vec<(usize, f64)>)> {
     use fp4_server::engine::{self, EngineConfig, Event, GenRequest, Penalties};
     let cfg = EngineConfig {
         max_num_seqs: 8,
@@ -626,6 +631,7 @@ fn served_benches(model: Qwen35, prompt: &[u32], tokens: usize) -> anyhow::Resul
         cuda_graphs: true,
         prefix_cache_bytes: 0,
         spec_tokens: 0,
+        prefill_chunk,
     };
     let vocab = model.config.vocab_size as u64;
     let handle = engine::start(model, cfg)?;
@@ -695,6 +701,7 @@ fn conversation_bench(name: &str) -> anyhow::Result<Value> {
             cuda_graphs: true,
             prefix_cache_bytes,
             spec_tokens: 0,
+            prefill_chunk: engine::PREFILL_CHUNK,
         };
         let handle = engine::start(model, cfg)?;
         let first: Vec<u32> = (0..1000u64).map(|i| ((i * 2654435761 + 17) % vocab as u64) as u32).collect();
@@ -788,10 +795,19 @@ pub(super) fn engine_benches(g: &Gpu, _a: &Args, name: &str, copy: f64) -> anyho
                 println!("engine {name} {label}: TTFT {n} tokens {ms:.1} ms");
                 out[format!("ttft_{}k_nvfp4_ms", n / 1000)] = json!(ms);
             }
-            let (served, served_ttft) = served_benches(model, &prompt, 128)?;
+            let (served, served_ttft) = served_benches(model, &prompt, 128, fp4_server::engine::PREFILL_CHUNK)?;
             for (n, ms) in served_ttft {
                 println!("engine {name} {label}: TTFT {n} tokens through the serving engine {ms:.1} ms");
                 out[format!("ttft_{}k_nvfp4_served_ms", n / 1000)] = json!(ms);
+            }
+            // The same with 2048-token prefill chunks (`--max-num-batched-tokens 2048`, vLLM's
+            // usual budget), on a fresh copy of the model (the engine keeps the first).
+            let fresh = Qwen35::load(&src, LoadOptions::new(F32).on(Device::Cuda))?;
+            for (n, ms) in served_benches(fresh, &prompt, 8, 2048)?.1 {
+                println!(
+                    "engine {name} {label}: TTFT {n} tokens through the serving engine, 2048-token chunks {ms:.1} ms"
+                );
+                out[format!("ttft_{}k_nvfp4_served_chunk2048_ms", n / 1000)] = json!(ms);
             }
             let overhead = 1.0 - served / bs1;
             println!(
