@@ -516,7 +516,7 @@ pub(super) fn engine_part(name: &str, part: &str) -> anyhow::Result<Value> {
 /// acceptance forced to a mean accepted length of 2.5 (1 or 2 drafts kept, alternately: the
 /// published range for Qwen3.5's head is 2–3), graph-replayed and eager, drafting in NVFP4 (the
 /// MTP layer and a copy of the LM head) and in BF16, against plain decode of the same sequences
-/// (graphs and eager), at 1 and 8 streams.
+/// (graphs and eager), at 1, 8 and 32 streams.
 fn mtp_bench(name: &str) -> anyhow::Result<Value> {
     let src = Synthetic::named(name, SyntheticFormat::Nvfp4 { mlp_only: false }, 1)?.with_mtp();
     let o = LoadOptions::new(F32).on(Device::Cuda);
@@ -531,8 +531,11 @@ fn mtp_bench(name: &str) -> anyhow::Result<Value> {
     let g = mtp.forward(&model, &next, &h, &mut head_cache)?;
     let last = ops::rows(&g, g.rows() - 1, g.rows());
     let mut out = json!({"k": k, "mean_accepted_length": 1.0 + kept.iter().sum::<usize>() as f64 / kept.len() as f64});
-    let streams = [1usize, 8];
-    let cfg = |n: usize| RunnerConfig::from_budget(&model.config, n, 4096, 32, 8 << 30, true, k);
+    // 32 streams: past 64 verify rows the step runs eagerly (where speculation should lose).
+    let streams = [1usize, 8, 32];
+    // Each sequence holds 1 + K GDN state slots (~53 MB each on the 9B) and ~1k tokens of KV.
+    let cfg =
+        |n: usize| RunnerConfig::from_budget(&model.config, n, 4096, 32, (8usize << 30).max(n * (384 << 20)), true, k);
     let speculative = |mtp: &fp4_model::Mtp, n: usize, graphs: bool| -> anyhow::Result<f64> {
         let mut runner = DecodeRunner::new(&model, RunnerConfig { graphs, ..cfg(n)? });
         let mut seqs = (0..n)
