@@ -181,3 +181,72 @@ impl KvPlacement {
         fp4_kernels::ops::kv_write(kc, vc, k, v, ix);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Synthetic, SyntheticFormat, WeightSource};
+
+    /// A prefilled cache moves into the pools row by row: position r into block
+    /// `blocks[r / block_size]` at offset r % block_size, whatever order the blocks come in, and
+    /// the GDN state into its slot; nothing else in the pools changes.
+    #[test]
+    fn stored_rows_land_in_their_blocks() {
+        let src = Synthetic::named("tiny", SyntheticFormat::Bf16, 3).unwrap();
+        let cfg = src.config();
+        let (len, bs, slot) = (37usize, 8usize, 2usize);
+        let mut cache = Cache::new(cfg, Device::Cpu);
+        let mut fill = 0.5f32;
+        let mut next = |n: usize| {
+            (0..n)
+                .map(|_| {
+                    fill = (fill * 3.7 + 0.13) % 1.0;
+                    fill - 0.5
+                })
+                .collect::<Vec<f32>>()
+        };
+        let row = cfg.num_key_value_heads * cfg.head_dim;
+        for layer in &mut cache.layers {
+            match layer {
+                LayerCache::Attention { k, v } => {
+                    let shape = [len, cfg.num_key_value_heads, cfg.head_dim];
+                    *k = Some(Tensor::from_vec(next(len * row), &shape));
+                    *v = Some(Tensor::from_vec(next(len * row), &shape));
+                }
+                LayerCache::Gdn { conv, state } => {
+                    *conv = Tensor::from_vec(next(conv.elem_count()), conv.shape());
+                    *state = Tensor::from_vec(next(state.elem_count()), state.shape());
+                }
+            }
+        }
+        cache.seq_len = len;
+        let kinds =
+            |attention| cache.layers.iter().filter(|l| matches!(l, LayerCache::Attention { .. }) == attention).count();
+        assert!(kinds(true) > 0 && kinds(false) > 0, "the tiny model has both kinds of layer");
+        let blocks = [6u32, 1, 9, 0, 4];
+        let mut pools = Pools::new(cfg, 4, 10, bs, false, Device::Cpu);
+        pools.store(&cache, slot, &blocks);
+        for (pool, lc) in pools.layers.iter().zip(&cache.layers) {
+            match (pool, lc) {
+                (LayerPool::Attention { k, v }, LayerCache::Attention { k: Some(kc), v: Some(vc) }) => {
+                    let mut written = vec![false; k.rows()];
+                    for r in 0..len {
+                        let at = blocks[r / bs] as usize * bs + r % bs;
+                        written[at] = true;
+                        assert_eq!(k.as_slice()[at * row..][..row], kc.as_slice()[r * row..][..row], "k row {r}");
+                        assert_eq!(v.as_slice()[at * row..][..row], vc.as_slice()[r * row..][..row], "v row {r}");
+                    }
+                    let untouched = (0..k.rows()).filter(|&i| !written[i]);
+                    assert!(untouched.clone().all(|i| k.as_slice()[i * row..][..row].iter().all(|&x| x == 0.0)));
+                    assert!(untouched.clone().all(|i| v.as_slice()[i * row..][..row].iter().all(|&x| x == 0.0)));
+                }
+                (LayerPool::Gdn { conv, state }, LayerCache::Gdn { conv: c, state: s }) => {
+                    let (cn, sn) = (c.elem_count(), s.elem_count());
+                    assert_eq!(conv.as_slice()[slot * cn..][..cn], c.as_slice()[..]);
+                    assert_eq!(state.as_slice()[slot * sn..][..sn], s.as_slice()[..]);
+                }
+                _ => unreachable!("the same config"),
+            }
+        }
+    }
+}
