@@ -239,7 +239,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             if spec.nvfp4_draft_head_on(model.device) {
                 let copy = head.quantize_for_drafting(&model);
                 let lm_head = if copy { "an NVFP4 copy of the LM head" } else { "the model's own LM head" };
-                tracing::info!("MTP drafting reads NVFP4: the head's own linears, and {lm_head}");
+                let copy_bytes = head.draft_head_bytes();
+                tracing::info!(copy_bytes, "MTP drafting reads NVFP4: the head's own linears, and {lm_head}");
             }
             Some(head)
         }

@@ -79,6 +79,11 @@ impl Mtp {
         self.draft_head.is_some()
     }
 
+    /// Device bytes of the LM head's NVFP4 copy (0 without one): weights beyond the model's.
+    pub fn draft_head_bytes(&self) -> usize {
+        self.draft_head.as_ref().map_or(0, Linear::gpu_weight_bytes)
+    }
+
     /// Logits of the head's normed output rows, as drafting reads them.
     pub fn draft_logits(&self, model: &Qwen35, normed: &Tensor) -> Tensor {
         match &self.draft_head {
