@@ -688,11 +688,16 @@ fn served_benches(
 
 /// TTFT turn by turn over a 20-turn conversation through the serving engine (a 1k-token start,
 /// 32-token replies and 30-token user messages), with and without prefix caching: issue 16's
-/// `ttft_ms_per_turn: {cached, uncached}`, plus each turn's prompt and cached tokens.
+/// `ttft_ms_per_turn: {cached, uncached}`, plus each turn's prompt and cached tokens; and cached
+/// with one-token replies (31 new tokens a turn: the issue's target case).
 fn conversation_bench(name: &str) -> anyhow::Result<Value> {
     use fp4_server::engine::{self, EngineConfig};
     let mut out = json!({});
-    for (label, prefix_cache_bytes) in [("cached", 8usize << 30), ("uncached", 0)] {
+    // The third: one-token replies, so each turn prefills 31 new tokens after the cached prefix
+    // (the issue's "~30 new tokens"; a real reply's tokens come back in the next prompt).
+    for (label, prefix_cache_bytes, reply) in
+        [("cached", 8usize << 30, 32), ("uncached", 0, 32), ("cached_31_new_tokens", 8 << 30, 1)]
+    {
         let src = Synthetic::named(name, SyntheticFormat::Nvfp4 { mlp_only: false }, 1)?;
         let model = Qwen35::load(&src, LoadOptions::new(F32).on(Device::Cuda))?;
         let vocab = model.config.vocab_size;
@@ -708,7 +713,7 @@ fn conversation_bench(name: &str) -> anyhow::Result<Value> {
         };
         let handle = engine::start(model, cfg)?;
         let first: Vec<u32> = (0..1000u64).map(|i| ((i * 2654435761 + 17) % vocab as u64) as u32).collect();
-        let turns = engine::conversation_ttfts(&handle, first, 20, 30, 32, vocab).map_err(|e| anyhow::anyhow!(e))?;
+        let turns = engine::conversation_ttfts(&handle, first, 20, 30, reply, vocab).map_err(|e| anyhow::anyhow!(e))?;
         handle.shutdown();
         let ttfts: Vec<f64> = turns.iter().map(|t| t.ttft_ms).collect();
         println!(
