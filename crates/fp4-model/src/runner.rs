@@ -883,11 +883,7 @@ impl DecodeRunner {
     /// Sets a sequence's cached length without computing it (benchmarks of decode at a given
     /// context depth: the KV contents do not change the time a step takes).
     pub fn set_len_for_benchmark(&mut self, seq: &mut SeqState, len: usize) -> Result<(), RunnerError> {
-        let need = self.blocks_for(len + 1);
-        while seq.blocks.len() < need {
-            let b = self.free_blocks.pop().ok_or(RunnerError::OutOfBlocks { need, free: 0 })?;
-            seq.blocks.push(b);
-        }
+        self.reserve(seq, len + 1)?;
         seq.len = len;
         Ok(())
     }
