@@ -289,7 +289,7 @@ impl Drafter for MtpDrafter<'_> {
 /// recurrent GDN walk, which computes each token as a one-token step does; rejected drafts are
 /// undone by restoring the state from before the verify and running the kept tokens again (the
 /// reference; the batch runner keeps the GDN state after each draft position instead:
-/// [`crate::DecodeRunner::verify`]).
+/// [`crate::DecodeRunner::step_speculative_with`]).
 /// The draws come from a [`Sampler`] of `params` (seeded), as the serving engine's do, so a
 /// seeded run repeats and the engine gives the same tokens; not those of the same seed without
 /// drafts (the draws are used differently).

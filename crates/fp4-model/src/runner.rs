@@ -651,94 +651,45 @@ impl DecodeRunner {
         }
     }
 
-    /// `spec_tokens` greedy guesses per sequence (every one speculating, `inputs` their last
-    /// tokens) from the MTP head, each fed back with the head's own output; the KV blocks the
-    /// verify will need are taken first. Eager (the sampled path: the host accepts or rejects).
-    pub fn draft(
+    /// One speculative step whose acceptance the host decides (sampled requests), eagerly: the
+    /// head's drafts and the verify as in [`DecodeRunner::step_speculative_greedy`], then
+    /// `decide(drafts, hidden)` — each sequence's drafts and the verify's final-normed hidden rows
+    /// (sequence b's at `b·(1 + K) ..`, padding rows after the last sequence's; logits:
+    /// [`Qwen35::head`]) — gives each sequence's kept drafts and the main model's token after
+    /// them. The head then sees the verified positions and the sequences advance (the GDN state
+    /// after the last kept row, no recompute). Returns each sequence's new tokens.
+    pub fn step_speculative_with(
         &mut self,
         model: &Qwen35,
         mtp: &Mtp,
         seqs: &mut [&mut SeqState],
         inputs: &[u32],
+        decide: impl FnOnce(&[Vec<u32>], &Tensor) -> Vec<(usize, u32)>,
     ) -> Result<Vec<Vec<u32>>, RunnerError> {
+        let (n, k) = (seqs.len(), self.cfg.spec_tokens);
         let bi = self.prepare_speculative(seqs, inputs)?;
         self.draft_phase(model, mtp, bi);
-        self.eager_steps += self.cfg.spec_tokens as u64;
-        Ok(Self::drafts_of(&self.spec[bi].ids.to_vec(), seqs.len(), self.cfg.spec_tokens))
-    }
-
-    /// The main model over each sequence's input token and its drafts (`1 + spec_tokens` rows
-    /// per sequence, in order, at positions len …): the final-normed hidden rows (logits:
-    /// [`Qwen35::head`]), sequence b's at `b·(1 + K) ..`, padding rows after the last sequence's.
-    /// The GDN state after each row goes to its own slot; nothing is committed until
-    /// [`DecodeRunner::accept`].
-    pub fn verify(
-        &mut self,
-        model: &Qwen35,
-        seqs: &mut [&mut SeqState],
-        inputs: &[u32],
-        drafts: &[Vec<u32>],
-    ) -> Result<Tensor, RunnerError> {
-        let k = self.cfg.spec_tokens;
-        if inputs.len() != seqs.len() || drafts.len() != seqs.len() || drafts.iter().any(|d| d.len() != k) {
-            return Err(RunnerError::Speculation(format!(
-                "verify of {} sequences needs an input and {k} drafts each",
-                seqs.len()
-            )));
+        let drafts = Self::drafts_of(&self.spec[bi].ids.to_vec(), n, k);
+        let hidden = self.verify_phase(model, bi);
+        self.eager_steps += k as u64 + 1;
+        let decided = decide(&drafts, &hidden);
+        if decided.len() != n || decided.iter().any(|&(m, _)| m > k) {
+            return Err(RunnerError::Speculation(format!("{n} sequences with {k} drafts each: {decided:?} kept")));
         }
-        let bi = self.prepare_speculative(seqs, inputs)?;
-        let ids: Vec<u32> = (0..self.spec[bi].size)
-            .flat_map(|b| match drafts.get(b) {
-                Some(d) => std::iter::once(inputs[b]).chain(d.iter().copied()).collect::<Vec<_>>(),
-                None => vec![0; 1 + k],
-            })
-            .collect();
-        self.spec[bi].ids.write(&ids);
-        self.eager_steps += 1;
-        Ok(self.verify_phase(model, bi))
-    }
-
-    /// After [`DecodeRunner::verify`] (`hidden` its output): sequence b kept `kept[b]` of its
-    /// drafts and the main model chose `next[b]` after them. Its cache takes its input and the
-    /// kept drafts, with the GDN state after the last of them, and the MTP head sees those
-    /// positions, ready for the next draft.
-    #[allow(clippy::too_many_arguments)]
-    pub fn accept(
-        &mut self,
-        model: &Qwen35,
-        mtp: &Mtp,
-        seqs: &mut [&mut SeqState],
-        inputs: &[u32],
-        drafts: &[Vec<u32>],
-        hidden: &Tensor,
-        kept: &[usize],
-        next: &[u32],
-    ) -> Result<(), RunnerError> {
-        let k = self.cfg.spec_tokens;
-        if kept.len() != seqs.len() || next.len() != seqs.len() || kept.iter().any(|&m| m > k) {
-            return Err(RunnerError::Speculation(format!("accept of {} sequences: {kept:?} kept of {k}", seqs.len())));
-        }
-        let bi = self.prepare_speculative(seqs, inputs)?;
         let size = self.spec[bi].size;
-        if hidden.rows() != size * (1 + k) {
-            return Err(RunnerError::Speculation(format!(
-                "accept: {} hidden rows, the verify of this batch has {}",
-                hidden.rows(),
-                size * (1 + k)
-            )));
-        }
         let (mut ids, mut picks) = (vec![0u32; size * (1 + k)], vec![0u32; size]);
-        for b in 0..seqs.len() {
+        for (b, &(m, next)) in decided.iter().enumerate() {
             for j in 0..=k {
-                ids[b * (1 + k) + j] = if j < kept[b] { drafts[b][j] } else { next[b] };
+                ids[b * (1 + k) + j] = if j < m { drafts[b][j] } else { next };
             }
-            picks[b] = (b * (1 + k) + kept[b]) as u32;
+            picks[b] = (b * (1 + k) + m) as u32;
         }
         self.spec[bi].head_ids.write(&ids);
         self.spec[bi].picks.write(&picks);
-        self.head_phase(model, mtp, bi, hidden);
-        Self::commit(seqs, kept);
-        Ok(())
+        self.head_phase(model, mtp, bi, &hidden);
+        let kept: Vec<usize> = decided.iter().map(|d| d.0).collect();
+        Self::commit(seqs, &kept);
+        Ok(drafts.iter().zip(&decided).map(|(d, &(m, next))| d[..m].iter().copied().chain([next]).collect()).collect())
     }
 
     /// Prefills `prompt` on its own (the model, then the MTP head over every position), picks

@@ -903,20 +903,22 @@ fn admit(model: &Qwen35, mtp: Option<&Mtp>, runner: &mut DecodeRunner, seq: &mut
     }
 }
 
-/// The input tokens (each one's last) and runner states of the decoding sequences `group`
-/// (sorted), in group order.
-fn group_inputs<'a>(running: &'a mut [Sequence], group: &[usize]) -> (Vec<u32>, Vec<&'a mut SeqState>) {
-    let inputs = group.iter().map(|&i| *running[i].generated.last().expect("decode follows a token")).collect();
-    let states = running
-        .iter_mut()
-        .enumerate()
-        .filter(|(i, _)| group.contains(i))
-        .map(|(_, seq)| match &mut seq.cache {
-            SeqCache::Decode(state) => state,
+/// What a step of the decoding sequences `group` (sorted) reads, in group order: each one's
+/// input token (its last), its runner state, and its sampler with its sampling parameters.
+type GroupParts<'a> = (Vec<u32>, Vec<&'a mut SeqState>, Vec<(SamplingParams, &'a mut Sampler)>);
+
+fn group_parts<'a>(running: &'a mut [Sequence], group: &[usize]) -> GroupParts<'a> {
+    let (mut inputs, mut states, mut samplers) = (Vec::new(), Vec::new(), Vec::new());
+    for (_, seq) in running.iter_mut().enumerate().filter(|(i, _)| group.contains(i)) {
+        let Sequence { cache, sampler, req, generated, .. } = seq;
+        inputs.push(*generated.last().expect("decode follows a token"));
+        match cache {
+            SeqCache::Decode(state) => states.push(state),
             SeqCache::Prefill(_) | SeqCache::Dropped => unreachable!("only decoding sequences are grouped"),
-        })
-        .collect();
-    (inputs, states)
+        }
+        samplers.push((req.sampling, sampler));
+    }
+    (inputs, states, samplers)
 }
 
 /// One batched decode step of the sequences `group` (all decoding): each token picked on the
@@ -937,12 +939,11 @@ fn decode_step(
     {
         panic!("injected failure");
     }
+    let (inputs, mut states, mut samplers) = group_parts(running, group);
     // Greedy groups keep the plain argmax step; sampled rows draw on the device from the
-    // controls their samplers give (the same draw as on the host). Drawn before the states are
-    // borrowed.
-    let controls: Option<Vec<_>> = (on_device && group.iter().any(|&i| running[i].req.sampling.temperature != 0.0))
-        .then(|| group.iter().map(|&i| running[i].sampler.next_controls()).collect());
-    let (inputs, mut states) = group_inputs(running, group);
+    // controls their samplers give (the same draw as on the host).
+    let controls: Option<Vec<_>> = (on_device && samplers.iter().any(|(p, _)| p.temperature != 0.0))
+        .then(|| samplers.iter_mut().map(|(_, s)| s.next_controls()).collect());
     let fail_all = |running: &mut [Sequence], done: &mut [bool], e: RunnerError| {
         for &i in group {
             let _ = running[i].events.send(Event::Failed(format!("decode step failed: {e}")));
@@ -991,43 +992,33 @@ fn speculative_step(
     stats: &Stats,
 ) {
     let k = runner.config().spec_tokens;
-    let greedy = group.iter().all(|&i| running[i].req.sampling.temperature == 0.0);
     // Per sequence: its new tokens (the drafts it kept, then the main model's own).
     let mut step = || -> Result<Vec<Vec<u32>>, RunnerError> {
-        let (inputs, mut states) = group_inputs(running, group);
-        if greedy {
+        let (inputs, mut states, mut samplers) = group_parts(running, group);
+        if samplers.iter().all(|(p, _)| p.temperature == 0.0) {
             // The whole step on the device (one graph replay on the GPU): only the ids come back.
             return Ok(runner.step_speculative_greedy(model, mtp, &mut states, &inputs, None)?.emitted);
         }
-        let drafts = runner.draft(model, mtp, &mut states, &inputs)?;
-        let hidden = runner.verify(model, &mut states, &inputs, &drafts)?;
-        let logits = model.head(&hidden);
-        // Greedy rows pick on the device; only the ids come back.
-        let mut best = Ids::new(vec![0; hidden.rows()], model.device);
-        ops::argmax_rows(&logits, &mut best);
-        let best = best.to_vec();
-        let (mut kept, mut next) = (Vec::new(), Vec::new());
-        for (b, d) in drafts.iter().enumerate() {
-            let seq = &mut running[group[b]];
-            let r0 = b * (k + 1);
-            let (m, own) = if seq.req.sampling.temperature == 0.0 {
-                fp4_model::accept_greedy(d, &best[r0..r0 + k + 1])
-            } else {
-                // Rows come to the host only up to the first rejected draft.
-                let controls = seq.req.sampling.kernel();
-                let probs = |j: usize| ops::sample_probs(&ops::rows(&logits, r0 + j, r0 + j + 1), controls);
-                fp4_model::accept_drafts(d, probs, || seq.sampler.uniform())
-            };
-            kept.push(m);
-            next.push(own);
-        }
-        let (_, mut states) = group_inputs(running, group);
-        runner.accept(model, mtp, &mut states, &inputs, &drafts, &hidden, &kept, &next)?;
-        Ok(drafts
-            .iter()
-            .zip(kept.iter().zip(&next))
-            .map(|(d, (&m, &own))| d[..m].iter().copied().chain([own]).collect())
-            .collect())
+        runner.step_speculative_with(model, mtp, &mut states, &inputs, |drafts, hidden| {
+            let logits = model.head(hidden);
+            // Greedy rows pick on the device; only the ids come back.
+            let mut best = Ids::new(vec![0; hidden.rows()], model.device);
+            ops::argmax_rows(&logits, &mut best);
+            let best = best.to_vec();
+            let mut decided = Vec::with_capacity(drafts.len());
+            for (b, (d, (params, sampler))) in drafts.iter().zip(samplers.iter_mut()).enumerate() {
+                let r0 = b * (k + 1);
+                decided.push(if params.temperature == 0.0 {
+                    fp4_model::accept_greedy(d, &best[r0..r0 + k + 1])
+                } else {
+                    // Rows come to the host only up to the first rejected draft.
+                    let controls = params.kernel();
+                    let probs = |j: usize| ops::sample_probs(&ops::rows(&logits, r0 + j, r0 + j + 1), controls);
+                    fp4_model::accept_drafts(d, probs, || sampler.uniform())
+                });
+            }
+            decided
+        })
     };
     match step() {
         Ok(emitted) => {
