@@ -228,14 +228,8 @@ impl Gpu {
         debug_assert!((2..=GEMV_MAX_TOKENS).contains(&t));
         let per_block = GEMV_ROWS_PER_BLOCK as usize * geometry::BF16_WIDE_ROWS;
         let wide = n.div_ceil(per_block) >= 4 * self.sms as usize;
-        let rows_per_block = if wide { per_block } else { GEMV_ROWS_PER_BLOCK as usize };
         let f = &self.k.bf16_gemv_batch[wide as usize][t.next_power_of_two().trailing_zeros() as usize - 1];
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(rows_per_block) as u32, 1, 1),
-            block_dim: (32, GEMV_ROWS_PER_BLOCK, 1),
-            shared_mem_bytes: 0,
-        };
-        (f, cfg)
+        (f, bf16_batch_cfg(n, if wide { geometry::BF16_WIDE_ROWS } else { 1 }))
     }
 
     /// The GEMV paths of an NVFP4 linear, when one applies: the tensor-core GEMV for up to
@@ -424,13 +418,8 @@ impl Gpu {
         let GpuWeight::Bf16 { w, rows, cols, scale } = w else { panic!("{name}: a bf16 weight") };
         assert!(x.len() >= t * cols && cols.is_multiple_of(8), "{name}: x [{t}, {cols}]");
         let mut y = self.alloc::<f32>(t * rows)?;
-        let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(GEMV_ROWS_PER_BLOCK as usize * r) as u32, 1, 1),
-            block_dim: (32, GEMV_ROWS_PER_BLOCK, 1),
-            shared_mem_bytes: 0,
-        };
         let (ni, ki, ti) = (*rows as i32, *cols as i32, *t as i32);
-        launch!(self, fn f, cfg, w, scale, x, &mut y, &ni, &ki, &ti);
+        launch!(self, fn f, bf16_batch_cfg(*rows, *r), w, scale, x, &mut y, &ni, &ki, &ti);
         Ok(y)
     }
 
@@ -643,4 +632,14 @@ pub(super) enum Gemv<'a> {
     Auto,
     Kernel(GemvKernel),
     Fixed(&'a CudaFunction, u32),
+}
+
+/// The batched bf16 GEMV's grid over `n` rows: warps of `rows_per_warp` rows,
+/// `GEMV_ROWS_PER_BLOCK` warps a block.
+fn bf16_batch_cfg(n: usize, rows_per_warp: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(GEMV_ROWS_PER_BLOCK as usize * rows_per_warp) as u32, 1, 1),
+        block_dim: (32, GEMV_ROWS_PER_BLOCK, 1),
+        shared_mem_bytes: 0,
+    }
 }
