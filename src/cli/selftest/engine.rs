@@ -415,9 +415,20 @@ fn speculative_runner_checks(g: &Gpu, rep: &mut Report) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Tokens per second of `steps` decode steps of every sequence in `seqs`, each token sampled on
-/// the device at `temperature` (seeded samplers, one per sequence).
-fn sampled_decode_rate(
+/// Tokens per second of `steps` greedy decode steps of every sequence in `seqs`.
+fn decode_rate(
+    runner: &mut DecodeRunner,
+    model: &Qwen35,
+    seqs: &mut [SeqState],
+    warm: usize,
+    steps: usize,
+) -> anyhow::Result<f64> {
+    decode_rate_at(runner, model, seqs, warm, steps, 0.0)
+}
+
+/// [`decode_rate`] with each token sampled on the device at `temperature` (seeded samplers, one
+/// per sequence; greedy at 0).
+fn decode_rate_at(
     runner: &mut DecodeRunner,
     model: &Qwen35,
     seqs: &mut [SeqState],
@@ -430,9 +441,13 @@ fn sampled_decode_rate(
         (0..seqs.len() as u64).map(|s| fp4_model::Sampler::new(params(s))).collect::<Result<Vec<_>, _>>()?;
     let mut inputs: Vec<u32> = vec![1; seqs.len()];
     let mut run = |runner: &mut DecodeRunner, seqs: &mut [SeqState]| -> anyhow::Result<()> {
-        let controls: Vec<_> = samplers.iter_mut().map(fp4_model::Sampler::next_controls).collect();
         let mut refs: Vec<&mut SeqState> = seqs.iter_mut().collect();
-        inputs = runner.step_sampled(model, &mut refs, &inputs, &controls)?;
+        inputs = if temperature == 0.0 {
+            runner.step_greedy(model, &mut refs, &inputs)?
+        } else {
+            let controls: Vec<_> = samplers.iter_mut().map(fp4_model::Sampler::next_controls).collect();
+            runner.step_sampled(model, &mut refs, &inputs, &controls)?
+        };
         Ok(())
     };
     for _ in 0..warm {
@@ -441,30 +456,6 @@ fn sampled_decode_rate(
     let t0 = Instant::now();
     for _ in 0..steps {
         run(runner, seqs)?;
-    }
-    Ok((steps * seqs.len()) as f64 / t0.elapsed().as_secs_f64())
-}
-
-/// Tokens per second of `steps` greedy decode steps of every sequence in `seqs`.
-fn decode_rate(
-    runner: &mut DecodeRunner,
-    model: &Qwen35,
-    seqs: &mut [SeqState],
-    warm: usize,
-    steps: usize,
-) -> anyhow::Result<f64> {
-    let mut inputs: Vec<u32> = vec![1; seqs.len()];
-    let run = |runner: &mut DecodeRunner, seqs: &mut [SeqState], inputs: &mut Vec<u32>| -> anyhow::Result<()> {
-        let mut refs: Vec<&mut SeqState> = seqs.iter_mut().collect();
-        *inputs = runner.step_greedy(model, &mut refs, inputs)?;
-        Ok(())
-    };
-    for _ in 0..warm {
-        run(runner, seqs, &mut inputs)?;
-    }
-    let t0 = Instant::now();
-    for _ in 0..steps {
-        run(runner, seqs, &mut inputs)?;
     }
     Ok((steps * seqs.len()) as f64 / t0.elapsed().as_secs_f64())
 }
@@ -753,7 +744,7 @@ pub(super) fn engine_benches(g: &Gpu, _a: &Args, name: &str, copy: f64) -> anyho
         out[format!("decode_bs1_{label}")] = json!(bs1);
         if label == "nvfp4" {
             // Annie's harness samples at temperature 0.2: drawn on the device, graph-replayed.
-            let sampled = sampled_decode_rate(&mut runner, &model, &mut one, 8, 128, 0.2)?;
+            let sampled = decode_rate_at(&mut runner, &model, &mut one, 8, 128, 0.2)?;
             out["decode_bs1_nvfp4_sampled_t0.2"] = json!(sampled);
             println!("engine {name} {label}: decode bs=1 sampled at temperature 0.2: {sampled:.1} tok/s (graphs)");
         }
