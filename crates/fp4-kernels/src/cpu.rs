@@ -651,6 +651,14 @@ pub fn accept_greedy(drafts: &[u32], own: &[u32]) -> (usize, u32) {
     (kept, own[kept])
 }
 
+/// The tokens after a verify's K + 1 positions once `kept` of the K `drafts` are kept: the kept
+/// drafts, then the main model's `next`, repeated past the kept ones. The first `kept + 1` are the
+/// new tokens; all K + 1 are what the MTP head reads at those positions (its KV past the kept ones
+/// is overwritten by the next step before anything reads it).
+pub fn tokens_after_accept(drafts: &[u32], kept: usize, next: u32) -> impl Iterator<Item = u32> + '_ {
+    drafts[..kept].iter().copied().chain(std::iter::repeat_n(next, drafts.len() + 1 - kept))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

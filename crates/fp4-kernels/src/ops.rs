@@ -843,8 +843,8 @@ pub fn accept_greedy_rows(
                     m if m <= k => (m, best[r0 + m]),
                     _ => crate::cpu::accept_greedy(&v[r0 + 1..r0 + 1 + k], &best[r0..r0 + k + 1]),
                 };
-                for j in 0..=k {
-                    h[r0 + j] = if j < m { v[r0 + 1 + j] } else { next };
+                for (h, id) in h[r0..=r0 + k].iter_mut().zip(cpu::tokens_after_accept(&v[r0 + 1..=r0 + k], m, next)) {
+                    *h = id;
                 }
                 p[b] = (r0 + m) as u32;
                 o[b * (k + 2)..b * (k + 2) + k].copy_from_slice(&v[r0 + 1..r0 + 1 + k]);

@@ -354,7 +354,7 @@ pub fn generate_speculative(
         }
         // The drafter's guesses past `verified_len` give way to what the main model has now.
         drafter.rollback(verified_len);
-        pending_ids = drafts[..kept].iter().copied().chain([own]).collect();
+        pending_ids = fp4_kernels::cpu::tokens_after_accept(&drafts, kept, own).take(kept + 1).collect();
         pending_hidden = ops::rows(&hv, 0, kept + 1);
         next = own;
     }

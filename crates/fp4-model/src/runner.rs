@@ -10,6 +10,7 @@ use crate::cache::{Cache, Pools};
 use crate::mtp::Mtp;
 use crate::qwen35::Qwen35;
 use fp4_format::TextConfig;
+use fp4_kernels::cpu::tokens_after_accept;
 use fp4_kernels::ops::{self, BatchIndex};
 use fp4_kernels::{Device, Ids, Tensor};
 
@@ -679,8 +680,10 @@ impl DecodeRunner {
         let size = self.spec[bi].size;
         let (mut ids, mut picks) = (vec![0u32; size * (1 + k)], vec![0u32; size]);
         for (b, &(m, next)) in decided.iter().enumerate() {
-            for j in 0..=k {
-                ids[b * (1 + k) + j] = if j < m { drafts[b][j] } else { next };
+            for (slot, id) in
+                ids[b * (1 + k)..(b + 1) * (1 + k)].iter_mut().zip(tokens_after_accept(&drafts[b], m, next))
+            {
+                *slot = id;
             }
             picks[b] = (b * (1 + k) + m) as u32;
         }
@@ -689,7 +692,11 @@ impl DecodeRunner {
         self.head_phase(model, mtp, bi, &hidden);
         let kept: Vec<usize> = decided.iter().map(|d| d.0).collect();
         Self::commit(seqs, &kept);
-        Ok(drafts.iter().zip(&decided).map(|(d, &(m, next))| d[..m].iter().copied().chain([next]).collect()).collect())
+        Ok(drafts
+            .iter()
+            .zip(&decided)
+            .map(|(d, &(m, next))| tokens_after_accept(d, m, next).take(m + 1).collect())
+            .collect())
     }
 
     /// Prefills `prompt` on its own (the model, then the MTP head over every position), picks
@@ -751,8 +758,9 @@ impl DecodeRunner {
         let out = self.spec[bi].out.to_vec();
         let per = |b: usize| &out[b * (k + 2)..(b + 1) * (k + 2)];
         let kept: Vec<usize> = (0..seqs.len()).map(|b| per(b)[k] as usize).collect();
-        let emitted =
-            (0..seqs.len()).map(|b| per(b)[..kept[b]].iter().copied().chain([per(b)[k + 1]]).collect()).collect();
+        let emitted = (0..seqs.len())
+            .map(|b| tokens_after_accept(&per(b)[..k], kept[b], per(b)[k + 1]).take(kept[b] + 1).collect())
+            .collect();
         let guessed = guessed.unwrap_or_else(|| (0..seqs.len()).map(|b| per(b)[..k].to_vec()).collect());
         Self::commit(seqs, &kept);
         Ok(SpeculativeStep { guessed, emitted })
